@@ -1,0 +1,104 @@
+"""The engine: accepts requests, runs iterations, returns finished completions.
+
+One :meth:`Engine.step` is one iteration: the scheduler picks the batch, the executor advances it,
+and the engine decides which sequences are finished (end-of-sequence token, stop string or token
+limit). A request that cannot be served fails alone: its :class:`Completion` carries the error and
+the other requests go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from runtime.request import Completion, Request, RequestError
+from runtime.scheduler import Scheduler
+from runtime.sequence import Sequence, SequenceStatus
+
+EXECUTORS = ("hf",)
+
+
+class Engine:
+    """Continuous-batching request engine over one executor."""
+
+    def __init__(self, executor: Any, scheduler: Scheduler | None = None) -> None:
+        self.executor = executor
+        self.scheduler = scheduler or Scheduler(executor.max_num_seqs)
+        self._ids = itertools.count()
+        self._rejected: list[Sequence] = []
+
+    def submit(self, request: Request) -> int:
+        """Queue ``request`` and return its request id (assigned here when unset)."""
+        if request.request_id < 0:
+            request.request_id = next(self._ids)
+        try:
+            prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt)
+        except Exception as exc:  # tokenizers raise on odd input; the request alone fails
+            seq = Sequence(request, [], [])
+            seq.fail(f"request {request.request_id}: could not tokenize: {exc}")
+            self._rejected.append(seq)
+            return request.request_id
+        seq = Sequence(request, prefix_ids, prompt_ids)
+        needed = seq.num_prompt_tokens + request.sampling.max_tokens
+        if needed > self.executor.max_context:
+            seq.fail(
+                f"request {request.request_id} of agent {request.agent_id!r}: "
+                f"{seq.num_prompt_tokens} prompt tokens + max_tokens {request.sampling.max_tokens} "
+                f"exceed the model context of {self.executor.max_context}"
+            )
+            self._rejected.append(seq)
+        else:
+            self.scheduler.add(seq)
+        return request.request_id
+
+    def has_work(self) -> bool:
+        return bool(self._rejected) or self.scheduler.has_work()
+
+    def step(self) -> list[Completion]:
+        """Run one iteration and return the completions that finished in it."""
+        finished = [seq.to_completion() for seq in self._rejected]
+        self._rejected.clear()
+        batch = self.scheduler.schedule()
+        if batch:
+            try:
+                self.executor.execute(batch)
+            except RequestError as exc:
+                for seq in batch:
+                    seq.fail(str(exc))
+            for seq in batch:
+                if seq.status is not SequenceStatus.FINISHED:
+                    self._check_finished(seq)
+            finished += [seq.to_completion() for seq in self.scheduler.remove_finished()]
+        return finished
+
+    def _check_finished(self, seq: Sequence) -> None:
+        params = seq.request.sampling
+        output = seq.output_ids
+        eos_at = next((i for i, t in enumerate(output) if t in self.executor.eos_token_ids), None)
+        if eos_at is not None:
+            del output[eos_at + 1:]
+            seq.text = self.executor.chat.decode(output[:eos_at])
+            seq.finish_reason = "stop"
+        else:
+            seq.text = self.executor.chat.decode(output)
+            for stop in params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    seq.finish_reason = "stop"
+                    break
+            else:
+                if len(output) >= params.max_tokens:
+                    seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.status = SequenceStatus.FINISHED
+
+
+def build_engine(executor: str = "hf", model: str = "smollm2-135m", device: str = "cpu",
+                 dtype: str = "float32", **options: Any) -> Engine:
+    """Construct an :class:`Engine` with the named executor."""
+    if executor == "hf":
+        from runtime.executors.hf import HFExecutor
+
+        return Engine(HFExecutor(model=model, device=device, dtype=dtype, **options))
+    raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,1 @@
+"""Model loading, chat formatting and (with the torch executor) the paged forward pass."""

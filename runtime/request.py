@@ -1,0 +1,98 @@
+"""What goes into the engine and what comes out of it.
+
+A :class:`Request` is one LLM call of one agent: the agent's stable *prefix* (persona or system
+text, whose KV the engine may keep between calls), the new *prompt*, the sampling parameters and
+the agent's private memory objects (an adapter). A :class:`Completion` is the engine's answer,
+with the token counts and wall-clock times the trace records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class RequestError(RuntimeError):
+    """A single request could not be served (bad adapter, prompt too long, ...).
+
+    The engine reports it on that request's :class:`Completion`; other requests continue.
+    """
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. ``temperature == 0`` means greedy decoding."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One LLM call of one agent.
+
+    ``prefix`` is rendered as the system turn of the chat template and ``prompt`` as the user
+    turn; the engine guarantees that the prefix tokens are a token-prefix of the full input so
+    that their KV can be reused across calls of the same agent. ``adapter`` is the path of a
+    PEFT-format LoRA adapter directory, or ``None`` for the base model.
+    """
+
+    agent_id: str
+    prompt: str
+    prefix: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    request_id: int = -1
+
+
+@dataclass
+class MemoryStats:
+    """Per-request memory outcome: which of its objects were resident when it ran."""
+
+    hits: dict[str, int] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)
+    bytes_loaded: int = 0
+    stall_s: float = 0.0
+
+
+@dataclass
+class Completion:
+    """The engine's answer to one :class:`Request`.
+
+    Wall times are ``time.perf_counter()`` values. ``error`` is set (and ``finish_reason`` is
+    ``"error"``) when the request failed; the text is then empty.
+    """
+
+    request_id: int
+    agent_id: str
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    finish_reason: str
+    submit_wall: float
+    first_token_wall: float | None
+    finish_wall: float
+    memory: MemoryStats = field(default_factory=MemoryStats)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

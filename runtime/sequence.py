@@ -1,0 +1,77 @@
+"""A request as the engine tracks it: its token ids, its output so far and its timings."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from runtime.request import Completion, MemoryStats, Request
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """The engine-side state of one :class:`Request`.
+
+    ``prefix_ids`` are the tokens of the agent's stable prefix and ``prompt_ids`` the tokens that
+    follow it; the model input is their concatenation. Executors append to ``output_ids`` and the
+    engine decides when the sequence is finished.
+    """
+
+    request: Request
+    prefix_ids: list[int]
+    prompt_ids: list[int]
+    submit_wall: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    first_token_wall: float | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    cached_tokens: int = 0
+    memory: MemoryStats = field(default_factory=MemoryStats)
+    error: str | None = None
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prefix_ids + self.prompt_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prefix_ids) + len(self.prompt_ids)
+
+    def append_tokens(self, token_ids: list[int]) -> None:
+        """Record newly sampled tokens, stamping the time of the first one."""
+        if token_ids and self.first_token_wall is None:
+            self.first_token_wall = time.perf_counter()
+        self.output_ids.extend(token_ids)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.finish_reason = "error"
+        self.status = SequenceStatus.FINISHED
+
+    def to_completion(self) -> Completion:
+        return Completion(
+            request_id=self.request_id,
+            agent_id=self.request.agent_id,
+            text=self.text,
+            prompt_tokens=self.num_prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            output_tokens=len(self.output_ids),
+            finish_reason=self.finish_reason or "error",
+            submit_wall=self.submit_wall,
+            first_token_wall=self.first_token_wall,
+            finish_wall=time.perf_counter(),
+            memory=self.memory,
+            error=self.error,
+        )

@@ -1,0 +1,136 @@
+"""Agents: simpy processes that think with the LLM.
+
+A world author subclasses :class:`Agent` and writes :meth:`Agent.run` as a generator, yielding on
+what the agent waits for::
+
+    class Villager(Agent):
+        def run(self):
+            while True:
+                yield self.wait(60)
+                reply = yield self.llm("What do you do now?", max_tokens=32)
+                self.send("Bob", reply.text)
+
+``llm()`` returns the :class:`~runtime.Completion` (text and token counts), ``wait()`` passes
+simulated time, and ``send()``/``receive()`` exchange messages and record the interaction on the
+world's graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generator
+
+import simpy
+
+from runtime import Request, RequestError, SamplingParams
+from scalesim.environment import LLMCall
+
+if TYPE_CHECKING:
+    from scalesim.world import World
+
+
+@dataclass(frozen=True)
+class Message:
+    """What :meth:`Agent.send` delivers and :meth:`Agent.receive` returns."""
+
+    sender: str
+    recipient: str
+    content: Any
+    time: float
+
+
+class Agent:
+    """Base class of every simulated agent.
+
+    ``persona`` is the agent's stable prefix (the system turn of every call it makes; its KV can be
+    kept between calls) and ``adapter`` the path of its own LoRA adapter, if any.
+    """
+
+    def __init__(self, name: str, persona: str = "", adapter: str | None = None) -> None:
+        if not inspect.isgeneratorfunction(type(self).run):
+            raise TypeError(f"{type(self).__name__}.run must be a generator (use yield)")
+        self.name = name
+        self.persona = persona
+        self.adapter = adapter
+        self.world: World | None = None
+        self.inbox: simpy.Store | None = None
+        self.process: simpy.Process | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    @property
+    def env(self) -> simpy.Environment:
+        if self.world is None:
+            raise RuntimeError(f"agent {self.name!r} is not part of a world yet (World.add)")
+        return self.world.env
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    def run(self) -> Generator[simpy.Event, Any, None]:
+        """The agent's life: override as a generator that yields events."""
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this a generator function
+
+    def _start(self, world: World) -> None:
+        self.world = world
+        self.inbox = simpy.Store(world.env)
+        self.process = world.env.process(self._live())
+
+    def _live(self) -> Generator[simpy.Event, Any, None]:
+        # A failed LLM request ends this agent only; the world and the other agents go on.
+        try:
+            yield from self.run()
+        except RequestError as exc:
+            self.world.record_failure(self, exc)
+
+    def llm(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: tuple[str, ...] | list[str] = (),
+        seed: int | None = None,
+    ) -> LLMCall:
+        """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`."""
+        if seed is None and temperature > 0:
+            seed = self.world.random.getrandbits(31)
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=tuple(stop),
+        )
+        request = Request(self.name, prompt, prefix=self.persona, sampling=sampling,
+                          adapter=self.adapter)
+        return self.env.submit(self.name, request)
+
+    def wait(self, delay: float) -> simpy.Timeout:
+        """Let ``delay`` units of simulated time pass."""
+        return self.env.timeout(delay)
+
+    def send(self, recipient: Agent | str, content: Any) -> Message:
+        """Deliver ``content`` to another agent's inbox and record the interaction."""
+        other = self.world.agent(recipient) if isinstance(recipient, str) else recipient
+        message = Message(self.name, other.name, content, self.now)
+        self.world.record_interaction(self.name, other.name)
+        other.inbox.put(message)
+        return message
+
+    def receive(self, timeout: float | None = None) -> simpy.Event:
+        """An event whose value is the next :class:`Message`, or ``None`` after ``timeout``."""
+        if timeout is None:
+            return self.inbox.get()
+        return self.env.process(self._receive_within(timeout))
+
+    def _receive_within(self, timeout: float) -> Generator[simpy.Event, Any, Message | None]:
+        get = self.inbox.get()
+        fired = yield get | self.env.timeout(timeout)
+        if get in fired:
+            return fired[get]
+        get.cancel()
+        return None

@@ -1,0 +1,187 @@
+"""The schema of ``world.yaml``, and one-line errors for everything wrong in it.
+
+A run file has four sections::
+
+    world:   {class: worlds.town:Town, params: {villagers: 8}}
+    runtime: {executor: hf, model: smollm2-135m, device: cpu, dtype: float32}
+    sim:     {until: 1320, seed: 0}
+    output:  {dir: runs/town, progress: true}
+
+:func:`load_config` reads the file, applies ``--set dotted.key=value`` overrides and validates it.
+Any problem (unknown key, wrong type, missing file, class that cannot be imported, parameter the
+world does not take) raises :class:`ConfigError` whose message is one line naming the key and file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message is one line for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class WorldConfig(_Section):
+    cls: str = Field(alias="class", description="the World subclass, as 'module:Class'")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RuntimeConfig(_Section):
+    executor: Literal["hf"] = "hf"
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SimConfig(_Section):
+    until: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class OutputConfig(_Section):
+    dir: str | None = None
+    progress: bool = True
+
+
+class RunConfig(_Section):
+    world: WorldConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    #: The YAML file this came from (``None`` when built in Python).
+    source: Path | None = Field(default=None, exclude=True)
+
+    def echo(self) -> dict[str, Any]:
+        """The configuration as plain data, for ``summary.json``."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _where(source: Path | None) -> str:
+    return f" in {source}" if source else ""
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``dotted.key=value``; the value is read as YAML (numbers, booleans, lists...)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _validation_message(exc: ValidationError, source: Path | None) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        what = "unknown key"
+    elif err["type"] == "missing":
+        what = "required key is missing"
+    else:
+        what = err["msg"]
+        if "input" in err and not isinstance(err["input"], (dict, list)):
+            what += f" (got {err['input']!r})"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error{_where(source)}: {key}: {what}{more}"
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | RunConfig,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read, override and validate a run configuration."""
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        data, path = source.echo(), source.source
+    elif isinstance(source, dict):
+        data, path = dict(source), None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "malformed YAML"
+            raise ConfigError(f"config error in {path}{at}: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or {})
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, path)) from None
+    config.source = path
+    return config
+
+
+def import_world_class(config: RunConfig) -> type:
+    """Import ``world.class``; a module next to the YAML file is found too."""
+    from scalesim.world import World
+
+    where = _where(config.source)
+    module_name, sep, class_name = config.world.cls.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(f"config error{where}: world.class: expected 'module:Class', "
+                          f"got {config.world.cls!r}")
+    if config.source is not None:
+        for base in (config.source.parent, config.source.parent.parent):
+            if str(base.resolve()) not in sys.path:
+                sys.path.append(str(base.resolve()))
+    try:
+        if module_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except (ImportError, FileNotFoundError) as exc:
+        raise ConfigError(f"config error{where}: world.class: cannot import {module_name!r}: "
+                          f"{exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, World)):
+        raise ConfigError(f"config error{where}: world.class: {module_name} has no World "
+                          f"subclass named {class_name!r}")
+    accepted = cls.parameters()
+    for name in config.world.params:
+        if name not in accepted:
+            raise ConfigError(f"config error{where}: world.params.{name}: {cls.__name__}.setup "
+                              f"takes no such parameter (it takes: {', '.join(accepted) or 'none'})")
+    for name, param in accepted.items():
+        if param.default is param.empty and name not in config.world.params:
+            raise ConfigError(f"config error{where}: world.params.{name}: required parameter "
+                              "is missing")
+    return cls

@@ -1,0 +1,71 @@
+"""The simulation clock that drives the serving engine.
+
+:class:`SimEnvironment` is a :class:`simpy.Environment` whose :meth:`step` interleaves two kinds of
+work. While events are scheduled at the current instant, it processes them as simpy does; agents
+that ask the LLM during that instant only queue their requests. When the instant has nothing left
+to run and requests are in flight, it runs one engine iteration instead of advancing the clock.
+Requests finishing in that iteration succeed their events at the same instant, the agents they
+wake may ask again, and those new requests join the running batch at the next iteration. LLM calls
+therefore take zero simulated time, and every call of one instant is batched together.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import simpy
+
+from runtime import Completion, Engine, Request, RequestError
+
+
+class LLMCall(simpy.Event):
+    """The event an agent yields on to wait for its LLM reply.
+
+    Its value is the :class:`~runtime.Completion`. If the request fails, the event fails with a
+    :class:`~runtime.RequestError`, raised inside the waiting agent's process.
+    """
+
+    def __init__(self, env: "SimEnvironment", agent_id: str, request: Request) -> None:
+        super().__init__(env)
+        self.agent_id = agent_id
+        self.request = request
+        self.submit_time = env.now
+        self.predicted_rank: int | None = None
+
+
+class SimEnvironment(simpy.Environment):
+    """A simpy environment whose idle instants are spent running the LLM engine."""
+
+    def __init__(self, engine: Engine, initial_time: float = 0) -> None:
+        super().__init__(initial_time)
+        self.engine = engine
+        self.in_flight: dict[int, LLMCall] = {}
+        #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
+        self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
+
+    def submit(self, agent_id: str, request: Request) -> LLMCall:
+        """Hand ``request`` to the engine now and return the event of its reply."""
+        call = LLMCall(self, agent_id, request)
+        self.in_flight[self.engine.submit(request)] = call
+        return call
+
+    def step(self) -> None:
+        if self.in_flight and self.peek() > self.now:
+            self._run_engine_iteration()
+        else:
+            super().step()
+
+    def _run_engine_iteration(self) -> None:
+        for completion in self.engine.step():
+            call = self.in_flight.pop(completion.request_id)
+            for listener in self.completion_listeners:
+                listener(call, completion)
+            if completion.ok:
+                call.succeed(completion)
+            else:
+                call.fail(RequestError(completion.error))
+
+    def pending_calls(self) -> int:
+        return len(self.in_flight)
+
+

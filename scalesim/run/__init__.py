@@ -1,0 +1,124 @@
+"""Running a world: ``python -m scalesim.run WORLD.yaml`` and :func:`run` from Python.
+
+A run loads the configuration, builds the engine and the world, runs the simulation clock, and
+writes the run directory (``trace.parquet``, ``memory.parquet``, ``summary.json``). The directory
+is written however the run ends: completed, failed or interrupted with Ctrl-C; ``summary.json``
+says which.
+
+This is a package rather than a module so that ``scalesim.run`` can be both the :func:`run`
+function and the ``python -m scalesim.run`` command (see ``__main__.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from scalesim.config import ConfigError, RunConfig, import_world_class, load_config, parse_override
+from scalesim.environment import SimEnvironment
+from scalesim.progress import ProgressDisplay, print_summary
+from scalesim.trace import RunResult, TraceRecorder
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    if config.output.dir:
+        return Path(config.output.dir)
+    stem = config.source.stem if config.source else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _build_engine(config: RunConfig) -> Any:
+    from runtime import build_engine
+    from runtime.model.loader import ModelNotFoundError
+
+    rt = config.runtime
+    try:
+        return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype)
+    except ModelNotFoundError as exc:
+        where = f" in {config.source}" if config.source else ""
+        raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
+
+
+def run(
+    source: str | Path | dict[str, Any] | RunConfig,
+    *,
+    out: str | Path | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> RunResult:
+    """Run a world and return its trace, memory log and summary.
+
+    ``source`` is a YAML path, a dict of the same shape or a :class:`RunConfig`. Keyword
+    overrides use ``__`` for the dots of ``--set``: ``run("town.yaml", sim__until=600)``.
+    """
+    config = load_config(source, {k.replace("__", "."): v for k, v in overrides.items()})
+    world_cls = import_world_class(config)
+    run_dir = Path(out) if out is not None else default_run_dir(config)
+    engine = _build_engine(config)
+
+    recorder = TraceRecorder()
+    env = SimEnvironment(engine)
+    env.completion_listeners.append(lambda call, done: recorder.record_call(call, done, env.now))
+    world = None
+    status, error = "failed", None
+    display = ProgressDisplay(enabled=progress and config.output.progress, until=config.sim.until)
+    try:
+        with display:
+            env.completion_listeners.append(lambda call, done: display.update(env.now, done))
+            world = world_cls(env, seed=config.sim.seed)
+            world.setup(**config.world.params)
+            env.run(until=config.sim.until)
+        status = "completed"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        result = recorder.write(
+            run_dir,
+            sim_time=env.now,
+            status=status,
+            error=error,
+            unfinished_calls=len(env.in_flight),
+            world=world.metrics() if world is not None else {},
+            config=config.echo(),
+        )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scalesim.run", description="Run a ScaleSim world from its YAML file."
+    )
+    parser.add_argument("config", help="the world's YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. sim.until=600")
+    parser.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    run_dir: Path | None = None
+    try:
+        overrides = dict(parse_override(item) for item in args.overrides)
+        config = load_config(args.config, overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(config)
+        result = run(config, out=run_dir, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; partial trace written to {run_dir}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first_line}", file=sys.stderr)
+        if run_dir is not None and (run_dir / "summary.json").exists():
+            print(f"partial trace written to {run_dir}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    return 0

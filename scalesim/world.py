@@ -1,0 +1,82 @@
+"""Worlds: the container of a simulation's agents, places and interaction graph.
+
+A world author subclasses :class:`World` and builds everything in :meth:`World.setup`, whose
+keyword arguments are the ``world.params`` of the run's YAML file::
+
+    class Town(World):
+        def setup(self, villagers: int = 8):
+            for i in range(villagers):
+                self.add(Villager(f"v{i}", persona="..."))
+
+The world owns the run's seeded random generator (:attr:`World.random`) and a networkx
+:class:`~networkx.DiGraph` of agents (:attr:`World.graph`) on which every message is recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from typing import Any
+
+import networkx as nx
+
+from scalesim.agent import Agent
+from scalesim.environment import SimEnvironment
+
+
+class World:
+    """Base class of every simulated world."""
+
+    def __init__(self, env: SimEnvironment, seed: int = 0) -> None:
+        self.env = env
+        self.seed = seed
+        self.random = random.Random(seed)
+        self.graph = nx.DiGraph()
+        self.agents: dict[str, Agent] = {}
+        #: ``(agent name, error text)`` of agents stopped by a failed LLM request.
+        self.failures: list[tuple[str, str]] = []
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    def setup(self, **params: Any) -> None:
+        """Create the agents (override). Keyword arguments come from ``world.params``."""
+
+    @classmethod
+    def parameters(cls) -> dict[str, inspect.Parameter]:
+        """The keyword parameters :meth:`setup` accepts, by name."""
+        params = inspect.signature(cls.setup).parameters
+        return {n: p for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+
+    def add(self, agent: Agent) -> Agent:
+        """Put ``agent`` into the world and start its process."""
+        if agent.name in self.agents:
+            raise ValueError(f"an agent named {agent.name!r} already exists")
+        self.agents[agent.name] = agent
+        self.graph.add_node(agent.name)
+        agent._start(self)
+        return agent
+
+    def agent(self, name: str) -> Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise KeyError(f"no agent named {name!r}") from None
+
+    def record_interaction(self, sender: str, recipient: str) -> None:
+        """Count one message from ``sender`` to ``recipient`` on the interaction graph."""
+        if self.graph.has_edge(sender, recipient):
+            self.graph[sender][recipient]["messages"] = (
+                self.graph[sender][recipient].get("messages", 0) + 1
+            )
+        else:
+            self.graph.add_edge(sender, recipient, messages=1)
+
+    def record_failure(self, agent: Agent, error: Exception) -> None:
+        self.failures.append((agent.name, str(error)))
+
+    def metrics(self) -> dict[str, Any]:
+        """World-specific numbers for ``summary.json`` (override to add your own)."""
+        return {"agents": len(self.agents), "failed_agents": len(self.failures),
+                "interactions": int(self.graph.size(weight="messages"))}

@@ -1,0 +1,148 @@
+"""Maple Hollow: a Generative-Agents-like town where villagers live one day.
+
+Each villager wakes at its own hour, walks between places on a small street graph (travel takes
+simulated minutes), asks the LLM what it does at each stop of its daily schedule, and strikes up a
+conversation with someone it finds at the same place. Sim time is minutes since midnight.
+
+Distance sources it exercises: **timers** (wake-up and travel times are in the event queue) and
+the **interaction graph** (a greeted villager answers only when a message arrives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from scalesim import Agent, World
+
+STREETS = [  # (place, place, walking minutes)
+    ("homes", "bakery", 5), ("homes", "park", 8), ("bakery", "market", 4),
+    ("market", "cafe", 3), ("cafe", "library", 6), ("park", "library", 7),
+    ("market", "town hall", 5), ("town hall", "tavern", 4), ("park", "tavern", 10),
+]
+
+PEOPLE = [  # name, age, occupation, trait, wake hour, [(hour, place, activity), ...]
+    ("Ada Brook", 34, "baker", "warm and loves gossip", 5,
+     [(6, "bakery", "bake the morning bread"), (11, "market", "sell pastries"),
+      (15, "park", "take a walk"), (19, "tavern", "meet friends")]),
+    ("Ben Carter", 41, "mayor", "earnest and a little pompous", 7,
+     [(8, "cafe", "read the news"), (9, "town hall", "hold office hours"),
+      (13, "market", "talk to merchants"), (19, "tavern", "celebrate a small victory")]),
+    ("Cleo Diaz", 27, "librarian", "curious and quiet", 7,
+     [(8, "library", "open the library"), (12, "cafe", "eat lunch"),
+      (13, "library", "sort new books"), (18, "park", "read under a tree")]),
+    ("Dev Patel", 30, "painter", "dreamy and generous", 9,
+     [(10, "park", "paint the pond"), (12, "cafe", "eat lunch"),
+      (15, "market", "buy pigments"), (20, "tavern", "show a new sketch")]),
+    ("Eve Fischer", 55, "market vendor", "shrewd and funny", 5,
+     [(6, "market", "set up the fruit stall"), (12, "bakery", "buy bread"),
+      (13, "market", "sell fruit"), (18, "tavern", "count the day's coins")]),
+    ("Finn Gallagher", 19, "student", "restless and curious", 8,
+     [(9, "library", "study for exams"), (12, "cafe", "meet a friend"),
+      (15, "park", "play football"), (19, "tavern", "listen to music")]),
+    ("Gia Horvat", 38, "cafe owner", "cheerful and organised", 6,
+     [(7, "cafe", "open the cafe"), (14, "market", "buy milk and coffee"),
+      (15, "cafe", "serve afternoon guests"), (20, "park", "walk the dog")]),
+    ("Hugo Ito", 62, "retired sailor", "full of stories", 6,
+     [(7, "park", "feed the ducks"), (10, "bakery", "buy a croissant"),
+      (13, "town hall", "complain about the harbour"), (17, "tavern", "tell sea stories")]),
+]
+
+FIRST_NAMES = ["Iris", "Jon", "Kira", "Leo", "Mia", "Nils", "Oona", "Pia", "Quinn", "Rosa",
+               "Sam", "Tara", "Uma", "Vik", "Wren", "Xavi", "Yara", "Zeno"]
+JOBS = [("blacksmith", "market"), ("teacher", "library"), ("gardener", "park"),
+        ("barista", "cafe"), ("clerk", "town hall"), ("musician", "tavern"),
+        ("apprentice baker", "bakery")]
+TRAITS = ["shy", "talkative", "practical", "romantic", "grumpy", "optimistic"]
+
+
+@dataclass(frozen=True)
+class Stop:
+    hour: int
+    place: str
+    activity: str
+
+
+def clock(minutes: float) -> str:
+    return f"{int(minutes // 60):02d}:{int(minutes % 60):02d}"
+
+
+class Villager(Agent):
+    """A villager follows its schedule, and greets or answers whoever it meets."""
+
+    def __init__(self, name: str, persona: str, wake_hour: int, schedule: list[Stop],
+                 max_tokens: int) -> None:
+        super().__init__(name, persona=persona)
+        self.wake_hour = wake_hour
+        self.schedule = schedule
+        self.max_tokens = max_tokens
+        self.place = "homes"
+
+    def say(self, prompt: str):
+        return self.llm(prompt, max_tokens=self.max_tokens, stop=("\n",))
+
+    def run(self):
+        yield from self.idle_until(self.wake_hour * 60)
+        for stop in self.schedule:
+            yield from self.idle_until(stop.hour * 60)
+            yield self.wait(self.world.travel_minutes(self.place, stop.place))
+            self.place = stop.place
+            yield self.say(f"It is {clock(self.now)}. You have just arrived at the {stop.place} "
+                           f"to {stop.activity}. In one short sentence, what do you do first?")
+            other = self.world.someone_to_meet(self)
+            if other is not None:
+                yield from self.greet(other)
+
+    def idle_until(self, time: float):
+        """Pass time until ``time``, answering anyone who greets us meanwhile."""
+        while self.now < time:
+            message = yield self.receive(timeout=time - self.now)
+            if message is not None and message.content["kind"] == "greeting":
+                reply = yield self.say(f"{message.sender} says to you: \"{message.content['text']}\" "
+                                       "Reply in one short sentence.")
+                self.send(message.sender, {"kind": "reply", "text": reply.text})
+
+    def greet(self, other: "Villager"):
+        line = yield self.say(f"You meet {other.name} at the {self.place}. "
+                              f"Say one short friendly sentence to {other.name.split()[0]}.")
+        self.send(other, {"kind": "greeting", "text": line.text})
+        yield self.receive(timeout=30)
+
+
+class Town(World):
+    """Villagers, the street graph, and who has already talked to whom today."""
+
+    def setup(self, villagers: int = 8, max_tokens: int = 24) -> None:
+        self.streets = nx.Graph()
+        self.streets.add_weighted_edges_from(STREETS, weight="minutes")
+        self.met: set[frozenset[str]] = set()
+        for i in range(villagers):
+            name, age, job, trait, wake, stops = self._person(i)
+            persona = (f"You are {name}, {age}, the {job} of the village of Maple Hollow. "
+                       f"You are {trait}. Answer briefly, in the first person.")
+            self.add(Villager(name, persona, wake, [Stop(*s) for s in stops], max_tokens))
+
+    def _person(self, i: int) -> tuple:
+        if i < len(PEOPLE):
+            return PEOPLE[i]
+        job, workplace = JOBS[i % len(JOBS)]
+        others = sorted(p for p in self.streets.nodes if p not in ("homes", workplace))
+        afternoon, evening = self.random.sample(others, 2)
+        name = f"{FIRST_NAMES[i % len(FIRST_NAMES)]} {chr(65 + i // len(FIRST_NAMES) % 26)}."
+        return (name, self.random.randint(18, 70), job, self.random.choice(TRAITS),
+                self.random.randint(5, 8),
+                [(9, workplace, f"work as the {job}"), (13, afternoon, "take a break"),
+                 (14, workplace, "finish the day's work"), (19, evening, "relax")])
+
+    def travel_minutes(self, a: str, b: str) -> float:
+        return nx.shortest_path_length(self.streets, a, b, weight="minutes") if a != b else 0
+
+    def someone_to_meet(self, me: Villager) -> Villager | None:
+        """Another villager at my place whom I have not talked to today."""
+        for other in self.agents.values():
+            pair = frozenset((me.name, other.name))
+            if other is not me and other.place == me.place and pair not in self.met:
+                self.met.add(pair)
+                return other
+        return None
