@@ -47,17 +47,20 @@ def run(
     *,
     out: str | Path | None = None,
     progress: bool = False,
+    engine: Any = None,
     **overrides: Any,
 ) -> RunResult:
     """Run a world and return its trace, memory log and summary.
 
     ``source`` is a YAML path, a dict of the same shape or a :class:`RunConfig`. Keyword
     overrides use ``__`` for the dots of ``--set``: ``run("town.yaml", sim__until=600)``.
+    Pass an already built ``engine`` to run several worlds without loading the model again; the
+    ``runtime`` section is then not used to build one.
     """
     config = load_config(source, {k.replace("__", "."): v for k, v in overrides.items()})
     world_cls = import_world_class(config)
     run_dir = Path(out) if out is not None else default_run_dir(config)
-    engine = _build_engine(config)
+    engine = engine if engine is not None else _build_engine(config)
 
     recorder = TraceRecorder()
     env = SimEnvironment(engine)
