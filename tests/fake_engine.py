@@ -1,0 +1,55 @@
+"""A deterministic stand-in for :class:`runtime.Engine`, for fast tests of world logic.
+
+It speaks the three methods :class:`scalesim.SimEnvironment` uses (``submit``, ``step``,
+``has_work``) and answers each request with a canned reply: ``reply(request)`` when a function is
+given, else the next string of a cycling list. Every request is kept in :attr:`requests`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Iterable
+
+from runtime import Completion, Request
+from scalesim import SimEnvironment
+
+
+class FakeEngine:
+    """Finishes every submitted request at the next :meth:`step`."""
+
+    def __init__(self, reply: Callable[[Request], str] | Iterable[str] = ("ok",)) -> None:
+        if callable(reply):
+            self._reply = reply
+        else:
+            texts = itertools.cycle(list(reply))
+            self._reply = lambda request: next(texts)
+        self._ids = itertools.count()
+        self._queue: list[Request] = []
+        self.requests: list[Request] = []
+
+    def submit(self, request: Request) -> int:
+        request.request_id = next(self._ids)
+        self._queue.append(request)
+        self.requests.append(request)
+        return request.request_id
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def step(self) -> list[Completion]:
+        done, self._queue = self._queue, []
+        now = time.perf_counter()
+        return [Completion(r.request_id, r.agent_id, self._reply(r), len(r.prompt.split()), 0,
+                           1, "stop", now, now, now) for r in done]
+
+
+def run_world(world_cls: type, params: dict[str, Any], until: float | None,
+              reply: Callable[[Request], str] | Iterable[str] = ("ok",), seed: int = 0):
+    """Build ``world_cls`` on a :class:`FakeEngine`, run it to ``until``; return (world, engine)."""
+    engine = FakeEngine(reply)
+    env = SimEnvironment(engine)
+    world = world_cls(env, seed=seed)
+    world.setup(**params)
+    env.run(until=until)
+    return world, engine
