@@ -1,0 +1,107 @@
+"""LLMAgent: an agent with a persona, an optional adapter, a memory stream and robust replies.
+
+World authors subclass :class:`LLMAgent` and write ``run()`` with three helpers that are
+generators (use ``yield from``) and return plain values:
+
+* ``text = yield from self.say(prompt)`` — one short free-text line;
+* ``word = yield from self.choose(question, ["left", "right"], default="left")`` — one option out
+  of a list; a reply that names none falls back to ``default`` and is counted in
+  :attr:`LLMAgent.parse_fallbacks`;
+* ``yield from self.maybe_reflect()`` — an LLM reflection over recent memories every
+  ``reflect_every`` observations (none when 0).
+
+``self.observe(text)`` adds to the memory stream and ``self.recall(query)`` renders the best
+memories for a prompt. Every prompt comes from :attr:`LLMAgent.prompts`, the one place where this
+agent type's templates live; a subclass overrides entries by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Generator, Sequence
+
+import simpy
+
+from agents.memory import MemoryStream, Observation
+from agents.parsing import first_line, pick
+from scalesim import Agent, World
+
+Reply = Generator[simpy.Event, Any, str]
+
+
+class LLMAgent(Agent):
+    """An :class:`~scalesim.Agent` that talks through prompt templates and remembers."""
+
+    prompts: ClassVar[dict[str, str]] = {
+        # SmolLM2-135M answers "one word from a list" reliably when the list comes last.
+        "choose": "{question}\nAnswer with exactly one word from this list: {options}.",
+        "reflect": ("These are things you noticed recently:\n{memories}\n"
+                    "In one short sentence, what do you conclude from them?"),
+        "memories": "You remember:\n{memories}\n\n",
+    }
+
+    def __init__(self, name: str, persona: str = "", adapter: str | None = None, *,
+                 max_tokens: int = 24, choice_tokens: int = 4, reflect_every: int = 0,
+                 memory_capacity: int = 200) -> None:
+        super().__init__(name, persona=persona, adapter=adapter)
+        self.max_tokens = max_tokens
+        self.choice_tokens = choice_tokens
+        self.memory = MemoryStream(reflect_every=reflect_every, capacity=memory_capacity)
+        #: Replies that could not be parsed and were replaced by a default.
+        self.parse_fallbacks = 0
+        self.reflections = 0
+
+    def observe(self, text: str, importance: float | None = None) -> Observation:
+        return self.memory.add(self.now if self.world else 0.0, text, importance)
+
+    def recall(self, query: str | None = None, k: int = 3) -> str:
+        """The ``k`` best memories as a prompt paragraph ('' when there are none)."""
+        items = self.memory.retrieve(self.now, k=k, query=query)
+        if not items:
+            return ""
+        return self.prompts["memories"].format(memories="\n".join(f"- {m.text}" for m in items))
+
+    def say(self, prompt: str, max_tokens: int | None = None, default: str = "...") -> Reply:
+        """One line of free text; an empty reply becomes ``default`` (counted as a fallback)."""
+        reply = yield self.llm(prompt, max_tokens=max_tokens or self.max_tokens, stop=("\n",))
+        line = first_line(reply.text)
+        if not line:
+            self.parse_fallbacks += 1
+            return default
+        return line
+
+    def choose(self, question: str, options: Sequence[str], default: str | None = None) -> Reply:
+        """One of ``options`` (``default``, else the first, when the reply names none)."""
+        if not options:
+            raise ValueError(f"agent {self.name!r}: choose() needs at least one option")
+        prompt = self.prompts["choose"].format(question=question, options=", ".join(options))
+        reply = yield self.llm(prompt, max_tokens=self.choice_tokens)
+        choice = pick(reply.text, options)
+        if choice is None:
+            self.parse_fallbacks += 1
+            return default if default is not None else options[0]
+        return choice
+
+    def reflect(self) -> Reply:
+        """Ask the LLM what the recent memories add up to; store the answer as a reflection."""
+        recent = self.memory.recent(max(self.memory.reflect_every, 3))
+        prompt = self.prompts["reflect"].format(memories="\n".join(f"- {m.text}" for m in recent))
+        insight = yield from self.say(prompt)
+        self.memory.add(self.now, insight, importance=8, kind="reflection")
+        self.memory.reflected()
+        self.reflections += 1
+        return insight
+
+    def maybe_reflect(self) -> Generator[simpy.Event, Any, str | None]:
+        """Reflect if enough has been observed since the last reflection; else do nothing."""
+        if self.memory.reflection_due:
+            return (yield from self.reflect())
+        return None
+
+
+def parse_fallbacks(world: World) -> int:
+    """Total unparseable replies of the world's agents (for ``World.metrics``)."""
+    return sum(getattr(a, "parse_fallbacks", 0) for a in world.agents.values())
+
+
+def reflections(world: World) -> int:
+    return sum(getattr(a, "reflections", 0) for a in world.agents.values())
