@@ -1,0 +1,54 @@
+"""Shared fixtures: a character-level fake executor that drives the real Engine without a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime import Engine
+from runtime.sequence import Sequence
+
+EOS = 0
+
+
+class CharChat:
+    """Tokens are character codes; the prefix and the prompt are encoded separately."""
+
+    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+        return [ord(c) for c in prefix], [ord(c) for c in prompt]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids if i != EOS)
+
+
+class EchoExecutor:
+    """Answers ``"<agent>:<prompt>"`` one character per iteration, then EOS.
+
+    It records every batch so tests can check which requests ran together.
+    """
+
+    eos_token_ids = {EOS}
+
+    def __init__(self, max_num_seqs: int = 8, max_context: int = 4096) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_context = max_context
+        self.chat = CharChat()
+        self.batches: list[list[int]] = []
+
+    def execute(self, batch: list[Sequence]) -> None:
+        self.batches.append([seq.request_id for seq in batch])
+        for seq in batch:
+            answer = [ord(c) for c in f"{seq.request.agent_id}:{seq.request.prompt}"] + [EOS]
+            seq.append_tokens([answer[len(seq.output_ids)]])
+
+
+@pytest.fixture
+def echo_engine() -> Engine:
+    return Engine(EchoExecutor())
+
+
+@pytest.fixture(scope="session")
+def smol_engine():
+    """The real SmolLM2-135M through the hf executor, loaded once per test session."""
+    from runtime import build_engine
+
+    return build_engine("hf", model="smollm2-135m")
