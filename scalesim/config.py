@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
@@ -184,4 +185,21 @@ def import_world_class(config: RunConfig) -> type:
         if param.default is param.empty and name not in config.world.params:
             raise ConfigError(f"config error{where}: world.params.{name}: required parameter "
                               "is missing")
+    _check_param_types(cls, config, where)
     return cls
+
+
+def _check_param_types(cls: type, config: RunConfig, where: str) -> None:
+    """Validate ``world.params`` against the type hints of ``setup``, converting in place."""
+    try:
+        hints = typing.get_type_hints(cls.setup)
+    except Exception:  # hints that cannot be resolved are the world author's documentation only
+        return
+    for name, value in config.world.params.items():
+        if name not in hints:
+            continue
+        try:
+            config.world.params[name] = TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as exc:
+            raise ConfigError(f"config error{where}: world.params.{name}: "
+                              f"{exc.errors()[0]['msg']} (got {value!r})") from None

@@ -66,6 +66,7 @@ def test_overrides_reach_nested_keys(tmp_path):
         (GOOD.replace("{agents: 2}", "{agnets: 2}"), "world.params.agnets: Pingers.setup"),
         (GOOD.replace("Pingers", "NeedsParam").replace("{agents: 2}", "{}"),
          "world.params.size: required parameter"),
+        (GOOD.replace("{agents: 2}", "{agents: many}"), "world.params.agents: Input should be"),
     ],
 )
 def test_bad_input_names_the_key_and_file(tmp_path, text, expected):
