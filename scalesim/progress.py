@@ -41,6 +41,11 @@ class ProgressDisplay:
             self._progress.update(self._task, completed=now, now=now, calls=self.calls,
                                   tokens=self.tokens)
 
+    def finish(self, now: float) -> None:
+        """Show the final simulated time (the clock may pass quiet periods after the last call)."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=now, now=now)
+
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)

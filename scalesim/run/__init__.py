@@ -74,6 +74,7 @@ def run(
             world = world_cls(env, seed=config.sim.seed)
             world.setup(**config.world.params)
             env.run(until=config.sim.until)
+            display.finish(env.now)
         status = "completed"
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
