@@ -119,8 +119,13 @@ class TurnOrder:
         return event
 
     def done(self, member: Any) -> None:
-        """``member`` yields the floor to the next member (it must be the current speaker)."""
+        """``member`` yields the floor to the next member (it must be the current speaker).
+
+        A no-op once the order is closed: the member may have been speaking when it closed.
+        """
         name = _name(member)
+        if self.closed:
+            return
         if self.speaker != name:
             raise RuntimeError(f"turn order {self.name!r}: {name} called done() but the speaker "
                                f"is {self.speaker}")

@@ -117,3 +117,11 @@ def test_bad_members_are_rejected():
         TurnOrder(env, ["a", "a"])
     with pytest.raises(ValueError, match="at least one"):
         TurnOrder(env, [])
+
+
+def test_done_after_close_is_a_no_op():
+    env = simpy.Environment()
+    order = TurnOrder(env, ["a", "b"])
+    order.close()
+    order.done("a")
+    assert order.speaker is None

@@ -1,11 +1,14 @@
 """Maple Hollow: a Generative-Agents-like town where villagers live one day.
 
-Each villager wakes at its own hour, walks between places on a small street graph (travel takes
-simulated minutes), asks the LLM what it does at each stop of its daily schedule, and strikes up a
-conversation with someone it finds at the same place. Sim time is minutes since midnight.
+Each villager wakes at its own hour, walks between places on a networkx street graph (travel takes
+simulated minutes), remembers what it sees in a memory stream, asks the LLM what it does at each
+stop of its daily schedule, reflects every few observations, and invites someone it finds at the
+same place to a short conversation (an :class:`agents.Conversation`). Sim time is minutes since
+midnight. Built on the agents library: a villager is an :class:`agents.LLMAgent`.
 
-Distance sources it exercises: **timers** (wake-up and travel times are in the event queue) and
-the **interaction graph** (a greeted villager answers only when a message arrives).
+Distance sources it exercises: **timers** (wake-up, schedule and travel times are in the event
+queue) and the **interaction graph** (an invited villager speaks only once the invitation arrives;
+the conversation itself is a turn order).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from scalesim import Agent, World
+from agents import Conversation, LLMAgent, parse_fallbacks, reflections
+from scalesim import World
 
 STREETS = [  # (place, place, walking minutes)
     ("homes", "bakery", 5), ("homes", "park", 8), ("bakery", "market", 4),
@@ -68,60 +72,72 @@ def clock(minutes: float) -> str:
     return f"{int(minutes // 60):02d}:{int(minutes % 60):02d}"
 
 
-class Villager(Agent):
-    """A villager follows its schedule, and greets or answers whoever it meets."""
+class Villager(LLMAgent):
+    """A villager follows its schedule, and talks with whoever it meets or whoever invites it."""
+
+    prompts = {
+        **LLMAgent.prompts,
+        "arrive": ("{memories}It is {time}. You have just arrived at the {place} to {activity}. "
+                   "In one short sentence, what do you do first?"),
+    }
 
     def __init__(self, name: str, persona: str, wake_hour: int, schedule: list[Stop],
-                 max_tokens: int) -> None:
-        super().__init__(name, persona=persona)
+                 max_tokens: int, reflect_every: int = 0) -> None:
+        super().__init__(name, persona=persona, max_tokens=max_tokens, reflect_every=reflect_every)
         self.wake_hour = wake_hour
         self.schedule = schedule
-        self.max_tokens = max_tokens
         self.place = "homes"
-
-    def say(self, prompt: str):
-        return self.llm(prompt, max_tokens=self.max_tokens, stop=("\n",))
 
     def run(self):
         yield from self.idle_until(self.wake_hour * 60)
         for stop in self.schedule:
             yield from self.idle_until(stop.hour * 60)
             yield self.wait(self.world.travel_minutes(self.place, stop.place))
-            self.place = stop.place
-            yield self.say(f"It is {clock(self.now)}. You have just arrived at the {stop.place} "
-                           f"to {stop.activity}. In one short sentence, what do you do first?")
+            self.world.move(self, stop.place)
+            action = yield from self.say(self.prompts["arrive"].format(
+                memories=self.recall(query=stop.place, k=2), time=clock(self.now),
+                place=stop.place, activity=stop.activity))
+            self.observe(f"At {clock(self.now)} at the {stop.place}: {action}")
+            yield from self.maybe_reflect()
             other = self.world.someone_to_meet(self)
             if other is not None:
-                yield from self.greet(other)
+                yield from self.talk_with(other)
 
     def idle_until(self, time: float):
-        """Pass time until ``time``, answering anyone who greets us meanwhile."""
+        """Pass time until ``time``, joining any conversation we are invited to meanwhile."""
         while self.now < time:
             message = yield self.receive(timeout=time - self.now)
-            if message is not None and message.content["kind"] == "greeting":
-                reply = yield self.say(f"{message.sender} says to you: \"{message.content['text']}\" "
-                                       "Reply in one short sentence.")
-                self.send(message.sender, {"kind": "reply", "text": reply.text})
+            talk = Conversation.of(message)
+            if talk is not None and not talk.over:
+                yield from talk.join(self)
 
-    def greet(self, other: "Villager"):
-        line = yield self.say(f"You meet {other.name} at the {self.place}. "
-                              f"Say one short friendly sentence to {other.name.split()[0]}.")
-        self.send(other, {"kind": "greeting", "text": line.text})
-        yield self.receive(timeout=30)
+    def talk_with(self, other: "Villager"):
+        # We open, the other answers once its invitation arrives; after 30 minutes we move on.
+        talk = Conversation([self, other], place=self.place, patience=30)
+        talk.invite(self)
+        yield from talk.join(self)
+        yield talk.ended | self.wait(30)
+        talk.end()
+        self.world.conversations += 1
 
 
 class Town(World):
     """Villagers, the street graph, and who has already talked to whom today."""
 
-    def setup(self, villagers: int = 8, max_tokens: int = 24) -> None:
+    def setup(self, villagers: int = 8, max_tokens: int = 24, reflect_every: int = 0) -> None:
         self.streets = nx.Graph()
         self.streets.add_weighted_edges_from(STREETS, weight="minutes")
         self.met: set[frozenset[str]] = set()
+        self.present: dict[str, dict[str, Villager]] = {p: {} for p in self.streets.nodes}
+        self.conversations = 0
         for i in range(villagers):
             name, age, job, trait, wake, stops = self._person(i)
             persona = (f"You are {name}, {age}, the {job} of the village of Maple Hollow. "
                        f"You are {trait}. Answer briefly, in the first person.")
-            self.add(Villager(name, persona, wake, [Stop(*s) for s in stops], max_tokens))
+            villager = Villager(name, persona, wake, [Stop(*s) for s in stops], max_tokens,
+                                reflect_every)
+            self.add(villager)
+            self.present["homes"][name] = villager
 
     def _person(self, i: int) -> tuple:
         if i < len(PEOPLE):
@@ -129,7 +145,9 @@ class Town(World):
         job, workplace = JOBS[i % len(JOBS)]
         others = sorted(p for p in self.streets.nodes if p not in ("homes", workplace))
         afternoon, evening = self.random.sample(others, 2)
-        name = f"{FIRST_NAMES[i % len(FIRST_NAMES)]} {chr(65 + i // len(FIRST_NAMES) % 26)}."
+        first, n = FIRST_NAMES[i % len(FIRST_NAMES)], i // len(FIRST_NAMES)
+        # Surname initials A-Z, then A2-Z2, ...: unique names for any number of villagers.
+        name = f"{first} {chr(65 + n % 26)}{n // 26 + 1 if n >= 26 else ''}."
         return (name, self.random.randint(18, 70), job, self.random.choice(TRAITS),
                 self.random.randint(5, 8),
                 [(9, workplace, f"work as the {job}"), (13, afternoon, "take a break"),
@@ -138,11 +156,20 @@ class Town(World):
     def travel_minutes(self, a: str, b: str) -> float:
         return nx.shortest_path_length(self.streets, a, b, weight="minutes") if a != b else 0
 
+    def move(self, villager: Villager, place: str) -> None:
+        del self.present[villager.place][villager.name]
+        villager.place = place
+        self.present[place][villager.name] = villager
+
     def someone_to_meet(self, me: Villager) -> Villager | None:
         """Another villager at my place whom I have not talked to today."""
-        for other in self.agents.values():
+        for other in self.present[me.place].values():
             pair = frozenset((me.name, other.name))
-            if other is not me and other.place == me.place and pair not in self.met:
+            if other is not me and pair not in self.met:
                 self.met.add(pair)
                 return other
         return None
+
+    def metrics(self) -> dict:
+        return {**super().metrics(), "conversations": self.conversations,
+                "reflections": reflections(self), "parse_fallbacks": parse_fallbacks(self)}
