@@ -15,7 +15,7 @@ from runtime.request import Completion, Request, RequestError
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceStatus
 
-EXECUTORS = ("hf",)
+EXECUTORS = ("hf", "torch")
 
 
 class Engine:
@@ -47,8 +47,16 @@ class Engine:
                 f"exceed the model context of {self.executor.max_context}"
             )
             self._rejected.append(seq)
-        else:
-            self.scheduler.add(seq)
+            return request.request_id
+        prepare = getattr(self.executor, "prepare", None)
+        if prepare is not None:
+            try:
+                prepare(seq)
+            except RequestError as exc:
+                seq.fail(str(exc))
+                self._rejected.append(seq)
+                return request.request_id
+        self.scheduler.add(seq)
         return request.request_id
 
     def has_work(self) -> bool:
@@ -66,7 +74,7 @@ class Engine:
                 for seq in batch:
                     seq.fail(str(exc))
             for seq in batch:
-                if seq.status is not SequenceStatus.FINISHED:
+                if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
                     self._check_finished(seq)
             finished += [seq.to_completion() for seq in self.scheduler.remove_finished()]
         return finished
@@ -80,15 +88,17 @@ class Engine:
             seq.text = self.executor.chat.decode(output[:eos_at])
             seq.finish_reason = "stop"
         else:
-            seq.text = self.executor.chat.decode(output)
+            # Decoding is the costly part of this check: only when a stop string could match.
+            text = self.executor.chat.decode(output) if params.stop else None
             for stop in params.stop:
-                cut = seq.text.find(stop)
+                cut = text.find(stop)
                 if cut >= 0:
-                    seq.text = seq.text[:cut]
+                    seq.text = text[:cut]
                     seq.finish_reason = "stop"
                     break
             else:
                 if len(output) >= params.max_tokens:
+                    seq.text = text if text is not None else self.executor.chat.decode(output)
                     seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.status = SequenceStatus.FINISHED
@@ -101,4 +111,11 @@ def build_engine(executor: str = "hf", model: str = "smollm2-135m", device: str 
         from runtime.executors.hf import HFExecutor
 
         return Engine(HFExecutor(model=model, device=device, dtype=dtype, **options))
+    if executor == "torch":
+        from runtime.executors.torch import TorchExecutor
+        from runtime.scheduler import BatchScheduler
+
+        ex = TorchExecutor(model=model, device=device, dtype=dtype, **options)
+        return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs,
+                                         ex.max_batch_tokens))
     raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,10 +1,17 @@
-"""A request as the engine tracks it: its token ids, its output so far and its timings."""
+"""A request as the engine tracks it: its token ids, its output so far and its timings.
+
+For the paged ``torch`` executor a sequence also carries its place in the KV pool: the block table,
+how many of its tokens already have KV there (``num_computed``) and how many the current iteration
+computes (``chunk``). A preempted sequence loses its blocks and recomputes them later from its
+tokens, outputs included.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime.request import Completion, MemoryStats, Request
 
@@ -36,6 +43,13 @@ class Sequence:
     cached_tokens: int = 0
     memory: MemoryStats = field(default_factory=MemoryStats)
     error: str | None = None
+    #: Paged-engine state (unused by the hf executor).
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    chunk: int = 0
+    adapter: Any = None
+    prefix_cached: bool = False
+    generator: Any = None
 
     @property
     def request_id(self) -> int:
@@ -44,6 +58,15 @@ class Sequence:
     @property
     def input_ids(self) -> list[int]:
         return self.prefix_ids + self.prompt_ids
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Everything whose KV the sequence needs: prefix, prompt and output so far."""
+        return self.prefix_ids + self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix_ids) + len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,126 @@
+"""The real engine's executor: one paged forward pass per iteration over a mixed batch.
+
+:class:`TorchExecutor` owns the model weights (:class:`~runtime.model.llama.LlamaModel`), the
+paged KV pool, the per-agent prefix KV cache and the LoRA adapter pool. The
+:class:`~runtime.scheduler.BatchScheduler` decides which sequences run and how many tokens each
+computes; :meth:`TorchExecutor.execute` lays those tokens out flat, runs the model once, samples
+one token for every sequence whose chunk reached its end, and caches a sequence's prefix KV as
+soon as the prefix has been computed.
+
+Memory hook points (for a memory manager): :meth:`prepare` is where a request's adapter must be
+resident (``LoraPool.get``); admission (``PrefixCache.lookup``) is where its prefix KV must be;
+``PrefixCache.evict_one`` and ``LoraPool.offload`` are where resident objects can be let go.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from runtime.kv_cache import KVCache, OutOfBlocks
+from runtime.lora import LoraBatch, LoraPool
+from runtime.model.attention import BatchLayout, select_attention
+from runtime.model.chat import ChatFormat
+from runtime.model.llama import LlamaModel
+from runtime.model.profiles import ModelConfig, from_hf_config, profile
+from runtime.model.sampling import sample
+from runtime.prefix_cache import PrefixCache
+from runtime.request import RequestError
+from runtime.sequence import Sequence
+
+
+class TorchExecutor:
+    """Paged KV, prefix reuse and multi-LoRA batching on one model."""
+
+    def __init__(self, model: str = "smollm2-135m", device: str = "cpu", dtype: str = "float32",
+                 block_size: int = 16, kv_cache_tokens: int = 32768, max_num_seqs: int = 64,
+                 max_batch_tokens: int = 512, max_lora_rank: int = 16, attention: str = "auto",
+                 random_weights: bool = False, tokenizer: Any = None) -> None:
+        torch_dtype = getattr(torch, dtype)
+        if random_weights:
+            # Shape-only runs: a built-in profile with random weights; a tokenizer is optional.
+            self.config: ModelConfig = profile(model)
+            self.model = LlamaModel.random(self.config, dtype=torch_dtype, device=device)
+        else:
+            from runtime.model.loader import load_hf_model
+
+            hf_model, tokenizer = load_hf_model(model, dtype=dtype, device=device)
+            self.config = from_hf_config(hf_model.config)
+            self.model = LlamaModel.from_hf(hf_model, self.config)
+        self.tokenizer = tokenizer
+        self.chat = ChatFormat(tokenizer) if tokenizer is not None else None
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        self.max_context = self.config.max_position_embeddings
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.device = torch.device(device)
+        c = self.config
+        self.cache = KVCache(c.num_layers, -(-kv_cache_tokens // block_size), block_size,
+                             c.num_kv_heads, c.head_dim, dtype=torch_dtype, device=device)
+        self.prefixes = PrefixCache(self.cache)
+        self.loras = LoraPool(c, max_lora_rank, torch_dtype, device)
+        self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
+                                          attention)
+
+    def prepare(self, seq: Sequence) -> None:
+        """Check at submission that ``seq`` can ever run, and make its adapter resident."""
+        needed = self.cache.blocks_for(seq.num_prompt_tokens + seq.request.sampling.max_tokens)
+        if needed > self.cache.num_blocks:
+            raise RequestError(
+                f"request {seq.request_id} of agent {seq.request.agent_id!r}: "
+                f"{seq.num_prompt_tokens} prompt tokens + max_tokens "
+                f"{seq.request.sampling.max_tokens} need {needed} KV blocks, the pool has "
+                f"{self.cache.num_blocks}")
+        if seq.request.adapter is not None:
+            adapter, was_resident = self.loras.get(seq.request.adapter)
+            seq.adapter = adapter
+            (seq.memory.hits if was_resident else seq.memory.misses)["adapter"] = 1
+        if seq.request.sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.request.sampling.seed)
+
+    def execute(self, batch: list[Sequence]) -> None:
+        """Compute each sequence's ``chunk`` of tokens; sample where a chunk reaches the end."""
+        bs = self.cache.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq in batch:
+            start, n = seq.num_computed, seq.chunk
+            tokens = seq.all_token_ids
+            ids += tokens[start:start + n]
+            pos = range(start, start + n)
+            positions += pos
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            if start + n == len(tokens):
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        dev = self.device
+        layout = BatchLayout([s.chunk for s in batch], [s.num_computed for s in batch],
+                             [s.block_table for s in batch])
+        self.attention.plan(layout)
+        lora = LoraBatch.plan(self.loras, layout.q_lens,
+                              [s.adapter.slot if s.adapter is not None else None for s in batch])
+        logits = self.model.forward(
+            torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+            torch.tensor(slots, device=dev), self.cache, self.attention, lora,
+            torch.tensor(sample_rows, device=dev, dtype=torch.long))
+        for seq in batch:
+            seq.num_computed += seq.chunk
+            seq.chunk = 0
+            if seq.prefix_ids and not seq.prefix_cached and seq.num_computed >= len(seq.prefix_ids):
+                try:
+                    self.prefixes.register(seq.request.agent_id, seq.request.adapter,
+                                           seq.prefix_ids, seq.block_table)
+                except OutOfBlocks:
+                    pass  # not cached this time; the next call of the agent computes it again
+                seq.prefix_cached = True
+        if sampled:
+            tokens = sample(logits, [s.request.sampling for s in sampled],
+                            [s.generator for s in sampled])
+            for seq, token in zip(sampled, tokens):
+                seq.append_tokens([token])
+

@@ -1,0 +1,248 @@
+"""LoRA adapters: loading PEFT files, keeping them in device slots, applying many in one batch.
+
+An adapter is a directory in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``)
+targeting any of the projections ``q/k/v/o/gate/up/down``. :func:`load_adapter` validates it
+against the model and the engine's maximum rank and keeps its weights on the host as a
+:class:`LoraAdapter` (``key``, ``nbytes``, ``offload``/``load``: what a memory manager needs).
+
+Resident adapters live in :class:`LoraPool` slots. Per layer and target module the pool holds
+``A`` as ``[in, slots * max_rank]`` and ``B`` as ``[slots * max_rank, out]``, with the scaling
+already folded into ``B`` and smaller ranks zero-padded. That layout makes the common case cheap:
+a batch of decode tokens of many different agents multiplies all of them with all resident ``A``
+at once, zeroes the columns that belong to other adapters, and expands with ``B`` (two matmuls per
+module, no gathering or copying of weights). Prefill chunks are few and long; each runs against
+its own adapter's slice (a view, no copy). :class:`LoraBatch` holds that per-iteration plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime.model.profiles import ModelConfig
+from runtime.request import RequestError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each LoRA-targetable projection."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {"q_proj": (h, config.q_size), "k_proj": (h, config.kv_size),
+            "v_proj": (h, config.kv_size), "o_proj": (config.q_size, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """One agent's adapter: host weights, and the pool slot it occupies while resident.
+
+    ``weights[(layer, module)] = (A [in, rank], B [rank, out])`` with the PEFT scaling folded into
+    ``B``. The host copy is kept, so offloading only frees the slot and reloading copies it back.
+    """
+
+    key: str
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    slot: int | None = None
+    last_used: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.slot is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.weights.values())
+
+
+def load_adapter(path: str, config: ModelConfig, max_rank: int) -> LoraAdapter:
+    """Read and validate a PEFT adapter directory; raise :class:`RequestError` if unusable."""
+    directory = Path(path)
+    cfg_file = directory / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise RequestError(f"adapter {path!r}: no adapter_config.json there")
+    try:
+        peft = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"adapter {path!r}: adapter_config.json is not JSON: {exc}") from None
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise RequestError(f"adapter {path!r}: peft_type {peft.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+        if peft.get(key, ok) != ok:
+            raise RequestError(f"adapter {path!r}: {key}={peft[key]} is not supported")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if peft.get(key):
+            raise RequestError(f"adapter {path!r}: {key} is not supported")
+    rank, alpha = int(peft.get("r", 8)), float(peft.get("lora_alpha", 8))
+    if rank > max_rank:
+        raise RequestError(f"adapter {path!r}: rank {rank} exceeds the engine's max_lora_rank "
+                           f"{max_rank}")
+    scaling = alpha / (rank ** 0.5 if peft.get("use_rslora") else rank)
+    weights_file = directory / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise RequestError(f"adapter {path!r}: no adapter_model.safetensors there")
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights_file)
+    shapes = module_shapes(config)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        # base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
+        parts = name.split(".")
+        try:
+            at = parts.index("layers")
+            layer, module, which = int(parts[at + 1]), parts[at + 3], parts[at + 4]
+        except (ValueError, IndexError):
+            raise RequestError(f"adapter {path!r}: unexpected tensor {name!r}") from None
+        if module not in shapes or which not in ("lora_A", "lora_B"):
+            raise RequestError(f"adapter {path!r}: tensor {name!r} targets an unsupported module")
+        if layer >= config.num_layers:
+            raise RequestError(f"adapter {path!r}: layer {layer} but the model has "
+                               f"{config.num_layers} (adapter for another model?)")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    weights = {}
+    for (layer, module), ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise RequestError(f"adapter {path!r}: layer {layer} {module} lacks lora_A or lora_B")
+        a, b = ab["lora_A"], ab["lora_B"]
+        fan_in, fan_out = shapes[module]
+        if a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+            raise RequestError(
+                f"adapter {path!r}: layer {layer} {module} has shapes {tuple(a.shape)}/"
+                f"{tuple(b.shape)}, expected ({rank}, {fan_in})/({fan_out}, {rank}) "
+                "(adapter for another model?)")
+        weights[(layer, module)] = (a.float().t().contiguous(), (b.float() * scaling).t().contiguous())
+    if not weights:
+        raise RequestError(f"adapter {path!r}: no LoRA tensors found")
+    return LoraAdapter(key=str(path), rank=rank, weights=weights)
+
+
+class LoraPool:
+    """Device slots for resident adapters, laid out for batched application (see module doc)."""
+
+    def __init__(self, config: ModelConfig, max_rank: int, dtype: torch.dtype,
+                 device: str | torch.device, slots: int = 4) -> None:
+        self.config, self.max_rank, self.dtype, self.device = config, max_rank, dtype, device
+        self.shapes = module_shapes(config)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.num_slots = 0
+        self._owners: list[LoraAdapter | None] = []
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        self._grow(slots)
+
+    def _grow(self, slots: int) -> None:
+        r = self.max_rank
+        for layer in range(self.config.num_layers):
+            for module, (fan_in, fan_out) in self.shapes.items():
+                a = torch.zeros(fan_in, slots * r, dtype=self.dtype, device=self.device)
+                b = torch.zeros(slots * r, fan_out, dtype=self.dtype, device=self.device)
+                if self.num_slots:
+                    a[:, : self.num_slots * r] = self.a[layer, module]
+                    b[: self.num_slots * r] = self.b[layer, module]
+                self.a[layer, module], self.b[layer, module] = a, b
+        self._owners += [None] * (slots - self.num_slots)
+        self.num_slots = slots
+
+    @property
+    def slot_nbytes(self) -> int:
+        per_rank = sum(i + o for i, o in self.shapes.values()) * self.config.num_layers
+        return per_rank * self.max_rank * torch.empty((), dtype=self.dtype).element_size()
+
+    def get(self, path: str) -> tuple[LoraAdapter, bool]:
+        """The adapter at ``path``, made resident; the flag says whether it already was."""
+        adapter = self.adapters.get(path)
+        if adapter is None:
+            adapter = load_adapter(path, self.config, self.max_rank)
+            self.adapters[path] = adapter
+        was_resident = adapter.resident
+        if not was_resident:
+            self.load(adapter)
+        return adapter, was_resident
+
+    def load(self, adapter: LoraAdapter) -> None:
+        """Copy ``adapter`` into a free slot (the pool grows when none is free)."""
+        if adapter.resident:
+            return
+        try:
+            slot = self._owners.index(None)
+        except ValueError:
+            slot = self.num_slots
+            self._grow(self.num_slots * 2)
+        r = self.max_rank
+        cols = slice(slot * r, (slot + 1) * r)
+        for key in self.a:
+            self.a[key][:, cols].zero_()
+            self.b[key][cols].zero_()
+        for key, (a, b) in adapter.weights.items():
+            self.a[key][:, slot * r: slot * r + adapter.rank] = a.to(self.device, self.dtype)
+            self.b[key][slot * r: slot * r + adapter.rank] = b.to(self.device, self.dtype)
+        self._owners[slot] = adapter
+        adapter.slot = slot
+
+    def offload(self, adapter: LoraAdapter) -> None:
+        """Free ``adapter``'s slot; its host weights stay, so :meth:`load` restores it exactly."""
+        if adapter.slot is not None:
+            self._owners[adapter.slot] = None
+            adapter.slot = None
+
+
+@dataclass
+class LoraBatch:
+    """How the adapters of one iteration's tokens are applied.
+
+    ``dense_rows`` are the tokens (decodes) handled with the all-slots matmul and ``dense_mask``
+    keeps, per row, only its own slot's columns; ``segments`` are ``(start, end, slot)`` runs of
+    prefill tokens handled against one slot each.
+    """
+
+    pool: LoraPool
+    dense_rows: torch.Tensor | None = None
+    dense_mask: torch.Tensor | None = None
+    dense_all: bool = False
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, pool: LoraPool, q_lens: list[int], slots: list[int | None]) -> "LoraBatch | None":
+        if all(s is None for s in slots):
+            return None
+        batch = cls(pool)
+        rows, row_slots, start = [], [], 0
+        for n, slot in zip(q_lens, slots):
+            if slot is not None:
+                if n == 1:
+                    rows.append(start)
+                    row_slots.append(slot)
+                else:
+                    batch.segments.append((start, start + n, slot))
+            start += n
+        if rows:
+            device, r = pool.device, pool.max_rank
+            width = (max(row_slots) + 1) * r
+            owner = torch.arange(width, device=device) // r
+            batch.dense_mask = (owner[None, :] == torch.tensor(row_slots, device=device)[:, None])
+            batch.dense_mask = batch.dense_mask.to(pool.dtype)
+            batch.dense_rows = torch.tensor(rows, device=device)
+            batch.dense_all = len(rows) == start
+        return batch
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the LoRA delta of ``module`` for input ``x`` into ``out`` in place."""
+        a, b = self.pool.a[layer, module], self.pool.b[layer, module]
+        r = self.pool.max_rank
+        if self.dense_rows is not None:
+            width = self.dense_mask.shape[1]
+            xs = x if self.dense_all else x[self.dense_rows]
+            delta = ((xs @ a[:, :width]) * self.dense_mask) @ b[:width]
+            if self.dense_all:
+                out += delta
+            else:
+                out.index_add_(0, self.dense_rows, delta)
+        for s, e, slot in self.segments:
+            cols = slice(slot * r, (slot + 1) * r)
+            out[s:e] += (x[s:e] @ a[:, cols]) @ b[cols]

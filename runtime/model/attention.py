@@ -1,0 +1,171 @@
+"""Attention over the paged KV pool, behind one small interface.
+
+Every backend is used the same way by the model: :meth:`plan` once per engine iteration with the
+:class:`BatchLayout` (which sequences, how many new tokens each, where their blocks are), then
+:meth:`forward` once per layer with that layer's new queries, after the model has written the new
+keys and values into the pool. The queries of a step are ragged: sequence ``i`` contributes
+``q_lens[i]`` consecutive tokens at positions ``starts[i] ..``.
+
+:class:`TorchPagedAttention` is the reference (CPU and anywhere): decodes are batched into one
+padded matmul over their gathered blocks, prefill chunks go through SDPA one sequence at a time.
+:class:`FlashInferAttention` uses flashinfer's paged prefill kernel for the whole ragged batch on
+CUDA. :func:`select_attention` picks flashinfer only for a CUDA device where it imports, so CPU runs
+never import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.kv_cache import KVCache
+
+
+@dataclass
+class BatchLayout:
+    """Where the tokens of one iteration come from and where their KV lives."""
+
+    q_lens: list[int]
+    starts: list[int]
+    block_tables: list[list[int]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+
+class TorchPagedAttention:
+    """Reference paged attention in plain torch."""
+
+    def __init__(self, cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.cache = cache
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def plan(self, layout: BatchLayout) -> None:
+        device = self.cache.k.device
+        bs = self.cache.block_size
+        offsets = [0]
+        for n in layout.q_lens:
+            offsets.append(offsets[-1] + n)
+        self.num_tokens = offsets[-1]
+        decode = [i for i, n in enumerate(layout.q_lens) if n == 1]
+        self.decode_tokens: torch.Tensor | None = None
+        if decode:
+            ctx = [layout.starts[i] + 1 for i in decode]
+            width = max(-(-c // bs) for c in ctx)
+            table = [layout.block_tables[i][: -(-c // bs)] for i, c in zip(decode, ctx)]
+            table = [t + [0] * (width - len(t)) for t in table]
+            self.decode_tokens = torch.tensor([offsets[i] for i in decode], device=device)
+            self.decode_table = torch.tensor(table, device=device)
+            lens = torch.tensor(ctx, device=device)
+            # True where a key position lies beyond the sequence: masked out.
+            self.decode_pad = (torch.arange(width * bs, device=device)[None, :] >= lens[:, None])
+            self.all_decode = len(decode) == len(layout.q_lens)
+        self.prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = []
+        for i, n in enumerate(layout.q_lens):
+            if n == 1:
+                continue
+            start = layout.starts[i]
+            if start == 0:
+                self.prefills.append((offsets[i], offsets[i] + n, 0, None, None))
+                continue
+            ctx = start + n
+            blocks = torch.tensor(layout.block_tables[i][: -(-ctx // bs)], device=device)
+            q_pos = torch.arange(start, ctx, device=device)
+            mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]  # True = attend
+            self.prefills.append((offsets[i], offsets[i] + n, ctx, blocks, mask))
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[tokens, heads * head_dim]`` for this layer's queries."""
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        if self.decode_tokens is not None and self.all_decode:
+            return self._decode(q, k_pool, v_pool)
+        out = q.new_empty(self.num_tokens, h * d)
+        if self.decode_tokens is not None:
+            out[self.decode_tokens] = self._decode(q[self.decode_tokens], k_pool, v_pool)
+        for s, e, ctx, blocks, mask in self.prefills:
+            qs = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+            if blocks is None:  # nothing cached before this chunk: attend to itself only
+                ks = k[s:e].transpose(0, 1).unsqueeze(0)
+                vs = v[s:e].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                ks = k_pool[blocks].reshape(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                vs = v_pool[blocks].reshape(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1).reshape(e - s, h * d)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        b = q.shape[0]
+        # [b, blocks, block_size, kvh, d] -> [b, kvh, L, d]; grouped heads share their KV head.
+        keys = k_pool[self.decode_table].reshape(b, -1, kvh, d).transpose(1, 2)
+        values = v_pool[self.decode_table].reshape(b, -1, kvh, d).transpose(1, 2)
+        qg = q.reshape(b, kvh, h // kvh, d)
+        scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scale  # [b, kvh, g, L]
+        scores.masked_fill_(self.decode_pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values).reshape(b, h * d)
+
+
+class FlashInferAttention:
+    """flashinfer's paged prefill kernel over the whole ragged batch (CUDA only).
+
+    One ``BatchPrefillWithPagedKVCacheWrapper`` serves prefill chunks and decodes alike (a decode
+    is a causal query of length one). ``plan`` runs once per iteration; ``run`` once per layer.
+    """
+
+    def __init__(self, cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        import flashinfer  # only reached on CUDA, see select_attention
+
+        self.cache = cache
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        device = cache.k.device
+        self._workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+
+    def plan(self, layout: BatchLayout) -> None:
+        device = self.cache.k.device
+        bs = self.cache.block_size
+        qo_indptr, kv_indptr, kv_indices, last_len = [0], [0], [], []
+        for n, start, table in zip(layout.q_lens, layout.starts, layout.block_tables):
+            ctx = start + n
+            used = -(-ctx // bs)
+            qo_indptr.append(qo_indptr[-1] + n)
+            kv_indices.extend(table[:used])
+            kv_indptr.append(kv_indptr[-1] + used)
+            last_len.append(ctx - (used - 1) * bs)
+        as_int = dict(dtype=torch.int32, device=device)
+        self._wrapper.plan(
+            torch.tensor(qo_indptr, **as_int), torch.tensor(kv_indptr, **as_int),
+            torch.tensor(kv_indices, **as_int), torch.tensor(last_len, **as_int),
+            self.num_heads, self.num_kv_heads, self.head_dim, bs,
+            causal=True, q_data_type=self.cache.k.dtype, kv_data_type=self.cache.k.dtype,
+        )
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self._wrapper.run(q.contiguous(), (self.cache.k[layer], self.cache.v[layer]))
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
+                     backend: str = "auto") -> TorchPagedAttention | FlashInferAttention:
+    """``auto``: flashinfer on CUDA when it imports, the torch reference otherwise."""
+    if backend not in ("auto", "torch", "flashinfer"):
+        raise ValueError(f"attention backend must be auto, torch or flashinfer, got {backend!r}")
+    on_cuda = cache.k.device.type == "cuda"
+    if backend == "flashinfer" or (backend == "auto" and on_cuda):
+        if not on_cuda:
+            raise ValueError("attention backend flashinfer needs a CUDA device")
+        try:
+            return FlashInferAttention(cache, num_heads, num_kv_heads, head_dim)
+        except ImportError:
+            if backend == "flashinfer":
+                raise
+    return TorchPagedAttention(cache, num_heads, num_kv_heads, head_dim)
