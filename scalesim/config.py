@@ -39,10 +39,25 @@ class WorldConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    executor: Literal["hf"] = "hf"
+    executor: Literal["hf", "torch"] = "hf"
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Options of the torch executor (ignored by hf).
+    block_size: int = Field(default=16, ge=1, description="tokens per KV block")
+    kv_cache_tokens: int = Field(default=32768, ge=1, description="KV pool size in tokens")
+    max_num_seqs: int = Field(default=64, ge=1, description="sequences running at once")
+    max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
+    max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
+    attention: Literal["auto", "torch", "flashinfer"] = "auto"
+
+    def engine_options(self) -> dict[str, Any]:
+        """Executor-specific keyword arguments for :func:`runtime.build_engine`."""
+        if self.executor != "torch":
+            return {}
+        return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
+                "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                "max_lora_rank": self.max_lora_rank, "attention": self.attention}
 
 
 class SimConfig(_Section):

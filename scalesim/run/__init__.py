@@ -36,7 +36,8 @@ def _build_engine(config: RunConfig) -> Any:
 
     rt = config.runtime
     try:
-        return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype)
+        return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype,
+                            **rt.engine_options())
     except ModelNotFoundError as exc:
         where = f" in {config.source}" if config.source else ""
         raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
