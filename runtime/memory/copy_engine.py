@@ -1,0 +1,170 @@
+"""The asynchronous copy engine: moves memory objects onto the device while the model computes.
+
+One worker thread serves a priority queue of :class:`Transfer` jobs: urgent loads (a request is
+waiting for them) first, then prefetches nearest-distance first. A job fetches its source tensors
+(a host copy, a disk file, or the object's origin) and copies them to the device in chunks. An
+urgent job that arrives while a prefetch is copying makes that prefetch abort at its next chunk
+boundary, so a request never waits behind a speculative transfer.
+
+On CUDA the chunks are copied on a dedicated stream from pinned host memory, and a job is done
+when the stream has finished it. On the CPU the "device" is a budgeted region of RAM and the copy
+is a memcpy; an optional *emulated link* (bandwidth in GB/s and a per-transfer latency in µs)
+makes each job take as long as it would over a PCIe-like link, so prefetch overlap is measurable
+without a GPU. The link is paced against a running deadline rather than one sleep per chunk, so
+short chunks do not accumulate sleep overhead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from runtime.memory.objects import AgentMemory, Tensors
+
+
+class Transfer:
+    """One load of one object onto the device; ``done`` is set when it finished or aborted."""
+
+    def __init__(self, obj: AgentMemory, source: str, fetch: Callable[[], Tensors], *,
+                 urgent: bool, distance: float) -> None:
+        self.obj = obj
+        self.source = source
+        self.fetch = fetch
+        self.urgent = urgent
+        self.distance = distance
+        self.done = threading.Event()
+        self.result: Tensors | None = None
+        self.error: BaseException | None = None
+        self.aborted = False
+        self.abort_requested = False
+        self.started = False
+        self.seconds = 0.0
+        self.order = 0
+
+    def __repr__(self) -> str:
+        state = "done" if self.done.is_set() else "running" if self.started else "queued"
+        return f"<Transfer {self.obj.key} from {self.source} {'urgent' if self.urgent else ''} {state}>"
+
+
+class CopyEngine:
+    """A single worker that performs :class:`Transfer` jobs in priority order."""
+
+    def __init__(self, device: str | torch.device = "cpu", *, link_gbps: float | None = None,
+                 link_latency_us: float = 0.0, chunk_bytes: int = 1 << 20) -> None:
+        if link_gbps is not None and link_gbps <= 0:
+            raise ValueError(f"link_gbps must be > 0, got {link_gbps}")
+        self.device = torch.device(device)
+        self.link_gbps = link_gbps
+        self.link_latency_s = link_latency_us * 1e-6
+        self.chunk_bytes = max(1, int(chunk_bytes))
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._queue: list[Transfer] = []
+        self._urgent_queued = 0
+        self._orders = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._work, name="scalesim-copy", daemon=True)
+        self._thread.start()
+
+    # -- what the manager calls ---------------------------------------------------------------
+
+    def submit(self, transfer: Transfer) -> Transfer:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("copy engine is closed")
+            transfer.order = next(self._orders)
+            self._queue.append(transfer)
+            self._urgent_queued += transfer.urgent
+            self._cond.notify()
+        return transfer
+
+    def promote(self, transfer: Transfer) -> None:
+        """Make a queued or running prefetch urgent (a request now waits for it)."""
+        with self._cond:
+            if not transfer.urgent:
+                transfer.urgent = True
+                if transfer in self._queue:
+                    self._urgent_queued += 1
+
+    def cancel(self, transfer: Transfer) -> None:
+        """Abort a prefetch: drop it if queued, stop it at the next chunk if running."""
+        with self._cond:
+            if transfer in self._queue:
+                self._queue.remove(transfer)
+                self._urgent_queued -= transfer.urgent
+                transfer.aborted = True
+                transfer.done.set()
+            else:
+                transfer.abort_requested = True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for t in self._queue:
+                t.aborted = True
+                t.done.set()
+            self._queue.clear()
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = min(self._queue, key=lambda t: (not t.urgent, t.distance, t.order))
+                self._queue.remove(job)
+                self._urgent_queued -= job.urgent
+                job.started = True
+            start = time.perf_counter()
+            try:
+                job.result = self._copy(job)
+            except BaseException as exc:  # reported to the waiting request, not raised here
+                job.error = exc
+            job.seconds = time.perf_counter() - start
+            self.busy_s += job.seconds
+            job.done.set()
+
+    def _should_abort(self, job: Transfer) -> bool:
+        return job.abort_requested or (not job.urgent and self._urgent_queued > 0)
+
+    def _copy(self, job: Transfer) -> Tensors | None:
+        source = job.fetch()
+        start = time.perf_counter()
+        owed = self.link_latency_s
+        bytes_per_s = self.link_gbps * 1e9 if self.link_gbps else None
+        out: Tensors = {}
+        for name, tensor in source.items():
+            src = tensor.contiguous().view(-1) if tensor.dim() else tensor.reshape(1)
+            dst = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+            flat = dst.view(-1) if dst.dim() else dst.reshape(1)
+            step = max(1, self.chunk_bytes // max(1, tensor.element_size()))
+            for i in range(0, src.numel(), step):
+                if self._should_abort(job):
+                    job.aborted = True
+                    return None
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
+                        flat[i:i + step].copy_(src[i:i + step], non_blocking=True)
+                else:
+                    flat[i:i + step].copy_(src[i:i + step])
+                if bytes_per_s:
+                    owed += min(step, src.numel() - i) * tensor.element_size() / bytes_per_s
+                    delay = start + owed - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+            out[name] = dst
+        if self.stream is not None:
+            self.stream.synchronize()
+        elif owed > 0 and not bytes_per_s:
+            time.sleep(owed)  # latency only
+        return out

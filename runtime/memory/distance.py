@@ -1,0 +1,79 @@
+"""Where distances come from: the protocol the memory manager reads, and a recorded future.
+
+The *invocation distance* of an agent is how soon it will issue its next LLM request. The runtime
+never computes it; a :class:`DistanceSource` supplies it. ``scalesim.distance.DistanceOracle``
+derives it from the simulation's event queue; :class:`FutureSequence` reads it off the recorded
+invocation sequence of an earlier run of the same seed, which is what the offline-optimal
+``belady`` policy needs.
+
+Distances are only compared, never added to wall time: any monotone scale works (sim time until
+the call, or the number of calls until it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from typing import Iterable, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class DistanceSource(Protocol):
+    """What the memory manager asks about agents."""
+
+    def distance(self, agent_id: str) -> float:
+        """How soon ``agent_id`` calls the LLM: 0 for a pending call, ``inf`` when unknown."""
+
+    def nearest(self, k: int) -> list[str]:
+        """The ``k`` agents expected to call soonest, nearest first (pending calls included)."""
+
+
+class FutureSequence:
+    """Exact distances from the recorded order of calls (``agents[i]`` made the i-th call).
+
+    :meth:`on_submit` advances the cursor; the distance of an agent is the number of calls
+    between the cursor and the agent's next recorded call. When the live run diverges from the
+    recording (an agent calls out of turn), the cursor follows the live run: that agent's next
+    recorded occurrence is consumed.
+    """
+
+    def __init__(self, agents: Iterable[str]) -> None:
+        self.sequence = list(agents)
+        self._positions: dict[str, deque[int]] = defaultdict(deque)
+        for i, agent in enumerate(self.sequence):
+            self._positions[agent].append(i)
+        self.cursor = 0
+        self._pending: dict[str, int] = defaultdict(int)
+
+    def on_submit(self, agent_id: str) -> None:
+        positions = self._positions.get(agent_id)
+        if positions:
+            self.cursor = max(self.cursor, positions.popleft() + 1)
+        self._pending[agent_id] += 1
+
+    def on_finish(self, agent_id: str) -> None:
+        if self._pending.get(agent_id):
+            self._pending[agent_id] -= 1
+
+    def _next(self, agent_id: str) -> float:
+        positions = self._positions.get(agent_id)
+        while positions and positions[0] < self.cursor:
+            positions.popleft()  # the live run skipped past it
+        return positions[0] - self.cursor if positions else math.inf
+
+    def distance(self, agent_id: str) -> float:
+        if self._pending.get(agent_id):
+            return 0.0
+        return float(self._next(agent_id))
+
+    def nearest(self, k: int) -> list[str]:
+        out = [a for a, n in self._pending.items() if n][:k]
+        seen = set(out)
+        for i in range(self.cursor, len(self.sequence)):
+            if len(out) >= k:
+                break
+            agent = self.sequence[i]
+            if agent not in seen:
+                seen.add(agent)
+                out.append(agent)
+        return out

@@ -1,0 +1,158 @@
+"""Agent memory: the pieces of per-agent state the runtime may keep on the device.
+
+An :class:`AgentMemory` is one immutable object — a LoRA adapter, the KV cache of an agent's
+persona prefix, a whole model — identified by a string ``key`` and owned by one or more agents
+(its *users*). The :class:`~runtime.memory.manager.MemoryManager` decides in which tiers it has a
+copy (device, host, disk); the object itself says how big it is and how to rebuild it from its
+*origin* when no copy is left:
+
+* ``origin = "disk"``: :meth:`AgentMemory.materialize` reads the object's own file (an adapter);
+* ``origin = "recompute"``: :meth:`AgentMemory.materialize` computes it again (a prefix KV is
+  re-prefilled; a synthetic test object is regenerated from its seed).
+
+Because objects are immutable, a device copy can be dropped whenever a host or disk copy exists,
+and every copy of an object is bit-identical to every other.
+
+A world registers its own kind by subclassing :class:`AgentMemory` (set ``kind``, ``origin``,
+implement :meth:`materialize` and give ``nbytes``) or by building a :class:`TensorMemory` with a
+function that returns the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+def tensors_nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class AgentMemory:
+    """Base class of every memory object.
+
+    Subclasses set ``kind`` (the name used in hit/miss statistics), ``origin`` and, when
+    :meth:`materialize` must run on the thread that owns the model (a re-prefill), ``threadsafe =
+    False``. The manager-owned fields (``device``, ``host``, ``disk_path``, ``users``, ``pins``)
+    are the object's state; only the manager writes them.
+    """
+
+    kind: ClassVar[str] = "custom"
+    origin: ClassVar[str] = "recompute"
+    threadsafe: ClassVar[bool] = True
+
+    def __init__(self, key: str, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError(f"memory object {key!r}: nbytes must be >= 0, got {nbytes}")
+        self.key = key
+        self.nbytes = int(nbytes)
+        self.device: Tensors | None = None
+        self.host: Tensors | None = None
+        self.disk_path: Path | None = None
+        self.users: set[str] = set()
+        self.pins = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key} {self.nbytes} B>"
+
+    def materialize(self) -> Tensors:
+        """Build the object's tensors (on the CPU) from its origin."""
+        raise NotImplementedError
+
+    @property
+    def resident(self) -> bool:
+        return self.device is not None
+
+
+class TensorMemory(AgentMemory):
+    """A memory object whose tensors come from a function: custom kinds and synthetic tests."""
+
+    def __init__(self, key: str, build: Callable[[], Tensors], nbytes: int | None = None, *,
+                 kind: str = "custom", origin: str = "recompute") -> None:
+        if nbytes is None:
+            nbytes = tensors_nbytes(build())
+        super().__init__(key, nbytes)
+        self._build = build
+        self.kind = kind  # type: ignore[misc]  # per-instance kind for world-defined types
+        self.origin = origin  # type: ignore[misc]
+
+    def materialize(self) -> Tensors:
+        tensors = self._build()
+        got = tensors_nbytes(tensors)
+        if got != self.nbytes:
+            raise ValueError(f"memory object {self.key!r}: built {got} bytes, declared {self.nbytes}")
+        return tensors
+
+
+def _safetensors_nbytes(path: Path) -> int:
+    """Tensor bytes of a safetensors file, from its header alone (no tensor is read)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return sum(end - start for name, meta in header.items() if name != "__metadata__"
+               for start, end in [meta["data_offsets"]])
+
+
+class LoRAAdapter(AgentMemory):
+    """A PEFT-format LoRA adapter directory (``adapter_model.safetensors``); origin: its file."""
+
+    kind = "adapter"
+    origin = "disk"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.file = self.path / "adapter_model.safetensors" if self.path.is_dir() else self.path
+        if not self.file.is_file():
+            raise FileNotFoundError(f"LoRA adapter {path}: no adapter_model.safetensors")
+        super().__init__(f"adapter:{self.path}", _safetensors_nbytes(self.file))
+
+    def materialize(self) -> Tensors:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.file))
+
+
+class PrefixKV(AgentMemory):
+    """The KV cache of a token prefix (an agent's persona), recomputed by re-prefilling it.
+
+    ``prefill(token_ids)`` is the engine's function that returns the prefix's KV tensors; it uses
+    the model, so it only runs on the engine's thread (``threadsafe = False``). The key includes a
+    hash of the tokens (and the adapter, whose weights change the KV), so agents sharing a persona
+    share one object.
+    """
+
+    kind = "prefix_kv"
+    origin = "recompute"
+    threadsafe = False
+
+    def __init__(self, token_ids: Iterable[int], bytes_per_token: int,
+                 prefill: Callable[[list[int]], Tensors], adapter: str | None = None) -> None:
+        self.token_ids = list(token_ids)
+        digest = hashlib.sha1(repr((self.token_ids, adapter)).encode()).hexdigest()[:16]
+        super().__init__(f"prefix_kv:{digest}", bytes_per_token * len(self.token_ids))
+        self.adapter = adapter
+        self._prefill = prefill
+
+    def materialize(self) -> Tensors:
+        return self._prefill(self.token_ids)
+
+
+class ModelWeights(AgentMemory):
+    """A whole model's weights, e.g. one model per agent group; ``load()`` returns its tensors."""
+
+    kind = "model"
+    origin = "disk"
+
+    def __init__(self, name: str, load: Callable[[], Tensors], nbytes: int) -> None:
+        super().__init__(f"model:{name}", nbytes)
+        self._load = load
+
+    def materialize(self) -> Tensors:
+        return self._load()

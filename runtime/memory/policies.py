@@ -1,0 +1,109 @@
+"""Replacement policies: which resident object leaves the device first, and whether to prefetch.
+
+A policy ranks eviction candidates with :meth:`Policy.eviction_key` (the largest key leaves
+first) and says whether the manager prefetches ahead of need. The distance-driven policies
+(``scalesim``, ``belady``) rank by invocation distance; the classic ones by access history:
+
+========== ================================================================================
+scalesim   evict the largest invocation distance; prefetch the smallest (DistanceOracle)
+belady     the same, with exact distances from an earlier run's recorded call sequence
+lru        least recently used leaves first; load on demand (the SGLang / vLLM default)
+lfu        least frequently used leaves first (ties: least recent); load on demand
+fifo       first loaded leaves first; load on demand
+infinite   no device limit: nothing is ever evicted (the upper bound)
+none       nothing is kept between calls: every call loads its objects again
+========== ================================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from runtime.memory.objects import AgentMemory
+
+
+class Policy:
+    """Base policy: the hooks the manager calls. ``Distance`` is ``manager.distance_of``."""
+
+    name = "base"
+    prefetch = False
+    keep_between_calls = True
+    unlimited = False
+    uses_distance = False
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.last_access: dict[str, int] = {}
+        self.loaded_at: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+
+    def on_access(self, obj: AgentMemory) -> None:
+        self.clock += 1
+        self.last_access[obj.key] = self.clock
+        self.count[obj.key] = self.count.get(obj.key, 0) + 1
+
+    def on_load(self, obj: AgentMemory) -> None:
+        self.clock += 1
+        self.loaded_at[obj.key] = self.clock
+
+    def eviction_key(self, obj: AgentMemory, distance: Callable[[AgentMemory], float]) -> Any:
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    name = "lru"
+
+    def eviction_key(self, obj, distance):
+        return -self.last_access.get(obj.key, 0)
+
+
+class LFU(Policy):
+    name = "lfu"
+
+    def eviction_key(self, obj, distance):
+        return (-self.count.get(obj.key, 0), -self.last_access.get(obj.key, 0))
+
+
+class FIFO(Policy):
+    name = "fifo"
+
+    def eviction_key(self, obj, distance):
+        return -self.loaded_at.get(obj.key, 0)
+
+
+class DistancePolicy(Policy):
+    """Evict the farthest object first, prefetch the nearest (ties: least recently used)."""
+
+    name = "scalesim"
+    prefetch = True
+    uses_distance = True
+
+    def eviction_key(self, obj, distance):
+        return (distance(obj), -self.last_access.get(obj.key, 0))
+
+
+class Belady(DistancePolicy):
+    name = "belady"
+
+
+class Infinite(LRU):
+    name = "infinite"
+    unlimited = True
+
+
+class NoCache(LRU):
+    name = "none"
+    keep_between_calls = False
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (DistancePolicy, Belady, LRU, LFU, FIFO, Infinite, NoCache)
+}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown memory policy {name!r}; choose one of "
+                         f"{', '.join(POLICIES)}") from None
