@@ -1,0 +1,427 @@
+"""The modeled executor: the real scheduler and memory manager, with time from a cost model.
+
+:class:`ModeledExecutor` allocates no tensors. Tokenization only counts (about four characters per
+token), a step appends placeholder tokens and advances a virtual clock by the
+:class:`~runtime.cost_model.CostModel`'s step time, and the agents' memory objects (a LoRA adapter
+and the persona-prefix KV per agent) are sizes that the
+:class:`~runtime.memory.MemoryManager` moves between tiers with its real policies. Copies go
+through :class:`ModeledCopyEngine`, a link timeline in the same virtual clock: transfers proceed
+while steps compute, as on a copy stream, and a request whose object is still on the link waits
+(a *stall*). An urgent load preempts a running prefetch unless ``preempt_prefetch=False``.
+
+The *modeled makespan* (:attr:`ModeledExecutor.now`) is the modeled serving time of the whole run:
+the sum of step times plus the stalls that compute did not hide. LLM calls still take zero
+simulated time in the world; the two clocks are separate on purpose.
+
+The prefix KV of an agent is computed (prefilled) the first time and whenever no copy of it is left
+(policy ``none``); once a copy exists in host memory, a miss loads it over the link and the step
+skips those tokens. Adapters always have a host copy. The KV blocks of the running sequences are
+accounted by the scheduler's :class:`~runtime.kv_cache.KVCache` (a sizing-only pool); a resident
+prefix object and the blocks of a sequence that reuses it are counted separately (a small
+overestimate of KV use).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.cost_model import CostModel, SeqWork, hardware
+from runtime.kv_cache import KVCache
+from runtime.memory import AgentMemory, MemoryManager, Policy, Transfer, make_policy
+from runtime.model.profiles import profile
+from runtime.prefix_cache import PrefixCache
+from runtime.request import RequestError
+from runtime.sequence import Sequence, SequenceStatus
+
+#: Token ids of placeholder output (anything that is not an end-of-sequence id).
+_FILLER = 1
+
+
+class LengthChat:
+    """Tokenization by length only: ``ceil(chars / chars_per_token)`` placeholder ids per turn.
+
+    The ids of a text are all one value derived from the text, so equal texts give equal ids (a
+    stable prefix stays a token-prefix) at the cost of a list multiplication. ``prefix_tokens``
+    fixes the prefix length instead (to model long personas). ``template_tokens`` stands for the
+    chat template's role markers.
+    """
+
+    def __init__(self, chars_per_token: float = 4.0, prefix_tokens: int | None = None,
+                 template_tokens: int = 5, vocab_size: int = 32000,
+                 reply: str = "ok") -> None:
+        if chars_per_token <= 0:
+            raise ValueError(f"chars_per_token must be > 0, got {chars_per_token}")
+        self.chars_per_token = chars_per_token
+        self.prefix_tokens = prefix_tokens
+        self.template_tokens = template_tokens
+        self.vocab_size = vocab_size
+        self.reply = reply
+
+    def _ids(self, text: str, n: int) -> list[int]:
+        return [2 + hash(text) % (self.vocab_size - 2)] * n
+
+    def count(self, text: str) -> int:
+        return self.template_tokens + math.ceil(len(text) / self.chars_per_token)
+
+    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self._ids(prompt, self.count(prompt))
+        if not prefix:
+            return [], prompt_ids
+        n = self.prefix_tokens if self.prefix_tokens is not None else self.count(prefix)
+        return self._ids(prefix, n), prompt_ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.reply if token_ids else ""
+
+
+class ModeledMemory(AgentMemory):
+    """A memory object that is only a size: loads cost link time, a rebuild costs a prefill.
+
+    ``origin="host"`` objects (adapters) always have a host copy; ``origin="recompute"`` objects
+    (prefix KV) must be computed by the model the first time (``threadsafe = False`` makes the
+    manager do that inline; :attr:`recomputes` counts it so the executor charges the prefill).
+    """
+
+    def __init__(self, key: str, nbytes: int, kind: str, origin: str) -> None:
+        super().__init__(key, nbytes)
+        self.kind = kind  # type: ignore[misc]
+        self.origin = origin  # type: ignore[misc]
+        self.threadsafe = origin != "recompute"  # type: ignore[misc]
+        self.recomputes = 0
+
+    def materialize(self) -> dict:
+        if self.origin == "recompute":
+            self.recomputes += 1
+        return {}
+
+
+class _VirtualDone:
+    """Stands in for a transfer's ``threading.Event``: waiting advances the virtual clock."""
+
+    def __init__(self, engine: "ModeledCopyEngine", transfer: Transfer) -> None:
+        self.engine, self.transfer, self.flag = engine, transfer, False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def set(self) -> None:
+        self.flag = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.flag:
+            self.engine.wait_for(self.transfer)
+        return True
+
+
+@dataclass
+class VirtualClock:
+    """Modeled seconds since the start; :attr:`stall` is the part spent waiting on the link."""
+
+    now: float = 0.0
+    stall: float = 0.0
+    compute: float = 0.0
+
+
+class ModeledCopyEngine:
+    """One host-to-device link in virtual time, with the :class:`~runtime.memory.CopyEngine` API.
+
+    Jobs run one at a time in priority order (urgent first, then nearest distance, then arrival).
+    :meth:`advance` moves the link up to the clock; :meth:`wait_for` moves the clock (a stall)
+    until a job is done.
+    """
+
+    def __init__(self, clock: VirtualClock, cost: CostModel, *, preempt: bool = True) -> None:
+        self.clock, self.cost, self.preempt = clock, cost, preempt
+        self._queue: list[tuple[bool, float, int, Transfer]] = []
+        self._order = 0
+        self.current: Transfer | None = None
+        self._end = 0.0          # when the current job finishes
+        self._free_at = 0.0      # when the link became (or becomes) idle
+        self.busy_s = 0.0
+        self.aborted_bytes = 0
+
+    def submit(self, transfer: Transfer) -> Transfer:
+        self.advance(self.clock.now)
+        transfer.done = _VirtualDone(self, transfer)  # type: ignore[assignment]
+        self._order += 1
+        transfer.order = self._order
+        heapq.heappush(self._queue, (not transfer.urgent, transfer.distance, self._order, transfer))
+        if transfer.urgent:
+            self._preempt_current()
+        self._start_next()
+        return transfer
+
+    def promote(self, transfer: Transfer) -> None:
+        if transfer.urgent or transfer.done.is_set():
+            return
+        self.advance(self.clock.now)
+        transfer.urgent = True
+        if transfer is self.current:
+            return
+        self._queue = [e for e in self._queue if e[3] is not transfer]
+        heapq.heapify(self._queue)
+        heapq.heappush(self._queue, (False, 0.0, transfer.order, transfer))
+        self._preempt_current()
+        self._start_next()
+
+    def cancel(self, transfer: Transfer) -> None:
+        if transfer.done.is_set():
+            return
+        if transfer is self.current:
+            self._abort_current()
+        else:
+            self._queue = [e for e in self._queue if e[3] is not transfer]
+            heapq.heapify(self._queue)
+            transfer.aborted = True
+            transfer.done.set()
+        self._start_next()
+
+    def close(self) -> None:
+        pass
+
+    # -- the timeline -------------------------------------------------------------------------
+
+    def _preempt_current(self) -> None:
+        if self.preempt and self.current is not None and not self.current.urgent:
+            self._abort_current()
+
+    def _abort_current(self) -> None:
+        job, self.current = self.current, None
+        done_s = self.clock.now - job.started_at  # type: ignore[attr-defined]
+        self.busy_s += done_s
+        self.aborted_bytes += job.obj.nbytes
+        self._free_at = self.clock.now
+        job.aborted = True
+        job.done.set()
+
+    def _start_next(self) -> None:
+        if self.current is None and self._queue:
+            job = heapq.heappop(self._queue)[3]
+            start = max(self._free_at, self.clock.now)
+            job.started = True
+            job.started_at = start  # type: ignore[attr-defined]
+            job.seconds = self.cost.copy_seconds(job.obj.nbytes)
+            self.current, self._end = job, start + job.seconds
+
+    def advance(self, until: float) -> None:
+        """Finish every job that the link completes by ``until``."""
+        while self.current is not None and self._end <= until:
+            job, self.current = self.current, None
+            self.busy_s += job.seconds
+            self._free_at = self._end
+            job.result = {}
+            job.done.set()
+            if self._queue:
+                job = heapq.heappop(self._queue)[3]
+                job.started = True
+                job.started_at = self._free_at  # type: ignore[attr-defined]
+                job.seconds = self.cost.copy_seconds(job.obj.nbytes)
+                self.current, self._end = job, self._free_at + job.seconds
+
+    def wait_for(self, transfer: Transfer) -> None:
+        """Stall the clock until ``transfer`` is done (it must be queued or running)."""
+        while not transfer.done.is_set():
+            if self.current is None:
+                self._start_next()
+                if self.current is None:
+                    raise RuntimeError(f"waiting on {transfer!r}, which is not on the link")
+            if self._end > self.clock.now:
+                self.clock.stall += self._end - self.clock.now
+                self.clock.now = self._end
+            self.advance(self.clock.now)
+
+    def next_completion(self) -> float | None:
+        return self._end if self.current is not None else None
+
+
+@dataclass
+class _Held:
+    """What the executor remembers about a sequence whose memory it holds."""
+
+    prefix_cached: int = 0
+    objects: list[AgentMemory] = field(default_factory=list)
+
+
+class ModeledExecutor:
+    """An executor with no tensors: see the module docstring.
+
+    ``hardware`` and ``model`` name a :data:`~runtime.cost_model.HARDWARE` row and a model
+    profile. ``memory_bytes`` is the device budget for agent memory (``None``: unlimited),
+    ``policy`` the memory policy (a name or a :class:`~runtime.memory.Policy`), ``lora_rank`` the
+    rank of each agent's own adapter (0: no adapters), ``managed`` which kinds of agent memory
+    exist (``adapter``, ``prefix_kv``), ``output_tokens`` how many tokens each call generates (at
+    most its ``max_tokens``). ``kv_cache_tokens=None`` sizes the KV pool from the device memory
+    left after weights and the agent-memory budget.
+    """
+
+    def __init__(self, model: str = "qwen2.5-7b", hardware_profile: str = "H100", *,
+                 policy: str | Policy = "lru", memory_bytes: int | None = None,
+                 lora_rank: int = 0, managed: tuple[str, ...] = ("adapter", "prefix_kv"),
+                 prefix_tokens: int | None = None, output_tokens: int = 32,
+                 chars_per_token: float = 4.0, max_num_seqs: int = 256,
+                 max_batch_tokens: int = 8192, block_size: int = 16,
+                 kv_cache_tokens: int | None = None, lookahead: int = 32,
+                 preempt_prefetch: bool = True, cost: CostModel | None = None,
+                 **hardware_overrides: float) -> None:
+        for kind in managed:
+            if kind not in ("adapter", "prefix_kv"):
+                raise ValueError(f"managed memory kind {kind!r}: choose adapter, prefix_kv")
+        if output_tokens < 1:
+            raise ValueError(f"output_tokens must be >= 1, got {output_tokens}")
+        self.config = profile(model)
+        self.cost = cost or CostModel(hardware(hardware_profile, **hardware_overrides), self.config)
+        self.model_name, self.hardware_name = model, self.cost.hw.name
+        self.chat = LengthChat(chars_per_token, prefix_tokens, vocab_size=self.config.vocab_size)
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        self._eos = self.config.eos_token_ids[0]
+        self.max_context = self.config.max_position_embeddings
+        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.output_tokens = output_tokens
+        self.lora_rank = lora_rank if "adapter" in managed else 0
+        self.managed = managed
+        if kv_cache_tokens is None:
+            spare = 0.9 * self.cost.hw.mem_bytes - self.cost.weight_bytes - (memory_bytes or 0)
+            kv_cache_tokens = int(min(max(spare, 0) / self.cost.kv_bytes_per_token, 4_000_000))
+            kv_cache_tokens = max(kv_cache_tokens, 64 * block_size)
+        # A sizing-only pool: one float per (block, slot) so the block allocator runs unchanged.
+        self.cache = KVCache(1, -(-kv_cache_tokens // block_size), block_size, 1, 1)
+        self.prefixes = PrefixCache(self.cache)  # stays empty: prefix KV is a managed object
+        self.clock = VirtualClock()
+        self.memory = MemoryManager(policy if isinstance(policy, Policy) else make_policy(policy),
+                                    device_bytes=memory_bytes, host_bytes=None,
+                                    lookahead=lookahead)
+        self.memory.copy.close()  # the threaded engine is replaced by the virtual link
+        self.memory.copy = ModeledCopyEngine(self.clock, self.cost,  # type: ignore[assignment]
+                                             preempt=preempt_prefetch)
+        self._held: dict[int, _Held] = {}
+        self.steps = 0
+        self.tokens_computed = 0
+        self.idle_waits = 0
+
+    # -- time ---------------------------------------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        """The modeled makespan so far (seconds)."""
+        return self.clock.now
+
+    def summary(self) -> dict[str, Any]:
+        """Modeled totals of the run, labelled with their profiles."""
+        t = self.memory.totals
+        return {"modeled": True, "hardware": self.hardware_name, "model_profile": self.model_name,
+                "modeled_makespan_s": self.clock.now, "modeled_compute_s": self.clock.compute,
+                "modeled_stall_s": self.clock.stall, "steps": self.steps,
+                "tokens_computed": self.tokens_computed,
+                "hits": int(t.get("hits", 0)), "misses": int(t.get("misses", 0)),
+                "bytes_loaded": int(t.get("bytes_loaded", 0)),
+                "bytes_prefetched": int(t.get("bytes_prefetch", 0)),
+                "evictions": int(t.get("evictions", 0)),
+                "link_busy_s": self.memory.copy.busy_s}
+
+    # -- the executor protocol ----------------------------------------------------------------
+
+    def objects_for(self, seq: Sequence) -> list[AgentMemory]:
+        """The agent's memory objects this call needs (registered with the manager once)."""
+        agent = seq.request.agent_id
+        out: list[AgentMemory] = []
+        if self.lora_rank and "adapter" in self.managed:
+            key = f"adapter:{seq.request.adapter or agent}"
+            obj = self.memory.objects.get(key) or ModeledMemory(
+                key, self.cost.lora_bytes(self.lora_rank), "adapter", "host")
+            out.append(self.memory.register(obj, (agent,)))
+        if seq.prefix_ids and "prefix_kv" in self.managed:
+            key = f"prefix_kv:{agent}"
+            obj = self.memory.objects.get(key)
+            nbytes = len(seq.prefix_ids) * self.cost.kv_bytes_per_token
+            if obj is None or obj.nbytes != nbytes:
+                obj = ModeledMemory(key, nbytes, "prefix_kv", "recompute")
+                self.memory.objects.pop(key, None)
+            out.append(self.memory.register(obj, (agent,)))
+        return out
+
+    def prepare(self, seq: Sequence) -> None:
+        needed = self.cache.blocks_for(seq.num_prompt_tokens + seq.request.sampling.max_tokens)
+        if needed > self.cache.num_blocks:
+            raise RequestError(
+                f"request {seq.request_id} of agent {seq.request.agent_id!r}: needs {needed} KV "
+                f"blocks, the modeled pool has {self.cache.num_blocks}")
+
+    def _acquire(self, seq: Sequence) -> bool:
+        objs = self.objects_for(seq)
+        prefix = next((o for o in objs if o.kind == "prefix_kv"), None)
+        before = prefix.recomputes if prefix is not None else 0
+        stall0 = self.clock.stall
+        stats = self.memory.acquire(seq.request_id, objs)
+        if stats is None:
+            return False
+        stats.stall_s = self.clock.stall - stall0
+        seq.memory = stats
+        held = _Held(objects=objs)
+        if prefix is not None and prefix.recomputes == before:
+            held.prefix_cached = len(seq.prefix_ids)
+            seq.cached_tokens = held.prefix_cached
+        self._held[seq.request_id] = held
+        return True
+
+    def execute(self, batch: list[Sequence]) -> None:
+        """Advance the batch by one modeled step (see the module docstring)."""
+        work: list[SeqWork] = []
+        ready: list[Sequence] = []
+        for seq in batch:
+            if seq.request_id not in self._held and not self._acquire(seq):
+                continue  # the device is full of pinned objects: retry at a later step
+            held = self._held[seq.request_id]
+            start, n = seq.num_computed, seq.chunk
+            skip = min(max(held.prefix_cached - start, 0), n)
+            end = start + n
+            work.append(SeqWork(new=n - skip, past=start + skip,
+                                sampled=end >= seq.num_tokens,
+                                lora=f"{seq.request.agent_id}" if self.lora_rank else None,
+                                rank=self.lora_rank))
+            ready.append(seq)
+        if not ready:
+            self._wait_for_link()
+            return
+        seconds = self.cost.step_seconds(work)
+        self.clock.now += seconds
+        self.clock.compute += seconds
+        self.memory.copy.advance(self.clock.now)
+        self.steps += 1
+        for seq, w in zip(ready, work):
+            self.tokens_computed += w.new
+            seq.num_computed += seq.chunk
+            seq.chunk = 0
+            if w.sampled:
+                limit = min(seq.request.sampling.max_tokens, self.output_tokens)
+                last = len(seq.output_ids) + 1 >= limit
+                seq.append_tokens([self._eos if last else _FILLER])
+                if last:
+                    # The engine marks it finished after this call; its memory is free now.
+                    self.memory.release(seq.request_id)
+                    self._held.pop(seq.request_id, None)
+        self.memory.tick()
+
+    def _wait_for_link(self) -> None:
+        """Nothing could run: stall until the link finishes its current job."""
+        end = self.memory.copy.next_completion()
+        if end is None:
+            raise RequestError("modeled executor: no sequence can acquire its memory and no "
+                               "transfer is pending (device budget too small for the batch)")
+        self.idle_waits += 1
+        if end > self.clock.now:
+            self.clock.stall += end - self.clock.now
+            self.clock.now = end
+        self.memory.copy.advance(self.clock.now)
+        self.memory.poll()
+
+
+def build_modeled_engine(**options: Any) -> Any:
+    """An :class:`~runtime.engine.Engine` over a :class:`ModeledExecutor` and the batch scheduler."""
+    from runtime.engine import Engine
+    from runtime.scheduler import BatchScheduler
+
+    ex = ModeledExecutor(**options)
+    return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs, ex.max_batch_tokens))
