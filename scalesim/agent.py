@@ -18,6 +18,7 @@ world's graph.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator
 
@@ -86,6 +87,9 @@ class Agent:
             yield from self.run()
         except RequestError as exc:
             self.world.record_failure(self, exc)
+        finally:
+            if getattr(self.env, "oracle", None) is not None:
+                self.env.oracle.on_exit(self.name)
 
     def llm(
         self,
@@ -111,6 +115,8 @@ class Agent:
 
     def wait(self, delay: float) -> simpy.Timeout:
         """Let ``delay`` units of simulated time pass."""
+        if getattr(self.env, "oracle", None) is not None:  # the wake-up time is exact
+            self.env.oracle.on_wait(self.name, self.now + delay)
         return self.env.timeout(delay)
 
     def send(self, recipient: Agent | str, content: Any) -> Message:
@@ -123,6 +129,9 @@ class Agent:
 
     def receive(self, timeout: float | None = None) -> simpy.Event:
         """An event whose value is the next :class:`Message`, or ``None`` after ``timeout``."""
+        if getattr(self.env, "oracle", None) is not None and not self.inbox.items:
+            self.env.oracle.on_receive(self.name, self.now + (math.inf if timeout is None
+                                                               else timeout))
         if timeout is None:
             return self.inbox.get()
         return self.env.process(self._receive_within(timeout))

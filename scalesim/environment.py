@@ -11,7 +11,7 @@ therefore take zero simulated time, and every call of one instant is batched tog
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import simpy
 
@@ -42,10 +42,18 @@ class SimEnvironment(simpy.Environment):
         self.in_flight: dict[int, LLMCall] = {}
         #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
+        #: Called with the agent id of every submitted call (e.g. a recorded-future distance).
+        self.submit_listeners: list[Callable[[str], None]] = []
+        #: The run's :class:`~scalesim.distance.DistanceOracle`; agents report what they block on.
+        self.oracle: Any = None
 
     def submit(self, agent_id: str, request: Request) -> LLMCall:
         """Hand ``request`` to the engine now and return the event of its reply."""
         call = LLMCall(self, agent_id, request)
+        if self.oracle is not None:
+            call.predicted_rank = self.oracle.on_submit(agent_id)
+        for listener in self.submit_listeners:
+            listener(agent_id)
         self.in_flight[self.engine.submit(request)] = call
         return call
 
@@ -56,8 +64,12 @@ class SimEnvironment(simpy.Environment):
             super().step()
 
     def _run_engine_iteration(self) -> None:
+        if self.oracle is not None:
+            self.oracle.checkpoint()
         for completion in self.engine.step():
             call = self.in_flight.pop(completion.request_id)
+            if self.oracle is not None:
+                self.oracle.on_finish(call.agent_id)
             for listener in self.completion_listeners:
                 listener(call, completion)
             if completion.ok:

@@ -73,6 +73,16 @@ class World:
         else:
             self.graph.add_edge(sender, recipient, messages=1)
 
+    def hint(self, agent: Agent | str, eta: float) -> None:
+        """Tell the distance oracle that ``agent`` will call the LLM in about ``eta`` sim time.
+
+        For what only the world author knows (a scheduled meeting, a message about to arrive).
+        The hint lasts until the agent's next call; without an oracle it is ignored.
+        """
+        oracle = getattr(self.env, "oracle", None)
+        if oracle is not None:
+            oracle.hint(agent if isinstance(agent, str) else agent.name, self.now + eta)
+
     def record_failure(self, agent: Agent, error: Exception) -> None:
         self.failures.append((agent.name, str(error)))
 

@@ -1,0 +1,166 @@
+"""The distance oracle: timers, receives over the graph, turns, hints, quality, and scale."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import simpy
+
+from fake_engine import FakeEngine
+from runtime.memory import DistanceSource
+from scalesim import Agent, SimEnvironment, World
+from scalesim.distance import DistanceOracle, kendall_tau_b
+from scalesim.turns import TurnOrder
+
+
+def make_env() -> tuple[SimEnvironment, DistanceOracle]:
+    env = SimEnvironment(FakeEngine())
+    env.oracle = DistanceOracle(env)
+    return env, env.oracle
+
+
+class Sleeper(Agent):
+    def __init__(self, name: str, naps: list[float]) -> None:
+        super().__init__(name)
+        self.naps = naps
+
+    def run(self):
+        for nap in self.naps:
+            yield self.wait(nap)
+            yield self.llm("hi", max_tokens=1)
+
+
+class Sleepy(World):
+    def setup(self, naps: dict[str, list[float]]) -> None:
+        for name, n in naps.items():
+            self.add(Sleeper(name, n))
+
+
+def test_timers_give_exact_wake_times_and_order() -> None:
+    env, oracle = make_env()
+    world = Sleepy(env)
+    world.setup(naps={"a": [5, 1], "b": [2, 10], "c": [9]})
+    env.run(until=0.5)
+    assert isinstance(oracle, DistanceSource)
+    assert oracle.nearest(3) == ["b", "a", "c"]
+    assert [oracle.distance(x) for x in "abc"] == [4.5, 1.5, 8.5]
+    env.run(until=5.5)  # b called at 2 and sleeps to 12; a called at 5, sleeps to 6
+    assert oracle.nearest(3) == ["a", "c", "b"]
+    assert oracle.eta("b") == 12 and oracle.eta("a") == 6
+    env.run(until=20)
+    assert oracle.nearest(3) == []  # everyone finished
+
+
+class Talker(Agent):
+    def __init__(self, name: str, peer: str | None, delay: float) -> None:
+        super().__init__(name)
+        self.peer, self.delay = peer, delay
+
+    def run(self):
+        if self.peer is None:  # the listener: answers every message it gets
+            while True:
+                yield self.receive()
+                yield self.llm("reply", max_tokens=1)
+        else:
+            while True:
+                yield self.wait(self.delay)
+                yield self.llm("speak", max_tokens=1)
+                self.send(self.peer, "hello")
+
+
+class Chat(World):
+    def setup(self) -> None:
+        self.add(Talker("listener", None, 0))
+        self.add(Talker("speaker", "listener", 10))
+        self.add(Sleeper("loner", [15]))
+
+
+def test_a_receiver_is_estimated_from_its_in_neighbours() -> None:
+    env, oracle = make_env()
+    oracle.edge_delay = 0.5
+    world = Chat(env)
+    oracle.graph = world.graph
+    world.setup()
+    env.run(until=1)
+    assert math.isinf(oracle.distance("listener"))  # no edge yet: unknown
+    env.run(until=11)  # the speaker spoke once at 10: the edge exists; next at 20
+    assert oracle.eta("speaker") == 20
+    assert oracle.eta("listener") == 20.5
+    assert oracle.nearest(3) == ["loner", "speaker", "listener"]
+
+
+def test_turn_orders_and_hints() -> None:
+    env, oracle = make_env()
+
+    class Member(Agent):
+        def __init__(self, name, order):
+            super().__init__(name)
+            self.order = order
+
+        def run(self):
+            while (yield self.order.my_turn(self)):
+                yield self.wait(1)
+                yield self.llm("turn", max_tokens=1)
+                self.order.done(self)
+
+    class Table(World):
+        def setup(self):
+            order = TurnOrder(self.env, ["x", "y", "z"])
+            for n in ["z", "y", "x"]:
+                self.add(Member(n, order))
+            self.add(Sleeper("late", [100]))
+
+    world = Table(env)
+    world.setup()
+    env.run(until=1.5)  # x spoke at 1; y holds the floor and is waiting its 1-unit timer
+    assert oracle.nearest(3) == ["y", "z", "x"]
+    world.hint("late", 0.1)
+    assert oracle.nearest(1) == ["late"]
+
+
+def test_predicted_ranks_reach_the_call_and_a_perfect_timer_world_scores_tau_1() -> None:
+    env, oracle = make_env()
+    world = Sleepy(env)
+    world.setup(naps={f"s{i}": [i + 1, 20] for i in range(6)})
+    calls = []
+    env.completion_listeners.append(lambda call, done: calls.append(call))
+    env.run(until=100)
+    first = [c for c in calls if c.submit_time <= 6]
+    assert [c.predicted_rank for c in first][1:] == [0, 1, 2, 3, 4]
+    quality = oracle.quality()
+    assert quality["kendall_tau"] == 1.0 and quality["snapshots"] >= 1
+
+
+def test_kendall_tau_b() -> None:
+    assert kendall_tau_b([(0, 0), (1, 1), (2, 2)]) == 1.0
+    assert kendall_tau_b([(0, 2), (1, 1), (2, 0)]) == -1.0
+    assert kendall_tau_b([(0, 0), (0, 0)]) is None
+    assert abs(kendall_tau_b([(0, 0), (1, 2), (2, 1), (3, 3)]) - 2 / 3) < 1e-9
+
+
+class Clock:
+    now = 0.0
+
+
+def test_a_hundred_thousand_synthetic_agents() -> None:
+    """The oracle alone at scale: random timers, interleaved queries, nearest stays sorted."""
+    clock = Clock()
+    oracle = DistanceOracle(clock)
+    rng = random.Random(0)
+    n = 100_000
+    wake = {}
+    for i in range(n):
+        wake[f"a{i}"] = rng.uniform(0, 1000)
+        oracle.on_wait(f"a{i}", wake[f"a{i}"])
+    for step in range(2000):  # the nearest agent calls, then sleeps again
+        agent = oracle.nearest(1)[0]
+        clock.now = wake[agent]
+        oracle.on_submit(agent)
+        oracle.on_finish(agent)
+        wake[agent] = clock.now + rng.uniform(0, 1000)
+        oracle.on_wait(agent, wake[agent])
+        if step % 100 == 0:
+            top = oracle.nearest(50)
+            assert top == sorted(wake, key=wake.get)[:50]
+    assert len(oracle._heap) <= 2 * n + 1024 + 1
