@@ -1,0 +1,153 @@
+"""Fit the ``cpu`` hardware profile of the cost model to measured steps of the torch executor.
+
+The torch executor (SmolLM2-135M, float32, this machine) serves batches of a range of shapes:
+single prefills of growing length, decode batches of growing size and context, and mixes. Every
+``execute`` call is timed and its work (new tokens and context per sequence) recorded. The fit
+searches the compute and memory efficiencies on a log grid and solves the per-step and
+per-sequence overheads by least squares on relative error; it reports the fitted profile and the
+fit error (mean and max relative error, measured vs modeled), writes
+``results/calibrate.csv`` / ``.png`` and ends with one JSON line.
+
+    python -m experiments.calibrate [--quick]
+
+Other processes on the machine make the measurements noisy; the fit error says how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from runtime.cost_model import CostModel, SeqWork, hardware
+from runtime.model.profiles import profile
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
+    """Run batches on the torch executor; return (work, seconds) for every timed step."""
+    import torch
+
+    from runtime.engine import build_engine
+    from runtime.request import Request, SamplingParams
+
+    torch.set_num_threads(2)
+    engine = build_engine("torch", model="smollm2-135m", max_num_seqs=64, max_batch_tokens=1024)
+    ex = engine.executor
+    samples: list[tuple[list[SeqWork], float]] = []
+    execute = ex.execute
+
+    def timed(batch):
+        work = [SeqWork(new=s.chunk, past=s.num_computed,
+                        sampled=s.num_computed + s.chunk >= s.num_tokens) for s in batch]
+        start = time.perf_counter()
+        execute(batch)
+        samples.append((work, time.perf_counter() - start))
+
+    ex.execute = timed
+    word = "the village square is busy today and "
+
+    def serve(n: int, words: int, max_tokens: int) -> None:
+        for i in range(n):
+            engine.submit(Request(f"cal{i}", word * words + f" #{i}", sampling=SamplingParams(
+                max_tokens=max_tokens)))
+        while engine.has_work():
+            engine.step()
+
+    serve(1, 4, 2)  # warm-up, not kept
+    samples.clear()
+    shapes = [(1, w, 2) for w in (4, 16, 48, 96)] + [(b, 4, 12) for b in (2, 8, 24)]
+    shapes += [(b, 40, 8) for b in (4, 16)]
+    if quick:
+        shapes = [(1, 4, 2), (1, 48, 2), (4, 4, 3), (2, 40, 2)]
+    for n, words, max_tokens in shapes:
+        serve(n, words, max_tokens)
+    return samples
+
+
+def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Grid-search efficiencies, least-squares overheads; return params, measured, modeled."""
+    base = hardware("cpu")
+    model = profile("smollm2-135m")
+    measured = np.array([s for _, s in samples])
+    nseq = np.array([len(w) for w, _ in samples], dtype=float)
+    raw = CostModel(replace(base, eff_compute=1.0, eff_memory=1.0, step_overhead=0.0,
+                            seq_overhead=0.0), model)
+    parts = [raw.step(w) for w, _ in samples]
+    comp = np.array([p.compute_s for p in parts])
+    mem = np.array([p.memory_s for p in parts])
+    best = None
+    for ec in np.geomspace(0.01, 1.0, 60):
+        for em in np.geomspace(0.01, 1.0, 60):
+            roof = np.maximum(comp / ec, mem / em)
+            # Relative-error least squares for the two overheads: (roof + a + b n - y) / y.
+            A = np.stack([1 / measured, nseq / measured], axis=1)
+            rhs = 1 - roof / measured
+            coef, *_ = np.linalg.lstsq(A, rhs, rcond=None)
+            coef = np.maximum(coef, 0.0)
+            pred = roof + coef[0] + coef[1] * nseq
+            err = float(np.mean(np.abs(pred - measured) / measured))
+            if best is None or err < best[0]:
+                best = (err, ec, em, coef, pred)
+    err, ec, em, coef, pred = best
+    params = {"eff_compute": round(float(ec), 4), "eff_memory": round(float(em), 4),
+              "step_overhead": float(f"{coef[0]:.3g}"), "seq_overhead": float(f"{coef[1]:.3g}")}
+    return params, measured, pred
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batch shapes")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    samples = measure(args.quick)
+    params, measured, pred = fit(samples)
+    rel = np.abs(pred - measured) / measured
+    current = CostModel(hardware("cpu"), profile("smollm2-135m"))
+    table_pred = np.array([current.step_seconds(w) for w, _ in samples])
+    table_err = float(np.mean(np.abs(table_pred - measured) / measured))
+
+    import pandas as pd
+
+    rows = pd.DataFrame({
+        "seqs": [len(w) for w, _ in samples],
+        "new_tokens": [sum(x.new for x in w) for w, _ in samples],
+        "context_tokens": [sum(x.past + x.new for x in w) for w, _ in samples],
+        "measured_s": measured, "fitted_modeled_s": pred, "table_modeled_s": table_pred,
+        "rel_error": rel})
+    rows.to_csv(RESULTS / "calibrate.csv", index=False)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.loglog(measured, pred, "o", ms=4, label="fitted cpu profile (modeled)")
+    lo, hi = measured.min() * 0.8, measured.max() * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("measured step time, torch executor (s)")
+    ax.set_ylabel("modeled step time (s)")
+    ax.set_title(f"cost model fit, SmolLM2-135M on CPU\nmean rel. error {rel.mean():.1%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "calibrate.png", dpi=120)
+
+    print(f"{len(samples)} steps measured in {time.perf_counter() - t0:.1f} s")
+    print(f"fitted cpu profile: {params}")
+    print(f"fit error (modeled vs measured): mean {rel.mean():.1%}, max {rel.max():.1%}; "
+          f"profile currently in runtime/cost_model.py: mean {table_err:.1%}")
+    print(json.dumps({"experiment": "calibrate", "steps": len(samples), **params,
+                      "mean_rel_error": round(float(rel.mean()), 4),
+                      "max_rel_error": round(float(rel.max()), 4),
+                      "table_mean_rel_error": round(table_err, 4)}))
+
+
+if __name__ == "__main__":
+    main()
