@@ -2,7 +2,8 @@
 
 It speaks the three methods :class:`scalesim.SimEnvironment` uses (``submit``, ``step``,
 ``has_work``) and answers each request with a canned reply: ``reply(request)`` when a function is
-given, else the next string of a cycling list. Every request is kept in :attr:`requests`.
+given, else the next string of a cycling list. Every request is kept in :attr:`requests`, and
+the simulated time it was submitted at in :attr:`times` (once :attr:`env` is set).
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ class FakeEngine:
         self._ids = itertools.count()
         self._queue: list[Request] = []
         self.requests: list[Request] = []
+        self.times: list[float] = []
+        self.env: SimEnvironment | None = None
 
     def submit(self, request: Request) -> int:
         request.request_id = next(self._ids)
         self._queue.append(request)
         self.requests.append(request)
+        if self.env is not None:
+            self.times.append(self.env.now)
         return request.request_id
 
     def has_work(self) -> bool:
@@ -49,6 +54,7 @@ def run_world(world_cls: type, params: dict[str, Any], until: float | None,
     """Build ``world_cls`` on a :class:`FakeEngine`, run it to ``until``; return (world, engine)."""
     engine = FakeEngine(reply)
     env = SimEnvironment(engine)
+    engine.env = env
     world = world_cls(env, seed=seed)
     world.setup(**params)
     env.run(until=until)
