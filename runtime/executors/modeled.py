@@ -36,8 +36,10 @@ from runtime.prefix_cache import PrefixCache
 from runtime.request import RequestError
 from runtime.sequence import Sequence, SequenceStatus
 
-#: Token ids of placeholder output (anything that is not an end-of-sequence id).
-_FILLER = 1
+
+
+#: Output token ids start here: above every vocabulary, so a filler is never an end-of-sequence id.
+FILLER = 1 << 24
 
 
 class LengthChat:
@@ -46,19 +48,23 @@ class LengthChat:
     The ids of a text are all one value derived from the text, so equal texts give equal ids (a
     stable prefix stays a token-prefix) at the cost of a list multiplication. ``prefix_tokens``
     fixes the prefix length instead (to model long personas). ``template_tokens`` stands for the
-    chat template's role markers.
+    chat template's role markers. Output is placeholder text: the executor emits filler token
+    ``FILLER + i`` for a call and :meth:`decode` turns it into ``replies[i]``, so a world can be fed a
+    deterministic mix of answers (``("post", "reply", "nothing")``) to keep its branches busy.
     """
 
     def __init__(self, chars_per_token: float = 4.0, prefix_tokens: int | None = None,
                  template_tokens: int = 5, vocab_size: int = 32000,
-                 reply: str = "ok") -> None:
+                 replies: tuple[str, ...] = ("ok",)) -> None:
         if chars_per_token <= 0:
             raise ValueError(f"chars_per_token must be > 0, got {chars_per_token}")
         self.chars_per_token = chars_per_token
         self.prefix_tokens = prefix_tokens
         self.template_tokens = template_tokens
         self.vocab_size = vocab_size
-        self.reply = reply
+        if not replies:
+            raise ValueError("replies must name at least one placeholder answer")
+        self.replies = tuple(replies)
 
     def _ids(self, text: str, n: int) -> list[int]:
         return [2 + hash(text) % (self.vocab_size - 2)] * n
@@ -74,7 +80,7 @@ class LengthChat:
         return self._ids(prefix, n), prompt_ids
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.reply if token_ids else ""
+        return self.replies[(token_ids[0] - FILLER) % len(self.replies)] if token_ids else ""
 
 
 class ModeledMemory(AgentMemory):
@@ -264,7 +270,8 @@ class ModeledExecutor:
                  chars_per_token: float = 4.0, max_num_seqs: int = 256,
                  max_batch_tokens: int = 8192, block_size: int = 16,
                  kv_cache_tokens: int | None = None, lookahead: int = 32,
-                 preempt_prefetch: bool = True, cost: CostModel | None = None,
+                 preempt_prefetch: bool = True, replies: tuple[str, ...] = ("ok",),
+                 cost: CostModel | None = None,
                  **hardware_overrides: float) -> None:
         for kind in managed:
             if kind not in ("adapter", "prefix_kv"):
@@ -274,7 +281,8 @@ class ModeledExecutor:
         self.config = profile(model)
         self.cost = cost or CostModel(hardware(hardware_profile, **hardware_overrides), self.config)
         self.model_name, self.hardware_name = model, self.cost.hw.name
-        self.chat = LengthChat(chars_per_token, prefix_tokens, vocab_size=self.config.vocab_size)
+        self.chat = LengthChat(chars_per_token, prefix_tokens, vocab_size=self.config.vocab_size,
+                               replies=replies)
         self.eos_token_ids = set(self.config.eos_token_ids)
         self._eos = self.config.eos_token_ids[0]
         self.max_context = self.config.max_position_embeddings
@@ -397,7 +405,8 @@ class ModeledExecutor:
             if w.sampled:
                 limit = min(seq.request.sampling.max_tokens, self.output_tokens)
                 last = len(seq.output_ids) + 1 >= limit
-                seq.append_tokens([self._eos if last else _FILLER])
+                filler = FILLER + seq.request_id % len(self.chat.replies)
+                seq.append_tokens([self._eos if last else filler])
                 if last:
                     # The engine marks it finished after this call; its memory is free now.
                     self.memory.release(seq.request_id)

@@ -1,0 +1,195 @@
+"""Run one world on the modeled engine under one memory policy and return its modeled totals.
+
+This is the one harness every modeled experiment uses. :func:`run_world` builds a
+:class:`~runtime.executors.modeled.ModeledExecutor` engine, the simulation environment, the
+world, and the distance source the policy needs:
+
+* ``scalesim`` (and its ablations): :class:`scalesim.distance.DistanceOracle` on the live event
+  queue, optionally through :class:`NoisyDistance`;
+* ``belady``: :class:`runtime.memory.FutureSequence` over the call order recorded by a first run
+  of the same world and seed (returned by every run as ``order``), i.e. the offline optimum;
+* the others (``lru``, ``lfu``, ``fifo``, ``infinite``, ``none``): no distances.
+
+It also sizes the agent-memory budget: :func:`working_set` is the bytes of every agent's
+adapter and prefix KV, and experiments give the budget as a fraction of it. Every number in the
+returned dict is modeled except ``wall_s``, the real seconds the run took here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.cost_model import CostModel, hardware
+from runtime.executors.modeled import build_modeled_engine
+from runtime.memory import FutureSequence, Policy, make_policy
+from runtime.model.profiles import profile
+from scalesim.config import RunConfig, import_world_class
+
+#: Placeholder answers that keep the example worlds' branches busy (see LengthChat).
+REPLIES = ("post", "reply", "nothing", "repost", "yes", "no", "ok")
+
+WORLDS = {"town": "worlds.town:Town", "social_feed": "worlds.social_feed:SocialFeed"}
+
+
+def world_params(world: str, agents: int, active: float | None = None) -> dict[str, Any]:
+    """The world's parameters for ``agents`` agents (``active``: share active per step)."""
+    if world == "town":
+        return {"villagers": agents, "max_tokens": 24}
+    if world == "social_feed":
+        return {"users": agents, "attach": 3, "active_rate": active if active else 0.2,
+                "seed_posts": max(2, agents // 500), "max_tokens": 24}
+    raise KeyError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The modeled hardware and per-agent memory of an experiment."""
+
+    hardware: str = "H100"
+    model: str = "qwen2.5-7b"
+    lora_rank: int = 16
+    prefix_tokens: int = 1024
+    output_tokens: int = 24
+    managed: tuple[str, ...] = ("adapter", "prefix_kv")
+
+    def bytes_per_agent(self) -> int:
+        cost = CostModel(hardware(self.hardware), profile(self.model))
+        n = 0
+        if "adapter" in self.managed and self.lora_rank:
+            n += cost.lora_bytes(self.lora_rank)
+        if "prefix_kv" in self.managed:
+            n += self.prefix_tokens * cost.kv_bytes_per_token
+        return n
+
+    def label(self) -> str:
+        return (f"modeled: {self.model} on {self.hardware}, rank-{self.lora_rank} adapters, "
+                f"{self.prefix_tokens}-token prefixes")
+
+
+def working_set(setting: Setting, agents: int) -> int:
+    return setting.bytes_per_agent() * agents
+
+
+class NoisyDistance:
+    """A distance source whose answers are the true ones times ``1 + noise * N(0, 1)`` (>= 0).
+
+    Each agent keeps its noise factor until its true estimate changes, so one prediction is
+    wrong consistently rather than flickering between queries. Pending calls stay at 0.
+    """
+
+    def __init__(self, source: Any, noise: float, seed: int = 0) -> None:
+        self.source, self.noise = source, noise
+        self.rng = random.Random(seed)
+        self._factor: dict[str, tuple[float, float]] = {}
+
+    def _noisy(self, agent: str, d: float) -> float:
+        if d == 0.0 or math.isinf(d) or self.noise == 0:
+            return d
+        eta = getattr(self.source, "eta", None)
+        key = eta(agent) if eta is not None else d
+        cached = self._factor.get(agent)
+        if cached is None or cached[0] != key:
+            cached = (key, max(0.0, 1.0 + self.noise * self.rng.gauss(0.0, 1.0)))
+            self._factor[agent] = cached
+        return d * cached[1]
+
+    def distance(self, agent_id: str) -> float:
+        return self._noisy(agent_id, self.source.distance(agent_id))
+
+    def nearest(self, k: int) -> list[str]:
+        pool = self.source.nearest(4 * k if self.noise else k)
+        return sorted(pool, key=lambda a: self.distance(a))[:k]
+
+
+def make_named_policy(name: str) -> Policy:
+    """A policy by name, including the ablations of ``scalesim``."""
+    if name == "scalesim-no-prefetch":
+        policy = make_policy("scalesim")
+        policy.prefetch = False
+        return policy
+    if name == "lru-prefetch":  # no priority eviction: LRU order, distance prefetch
+        policy = make_policy("lru")
+        policy.prefetch = True
+        return policy
+    if name in ("scalesim-no-preempt", "scalesim-adapters", "scalesim-prefix"):
+        return make_policy("scalesim")
+    return make_policy(name)
+
+
+def run_world(world: str, agents: int, policy: str, *, setting: Setting = Setting(),
+              budget_fraction: float | None = 0.25, memory_bytes: int | None = None,
+              until: float | None = 600.0, seed: int = 0, active: float | None = None,
+              noise: float = 0.0, order: list[str] | None = None,
+              max_calls: int | None = None, lookahead: int = 32) -> dict[str, Any]:
+    """Run ``world`` with ``agents`` agents under ``policy``; return modeled totals.
+
+    The agent-memory budget is ``memory_bytes`` or ``budget_fraction`` of the working set.
+    ``order`` is the recorded call order ``belady`` needs. ``max_calls`` stops the run early.
+    """
+    import simpy
+
+    from scalesim.distance import DistanceOracle
+    from scalesim.environment import SimEnvironment
+
+    if policy == "belady" and order is None:
+        raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
+    managed = setting.managed
+    if policy == "scalesim-adapters":
+        managed = ("adapter",)
+    elif policy == "scalesim-prefix":
+        managed = ("prefix_kv",)
+    setting = Setting(setting.hardware, setting.model, setting.lora_rank, setting.prefix_tokens,
+                      setting.output_tokens, managed)
+    if memory_bytes is None and budget_fraction is not None:
+        memory_bytes = max(1, int(working_set(setting, agents) * budget_fraction))
+    engine = build_modeled_engine(
+        model=setting.model, hardware_profile=setting.hardware,
+        policy=make_named_policy(policy), memory_bytes=memory_bytes,
+        lora_rank=setting.lora_rank, managed=managed, prefix_tokens=setting.prefix_tokens,
+        output_tokens=setting.output_tokens, lookahead=lookahead, replies=REPLIES,
+        preempt_prefetch=policy != "scalesim-no-preempt")
+    ex = engine.executor
+    env = SimEnvironment(engine)
+    calls: list[str] = []
+    env.submit_listeners.append(calls.append)
+    oracle = None
+    if ex.memory.policy.prefetch or ex.memory.policy.uses_distance:
+        if policy == "belady":
+            future = FutureSequence(order)
+            env.submit_listeners.append(future.on_submit)
+            env.completion_listeners.append(lambda call, done: future.on_finish(call.agent_id))
+            ex.memory.distance = future
+        else:
+            oracle = DistanceOracle(env)
+            env.oracle = oracle
+            ex.memory.distance = NoisyDistance(oracle, noise, seed) if noise else oracle
+    cls = import_world_class(RunConfig.model_validate(
+        {"world": {"class": WORLDS[world], "params": {}}}))
+    sim = cls(env, seed=seed)
+    sim.setup(**world_params(world, agents, active))
+    if oracle is not None:
+        oracle.graph = sim.graph
+    start = time.perf_counter()
+    if max_calls is not None:
+        stop = env.event()
+
+        def count(agent: str) -> None:
+            if len(calls) >= max_calls and not stop.triggered:
+                stop.succeed()
+
+        env.submit_listeners.append(count)
+        env.run(until=stop if until is None else simpy.AnyOf(env, [stop, env.timeout(until)]))
+    else:
+        env.run(until=until)
+    wall = time.perf_counter() - start
+    out = ex.summary()
+    out.update({"world": world, "agents": agents, "policy": policy, "calls": len(calls),
+                "sim_time": env.now, "wall_s": wall, "memory_bytes": memory_bytes,
+                "working_set_bytes": working_set(setting, agents), "noise": noise,
+                "setting": setting.label()})
+    out["order"] = calls
+    return out
