@@ -26,6 +26,19 @@ class Engine:
         self.scheduler = scheduler or Scheduler(executor.max_num_seqs)
         self._ids = itertools.count()
         self._rejected: list[Sequence] = []
+        #: The :class:`runtime.memory.MemoryManager` that keeps agent memory resident, if any.
+        self.memory: Any = None
+        self._acquired: set[int] = set()
+
+    def attach_memory(self, manager: Any) -> None:
+        """Hand residency of the executor's memory objects to ``manager`` (torch executor)."""
+        attach = getattr(self.executor, "attach_memory", None)
+        if attach is None:
+            raise ValueError(f"executor {type(self.executor).__name__} has no memory hooks; "
+                             "use runtime.executor: torch")
+        attach(manager)
+        self.memory = manager
+        self._acquired.clear()
 
     def submit(self, request: Request) -> int:
         """Queue ``request`` and return its request id (assigned here when unset)."""
@@ -56,6 +69,9 @@ class Engine:
                 seq.fail(str(exc))
                 self._rejected.append(seq)
                 return request.request_id
+        if self.memory is not None:  # the manager learns the agent's objects (for prefetch)
+            for obj in self.executor.memory_objects(seq):
+                self.memory.register(obj, [request.agent_id])
         self.scheduler.add(seq)
         return request.request_id
 
@@ -67,6 +83,8 @@ class Engine:
         finished = [seq.to_completion() for seq in self._rejected]
         self._rejected.clear()
         batch = self.scheduler.schedule()
+        if self.memory is not None:
+            batch = self._acquire_memory(batch)
         if batch:
             try:
                 self.executor.execute(batch)
@@ -76,8 +94,43 @@ class Engine:
             for seq in batch:
                 if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
                     self._check_finished(seq)
-            finished += [seq.to_completion() for seq in self.scheduler.remove_finished()]
+        done = self.scheduler.remove_finished()
+        if self.memory is not None:
+            for seq in done:
+                if seq.request_id in self._acquired:
+                    self._acquired.discard(seq.request_id)
+                    self.memory.release(seq.request_id)
+        finished += [seq.to_completion() for seq in done]
+        if self.memory is not None:
+            self.memory.tick()  # between iterations: install finished copies, prefetch
         return finished
+
+    def _acquire_memory(self, batch: list[Sequence]) -> list[Sequence]:
+        """Pin the memory objects of newly running sequences, loading what is missing.
+
+        A sequence whose objects cannot be placed now (the device is full of other running
+        requests' objects) goes back to the waiting queue; one whose objects can never fit fails.
+        """
+        from runtime.memory import WorkingSetTooLarge
+
+        kept = []
+        for seq in batch:
+            if seq.request_id not in self._acquired:
+                try:
+                    stats = self.memory.acquire(seq.request_id, self.executor.memory_objects(seq))
+                except (WorkingSetTooLarge, RequestError) as exc:
+                    seq.fail(str(exc))
+                    continue
+                if stats is None:
+                    self.scheduler.preempt(seq)
+                    continue
+                self._acquired.add(seq.request_id)
+                seq.memory.hits.update(stats.hits)
+                seq.memory.misses.update(stats.misses)
+                seq.memory.bytes_loaded += stats.bytes_loaded
+                seq.memory.stall_s += stats.stall_s
+            kept.append(seq)
+        return kept
 
     def _check_finished(self, seq: Sequence) -> None:
         params = seq.request.sampling

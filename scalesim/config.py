@@ -38,6 +38,20 @@ class WorldConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class MemoryConfig(_Section):
+    """``runtime.memory``: where agent memory objects live and how they move (torch executor)."""
+
+    policy: Literal["scalesim", "lru", "lfu", "fifo", "belady", "infinite", "none"] = "scalesim"
+    device_bytes: int | None = Field(default=None, ge=1, description="device budget; none: no limit")
+    host_bytes: int | None = Field(default=None, ge=0, description="host budget; none: no limit")
+    disk_dir: str | None = Field(default=None, description="cache dir of the disk tier")
+    link_gbps: float | None = Field(default=None, gt=0, description="emulated host-device link")
+    link_latency_us: float = Field(default=0.0, ge=0)
+    lookahead: int = Field(default=16, ge=0, description="nearest agents a prefetch considers")
+    edge_delay: float = Field(default=0.0, ge=0, description="sim time a message takes to cause a call")
+    belady_trace: str | None = Field(default=None, description="run dir of an earlier run (belady)")
+
+
 class RuntimeConfig(_Section):
     executor: Literal["hf", "torch"] = "hf"
     model: str = "smollm2-135m"
@@ -50,6 +64,7 @@ class RuntimeConfig(_Section):
     max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "flashinfer"] = "auto"
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     def engine_options(self) -> dict[str, Any]:
         """Executor-specific keyword arguments for :func:`runtime.build_engine`."""

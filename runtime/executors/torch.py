@@ -36,16 +36,18 @@ class TorchExecutor:
     def __init__(self, model: str = "smollm2-135m", device: str = "cpu", dtype: str = "float32",
                  block_size: int = 16, kv_cache_tokens: int = 32768, max_num_seqs: int = 64,
                  max_batch_tokens: int = 512, max_lora_rank: int = 16, attention: str = "auto",
-                 random_weights: bool = False, tokenizer: Any = None) -> None:
+                 random_weights: bool = False, tokenizer: Any = None,
+                 hf_model: Any = None) -> None:
         torch_dtype = getattr(torch, dtype)
         if random_weights:
             # Shape-only runs: a built-in profile with random weights; a tokenizer is optional.
             self.config: ModelConfig = profile(model)
             self.model = LlamaModel.random(self.config, dtype=torch_dtype, device=device)
         else:
-            from runtime.model.loader import load_hf_model
+            if hf_model is None:  # else: share an already loaded transformers model (tests)
+                from runtime.model.loader import load_hf_model
 
-            hf_model, tokenizer = load_hf_model(model, dtype=dtype, device=device)
+                hf_model, tokenizer = load_hf_model(model, dtype=dtype, device=device)
             self.config = from_hf_config(hf_model.config)
             self.model = LlamaModel.from_hf(hf_model, self.config)
         self.tokenizer = tokenizer
@@ -60,6 +62,8 @@ class TorchExecutor:
                              c.num_kv_heads, c.head_dim, dtype=torch_dtype, device=device)
         self.prefixes = PrefixCache(self.cache)
         self.loras = LoraPool(c, max_lora_rank, torch_dtype, device)
+        self.max_lora_rank = max_lora_rank
+        self.memory: Any = None  # a runtime.memory.MemoryManager, once attached
         self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
                                           attention)
 
@@ -72,12 +76,41 @@ class TorchExecutor:
                 f"{seq.num_prompt_tokens} prompt tokens + max_tokens "
                 f"{seq.request.sampling.max_tokens} need {needed} KV blocks, the pool has "
                 f"{self.cache.num_blocks}")
-        if seq.request.adapter is not None:
+        if seq.request.adapter is not None and self.memory is not None:
+            seq.adapter = self._pooled_adapter(seq.request.adapter).adapter  # the manager loads it
+        elif seq.request.adapter is not None:
             adapter, was_resident = self.loras.get(seq.request.adapter)
             seq.adapter = adapter
             (seq.memory.hits if was_resident else seq.memory.misses)["adapter"] = 1
         if seq.request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.request.sampling.seed)
+
+    # -- memory manager hooks (runtime.memory) ---------------------------------------------
+
+    def attach_memory(self, manager: Any) -> None:
+        """Let ``manager`` decide which adapters hold LoRA slots; start with none resident."""
+        for adapter in list(self.loras.adapters.values()):
+            self.loras.offload(adapter)
+        self.memory = manager
+        self._pooled: dict[str, Any] = {}
+
+    def _pooled_adapter(self, path: str) -> Any:
+        from runtime.lora import load_adapter
+        from runtime.memory.engine_objects import PooledAdapter
+
+        if path not in self._pooled:
+            adapter = self.loras.adapters.get(path)
+            if adapter is None:
+                adapter = load_adapter(path, self.config, self.max_lora_rank)
+                self.loras.adapters[path] = adapter
+            self._pooled[path] = self.memory.register(PooledAdapter(self.loras, adapter))
+        return self._pooled[path]
+
+    def memory_objects(self, seq: Sequence) -> list[Any]:
+        """The memory objects ``seq`` needs resident while it runs (its adapter)."""
+        if seq.request.adapter is None:
+            return []
+        return [self._pooled_adapter(seq.request.adapter)]
 
     def execute(self, batch: list[Sequence]) -> None:
         """Compute each sequence's ``chunk`` of tokens; sample where a chunk reaches the end."""

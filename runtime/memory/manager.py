@@ -231,7 +231,8 @@ class MemoryManager:
             self.device_used += obj.nbytes
             start = time.perf_counter()
             tensors = obj.materialize()
-            obj.device = {k: v.to(self.device, copy=True) for k, v in tensors.items()}
+            obj.device = obj.on_device({k: v.to(self.device, copy=True)
+                                        for k, v in tensors.items()})
             self._installed(obj, "recompute", "recompute", "miss", 0.0,
                             time.perf_counter() - start)
         return transfer
@@ -259,7 +260,7 @@ class MemoryManager:
             self._log(obj, op, transfer.source, "none", "preempted" if transfer.aborted
                       else str(transfer.error), transfer.distance)
             return
-        obj.device = transfer.result
+        obj.device = obj.on_device(transfer.result)
         op = "load" if transfer.urgent else "prefetch"
         self._installed(obj, op, transfer.source, "miss" if transfer.urgent else "distance",
                         transfer.distance, transfer.seconds)
@@ -322,6 +323,7 @@ class MemoryManager:
         """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
         distance = self.distance_of(obj)
         tensors, obj.device = obj.device, None
+        obj.off_device()
         del self.resident[obj.key]
         self.device_used -= obj.nbytes
         self.totals["evictions"] += 1

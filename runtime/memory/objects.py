@@ -66,6 +66,17 @@ class AgentMemory:
         """Build the object's tensors (on the CPU) from its origin."""
         raise NotImplementedError
 
+    def on_device(self, tensors: Tensors) -> Tensors:
+        """The loaded device tensors arrived; install them where the engine reads them.
+
+        Returns what the manager keeps as :attr:`device` (an engine that copies them into its
+        own pool may return an empty dict). Runs on the engine's thread.
+        """
+        return tensors
+
+    def off_device(self) -> None:
+        """The object leaves the device: let the engine forget where it was installed."""
+
     @property
     def resident(self) -> bool:
         return self.device is not None

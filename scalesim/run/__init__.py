@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scalesim.config import ConfigError, RunConfig, import_world_class, load_config, parse_override
+from scalesim.distance import DistanceOracle
 from scalesim.environment import SimEnvironment
 from scalesim.progress import ProgressDisplay, print_summary
 from scalesim.trace import RunResult, TraceRecorder
@@ -43,6 +44,50 @@ def _build_engine(config: RunConfig) -> Any:
         raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
 
 
+def _attach_memory(config: RunConfig, engine: Any, env: SimEnvironment,
+                   recorder: TraceRecorder) -> Any:
+    """Give a torch engine a MemoryManager per ``runtime.memory``; ``None`` for other engines."""
+    if not hasattr(engine, "attach_memory") or not hasattr(engine.executor, "attach_memory"):
+        return None
+    from runtime.memory import FutureSequence, MemoryManager
+
+    mem = config.runtime.memory
+    where = f" in {config.source}" if config.source else ""
+    source: Any = env.oracle
+    if mem.policy == "belady":
+        if not mem.belady_trace:
+            raise ConfigError(f"config error{where}: runtime.memory.belady_trace: policy belady "
+                              "needs the run directory of an earlier run of the same seed")
+        path = Path(mem.belady_trace)
+        path = path / "trace.parquet" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"config error{where}: runtime.memory.belady_trace: no trace at {path}")
+        import pandas as pd
+
+        agents = pd.read_parquet(path, columns=["request_id", "agent"]).sort_values("request_id")
+        source = FutureSequence(agents["agent"].tolist())
+        env.submit_listeners.append(source.on_submit)
+        env.completion_listeners.append(lambda call, done: source.on_finish(call.agent_id))
+    manager = MemoryManager(mem.policy, device_bytes=mem.device_bytes, host_bytes=mem.host_bytes,
+                            disk_dir=mem.disk_dir, device=config.runtime.device,
+                            link_gbps=mem.link_gbps, link_latency_us=mem.link_latency_us,
+                            lookahead=mem.lookahead, distance=source)
+    manager.listeners.append(lambda row: recorder.record_memory(sim_time=float(env.now), **row))
+    engine.attach_memory(manager)
+    return manager
+
+
+def _memory_summary(manager: Any) -> dict[str, Any]:
+    totals = manager.totals
+    accesses = totals["hits"] + totals["misses"]
+    return {"policy": manager.policy.name, "device_bytes": manager.device_bytes,
+            "hit_rate": round(totals["hits"] / accesses, 4) if accesses else None,
+            "bytes_loaded": int(totals["bytes_loaded"]),
+            "bytes_prefetched": int(totals["bytes_prefetch"]),
+            "stall_s": round(totals["stall_s"], 4), "evictions": int(totals["evictions"]),
+            "copy_busy_s": round(manager.copy.busy_s, 4)}
+
+
 def run(
     source: str | Path | dict[str, Any] | RunConfig,
     *,
@@ -65,7 +110,9 @@ def run(
 
     recorder = TraceRecorder()
     env = SimEnvironment(engine)
+    env.oracle = DistanceOracle(env, edge_delay=config.runtime.memory.edge_delay)
     env.completion_listeners.append(lambda call, done: recorder.record_call(call, done, env.now))
+    memory = _attach_memory(config, engine, env, recorder)
     world = None
     status, error = "failed", None
     display = ProgressDisplay(enabled=progress and config.output.progress, until=config.sim.until)
@@ -73,6 +120,7 @@ def run(
         with display:
             env.completion_listeners.append(lambda call, done: display.update(env.now, done))
             world = world_cls(env, seed=config.sim.seed)
+            env.oracle.graph = world.graph
             world.setup(**config.world.params)
             env.run(until=config.sim.until)
             display.finish(env.now)
@@ -84,6 +132,10 @@ def run(
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        extra: dict[str, Any] = {"distance": env.oracle.quality()}
+        if memory is not None:
+            memory.close()
+            extra["memory"] = _memory_summary(memory)
         result = recorder.write(
             run_dir,
             sim_time=env.now,
@@ -92,6 +144,7 @@ def run(
             unfinished_calls=len(env.in_flight),
             world=world.metrics() if world is not None else {},
             config=config.echo(),
+            **extra,
         )
     return result
 
