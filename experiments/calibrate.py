@@ -82,8 +82,8 @@ def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, n
     comp = np.array([p.compute_s for p in parts])
     mem = np.array([p.memory_s for p in parts])
     best = None
-    for ec in np.geomspace(0.01, 1.0, 60):
-        for em in np.geomspace(0.01, 1.0, 60):
+    for ec in np.geomspace(0.01, 4.0, 60):
+        for em in np.geomspace(0.01, 4.0, 60):
             roof = np.maximum(comp / ec, mem / em)
             # Relative-error least squares for the two overheads: (roof + a + b n - y) / y.
             A = np.stack([1 / measured, nseq / measured], axis=1)

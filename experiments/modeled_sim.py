@@ -34,6 +34,9 @@ REPLIES = ("post", "reply", "nothing", "repost", "yes", "no", "ok")
 
 WORLDS = {"town": "worlds.town:Town", "social_feed": "worlds.social_feed:SocialFeed"}
 
+#: Simulated minutes that cover a busy stretch of each world (town days start at dawn).
+BUSY_UNTIL = {"town": 720.0, "social_feed": 1440.0}
+
 
 def world_params(world: str, agents: int, active: float | None = None) -> dict[str, Any]:
     """The world's parameters for ``agents`` agents (``active``: share active per step)."""
@@ -122,12 +125,13 @@ def make_named_policy(name: str) -> Policy:
 
 def run_world(world: str, agents: int, policy: str, *, setting: Setting = Setting(),
               budget_fraction: float | None = 0.25, memory_bytes: int | None = None,
-              until: float | None = 600.0, seed: int = 0, active: float | None = None,
+              until: float | None = -1.0, seed: int = 0, active: float | None = None,
               noise: float = 0.0, order: list[str] | None = None,
               max_calls: int | None = None, lookahead: int = 32) -> dict[str, Any]:
     """Run ``world`` with ``agents`` agents under ``policy``; return modeled totals.
 
     The agent-memory budget is ``memory_bytes`` or ``budget_fraction`` of the working set.
+    ``until`` is in simulated minutes (``-1``: the world's :data:`BUSY_UNTIL`; ``None``: no end).
     ``order`` is the recorded call order ``belady`` needs. ``max_calls`` stops the run early.
     """
     import simpy
@@ -135,6 +139,8 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     from scalesim.distance import DistanceOracle
     from scalesim.environment import SimEnvironment
 
+    if until == -1.0:
+        until = BUSY_UNTIL[world]
     if policy == "belady" and order is None:
         raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
     managed = setting.managed
@@ -193,3 +199,59 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
                 "setting": setting.label()})
     out["order"] = calls
     return out
+
+
+def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str = "policy",
+                  panel: str | None = None, y: str = "modeled_makespan_s", title: str = "",
+                  logx: bool = False) -> Any:
+    """Write ``results/<name>.csv`` and a line plot of ``y`` against ``x`` per ``series``.
+
+    One subplot per value of ``panel`` (e.g. the world). The y label says the numbers are
+    modeled. Returns the rows as a pandas DataFrame (``order`` columns dropped).
+    """
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    results = Path(__file__).parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "order"} for r in rows])
+    df.to_csv(results / f"{name}.csv", index=False)
+    panels = list(dict.fromkeys(df[panel])) if panel else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        part = df if p is None else df[df[panel] == p]
+        for s, group in part.groupby(series, sort=False):
+            ax.plot(group[x], group[y], "o-", ms=3, label=str(s))
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{y} (modeled)")
+        ax.set_title(f"{p}" if p is not None else title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\n{rows[0].get('setting', '')}" if rows else title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(results / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return df
+
+
+def headline(name: str, **values: Any) -> None:
+    """Print the experiment's one JSON headline line (always marked as modeled)."""
+    import json
+
+    print(json.dumps({"experiment": name, "modeled": True, **values}))
+
+
+def run_policies(world: str, agents: int, policies: list[str], **kw: Any) -> list[dict[str, Any]]:
+    """Run ``policies`` on one world; ``belady`` reuses the call order of the first run."""
+    rows, order = [], None
+    for policy in sorted(policies, key=lambda p: p == "belady"):
+        r = run_world(world, agents, policy, order=order, **kw)
+        order = order or r["order"]
+        rows.append(r)
+    return rows

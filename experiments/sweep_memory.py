@@ -1,0 +1,46 @@
+"""Modeled makespan as the working set grows from 1x to 8x the agent-memory budget.
+
+One world size (``--agents``, default 1000 social_feed users); the budget is the working set
+divided by the ratio. Writes ``results/sweep_memory.csv`` / ``.png`` and a JSON line with the
+scalesim-over-lru speedup at 8x (modeled).
+
+    python -m experiments.sweep_memory [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.modeled_sim import Setting, headline, run_policies, write_results
+
+POLICIES = ["scalesim", "lru", "belady", "infinite"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--world", default="social_feed")
+    args = parser.parse_args()
+    agents = 200 if args.quick else args.agents
+    ratios = [1, 4, 8] if args.quick else [1, 2, 4, 6, 8]
+    setting, rows = Setting(), []
+    for ratio in ratios:
+        for r in run_policies(args.world, agents, POLICIES, setting=setting,
+                              budget_fraction=1.0 / ratio,
+                              until=720.0 if args.quick else -1.0):
+            r["working_set_over_budget"] = ratio
+            rows.append(r)
+            print(f"{ratio}x {r['policy']:9s} modeled makespan {r['modeled_makespan_s']:8.2f} s "
+                  f"stall {r['modeled_stall_s']:7.2f} s", flush=True)
+    df = write_results("sweep_memory", rows, "working_set_over_budget",
+                       title=f"{args.world}, {agents} agents: makespan vs working set / budget")
+    top = df[df.working_set_over_budget == max(ratios)]
+    lru = float(top[top.policy == "lru"].modeled_makespan_s.iloc[0])
+    ours = float(top[top.policy == "scalesim"].modeled_makespan_s.iloc[0])
+    headline("sweep_memory", world=args.world, agents=agents, ratio=max(ratios),
+             speedup_vs_lru=round(lru / ours, 3), setting=setting.label())
+
+
+if __name__ == "__main__":
+    main()
