@@ -1,0 +1,47 @@
+"""Quick modes of the modeled experiments run end to end and print their JSON headline."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments.modeled_sim import NoisyDistance, run_world
+
+
+class _Fixed:
+    def __init__(self, d):
+        self.d = d
+
+    def distance(self, agent):
+        return self.d[agent]
+
+    def nearest(self, k):
+        return sorted(self.d, key=self.d.get)[:k]
+
+
+def test_noise_leaves_pending_calls_and_zero_noise_alone():
+    src = _Fixed({"a": 0.0, "b": 5.0, "c": 9.0})
+    assert [NoisyDistance(src, 0.0).distance(a) for a in "abc"] == [0.0, 5.0, 9.0]
+    noisy = NoisyDistance(src, 1.0, seed=1)
+    assert noisy.distance("a") == 0.0
+    assert noisy.distance("b") == noisy.distance("b")  # consistent until the estimate changes
+
+
+def test_run_world_small_social_feed_is_modeled_and_deterministic():
+    a = run_world("social_feed", 40, "scalesim", budget_fraction=0.25, until=300)
+    b = run_world("social_feed", 40, "scalesim", budget_fraction=0.25, until=300)
+    assert a["modeled"] and a["calls"] > 0
+    assert a["modeled_makespan_s"] == b["modeled_makespan_s"] and a["order"] == b["order"]
+    belady = run_world("social_feed", 40, "belady", budget_fraction=0.25, until=300,
+                       order=a["order"])
+    assert belady["calls"] == a["calls"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["paper_setting", "noise"])
+def test_quick_mode_prints_a_json_headline(name):
+    out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick"],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["experiment"] == name and line["modeled"] is True

@@ -1,0 +1,103 @@
+"""The modeled executor: no tensors, virtual time, the real scheduler and memory manager."""
+
+import pytest
+
+from runtime.executors.modeled import FILLER, LengthChat, build_modeled_engine
+from runtime.memory import FutureSequence
+from runtime.request import Request, SamplingParams
+
+
+def _serve(engine, agents, rounds=1, prefix="persona " * 50, max_tokens=16):
+    done = []
+    for _ in range(rounds):
+        for a in agents:
+            engine.submit(Request(a, "what now? " * 10, prefix=prefix,
+                                  sampling=SamplingParams(max_tokens=max_tokens)))
+        while engine.has_work():
+            done += engine.step()
+    return done
+
+
+def test_length_chat_keeps_the_prefix_stable_and_decodes_placeholders():
+    chat = LengthChat(chars_per_token=4, replies=("post", "reply"))
+    p1, q1 = chat.encode("x" * 40, "hello")
+    p2, q2 = chat.encode("x" * 40, "something else entirely")
+    assert p1 == p2 and len(p1) == 5 + 10
+    assert len(q2) > len(q1)
+    assert chat.decode([FILLER + 1]) == "reply" and chat.decode([]) == ""
+    assert len(LengthChat(prefix_tokens=2048).encode("short", "p")[0]) == 2048
+
+
+def test_calls_complete_with_the_modeled_output_length_and_time_advances():
+    engine = build_modeled_engine(model="qwen2.5-7b", hardware_profile="H100", output_tokens=5)
+    done = _serve(engine, ["a", "b", "c"], max_tokens=16)
+    assert [c.ok for c in done] == [True] * 3
+    assert all(c.output_tokens == 5 and c.finish_reason == "stop" for c in done)
+    ex = engine.executor
+    assert ex.now > 0 and ex.clock.compute == pytest.approx(ex.now - ex.clock.stall)
+    assert ex.summary()["modeled"] is True
+
+
+def test_infinite_budget_reuses_prefix_kv_and_lru_under_pressure_stalls():
+    agents = [f"a{i}" for i in range(12)]
+    opts = dict(model="qwen2.5-7b", hardware_profile="H100", lora_rank=16, output_tokens=4,
+                max_num_seqs=4)
+    inf = build_modeled_engine(policy="infinite", **opts)
+    second = _serve(inf, agents, rounds=2)[12:]
+    assert all(c.cached_tokens > 0 for c in second)  # prefix KV kept: not recomputed
+    per_agent = inf.executor.cost.lora_bytes(16) + 60 * inf.executor.cost.kv_bytes_per_token
+    tight = build_modeled_engine(policy="lru", memory_bytes=5 * per_agent, **opts)
+    _serve(tight, agents, rounds=2)
+    assert tight.executor.memory.totals["evictions"] > 0
+    assert tight.executor.clock.stall > inf.executor.clock.stall
+    tight.executor.memory.check()
+
+
+def test_a_recorded_future_lets_belady_prefetch_and_beat_lru():
+    agents = [f"a{i}" for i in range(10)]
+    order = agents * 3
+    opts = dict(model="qwen2.5-7b", hardware_profile="H100", lora_rank=64, output_tokens=8,
+                max_num_seqs=2)
+    one = build_modeled_engine(policy="lru", **opts).executor.cost.lora_bytes(64)
+    results = {}
+    for policy in ("lru", "belady"):
+        engine = build_modeled_engine(policy=policy, memory_bytes=int(4.5 * one),
+                                      managed=("adapter",), **opts)
+        if policy == "belady":
+            future = FutureSequence(order)
+            engine.executor.memory.distance = future
+        for a in order:
+            if policy == "belady":
+                future.on_submit(a)
+            engine.submit(Request(a, "hi", sampling=SamplingParams(max_tokens=8)))
+            while engine.has_work():
+                for c in engine.step():
+                    if policy == "belady":
+                        future.on_finish(c.agent_id)
+        results[policy] = engine.executor
+    assert results["belady"].memory.totals["bytes_prefetch"] > 0
+    assert results["belady"].clock.stall < results["lru"].clock.stall
+
+
+def test_a_request_that_cannot_fit_the_pool_fails_alone():
+    engine = build_modeled_engine(model="smollm2-135m", hardware_profile="cpu",
+                                  kv_cache_tokens=256, block_size=16)
+    bad = engine.submit(Request("a", "word " * 2000, sampling=SamplingParams(max_tokens=8)))
+    good = engine.submit(Request("b", "hi", sampling=SamplingParams(max_tokens=8)))
+    done = {c.request_id: c for c in _drain(engine)}
+    assert not done[bad].ok and "KV blocks" in done[bad].error
+    assert done[good].ok
+
+
+def _drain(engine):
+    out = []
+    while engine.has_work():
+        out += engine.step()
+    return out
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="managed memory kind"):
+        build_modeled_engine(managed=("weights",))
+    with pytest.raises(KeyError, match="unknown hardware profile"):
+        build_modeled_engine(hardware_profile="TPU")
