@@ -4,9 +4,9 @@ The city is a networkx grid graph of intersections; every road has a length (km)
 limit. A vehicle starts at a random intersection with a random destination; at each
 intersection it asks the LLM one word — north, south, east or west, from the roads that exist —
 given how many blocks away the destination lies. A reply that names no open road falls back to
-the shortest-path direction (and is counted). Driving a road takes length / speed, slowed down by
+the direction of a fewest-blocks path (and is counted). Driving a road takes length / speed, slowed down by
 the other vehicles on it; a vehicle that has wandered for ``patience`` decisions on one trip
-follows the shortest path without asking. After arriving it starts the next trip, ``trips`` in all.
+follows a fewest-blocks path without asking. After arriving it starts the next trip, ``trips`` in all.
 
 Distance source it exercises: **timers from travel times** — the time a vehicle reaches its next
 intersection (and asks next) is in the event queue the moment it enters a road.
@@ -117,7 +117,8 @@ class Traffic(World):
         return abs(a[0] - b[0]) + abs(a[1] - b[1])
 
     def next_on_shortest_path(self, a: Node, b: Node) -> Node:
-        return nx.shortest_path(self.roads, a, b, weight="km")[1]
+        """The next intersection on a path of fewest blocks from ``a`` to ``b``."""
+        return nx.shortest_path(self.roads, a, b)[1]
 
     def metrics(self) -> dict:
         cars = list(self.agents.values())
