@@ -134,8 +134,6 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     ``until`` is in simulated minutes (``-1``: the world's :data:`BUSY_UNTIL`; ``None``: no end).
     ``order`` is the recorded call order ``belady`` needs. ``max_calls`` stops the run early.
     """
-    import simpy
-
     from scalesim.distance import DistanceOracle
     from scalesim.environment import SimEnvironment
 
@@ -161,7 +159,9 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     ex = engine.executor
     env = SimEnvironment(engine)
     calls: list[str] = []
+    failed: list[str] = []
     env.submit_listeners.append(calls.append)
+    env.completion_listeners.append(lambda call, done: done.ok or failed.append(done.error))
     oracle = None
     if ex.memory.policy.prefetch or ex.memory.policy.uses_distance:
         if policy == "belady":
@@ -181,18 +181,18 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
         oracle.graph = sim.graph
     start = time.perf_counter()
     if max_calls is not None:
-        stop = env.event()
-
-        def count(agent: str) -> None:
-            if len(calls) >= max_calls and not stop.triggered:
-                stop.succeed()
-
-        env.submit_listeners.append(count)
-        env.run(until=stop if until is None else simpy.AnyOf(env, [stop, env.timeout(until)]))
+        limit = math.inf if until is None else until
+        # env.step() runs engine iterations too; stop at the call limit or when all is done.
+        while len(calls) < max_calls and (env.in_flight or env.peek() <= limit):
+            if env.peek() == math.inf and not env.in_flight:
+                break
+            env.step()
     else:
         env.run(until=until)
     wall = time.perf_counter() - start
     out = ex.summary()
+    if failed:
+        raise RuntimeError(f"{len(failed)} modeled calls failed, e.g.: {failed[0]}")
     out.update({"world": world, "agents": agents, "policy": policy, "calls": len(calls),
                 "sim_time": env.now, "wall_s": wall, "memory_bytes": memory_bytes,
                 "working_set_bytes": working_set(setting, agents), "noise": noise,

@@ -19,11 +19,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--users", type=int, default=150_000)
     parser.add_argument("--policy", default="scalesim")
     args = parser.parse_args()
     calls = 20_000 if args.quick else args.calls
-    users = 2000 if args.quick else args.users
+    users = 5000 if args.quick else args.users
     setting = Setting(output_tokens=8)
     r = run_world("social_feed", users, args.policy, setting=setting, budget_fraction=0.25,
                   until=None, max_calls=calls)

@@ -291,9 +291,11 @@ class ModeledExecutor:
         self.lora_rank = lora_rank if "adapter" in managed else 0
         self.managed = managed
         if kv_cache_tokens is None:
+            # An agent-memory budget larger than the device is allowed (a what-if); the pool for
+            # running requests then keeps a tenth of the device rather than nothing.
             spare = 0.9 * self.cost.hw.mem_bytes - self.cost.weight_bytes - (memory_bytes or 0)
-            kv_cache_tokens = int(min(max(spare, 0) / self.cost.kv_bytes_per_token, 4_000_000))
-            kv_cache_tokens = max(kv_cache_tokens, 64 * block_size)
+            spare = max(spare, 0.1 * self.cost.hw.mem_bytes)
+            kv_cache_tokens = int(min(spare / self.cost.kv_bytes_per_token, 4_000_000))
         # A sizing-only pool: one float per (block, slot) so the block allocator runs unchanged.
         self.cache = KVCache(1, -(-kv_cache_tokens // block_size), block_size, 1, 1)
         self.prefixes = PrefixCache(self.cache)  # stays empty: prefix KV is a managed object
