@@ -131,6 +131,7 @@ class CostModel:
     dtype_bytes: int | None = None
     _linear_flops_per_token: float = field(init=False)
     _weight_bytes: float = field(init=False)
+    _lora_cache: dict[int, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype_bytes is None:
@@ -154,6 +155,11 @@ class CostModel:
 
     def lora_bytes(self, rank: int) -> int:
         """Bytes of a rank-``rank`` adapter on all linear layers (A and B matrices)."""
+        if rank not in self._lora_cache:
+            self._lora_cache[rank] = self._lora_bytes(rank)
+        return self._lora_cache[rank]
+
+    def _lora_bytes(self, rank: int) -> int:
         m = self.model
         h, i, q, kv = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size
         dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h),

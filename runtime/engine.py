@@ -15,7 +15,7 @@ from runtime.request import Completion, Request, RequestError
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceStatus
 
-EXECUTORS = ("hf", "torch")
+EXECUTORS = ("hf", "torch", "modeled")
 
 
 class Engine:
@@ -171,4 +171,8 @@ def build_engine(executor: str = "hf", model: str = "smollm2-135m", device: str 
         ex = TorchExecutor(model=model, device=device, dtype=dtype, **options)
         return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs,
                                          ex.max_batch_tokens))
+    if executor == "modeled":  # no tensors: device and dtype come from the hardware profile
+        from runtime.executors.modeled import build_modeled_engine
+
+        return build_modeled_engine(model=model, **options)
     raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
