@@ -57,10 +57,15 @@ def agent_count(trace: pd.DataFrame, summary: dict[str, Any] | None = None) -> i
 
 
 def activity(trace: pd.DataFrame, agents: int, bins: int = 48) -> pd.DataFrame:
-    """Per sim-time bin: ``start``, ``calls`` and ``active_share`` (agents calling / agents)."""
+    """Per sim-time bin: ``start``, ``calls`` and ``active_share`` (agents calling / agents).
+
+    There are at most as many bins as distinct call times, so a world that acts on a clock
+    (every hour, say) gets one bin per tick rather than empty bins in between.
+    """
     ok = _ok(trace)
     if not len(ok):
         return pd.DataFrame({"start": [], "calls": [], "active_share": []})
+    bins = max(1, min(bins, ok["sim_time"].nunique()))
     lo, hi = float(ok["sim_time"].min()), float(ok["sim_time"].max())
     edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
     which = np.clip(np.searchsorted(edges, ok["sim_time"], side="right") - 1, 0, bins - 1)
@@ -102,11 +107,16 @@ def plot_activation(trace: pd.DataFrame, max_agents: int = 80, ax: Axes | None =
         return fig
     order = ok.groupby("agent")["sim_time"].min().sort_values().index[:max_agents]
     rows = [ok.loc[ok["agent"] == a, "sim_time"].to_numpy() for a in order]
-    ax.eventplot(rows, lineoffsets=range(len(rows)), linelengths=0.8, linewidths=1.2)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(order if len(rows) <= 30 else [""] * len(rows), fontsize=7)
-    ax.invert_yaxis()
+    ax.eventplot(rows, lineoffsets=range(len(rows)), linelengths=0.9, linewidths=2.5,
+                 colors="tab:blue")
+    if len(rows) <= 30:
+        ax.set_yticks(range(len(rows)), list(order), fontsize=7)
+    else:
+        ax.set_yticks([])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_ylabel("agents, by first call")
     ax.set_xlabel("simulated time")
+    ax.grid(axis="x", alpha=0.3)
     shown = "" if ok["agent"].nunique() <= max_agents else f" (first {max_agents} agents)"
     ax.set_title(f"Per-agent LLM calls{shown}")
     return fig
