@@ -78,34 +78,49 @@ def working_set(setting: Setting, agents: int) -> int:
 
 
 class NoisyDistance:
-    """A distance source whose answers are the true ones times ``1 + noise * N(0, 1)`` (>= 0).
+    """A distance source whose predictions are wrong by ``noise`` (relative, Gaussian).
 
-    Each agent keeps its noise factor until its true estimate changes, so one prediction is
-    wrong consistently rather than flickering between queries. Pending calls stay at 0.
+    Whenever the true estimated call time of an agent changes, the noisy one is drawn as
+    ``now + (eta - now) * max(0, 1 + noise * N(0, 1))``: the horizon seen at that moment is off
+    by the factor, and the agent keeps that wrong estimate until the truth changes again (one
+    prediction is wrong consistently rather than flickering between queries). Pending calls stay
+    at distance 0. Like the oracle it offers ``order_key`` and ``watch``, so the memory manager's
+    eviction index stays incremental.
     """
 
     def __init__(self, source: Any, noise: float, seed: int = 0) -> None:
         self.source, self.noise = source, noise
         self.rng = random.Random(seed)
-        self._factor: dict[str, tuple[float, float]] = {}
+        self._key: dict[str, float] = {}
+        self._watchers: list[Any] = []
+        source.watch(self._changed)
 
-    def _noisy(self, agent: str, d: float) -> float:
-        if d == 0.0 or math.isinf(d) or self.noise == 0:
-            return d
-        eta = getattr(self.source, "eta", None)
-        key = eta(agent) if eta is not None else d
-        cached = self._factor.get(agent)
-        if cached is None or cached[0] != key:
-            cached = (key, max(0.0, 1.0 + self.noise * self.rng.gauss(0.0, 1.0)))
-            self._factor[agent] = cached
-        return d * cached[1]
+    def _changed(self, agent: str) -> None:
+        self._key.pop(agent, None)
+        for callback in self._watchers:
+            callback(agent)
+
+    def watch(self, callback: Any) -> None:
+        self._watchers.append(callback)
+
+    def order_key(self, agent: str) -> float:
+        key = self._key.get(agent)
+        if key is None:
+            eta, now = self.source.order_key(agent), self.source.env.now
+            key = eta
+            if self.noise and not math.isinf(eta) and eta > now:
+                key = now + (eta - now) * max(0.0, 1.0 + self.noise * self.rng.gauss(0.0, 1.0))
+            self._key[agent] = key
+        return key
 
     def distance(self, agent_id: str) -> float:
-        return self._noisy(agent_id, self.source.distance(agent_id))
+        if self.source.distance(agent_id) == 0.0:
+            return 0.0
+        return max(0.0, self.order_key(agent_id) - self.source.env.now)
 
     def nearest(self, k: int) -> list[str]:
         pool = self.source.nearest(4 * k if self.noise else k)
-        return sorted(pool, key=lambda a: self.distance(a))[:k]
+        return sorted(pool, key=self.order_key)[:k]
 
 
 def make_named_policy(name: str) -> Policy:

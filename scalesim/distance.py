@@ -52,6 +52,7 @@ class DistanceOracle:
         self._heap: list[tuple[float, int, str]] = []
         self._version: dict[str, int] = {}
         self._counter = itertools.count()
+        self._watchers: list[Any] = []
         # prediction-quality snapshots
         self._snapshot: dict[str, int] | None = None
         self._realised: list[str] = []
@@ -112,6 +113,14 @@ class DistanceOracle:
         """Estimated sim time of ``agent``'s next call (``inf``: unknown)."""
         return self._eta.get(agent, math.inf)
 
+    def order_key(self, agent: str) -> float:
+        """The estimated call time: orders agents as :meth:`distance` does, without drifting."""
+        return self._eta.get(agent, math.inf)
+
+    def watch(self, callback: Any) -> None:
+        """Call ``callback(agent)`` whenever an agent's estimate changes (the memory manager)."""
+        self._watchers.append(callback)
+
     def distance(self, agent_id: str) -> float:
         if agent_id in self._pending:
             return 0.0
@@ -160,6 +169,8 @@ class DistanceOracle:
             if len(self._heap) > 2 * len(self._version) + 1024:
                 self._heap = [e for e in self._heap if self._valid(e)]
                 heapq.heapify(self._heap)
+        for callback in self._watchers:
+            callback(agent)
         self._propagate(agent, self.propagation_depth if depth is None else depth)
 
     def _estimate_from_neighbours(self, agent: str) -> float:

@@ -8,13 +8,20 @@ invocation sequence of an earlier run of the same seed, which is what the offlin
 
 Distances are only compared, never added to wall time: any monotone scale works (sim time until
 the call, or the number of calls until it).
+
+A source may also offer ``order_key(agent_id)`` and ``watch(callback)``: a key that orders agents
+as their distances do but does not drift as time passes (the estimated *time* of the next call
+rather than the time *until* it), and a callback for every agent whose key changed. The memory
+manager then keeps its eviction index current at O(log n) per change instead of re-sorting all
+resident objects at each eviction. A key must be consistent with :meth:`distance`: ``order_key(a)
+< order_key(b)`` implies ``distance(a) <= distance(b)`` at any moment.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict, deque
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -44,16 +51,38 @@ class FutureSequence:
             self._positions[agent].append(i)
         self.cursor = 0
         self._pending: dict[str, int] = defaultdict(int)
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(agent)`` whenever ``order_key(agent)`` may have changed."""
+        self._watchers.append(callback)
+
+    def _changed(self, agent_id: str) -> None:
+        for callback in self._watchers:
+            callback(agent_id)
 
     def on_submit(self, agent_id: str) -> None:
         positions = self._positions.get(agent_id)
+        old = self.cursor
         if positions:
             self.cursor = max(self.cursor, positions.popleft() + 1)
         self._pending[agent_id] += 1
+        self._changed(agent_id)
+        if self._watchers:
+            # Agents whose next recorded call the cursor just passed now have a later one.
+            for agent in set(self.sequence[old:self.cursor]) - {agent_id}:
+                self._changed(agent)
 
     def on_finish(self, agent_id: str) -> None:
         if self._pending.get(agent_id):
             self._pending[agent_id] -= 1
+            self._changed(agent_id)
+
+    def order_key(self, agent_id: str) -> float:
+        """The position of the agent's next recorded call (-1 while a call is pending)."""
+        if self._pending.get(agent_id):
+            return -1.0
+        return float(self._next(agent_id) + self.cursor)
 
     def _next(self, agent_id: str) -> float:
         positions = self._positions.get(agent_id)

@@ -13,7 +13,14 @@ the request waits — that wait is its *stall*. If the device budget is full of 
 other running requests it returns ``None`` and the engine retries the request at a later iteration;
 if the request's own objects can never fit, it raises :class:`WorkingSetTooLarge`.
 
-Space is made by evicting unpinned objects in the policy's order. An evicted object keeps a host
+Space is made by evicting unpinned objects in the policy's order. The order is kept in an
+*eviction index*: a heap of the resident unpinned objects keyed by the policy's rank, with lazy
+invalidation (an object whose rank changes is pushed again under a new version; stale entries are
+skipped when popped). An eviction therefore costs O(log n), not a sort of every resident object.
+Ranks change on access, load, pin and release, which the manager sees, and with distances, which
+it learns from a source that can be *watched* (``order_key`` + ``watch``, see
+:mod:`runtime.memory.distance`); for a source that cannot, the index is rebuilt before each
+eviction (the old full sort). An evicted object keeps a host
 copy when the host budget allows (pinned memory on CUDA), else a disk copy (safetensors, for
 objects that would otherwise need recomputing), else it is dropped and later rebuilt from its
 origin. With a distance-driven policy, :meth:`MemoryManager.tick` prefetches the objects of the
@@ -26,6 +33,8 @@ row (the columns of the run's ``memory.parquet`` except ``sim_time``, which the 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import math
 import time
 from collections import defaultdict
@@ -82,7 +91,6 @@ class MemoryManager:
         if self.disk is not None:
             self.disk.mkdir(parents=True, exist_ok=True)
         self.lookahead = lookahead
-        self.distance = distance
         self.copy = CopyEngine(self.device, link_gbps=link_gbps, link_latency_us=link_latency_us,
                                chunk_bytes=chunk_bytes)
         self.objects: dict[str, AgentMemory] = {}
@@ -95,12 +103,43 @@ class MemoryManager:
         self.host_used = 0
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.totals: dict[str, float] = defaultdict(float)
+        #: how "now" is read for stall times (a modeled executor swaps in its virtual clock)
+        self.clock: Callable[[], float] = time.perf_counter
+        # The eviction index: heap of (rank, serial, version, key); an entry is live while
+        # _version[key] equals its version (only resident, unpinned objects have one).
+        self._index: list[tuple[Any, int, int, str]] = []
+        self._version: dict[str, int] = {}
+        self._serial: dict[str, int] = {}
+        self._versions = itertools.count()
+        self._order_key: Callable[[str], float] | None = None
+        self._indexed = True
+        self.distance = distance
+
+    @property
+    def distance(self) -> DistanceSource | None:
+        """Where invocation distances come from; a watchable source keeps the index current."""
+        return self._distance
+
+    @distance.setter
+    def distance(self, source: DistanceSource | None) -> None:
+        self._distance = source
+        order_key = getattr(source, "order_key", None)
+        watch = getattr(source, "watch", None)
+        self._order_key = order_key if watch is not None else None
+        if self._order_key is not None:
+            watch(self._distance_changed)
+        # Without notifications a distance rank can go stale unseen: rebuild before evicting.
+        self._indexed = not self.policy.uses_distance or source is None or \
+            self._order_key is not None
+        self._rebuild_index()
 
     # -- objects ------------------------------------------------------------------------------
 
     def register(self, obj: AgentMemory, users: Iterable[str] = ()) -> AgentMemory:
         """Make ``obj`` known (once per key: a shared object is stored once) and add its users."""
         known = self.objects.setdefault(obj.key, obj)
+        if known is obj and obj.key not in self._serial:
+            self._serial[obj.key] = len(self._serial)
         for user in users:
             if user not in known.users:
                 known.users.add(user)
@@ -111,7 +150,10 @@ class MemoryManager:
         """The object's invocation distance: the nearest of its users (``inf`` without a source)."""
         if self.distance is None or not obj.users:
             return math.inf
-        return min(self.distance.distance(u) for u in obj.users)
+        if len(obj.users) == 1:
+            for user in obj.users:
+                return self._distance.distance(user)
+        return min(self._distance.distance(u) for u in obj.users)
 
     # -- the engine's three calls -------------------------------------------------------------
 
@@ -137,15 +179,16 @@ class MemoryManager:
         misses = [o for o in objs if o.device is None]
         for o in hits:
             o.pins += 1
+            self._version.pop(o.key, None)  # pinned: out of the eviction index
         # Make room for every miss before loading any, so a failure leaves nothing half-loaded.
         need = sum(o.nbytes for o in misses if o.key not in self.inflight)
         if need and not self._make_room(need, protect=keys, urgent=True):
             for o in hits:
-                o.pins -= 1
+                self._unpin(o)
             return None
         for o in misses:
             o.pins += 1
-        start = time.perf_counter()
+        start = self.clock()
         try:
             pending = [self._urgent_load(o) for o in misses]
             for o, transfer in zip(misses, pending):
@@ -153,9 +196,9 @@ class MemoryManager:
                     self._wait(o, transfer)
         except BaseException:
             for o in objs:
-                o.pins -= 1
+                self._unpin(o)
             raise
-        stats.stall_s = time.perf_counter() - start if misses else 0.0
+        stats.stall_s = self.clock() - start if misses else 0.0
         for o in objs:
             self.policy.on_access(o)
             bucket = stats.misses if o in misses else stats.hits
@@ -170,9 +213,16 @@ class MemoryManager:
     def release(self, owner: Hashable) -> None:
         """Unpin ``owner``'s objects (the ``none`` policy drops them from the device here)."""
         for o in self.owners.pop(owner, ()):
-            o.pins -= 1
-            if o.pins == 0 and not self.policy.keep_between_calls and o.device is not None:
+            if o.pins == 1 and not self.policy.keep_between_calls and o.device is not None:
+                o.pins = 0
                 self._evict(o, cause="policy none")
+            else:
+                self._unpin(o)
+
+    def _unpin(self, obj: AgentMemory) -> None:
+        obj.pins -= 1
+        if obj.pins == 0 and obj.device is not None:
+            self._reindex(obj)
 
     def tick(self) -> None:
         """Between iterations: install finished transfers, then prefetch by distance."""
@@ -188,8 +238,8 @@ class MemoryManager:
 
     def poll(self) -> None:
         """Install every transfer that has finished since the last call."""
-        for key, transfer in list(self.inflight.items()):
-            if transfer.done.is_set():
+        if self.inflight:
+            for transfer in [t for t in self.inflight.values() if t.done.is_set()]:
                 self._finish(transfer)
 
     def close(self) -> None:
@@ -229,12 +279,11 @@ class MemoryManager:
         transfer = self._issue(obj, urgent=True, distance=0.0)
         if transfer is None:  # only the model's thread can rebuild it: do it now
             self.device_used += obj.nbytes
-            start = time.perf_counter()
+            start = self.clock()
             tensors = obj.materialize()
             obj.device = obj.on_device({k: v.to(self.device, copy=True)
                                         for k, v in tensors.items()})
-            self._installed(obj, "recompute", "recompute", "miss", 0.0,
-                            time.perf_counter() - start)
+            self._installed(obj, "recompute", "recompute", "miss", 0.0, self.clock() - start)
         return transfer
 
     def _wait(self, obj: AgentMemory, transfer: Transfer) -> None:
@@ -269,6 +318,8 @@ class MemoryManager:
                    distance: float, seconds: float) -> None:
         self.resident[obj.key] = obj
         self.policy.on_load(obj)
+        if obj.pins == 0:
+            self._reindex(obj)
         self.totals["bytes_loaded"] += obj.nbytes
         self.totals[f"bytes_{op}"] += obj.nbytes
         self.totals["copy_s"] += seconds
@@ -280,23 +331,36 @@ class MemoryManager:
                    farther_than: float | None = None) -> bool:
         """Free ``nbytes`` of device budget by evicting (and, if urgent, aborting prefetches).
 
-        A prefetch (``farther_than`` set) may only evict objects strictly farther than itself.
-        Nothing is evicted unless enough can be freed.
+        Victims come off the eviction index in the policy's order. A prefetch (``farther_than``
+        set) may only evict objects strictly farther than itself; under a distance policy the
+        index pops in distance order, so the first nearer one ends the search. Nothing is
+        evicted unless enough can be freed.
         """
         short = self.device_used + nbytes - self.device_bytes
         if short <= 0:
             return True
-        candidates = [o for o in self.resident.values() if o.pins == 0 and o.key not in protect]
-        if farther_than is not None:
-            dist = {o.key: self.distance_of(o) for o in candidates}
-            candidates = [o for o in candidates if dist[o.key] > farther_than]
-        candidates.sort(key=lambda o: self.policy.eviction_key(o, self.distance_of), reverse=True)
-        victims, freed = [], 0
-        for o in candidates:
-            if freed >= short:
-                break
-            victims.append(o)
-            freed += o.nbytes
+        if not self._indexed:
+            self._rebuild_index()
+        index, version, resident = self._index, self._version, self.resident
+        victims: list[tuple[Any, int, int, str]] = []
+        aside: list[tuple[Any, int, int, str]] = []
+        freed = 0
+        while freed < short and index:
+            entry = heapq.heappop(index)
+            key = entry[3]
+            if version.get(key) != entry[2]:
+                continue  # stale: the object was re-ranked, pinned or evicted since
+            obj = resident[key]
+            if key in protect:
+                aside.append(entry)
+                continue
+            if farther_than is not None and not self.distance_of(obj) > farther_than:
+                aside.append(entry)
+                if self.policy.uses_distance:
+                    break  # every object left in the index is at least as near
+                continue
+            victims.append(entry)
+            freed += obj.nbytes
         prefetches: list[Transfer] = []
         if freed < short and urgent:
             queued = sorted((t for t in self.inflight.values()
@@ -307,10 +371,14 @@ class MemoryManager:
                     break
                 prefetches.append(t)
                 freed += t.obj.nbytes
+        for entry in aside:
+            heapq.heappush(index, entry)
         if freed < short:
+            for entry in victims:
+                heapq.heappush(index, entry)
             return False
-        for o in victims:
-            self._evict(o, cause="budget", protect=protect)
+        for entry in victims:
+            self._evict(resident[entry[3]], cause="budget", protect=protect)
         for t in prefetches:
             self.copy.cancel(t)
             t.done.wait()
@@ -319,12 +387,55 @@ class MemoryManager:
                 self._evict(t.obj, cause="budget", protect=protect)
         return True
 
+    # -- the eviction index -------------------------------------------------------------------
+
+    def _rank(self, obj: AgentMemory) -> Any:
+        return self.policy.eviction_rank(obj, self._index_distance)
+
+    def _index_distance(self, obj: AgentMemory) -> float:
+        """The distance the index ranks by: the source's time-invariant order key if it has one."""
+        order_key = self._order_key
+        if order_key is None:
+            return self.distance_of(obj)
+        if not obj.users:
+            return math.inf
+        return min(order_key(u) for u in obj.users)
+
+    def _reindex(self, obj: AgentMemory) -> None:
+        """(Re-)enter a resident unpinned object under its current rank."""
+        version = next(self._versions)
+        self._version[obj.key] = version
+        heapq.heappush(self._index, (self._rank(obj), self._serial[obj.key], version, obj.key))
+        if len(self._index) > 2 * len(self._version) + 1024:
+            self._index = [e for e in self._index if self._version.get(e[3]) == e[2]]
+            heapq.heapify(self._index)
+
+    def _rebuild_index(self) -> None:
+        self._version.clear()
+        self._index = []
+        for obj in self.resident.values():
+            if obj.pins == 0:
+                version = next(self._versions)
+                self._version[obj.key] = version
+                self._index.append((self._rank(obj), self._serial[obj.key], version, obj.key))
+        heapq.heapify(self._index)
+
+    def _distance_changed(self, agent: str) -> None:
+        """The source re-estimated ``agent``: re-rank its resident, unpinned objects."""
+        if not self.policy.uses_distance:
+            return
+        for key in self.by_agent.get(agent, ()):
+            obj = self.objects[key]
+            if obj.device is not None and obj.pins == 0:
+                self._reindex(obj)
+
     def _evict(self, obj: AgentMemory, cause: str, protect: set[str] = frozenset()) -> None:
         """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
         distance = self.distance_of(obj)
         tensors, obj.device = obj.device, None
         obj.off_device()
         del self.resident[obj.key]
+        self._version.pop(obj.key, None)
         self.device_used -= obj.nbytes
         self.totals["evictions"] += 1
         if obj.host is not None:
@@ -350,7 +461,7 @@ class MemoryManager:
         held = [o for o in self.objects.values() if o.host is not None and o.key not in protect]
         if sum(o.nbytes for o in held) < short:
             return False
-        held.sort(key=lambda o: self.policy.eviction_key(o, self.distance_of), reverse=True)
+        held.sort(key=lambda o: self.policy.eviction_rank(o, self.distance_of))
         for o in held:
             if short <= 0:
                 break
@@ -417,3 +528,12 @@ class MemoryManager:
         assert self.host_used <= self.host_bytes
         for owner, objs in self.owners.items():
             assert all(o.device is not None for o in objs), owner
+        # The eviction index holds exactly the resident unpinned objects, at their current rank.
+        if not self._indexed:
+            self._rebuild_index()
+        live = {e[3]: e for e in self._index if self._version.get(e[3]) == e[2]}
+        assert set(live) == set(self._version), "index versions without a live entry"
+        unpinned = {k for k, o in self.resident.items() if o.pins == 0}
+        assert set(live) == unpinned, (sorted(live), sorted(unpinned))
+        for key, entry in live.items():
+            assert entry[0] == self._rank(self.resident[key]), (key, entry[0])

@@ -1,7 +1,7 @@
 """Replacement policies: which resident object leaves the device first, and whether to prefetch.
 
-A policy ranks eviction candidates with :meth:`Policy.eviction_key` (the largest key leaves
-first) and says whether the manager prefetches ahead of need. The distance-driven policies
+A policy ranks eviction candidates with :meth:`Policy.eviction_rank` (the smallest rank leaves
+first; the manager keeps resident objects in a heap by it) and says whether the manager prefetches ahead of need. The distance-driven policies
 (``scalesim``, ``belady``) rank by invocation distance; the classic ones by access history:
 
 ========== ================================================================================
@@ -23,7 +23,11 @@ from runtime.memory.objects import AgentMemory
 
 
 class Policy:
-    """Base policy: the hooks the manager calls. ``Distance`` is ``manager.distance_of``."""
+    """Base policy: the hooks the manager calls.
+
+    ``distance`` in :meth:`eviction_rank` gives an object's distance rank: its invocation
+    distance, or a time-invariant key that orders objects the same way (``order_key``).
+    """
 
     name = "base"
     prefetch = False
@@ -46,29 +50,34 @@ class Policy:
         self.clock += 1
         self.loaded_at[obj.key] = self.clock
 
-    def eviction_key(self, obj: AgentMemory, distance: Callable[[AgentMemory], float]) -> Any:
+    def eviction_rank(self, obj: AgentMemory, distance: Callable[[AgentMemory], float]) -> Any:
+        """A sortable rank: the object with the smallest rank is evicted first.
+
+        A rank may only change through :meth:`on_access`, :meth:`on_load` or a distance change;
+        the manager re-ranks an object exactly then.
+        """
         raise NotImplementedError
 
 
 class LRU(Policy):
     name = "lru"
 
-    def eviction_key(self, obj, distance):
-        return -self.last_access.get(obj.key, 0)
+    def eviction_rank(self, obj, distance):
+        return self.last_access.get(obj.key, 0)
 
 
 class LFU(Policy):
     name = "lfu"
 
-    def eviction_key(self, obj, distance):
-        return (-self.count.get(obj.key, 0), -self.last_access.get(obj.key, 0))
+    def eviction_rank(self, obj, distance):
+        return (self.count.get(obj.key, 0), self.last_access.get(obj.key, 0))
 
 
 class FIFO(Policy):
     name = "fifo"
 
-    def eviction_key(self, obj, distance):
-        return -self.loaded_at.get(obj.key, 0)
+    def eviction_rank(self, obj, distance):
+        return self.loaded_at.get(obj.key, 0)
 
 
 class DistancePolicy(Policy):
@@ -78,8 +87,8 @@ class DistancePolicy(Policy):
     prefetch = True
     uses_distance = True
 
-    def eviction_key(self, obj, distance):
-        return (distance(obj), -self.last_access.get(obj.key, 0))
+    def eviction_rank(self, obj, distance):
+        return (-distance(obj), self.last_access.get(obj.key, 0))
 
 
 class Belady(DistancePolicy):
