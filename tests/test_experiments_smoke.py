@@ -10,11 +10,26 @@ from experiments.modeled_sim import NoisyDistance, run_world
 
 
 class _Fixed:
+    """Estimated call times at sim time 0, watchable like the oracle."""
+
     def __init__(self, d):
         self.d = d
+        self.env = type("Env", (), {"now": 0.0})()
+        self.watchers = []
 
     def distance(self, agent):
+        return max(0.0, self.d[agent] - self.env.now)
+
+    def order_key(self, agent):
         return self.d[agent]
+
+    def watch(self, callback):
+        self.watchers.append(callback)
+
+    def set(self, agent, eta):
+        self.d[agent] = eta
+        for callback in self.watchers:
+            callback(agent)
 
     def nearest(self, k):
         return sorted(self.d, key=self.d.get)[:k]
@@ -25,7 +40,14 @@ def test_noise_leaves_pending_calls_and_zero_noise_alone():
     assert [NoisyDistance(src, 0.0).distance(a) for a in "abc"] == [0.0, 5.0, 9.0]
     noisy = NoisyDistance(src, 1.0, seed=1)
     assert noisy.distance("a") == 0.0
-    assert noisy.distance("b") == noisy.distance("b")  # consistent until the estimate changes
+    first = noisy.distance("b")
+    assert first == noisy.distance("b")  # consistent until the estimate changes
+    src.env.now = 2.0
+    assert noisy.distance("b") == max(0.0, first - 2.0)  # a fixed estimate: time runs down
+    changed = []
+    noisy.watch(changed.append)
+    src.set("b", 50.0)
+    assert changed == ["b"] and noisy.distance("b") != max(0.0, first - 2.0)
 
 
 def test_run_world_small_social_feed_is_modeled_and_deterministic():

@@ -101,3 +101,20 @@ def test_bad_options_are_named():
         build_modeled_engine(managed=("weights",))
     with pytest.raises(KeyError, match="unknown hardware profile"):
         build_modeled_engine(hardware_profile="TPU")
+
+
+def test_memory_goes_through_the_engine_once_per_request():
+    """One path: the engine acquires each request's objects once and releases them at the end."""
+    engine = build_modeled_engine(model="qwen2.5-7b", hardware_profile="H100", lora_rank=16,
+                                  output_tokens=6, max_num_seqs=3)
+    memory = engine.executor.memory
+    assert engine.memory is memory
+    acquired: list[int] = []
+    inner = memory.acquire
+    memory.acquire = lambda owner, objs: acquired.append(owner) or inner(owner, objs)
+    done = _serve(engine, [f"a{i}" for i in range(5)], rounds=2)
+    assert len(done) == 10 and all(c.ok for c in done)
+    assert sorted(acquired) == sorted(c.request_id for c in done)  # no double acquire
+    assert memory.owners == {} and all(o.pins == 0 for o in memory.objects.values())
+    assert [c.cached_tokens > 0 for c in done] == [False] * 5 + [True] * 5
+    memory.check()

@@ -9,6 +9,13 @@ through :class:`ModeledCopyEngine`, a link timeline in the same virtual clock: t
 while steps compute, as on a copy stream, and a request whose object is still on the link waits
 (a *stall*). An urgent load preempts a running prefetch unless ``preempt_prefetch=False``.
 
+Memory goes through the engine like the torch executor's: :meth:`ModeledExecutor.memory_objects`
+names a sequence's objects, and the :class:`~runtime.engine.Engine` acquires them before the step,
+releases them when the request finishes and ticks the manager between steps.
+:meth:`ModeledExecutor.attach_memory` adapts any :class:`~runtime.memory.MemoryManager` (its own
+by default, or one built from ``runtime.memory``) to modeled time: the virtual link replaces the
+copy thread and stalls are read off the virtual clock.
+
 The *modeled makespan* (:attr:`ModeledExecutor.now`) is the modeled serving time of the whole run:
 the sum of step times plus the stalls that compute did not hide. LLM calls still take zero
 simulated time in the world; the two clocks are separate on purpose.
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from runtime.cost_model import CostModel, SeqWork, hardware
@@ -97,10 +104,12 @@ class ModeledMemory(AgentMemory):
         self.origin = origin  # type: ignore[misc]
         self.threadsafe = origin != "recompute"  # type: ignore[misc]
         self.recomputes = 0
+        self.fresh = False
 
     def materialize(self) -> dict:
         if self.origin == "recompute":
             self.recomputes += 1
+            self.fresh = True  # the next step that uses it computes it (a prefill)
         return {}
 
 
@@ -243,14 +252,6 @@ class ModeledCopyEngine:
         return self._end if self.current is not None else None
 
 
-@dataclass
-class _Held:
-    """What the executor remembers about a sequence whose memory it holds."""
-
-    prefix_cached: int = 0
-    objects: list[AgentMemory] = field(default_factory=list)
-
-
 class ModeledExecutor:
     """An executor with no tensors: see the module docstring.
 
@@ -300,16 +301,22 @@ class ModeledExecutor:
         self.cache = KVCache(1, -(-kv_cache_tokens // block_size), block_size, 1, 1)
         self.prefixes = PrefixCache(self.cache)  # stays empty: prefix KV is a managed object
         self.clock = VirtualClock()
-        self.memory = MemoryManager(policy if isinstance(policy, Policy) else make_policy(policy),
-                                    device_bytes=memory_bytes, host_bytes=None,
-                                    lookahead=lookahead)
-        self.memory.copy.close()  # the threaded engine is replaced by the virtual link
-        self.memory.copy = ModeledCopyEngine(self.clock, self.cost,  # type: ignore[assignment]
-                                             preempt=preempt_prefetch)
-        self._held: dict[int, _Held] = {}
+        self.preempt_prefetch = preempt_prefetch
+        self.attach_memory(MemoryManager(
+            policy if isinstance(policy, Policy) else make_policy(policy),
+            device_bytes=memory_bytes, host_bytes=None, lookahead=lookahead))
+        #: tokens of each running request's prefix that a resident prefix KV saves computing
+        self._prefix_cached: dict[int, int] = {}
         self.steps = 0
         self.tokens_computed = 0
-        self.idle_waits = 0
+
+    def attach_memory(self, manager: MemoryManager) -> None:
+        """Run ``manager`` in modeled time: copies on the virtual link, stalls on the clock."""
+        manager.copy.close()  # the copy thread is replaced by the virtual link
+        manager.copy = ModeledCopyEngine(self.clock, self.cost,  # type: ignore[assignment]
+                                         preempt=self.preempt_prefetch)
+        manager.clock = lambda: self.clock.now
+        self.memory = manager
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -333,23 +340,33 @@ class ModeledExecutor:
 
     # -- the executor protocol ----------------------------------------------------------------
 
-    def objects_for(self, seq: Sequence) -> list[AgentMemory]:
-        """The agent's memory objects this call needs (registered with the manager once)."""
+    def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
+        """The agent's memory objects this call needs (the engine acquires and releases them)."""
         agent = seq.request.agent_id
+        memory = self.memory
         out: list[AgentMemory] = []
-        if self.lora_rank and "adapter" in self.managed:
+        if self.lora_rank:
             key = f"adapter:{seq.request.adapter or agent}"
-            obj = self.memory.objects.get(key) or ModeledMemory(
-                key, self.cost.lora_bytes(self.lora_rank), "adapter", "host")
-            out.append(self.memory.register(obj, (agent,)))
+            obj = memory.objects.get(key)
+            if obj is None:
+                obj = memory.register(ModeledMemory(
+                    key, self.cost.lora_bytes(self.lora_rank), "adapter", "host"), (agent,))
+            elif agent not in obj.users:
+                memory.register(obj, (agent,))
+            out.append(obj)
         if seq.prefix_ids and "prefix_kv" in self.managed:
             key = f"prefix_kv:{agent}"
-            obj = self.memory.objects.get(key)
+            obj = memory.objects.get(key)
             nbytes = len(seq.prefix_ids) * self.cost.kv_bytes_per_token
             if obj is None or obj.nbytes != nbytes:
-                obj = ModeledMemory(key, nbytes, "prefix_kv", "recompute")
-                self.memory.objects.pop(key, None)
-            out.append(self.memory.register(obj, (agent,)))
+                if obj is not None and (obj.pins or obj.device is not None
+                                        or key in memory.inflight):
+                    raise RequestError(f"request {seq.request_id} of agent {agent!r}: its prefix "
+                                       "changed length while the old one is still in use")
+                memory.objects.pop(key, None)
+                obj = memory.register(ModeledMemory(key, nbytes, "prefix_kv", "recompute"),
+                                      (agent,))
+            out.append(obj)
         return out
 
     def prepare(self, seq: Sequence) -> None:
@@ -359,74 +376,46 @@ class ModeledExecutor:
                 f"request {seq.request_id} of agent {seq.request.agent_id!r}: needs {needed} KV "
                 f"blocks, the modeled pool has {self.cache.num_blocks}")
 
-    def _acquire(self, seq: Sequence) -> bool:
-        objs = self.objects_for(seq)
-        prefix = next((o for o in objs if o.kind == "prefix_kv"), None)
-        before = prefix.recomputes if prefix is not None else 0
-        stall0 = self.clock.stall
-        stats = self.memory.acquire(seq.request_id, objs)
-        if stats is None:
-            return False
-        stats.stall_s = self.clock.stall - stall0
-        seq.memory = stats
-        held = _Held(objects=objs)
-        if prefix is not None and prefix.recomputes == before:
-            held.prefix_cached = len(seq.prefix_ids)
-            seq.cached_tokens = held.prefix_cached
-        self._held[seq.request_id] = held
-        return True
+    def _prefix_skip(self, seq: Sequence) -> int:
+        """Prefix tokens the step need not compute: all of them unless the KV was just rebuilt."""
+        cached = self._prefix_cached.get(seq.request_id)
+        if cached is None:
+            cached = 0
+            if seq.prefix_ids and "prefix_kv" in self.managed:
+                obj = self.memory.objects.get(f"prefix_kv:{seq.request.agent_id}")
+                if obj is not None and obj.fresh:
+                    obj.fresh = False  # this step computes it
+                else:
+                    cached = len(seq.prefix_ids)
+                    seq.cached_tokens = cached
+            self._prefix_cached[seq.request_id] = cached
+        return cached
 
     def execute(self, batch: list[Sequence]) -> None:
         """Advance the batch by one modeled step (see the module docstring)."""
         work: list[SeqWork] = []
-        ready: list[Sequence] = []
+        lora = self.lora_rank
         for seq in batch:
-            if seq.request_id not in self._held and not self._acquire(seq):
-                continue  # the device is full of pinned objects: retry at a later step
-            held = self._held[seq.request_id]
             start, n = seq.num_computed, seq.chunk
-            skip = min(max(held.prefix_cached - start, 0), n)
-            end = start + n
-            work.append(SeqWork(new=n - skip, past=start + skip,
-                                sampled=end >= seq.num_tokens,
-                                lora=f"{seq.request.agent_id}" if self.lora_rank else None,
-                                rank=self.lora_rank))
-            ready.append(seq)
-        if not ready:
-            self._wait_for_link()
-            return
+            skip = min(max(self._prefix_skip(seq) - start, 0), n)
+            work.append(SeqWork(n - skip, start + skip, start + n >= seq.num_tokens,
+                                seq.request.agent_id if lora else None, lora))
         seconds = self.cost.step_seconds(work)
         self.clock.now += seconds
         self.clock.compute += seconds
         self.memory.copy.advance(self.clock.now)
         self.steps += 1
-        for seq, w in zip(ready, work):
+        n_replies = len(self.chat.replies)
+        for seq, w in zip(batch, work):
             self.tokens_computed += w.new
             seq.num_computed += seq.chunk
             seq.chunk = 0
             if w.sampled:
                 limit = min(seq.request.sampling.max_tokens, self.output_tokens)
                 last = len(seq.output_ids) + 1 >= limit
-                filler = FILLER + seq.request_id % len(self.chat.replies)
-                seq.append_tokens([self._eos if last else filler])
+                seq.append_tokens([self._eos if last else FILLER + seq.request_id % n_replies])
                 if last:
-                    # The engine marks it finished after this call; its memory is free now.
-                    self.memory.release(seq.request_id)
-                    self._held.pop(seq.request_id, None)
-        self.memory.tick()
-
-    def _wait_for_link(self) -> None:
-        """Nothing could run: stall until the link finishes its current job."""
-        end = self.memory.copy.next_completion()
-        if end is None:
-            raise RequestError("modeled executor: no sequence can acquire its memory and no "
-                               "transfer is pending (device budget too small for the batch)")
-        self.idle_waits += 1
-        if end > self.clock.now:
-            self.clock.stall += end - self.clock.now
-            self.clock.now = end
-        self.memory.copy.advance(self.clock.now)
-        self.memory.poll()
+                    self._prefix_cached.pop(seq.request_id, None)
 
 
 def build_modeled_engine(**options: Any) -> Any:
@@ -435,4 +424,7 @@ def build_modeled_engine(**options: Any) -> Any:
     from runtime.scheduler import BatchScheduler
 
     ex = ModeledExecutor(**options)
-    return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs, ex.max_batch_tokens))
+    engine = Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs,
+                                       ex.max_batch_tokens))
+    engine.attach_memory(ex.memory)
+    return engine
