@@ -32,19 +32,23 @@ class LLMAgent(Agent):
     """An :class:`~scalesim.Agent` that talks through prompt templates and remembers."""
 
     prompts: ClassVar[dict[str, str]] = {
-        # SmolLM2-135M answers "one word from a list" reliably when the list comes last.
-        "choose": "{question}\nAnswer with exactly one word from this list: {options}.",
+        # {options}: "a, b, c"; {either}: "a, b or c". A tiny model rarely answers with a bare
+        # word, but a short sentence that names an option parses fine (see agents.parsing.pick).
+        "choose": "{question}\nAnswer with one word: {either}.",
         "reflect": ("These are things you noticed recently:\n{memories}\n"
                     "In one short sentence, what do you conclude from them?"),
         "memories": "You remember:\n{memories}\n\n",
     }
 
     def __init__(self, name: str, persona: str = "", adapter: str | None = None, *,
-                 max_tokens: int = 24, choice_tokens: int = 4, reflect_every: int = 0,
-                 memory_capacity: int = 200) -> None:
+                 max_tokens: int = 24, choice_tokens: int = 8, temperature: float = 0.0,
+                 reflect_every: int = 0, memory_capacity: int = 200) -> None:
         super().__init__(name, persona=persona, adapter=adapter)
         self.max_tokens = max_tokens
         self.choice_tokens = choice_tokens
+        #: Sampling temperature of every call (0: greedy). Seeds come from the world's generator,
+        #: so a run stays reproducible.
+        self.temperature = temperature
         self.memory = MemoryStream(reflect_every=reflect_every, capacity=memory_capacity)
         #: Replies that could not be parsed and were replaced by a default.
         self.parse_fallbacks = 0
@@ -62,7 +66,8 @@ class LLMAgent(Agent):
 
     def say(self, prompt: str, max_tokens: int | None = None, default: str = "...") -> Reply:
         """One line of free text; an empty reply becomes ``default`` (counted as a fallback)."""
-        reply = yield self.llm(prompt, max_tokens=max_tokens or self.max_tokens, stop=("\n",))
+        reply = yield self.llm(prompt, max_tokens=max_tokens or self.max_tokens, stop=("\n",),
+                               temperature=self.temperature)
         line = first_line(reply.text)
         if not line:
             self.parse_fallbacks += 1
@@ -73,8 +78,12 @@ class LLMAgent(Agent):
         """One of ``options`` (``default``, else the first, when the reply names none)."""
         if not options:
             raise ValueError(f"agent {self.name!r}: choose() needs at least one option")
-        prompt = self.prompts["choose"].format(question=question, options=", ".join(options))
-        reply = yield self.llm(prompt, max_tokens=self.choice_tokens)
+        either = options[0] if len(options) == 1 else (
+            ", ".join(options[:-1]) + " or " + options[-1])
+        prompt = self.prompts["choose"].format(question=question, options=", ".join(options),
+                                               either=either)
+        reply = yield self.llm(prompt, max_tokens=self.choice_tokens, stop=("\n",),
+                               temperature=self.temperature)
         choice = pick(reply.text, options)
         if choice is None:
             self.parse_fallbacks += 1

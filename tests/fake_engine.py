@@ -19,6 +19,9 @@ from scalesim import SimEnvironment
 class FakeEngine:
     """Finishes every submitted request at the next :meth:`step`."""
 
+    #: No executor behind it: ``scalesim.run`` then attaches no memory manager.
+    executor = None
+
     def __init__(self, reply: Callable[[Request], str] | Iterable[str] = ("ok",)) -> None:
         if callable(reply):
             self._reply = reply

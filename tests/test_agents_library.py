@@ -69,7 +69,8 @@ def test_choose_falls_back_and_counts_unparseable_replies():
     assert agent.memory.items[2].kind == "reflection"
     assert agent.line == "..."
     assert all(r.prefix == "You are C." for r in engine.requests)
-    assert engine.requests[0].sampling.max_tokens == 4
+    assert engine.requests[0].sampling.max_tokens == 8
+    assert engine.requests[0].prompt.endswith("north or south.")
 
 
 class Talker(LLMAgent):

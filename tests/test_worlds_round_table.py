@@ -6,7 +6,7 @@ from worlds.round_table import RoundTable
 
 
 def accuse(nick):
-    return lambda r: nick if "Who is the werewolf?" in r.prompt else f"I think {nick} lies."
+    return lambda r: nick if "Who is the werewolf:" in r.prompt else f"I think {nick} lies."
 
 
 def test_players_speak_in_order_then_all_vote_at_once():
@@ -17,7 +17,7 @@ def test_players_speak_in_order_then_all_vote_at_once():
     # One speaker per table per minute, in seat order; tables in parallel.
     assert [a for t, a in speak if a.startswith("t0.")] == ["t0.Ann", "t0.Bo", "t0.Cy", "t0.Dee"]
     assert [t for t, a in speak if a.startswith("t1.")] == [0, 1, 2, 3]
-    votes = [t for t, r in zip(engine.times, engine.requests) if "werewolf?" in r.prompt]
+    votes = [t for t, r in zip(engine.times, engine.requests) if "Who is the werewolf:" in r.prompt]
     assert len(votes) == 8 and set(votes) == {4}
     # Bo cannot vote for himself (his reply names no candidate: a fallback), so Bo goes.
     assert all(t.eliminated == ["Bo"] for t in world.tables)

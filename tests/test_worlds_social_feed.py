@@ -9,19 +9,20 @@ from worlds.social_feed import SocialFeed
 
 
 def chatty(request):
-    if "Do you write a post" in request.prompt:
+    if "Do you want to share it" in request.prompt:
         return next(chatty.actions)
     return "So true!"
 
 
 def test_activity_is_sparse_and_posts_cascade():
-    chatty.actions = itertools.cycle(["repost", "Reply.", "post", "shrug"])
+    chatty.actions = itertools.cycle(["Yes!", "yes, sure", "No.", "shrug"])
     world, engine = run_world(SocialFeed, {"users": 60, "active_rate": 0.2}, 1440, reply=chatty)
     m = world.metrics()
     assert 0.1 < m["active_share"] < 0.35
     assert m["posts"] > 0 and m["reposts"] > 0 and m["replies"] > 0
     assert m["largest_cascade"] > 2
-    assert m["parse_fallbacks"] > 0          # "shrug" names no action
+    assert m["parse_fallbacks"] > 0          # "shrug" is neither yes nor no
+    assert all(r.sampling.temperature > 0 for r in engine.requests)
     # Scale-free: the best-followed user has far more followers than the median one.
     degrees = sorted(d for _, d in world.follows.in_degree())
     assert degrees[-1] >= 4 * max(degrees[len(degrees) // 2], 1)
@@ -29,7 +30,7 @@ def test_activity_is_sparse_and_posts_cascade():
 
 
 def test_night_hours_are_quieter_than_the_evening():
-    chatty.actions = itertools.cycle(["nothing"])
+    chatty.actions = itertools.cycle(["no"])
     world, engine = run_world(SocialFeed, {"users": 300}, 1440, reply=chatty)
     by_hour = [0] * 24
     for t in engine.times:

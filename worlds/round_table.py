@@ -14,12 +14,14 @@ Distance source it exercises: **turn order** — who speaks next at each table i
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from agents import LLMAgent, parse_fallbacks
 from scalesim import World
 from scalesim.turns import TurnOrder
 
+SPEAKER_TAG = re.compile(r"^\w+:\s*")
 NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu"]
 
 
@@ -30,7 +32,9 @@ class Player(LLMAgent):
         **LLMAgent.prompts,
         "speak": ("You are playing werewolf with {others}. Round {round}. What was said:\n"
                   "{transcript}\nSay one short sentence to the table."),
-        "vote": "What was said:\n{transcript}\nWho is the werewolf?",
+        # Options at the end of the question ("Ann, Cy or Dee?") get a name back most often.
+        "choose": "{question}: {either}?",
+        "vote": "What was said:\n{transcript}\nWho is the werewolf",
     }
 
     def __init__(self, name: str, nick: str, persona: str, table: "Table", **kwargs) -> None:
@@ -46,6 +50,7 @@ class Player(LLMAgent):
             others = ", ".join(p.nick for p in table.seated if p is not self)
             line = yield from self.say(self.prompts["speak"].format(
                 others=others, round=table.turns.round + 1, transcript=table.recent()))
+            line = SPEAKER_TAG.sub("", line) or line  # the model often echoes "Ann: ..."
             yield self.wait(table.speech_minutes)
             table.transcript.append((self.nick, line))
             table.turns.done(self)
@@ -60,7 +65,7 @@ class Table:
     """One game: its players, speaking order, transcript and votes; a moderator process runs it."""
 
     def __init__(self, world: "RoundTable", index: int, players: int, rounds: int,
-                 speech_minutes: float, max_tokens: int) -> None:
+                 speech_minutes: float, max_tokens: int, temperature: float) -> None:
         self.world = world
         self.index = index
         self.rounds = rounds
@@ -78,7 +83,7 @@ class Table:
                     "You are a villager. One player is secretly a werewolf; find them.")
             persona = f"You are {nick}, a player in a game of werewolf. {role} Be brief."
             self.seated.append(Player(f"t{index}.{nick}", nick, persona, self,
-                                      max_tokens=max_tokens))
+                                      max_tokens=max_tokens, temperature=temperature))
         self.turns = TurnOrder(world.env, self.seated, pause_between_rounds=True,
                                name=f"table {index}")
         self.voting = world.env.event()
@@ -121,10 +126,12 @@ class RoundTable(World):
     """Several werewolf tables playing at the same time."""
 
     def setup(self, tables: int = 2, players: int = 4, rounds: int = 2,
-              speech_minutes: float = 1.0, max_tokens: int = 20) -> None:
+              speech_minutes: float = 1.0, max_tokens: int = 20,
+              temperature: float = 0.7) -> None:
         if not 3 <= players <= len(NAMES):
             raise ValueError(f"world.params.players must be 3..{len(NAMES)}, got {players}")
-        self.tables = [Table(self, i, players, rounds, speech_minutes, max_tokens)
+        # Sampling (temperature > 0) keeps greedy decoding from playing every table identically.
+        self.tables = [Table(self, i, players, rounds, speech_minutes, max_tokens, temperature)
                        for i in range(tables)]
         for table in self.tables:
             for player in table.seated:

@@ -3,9 +3,10 @@
 Users follow each other on a scale-free graph (networkx Barabási-Albert: a few hubs with many
 followers). Sim time is minutes; the day is split into steps (an hour by default). In each step a
 user is active with a probability that follows the hour of the day (low at night, peaks at
-lunch and in the evening; about ``active_rate`` on average). An active user reads the newest posts
-of those it follows, chooses one word — post, repost, reply or nothing — and acts; a post lands in
-its followers' feeds, so a few seed posts by hubs spread as repost/reply cascades. A user whose
+lunch and in the evening; about ``active_rate`` on average). An active user reads the newest post
+of those it follows and answers yes or no to sharing it (a share is a repost, or a reply with
+probability ``reply_share``); otherwise it writes a post of its own with probability
+``post_rate``. A post lands in its followers' feeds, so a few seed posts by hubs spread as repost/reply cascades. A user whose
 post gets a reply is notified by message and may wake early to answer.
 
 Distance sources it exercises: **sparse timers** (each user's next active step is drawn in
@@ -37,7 +38,6 @@ SEED_NEWS = [
     "Scientists spot a new comet visible tonight.",
     "The football final goes to penalties tomorrow.",
 ]
-ACTIONS = ["post", "repost", "reply", "nothing"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class User(LLMAgent):
 
     prompts = {
         **LLMAgent.prompts,
-        "act": "Your feed:\n{feed}\nDo you write a post, repost, reply, or do nothing?",
+        # SmolLM2-135M answers yes/no questions parseably; "which action" questions it does not.
+        "share": "Your feed: {author}: \"{text}\"\nDo you want to share it with your followers?",
         "post": "Write a one-sentence social media post about {topic}.",
         "reply": "{author} posted: \"{text}\"\nWrite a one-sentence reply.",
     }
@@ -84,22 +85,24 @@ class User(LLMAgent):
                 self.world.publish(self, text, kind="reply", parent=post)
 
     def act(self):
-        unread = list(self.feed)[-3:][::-1]
-        feed = "\n".join(f"- {p.author}: {p.text}" for p in unread) or "(nothing new)"
-        action = yield from self.choose(self.prompts["act"].format(feed=feed), ACTIONS,
-                                        default="nothing")
-        if action in ("repost", "reply") and not unread:
-            action = "post"
-        if action == "post":
-            text = yield from self.say(self.prompts["post"].format(topic=self.interest))
-            self.world.publish(self, text, kind="post")
-        elif action == "repost":
-            self.world.publish(self, unread[0].text, kind="repost", parent=unread[0])
-        elif action == "reply":
-            text = yield from self.say(self.prompts["reply"].format(
-                author=unread[0].author, text=unread[0].text))
-            self.world.publish(self, text, kind="reply", parent=unread[0])
+        """Read the newest post of the feed: share it (repost or reply) or not; maybe post."""
+        world = self.world
+        newest = self.feed[-1] if self.feed else None
         self.feed.clear()
+        if newest is not None:
+            share = yield from self.choose(self.prompts["share"].format(
+                author=newest.author, text=newest.text), ["yes", "no"], default="no")
+            if share == "yes":
+                if world.random.random() < world.reply_share:
+                    text = yield from self.say(self.prompts["reply"].format(
+                        author=newest.author, text=newest.text))
+                    world.publish(self, text, kind="reply", parent=newest)
+                else:
+                    world.publish(self, newest.text, kind="repost", parent=newest)
+                return
+        if world.random.random() < world.post_rate:
+            text = yield from self.say(self.prompts["post"].format(topic=self.interest))
+            world.publish(self, text, kind="post")
 
 
 class SocialFeed(World):
@@ -107,11 +110,14 @@ class SocialFeed(World):
 
     def setup(self, users: int = 10, attach: int = 2, active_rate: float = 0.2,
               step_minutes: float = 60, seed_posts: int = 2, answer_rate: float = 0.5,
+              reply_share: float = 0.3, post_rate: float = 0.3, temperature: float = 0.9,
               max_tokens: int = 24) -> None:
         if users < attach + 1:
             raise ValueError(f"world.params.users must exceed attach ({attach}), got {users}")
         self.step_minutes = step_minutes
         self.answer_rate = answer_rate
+        self.reply_share = reply_share
+        self.post_rate = post_rate
         scale = active_rate / (sum(HOURLY) / len(HOURLY))
         self.hourly = [min(1.0, h * scale) for h in HOURLY]
         ba = nx.barabasi_albert_graph(users, attach, seed=self.seed)
@@ -130,7 +136,9 @@ class SocialFeed(World):
             style = self.random.choice(STYLES)
             persona = (f"You are user u{i} on a social network. You are {style} and you care "
                        f"about {interest}. Keep it short.")
-            self.add(User(f"u{i}", persona, interest, max_tokens=max_tokens))
+            # Sampling, not greedy: a greedy 135M model answers every yes/no question the same.
+            self.add(User(f"u{i}", persona, interest, max_tokens=max_tokens,
+                          temperature=temperature))
         hubs = sorted(self.agents, key=lambda n: -self.follows.in_degree(n))
         for i in range(seed_posts):
             self.publish(self.agents[hubs[i % len(hubs)]], SEED_NEWS[i % len(SEED_NEWS)], "seed")

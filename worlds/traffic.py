@@ -38,8 +38,9 @@ class Vehicle(LLMAgent):
 
     prompts = {
         **LLMAgent.prompts,
-        "turn": ("You are driving in a city grid. Your destination is {where}. "
-                 "Roads lead {roads}. Which way do you drive?"),
+        # "Do you turn ...? Say the direction." gets SmolLM2-135M to name a direction most often.
+        "choose": "{question} Do you turn {either}? Say the direction.",
+        "turn": "Your destination is {where}.",
     }
 
     def __init__(self, name: str, persona: str, start: Node, trips: int, patience: int,
@@ -73,9 +74,8 @@ class Vehicle(LLMAgent):
         options = {h: (self.at[0] + dx, self.at[1] + dy) for h, (dx, dy) in HEADINGS.items()}
         options = {h: n for h, n in options.items() if self.world.roads.has_edge(self.at, n)}
         default = next(h for h, n in options.items() if n == best)
-        heading = yield from self.choose(
-            self.prompts["turn"].format(where=blocks(self.at, goal), roads=", ".join(options)),
-            list(options), default=default)
+        heading = yield from self.choose(self.prompts["turn"].format(where=blocks(self.at, goal)),
+                                         list(options), default=default)
         return options[heading]
 
     def drive(self, to: Node):
@@ -90,7 +90,7 @@ class Traffic(World):
     """The road grid, its vehicles, and travel times with congestion."""
 
     def setup(self, size: int = 3, vehicles: int = 4, trips: int = 2, patience: int = 6,
-              congestion: float = 0.5, max_tokens: int = 4) -> None:
+              congestion: float = 0.5, max_tokens: int = 8) -> None:
         if size < 2:
             raise ValueError(f"world.params.size must be >= 2, got {size}")
         self.congestion = congestion
@@ -101,8 +101,7 @@ class Traffic(World):
             road["vehicles"] = 0
         nodes = list(self.roads.nodes)
         for i in range(vehicles):
-            persona = (f"You are the driver of car {i}, {self.random.choice(['calm', 'hurried'])}. "
-                       "You answer with one direction.")
+            persona = f"You are a {self.random.choice(['calm', 'hurried'])} taxi driver in a grid city."
             self.add(Vehicle(f"car{i}", persona, self.random.choice(nodes), trips, patience,
                              choice_tokens=max_tokens))
 
