@@ -7,7 +7,8 @@ The command reads a run directory (:func:`scalesim.load_trace`) and writes into 
     latency_cdf.png         CDF of finish_wall - submit_wall
     hit_rate.png            device hit rate per memory kind over the run ("no memory data" if none)
     bytes_by_kind.png       bytes moved per memory kind and operation (from memory.parquet)
-    report.md               the numbers, the world's metrics, and the plots
+    report.md               the numbers (with the distance oracle's Kendall tau when recorded),
+                            the world's metrics, and the plots
 
 Every plot is a function of the DataFrames of :func:`scalesim.load_trace`, usable from a notebook:
 each takes an optional matplotlib ``ax`` and returns the figure it drew on. Figures are built with
@@ -257,6 +258,10 @@ def markdown(result: RunResult, plots: Sequence[str] = PLOTS) -> str:
     lines.append("| bytes moved | " + (", ".join(
         f"{r.kind} {r.op} {_fmt_bytes(r.bytes)}" for r in moved.itertuples())
         or "no memory operations recorded") + " |")
+    distance = summary.get("distance") or {}
+    if distance.get("kendall_tau") is not None:
+        lines.append(f"| distance prediction: Kendall tau (snapshots) | "
+                     f"{distance['kendall_tau']} ({distance.get('snapshots', '?')}) |")
     world = summary.get("world") or {}
     if world:
         lines += ["", "## World metrics", "", "| metric | value |", "|---|---|"]
