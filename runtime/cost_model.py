@@ -203,6 +203,27 @@ class CostModel:
     def step_seconds(self, work: Iterable[SeqWork]) -> float:
         return self.step(work).seconds
 
+    def decode_seconds(self, work: list[SeqWork], steps: int) -> float:
+        """Total time of ``steps`` consecutive decode steps of the sequences in ``work``.
+
+        Every sequence computes one new token per step and its ``past`` grows by one after each;
+        the result equals summing :meth:`step` over the steps, in O(len(work) + steps).
+        """
+        first = self.step(work)
+        if steps <= 1 or not work:
+            return first.seconds * max(steps, 0)
+        m, hw = self.model, self.hw
+        n = len(work)
+        # Per step, each sequence attends to one more key and reads one more token of KV.
+        flops_step = n * 4.0 * m.num_heads * m.head_dim * m.num_layers
+        bytes_step = n * self.kv_bytes_per_token
+        total = 0.0
+        for j in range(steps):
+            compute_s = (first.flops + j * flops_step) / (hw.flops * hw.eff_compute)
+            memory_s = (first.bytes + j * bytes_step) / (hw.mem_bw * hw.eff_memory)
+            total += max(compute_s, memory_s) + first.overhead_s
+        return total
+
     def copy_seconds(self, nbytes: float) -> float:
         """Modeled time to move ``nbytes`` from host to device over the link."""
         return self.hw.link_latency + nbytes / (self.hw.link_bw * self.hw.eff_link)

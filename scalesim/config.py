@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      field_validator)
 
 
 class ConfigError(ValueError):
@@ -52,8 +53,36 @@ class MemoryConfig(_Section):
     belady_trace: str | None = Field(default=None, description="run dir of an earlier run (belady)")
 
 
+class ModeledConfig(_Section):
+    """``runtime.modeled``: the cost-model backend (no tensors; every time it reports is modeled).
+
+    ``runtime.model`` names the model profile (``runtime.model.profiles``); ``runtime.memory``
+    gives the policy and the agent-memory budget (``device_bytes``) as for the torch executor.
+    """
+
+    hardware: str = Field(default="H100", description="hardware profile (runtime.cost_model)")
+    lora_rank: int = Field(default=0, ge=0, description="rank of each agent's adapter; 0: none")
+    managed: list[Literal["adapter", "prefix_kv"]] = Field(
+        default_factory=lambda: ["adapter", "prefix_kv"], description="agent memory kinds")
+    prefix_tokens: int | None = Field(default=None, ge=1, description="fixed persona length")
+    output_tokens: int = Field(default=32, ge=1, description="tokens each call generates")
+    chars_per_token: float = Field(default=4.0, gt=0)
+    preempt_prefetch: bool = Field(default=True, description="urgent loads abort prefetches")
+    replies: list[str] = Field(default_factory=lambda: ["ok"], min_length=1,
+                               description="placeholder answers, cycled per request")
+
+    @field_validator("hardware")
+    @classmethod
+    def _known_hardware(cls, name: str) -> str:
+        from runtime.cost_model import HARDWARE
+
+        if name not in HARDWARE:
+            raise ValueError(f"unknown hardware profile {name!r}; built-in: {', '.join(HARDWARE)}")
+        return name
+
+
 class RuntimeConfig(_Section):
-    executor: Literal["hf", "torch"] = "hf"
+    executor: Literal["hf", "torch", "modeled"] = "hf"
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -65,9 +94,23 @@ class RuntimeConfig(_Section):
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "flashinfer"] = "auto"
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    modeled: ModeledConfig = Field(default_factory=ModeledConfig)
 
     def engine_options(self) -> dict[str, Any]:
         """Executor-specific keyword arguments for :func:`runtime.build_engine`."""
+        if self.executor == "modeled":
+            m = self.modeled
+            options: dict[str, Any] = {
+                "hardware_profile": m.hardware, "lora_rank": m.lora_rank,
+                "managed": tuple(m.managed), "prefix_tokens": m.prefix_tokens,
+                "output_tokens": m.output_tokens, "chars_per_token": m.chars_per_token,
+                "preempt_prefetch": m.preempt_prefetch, "replies": tuple(m.replies),
+                "policy": self.memory.policy, "memory_bytes": self.memory.device_bytes,
+                "lookahead": self.memory.lookahead, "block_size": self.block_size,
+                "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens}
+            if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile
+                options["kv_cache_tokens"] = self.kv_cache_tokens
+            return options
         if self.executor != "torch":
             return {}
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,

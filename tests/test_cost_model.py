@@ -54,3 +54,15 @@ def test_copy_time_is_latency_plus_bandwidth():
     cost = CostModel(hw, profile("qwen2.5-7b"))
     assert cost.copy_seconds(0) == pytest.approx(hw.link_latency)
     assert cost.copy_seconds(64e9) == pytest.approx(hw.link_latency + 1.0)
+
+
+def test_decode_seconds_equals_stepping_one_decode_at_a_time():
+    from runtime.cost_model import CostModel, SeqWork, hardware
+    from runtime.model.profiles import profile
+
+    cost = CostModel(hardware("H100"), profile("qwen2.5-7b"))
+    work = [SeqWork(1, p, True, f"a{p % 3}", 16) for p in (100, 900, 4000)]
+    stepped = sum(cost.step_seconds([SeqWork(1, w.past + j, True, w.lora, w.rank) for w in work])
+                  for j in range(6))
+    assert cost.decode_seconds(work, 6) == pytest.approx(stepped, rel=1e-12)
+    assert cost.decode_seconds(work, 1) == cost.step_seconds(work)

@@ -118,3 +118,31 @@ def test_memory_goes_through_the_engine_once_per_request():
     assert memory.owners == {} and all(o.pins == 0 for o in memory.objects.values())
     assert [c.cached_tokens > 0 for c in done] == [False] * 5 + [True] * 5
     memory.check()
+
+
+@pytest.mark.parametrize("policy", ["lru", "infinite"])
+def test_taking_decode_steps_at_once_changes_nothing_without_prefetch(policy):
+    """Multi-step decodes give the same modeled time, steps and outputs as stepping one by one."""
+    opts = dict(model="qwen2.5-7b", hardware_profile="H100", lora_rank=16, output_tokens=7,
+                max_num_seqs=4, policy=policy)
+    agents = [f"a{i}" for i in range(9)]
+    per_agent = None
+    results = []
+    for fused in (True, False):
+        if policy == "lru":
+            probe = build_modeled_engine(**opts).executor
+            per_agent = probe.cost.lora_bytes(16) + 60 * probe.cost.kv_bytes_per_token
+        engine = build_modeled_engine(memory_bytes=per_agent and 5 * per_agent, **opts)
+        if not fused:
+            engine.executor.scheduler = None
+        calls = []
+        inner = engine.executor.execute
+        engine.executor.execute = lambda batch: calls.append(1) or inner(batch)
+        done = _serve(engine, agents, rounds=2)
+        ex = engine.executor
+        results.append((ex.now, ex.clock.stall, ex.steps, ex.tokens_computed,
+                        [(c.request_id, c.text, c.output_tokens) for c in done], len(calls)))
+    (t1, s1, n1, k1, d1, c1), (t2, s2, n2, k2, d2, c2) = results
+    assert c1 < c2 == n2  # fewer engine iterations, as many modeled steps
+    assert t1 == pytest.approx(t2, rel=1e-12) and s1 == pytest.approx(s2, abs=1e-12)
+    assert (n1, k1) == (n2, k2) and sorted(d1) == sorted(d2)

@@ -307,6 +307,9 @@ class ModeledExecutor:
             device_bytes=memory_bytes, host_bytes=None, lookahead=lookahead))
         #: tokens of each running request's prefix that a resident prefix KV saves computing
         self._prefix_cached: dict[int, int] = {}
+        #: the engine's scheduler, when built by build_modeled_engine (multi-step decodes)
+        self.scheduler: Any = None
+        self._stop_hits: dict[tuple[str, ...], bool] = {}
         self.steps = 0
         self.tokens_computed = 0
 
@@ -392,30 +395,78 @@ class ModeledExecutor:
         return cached
 
     def execute(self, batch: list[Sequence]) -> None:
-        """Advance the batch by one modeled step (see the module docstring)."""
-        work: list[SeqWork] = []
+        """Advance the batch by one modeled step, or by several when only decodes would run.
+
+        When every running sequence of the batch is decoding, nothing waits and no stop string
+        is set, the next iterations would run this same batch until its first sequence finishes
+        (no world event can intervene: the world is idle while calls are in flight). Those
+        steps are then taken at once: each sequence gets its tokens, blocks and KV growth, the
+        clock advances by the exact sum of the step times and the link timeline by as much. The
+        only difference from stepping one by one is that the memory manager's tick (installing
+        finished transfers and issuing the next prefetches) runs once at the end.
+        """
         lora = self.lora_rank
+        work: list[SeqWork] = []
         for seq in batch:
             start, n = seq.num_computed, seq.chunk
             skip = min(max(self._prefix_skip(seq) - start, 0), n)
             work.append(SeqWork(n - skip, start + skip, start + n >= seq.num_tokens,
                                 seq.request.agent_id if lora else None, lora))
-        seconds = self.cost.step_seconds(work)
+        steps = self._decode_run(batch)
+        seconds = (self.cost.decode_seconds(work, steps) if steps > 1
+                   else self.cost.step_seconds(work))
         self.clock.now += seconds
         self.clock.compute += seconds
         self.memory.copy.advance(self.clock.now)
-        self.steps += 1
+        self.steps += steps
         n_replies = len(self.chat.replies)
+        eos = self._eos
         for seq, w in zip(batch, work):
-            self.tokens_computed += w.new
-            seq.num_computed += seq.chunk
+            self.tokens_computed += w.new + steps - 1
+            seq.num_computed += seq.chunk + steps - 1
             seq.chunk = 0
             if w.sampled:
                 limit = min(seq.request.sampling.max_tokens, self.output_tokens)
-                last = len(seq.output_ids) + 1 >= limit
-                seq.append_tokens([self._eos if last else FILLER + seq.request_id % n_replies])
+                have = len(seq.output_ids)
+                filler = FILLER + seq.request_id % n_replies
+                last = have + steps >= limit
+                seq.append_tokens([filler] * (steps - 1) + [eos if last else filler])
                 if last:
                     self._prefix_cached.pop(seq.request_id, None)
+
+    def _stop_can_match(self, stop: Any) -> bool:
+        """Whether a stop string occurs in a placeholder reply (else it can never end a call)."""
+        key = tuple(stop)
+        hit = self._stop_hits.get(key)
+        if hit is None:
+            hit = self._stop_hits[key] = any(s in r for s in key for r in self.chat.replies)
+        return hit
+
+    def _decode_run(self, batch: list[Sequence]) -> int:
+        """How many decode steps ``batch`` can take at once (1: step normally)."""
+        sched = self.scheduler
+        if (sched is None or len(batch) != len(sched.running)
+                or (sched.waiting and len(sched.running) < sched.max_num_seqs)):
+            return 1  # someone else would join the next step
+        steps = self.output_tokens
+        for seq in batch:
+            if seq.chunk != 1 or seq.num_computed + 1 != seq.num_tokens:
+                return 1
+            if seq.request.sampling.stop and self._stop_can_match(seq.request.sampling.stop):
+                return 1
+            limit = min(seq.request.sampling.max_tokens, self.output_tokens)
+            steps = min(steps, limit - len(seq.output_ids))
+        if steps <= 1:
+            return 1
+        cache = self.cache
+        need = [cache.blocks_for(seq.num_tokens + steps - 1) - len(seq.block_table)
+                for seq in batch]
+        if sum(need) > cache.num_free:
+            return 1  # the pool would run short in between: step one by one (and preempt)
+        for seq, n in zip(batch, need):
+            if n > 0:
+                seq.block_table += cache.allocate(n)
+        return steps
 
 
 def build_modeled_engine(**options: Any) -> Any:
@@ -427,4 +478,5 @@ def build_modeled_engine(**options: Any) -> Any:
     engine = Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs,
                                        ex.max_batch_tokens))
     engine.attach_memory(ex.memory)
+    ex.scheduler = engine.scheduler  # to see when only decodes are left (see execute)
     return engine

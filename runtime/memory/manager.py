@@ -397,9 +397,11 @@ class MemoryManager:
         order_key = self._order_key
         if order_key is None:
             return self.distance_of(obj)
-        if not obj.users:
-            return math.inf
-        return min(order_key(u) for u in obj.users)
+        users = obj.users
+        if len(users) == 1:
+            for user in users:
+                return order_key(user)
+        return min((order_key(u) for u in users), default=math.inf)
 
     def _reindex(self, obj: AgentMemory) -> None:
         """(Re-)enter a resident unpinned object under its current rank."""

@@ -36,17 +36,23 @@ def _build_engine(config: RunConfig) -> Any:
     from runtime.model.loader import ModelNotFoundError
 
     rt = config.runtime
+    where = f" in {config.source}" if config.source else ""
+    if rt.executor == "modeled":
+        from runtime.model.profiles import PROFILES
+
+        if rt.model not in PROFILES:
+            raise ConfigError(f"config error{where}: runtime.model: the modeled executor needs a "
+                              f"model profile, one of {', '.join(PROFILES)}; got {rt.model!r}")
     try:
         return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype,
                             **rt.engine_options())
     except ModelNotFoundError as exc:
-        where = f" in {config.source}" if config.source else ""
         raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
 
 
 def _attach_memory(config: RunConfig, engine: Any, env: SimEnvironment,
                    recorder: TraceRecorder) -> Any:
-    """Give a torch engine a MemoryManager per ``runtime.memory``; ``None`` for other engines."""
+    """Give a torch or modeled engine a MemoryManager per ``runtime.memory``; else ``None``."""
     if not hasattr(engine, "attach_memory") or not hasattr(engine.executor, "attach_memory"):
         return None
     from runtime.memory import FutureSequence, MemoryManager
@@ -69,7 +75,10 @@ def _attach_memory(config: RunConfig, engine: Any, env: SimEnvironment,
         env.submit_listeners.append(source.on_submit)
         env.completion_listeners.append(lambda call, done: source.on_finish(call.agent_id))
     manager = MemoryManager(mem.policy, device_bytes=mem.device_bytes, host_bytes=mem.host_bytes,
-                            disk_dir=mem.disk_dir, device=config.runtime.device,
+                            disk_dir=mem.disk_dir,
+                            # the modeled executor moves no tensors: its manager stays on the CPU
+                            device="cpu" if config.runtime.executor == "modeled"
+                            else config.runtime.device,
                             link_gbps=mem.link_gbps, link_latency_us=mem.link_latency_us,
                             lookahead=mem.lookahead, distance=source)
     manager.listeners.append(lambda row: recorder.record_memory(sim_time=float(env.now), **row))
@@ -136,6 +145,9 @@ def run(
         if memory is not None:
             memory.close()
             extra["memory"] = _memory_summary(memory)
+        modeled = getattr(engine.executor, "summary", None)
+        if modeled is not None:  # the modeled executor's totals (makespan etc.), all modeled
+            extra["modeled"] = modeled()
         result = recorder.write(
             run_dir,
             sim_time=env.now,
