@@ -1,6 +1,7 @@
 """How wrong may the distances be? Multiplicative noise on every distance, 0 -> 100%.
 
-Each agent's estimate is multiplied by ``1 + noise * N(0, 1)`` (see NoisyDistance). The JSON line
+Whenever an agent's estimate changes, its horizon (estimated call time minus now) is multiplied by
+``max(0, 1 + noise * N(0, 1))`` and kept until the next change (see NoisyDistance). The JSON line
 names the smallest noise level at which scalesim no longer beats lru (modeled).
 
     python -m experiments.noise [--quick]
