@@ -63,7 +63,8 @@ class MemoryManager:
 
     ``device_bytes=None`` (or the ``infinite`` policy) means no device limit and
     ``host_bytes=None`` no host limit; ``host_bytes=0`` disables the host tier. ``disk_dir``
-    enables the disk tier. ``lookahead`` is how many nearest agents a prefetch pass considers.
+    enables the disk tier. ``lookahead`` is how many nearest agents a prefetch pass considers
+    besides those whose requests already hold their objects.
     """
 
     def __init__(
@@ -493,7 +494,9 @@ class MemoryManager:
 
     def _prefetch(self) -> None:
         """Bring in the nearest agents' missing objects, as far as farther objects can make room."""
-        for agent in self.distance.nearest(self.lookahead):
+        # The nearest agents include those already running (distance 0, objects pinned): look
+        # past them, or a busy engine would never prefetch for anyone who is about to call.
+        for agent in self.distance.nearest(self.lookahead + len(self.owners)):
             for key in self.by_agent.get(agent, ()):
                 obj = self.objects[key]
                 if obj.device is not None or key in self.inflight or obj.nbytes > self.device_bytes:
