@@ -120,6 +120,7 @@ def test_lora_logits_match_peft(hf, adapters, monkeypatch):
     assert (base - ref[0]).abs().max() > 0.1  # the adapter really changes the output
 
 
+@pytest.mark.slow
 def test_mixed_batch_of_eight_adapters_equals_running_alone(hf, adapters):
     def calls():
         return [call(f"agent{i}", f"It is {6 + i} o'clock. What do you do?",
@@ -136,6 +137,7 @@ def test_mixed_batch_of_eight_adapters_equals_running_alone(hf, adapters):
                for c in again)
 
 
+@pytest.mark.slow
 def test_small_pool_preempts_and_still_finishes_every_request(hf):
     requests = [call(f"a{i}", f"Count to {i + 3}.", prefix="", max_tokens=12) for i in range(6)]
     expected = [c.text for c in serve(engine(hf), *requests)]
@@ -176,6 +178,7 @@ def test_bad_requests_fail_alone(hf, adapters, tmp_path):
         assert text in by_agent[agent].error, by_agent[agent].error
 
 
+@pytest.mark.slow
 def test_sampling_seed_stop_and_eos(hf):
     eng = engine(hf)
     hot = dict(temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=12)
