@@ -91,7 +91,9 @@ def plot_calls_over_time(trace: pd.DataFrame, agents: int | None = None, bins: i
     ax.set_xlabel("simulated time")
     ax.set_ylabel("LLM calls per bin", color="tab:blue")
     share = ax.twinx()
-    share.plot(act["start"] + width / 2, 100 * act["active_share"], color="tab:red", marker=".")
+    # Markers, not a line: joining the bins would draw spikes through the empty ones.
+    share.plot(act["start"] + width / 2, 100 * act["active_share"], color="tab:red", marker="o",
+               markersize=4, linestyle="none")
     share.set_ylabel("% of agents active", color="tab:red")
     share.set_ylim(0, max(5, 100 * act["active_share"].max() * 1.1))
     ax.set_title(f"Activation sparsity ({agents} agents; mean "
