@@ -26,4 +26,5 @@ def test_world_runs_on_the_real_model(world, tmp_path, smol_engine):
     metrics = result.summary["world"]
     assert metrics["failed_agents"] == 0
     assert 0 <= metrics["parse_fallbacks"] <= result.summary["calls"]
-    assert (result.trace["output_tokens"] <= 4).all()
+    # Free text is capped at max_tokens (4 here); one-word choices get LLMAgent's 8 tokens.
+    assert (result.trace["output_tokens"] <= 8).all()
