@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError,
                       field_validator)
 
 
@@ -43,8 +43,10 @@ class MemoryConfig(_Section):
     """``runtime.memory``: where agent memory objects live and how they move (torch executor)."""
 
     policy: Literal["scalesim", "lru", "lfu", "fifo", "belady", "infinite", "none"] = "scalesim"
-    device_bytes: int | None = Field(default=None, ge=1, description="device budget; none: no limit")
-    host_bytes: int | None = Field(default=None, ge=0, description="host budget; none: no limit")
+    # Sizes take plain byte counts or units: 2GB, 512MiB.
+    device_bytes: ByteSize | None = Field(default=None, ge=1,
+                                          description="device budget; none: no limit")
+    host_bytes: ByteSize | None = Field(default=None, ge=0, description="host budget; none: no limit")
     disk_dir: str | None = Field(default=None, description="cache dir of the disk tier")
     link_gbps: float | None = Field(default=None, gt=0, description="emulated host-device link")
     link_latency_us: float = Field(default=0.0, ge=0)

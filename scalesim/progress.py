@@ -51,6 +51,10 @@ class ProgressDisplay:
             self._progress.__exit__(*exc)
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def print_summary(result: Any, console: Console | None = None) -> None:
     """Print the headline numbers of a finished run as a table."""
     s = result.summary
@@ -69,6 +73,23 @@ def print_summary(result: Any, console: Console | None = None) -> None:
     for kind, rate in s.get("hit_rate", {}).items():
         if rate is not None:
             rows.append((f"{kind} hit rate", f"{rate:.1%}"))
+    memory = s.get("memory")
+    if memory:
+        budget = memory["device_bytes"]
+        rows.append(("memory policy / device budget",
+                     f"{memory['policy']} / {'unlimited' if budget is None else _gib(budget)}"))
+        if memory["hit_rate"] is not None:
+            rows.append(("memory hit rate", f"{memory['hit_rate']:.1%}"))
+        rows.append(("memory loaded / stall", f"{_gib(memory['bytes_loaded'])} / "
+                                               f"{memory['stall_s']:.2f} s"))
+    tau = s.get("distance", {}).get("kendall_tau")
+    if tau is not None:
+        rows.append(("distance prediction (Kendall tau)", f"{tau:.3f}"))
+    modeled = s.get("modeled")
+    if modeled:
+        rows.append((f"modeled makespan ({modeled['model_profile']} on {modeled['hardware']})",
+                     f"{modeled['modeled_makespan_s']:.2f} s"))
+        rows.append(("modeled stall", f"{modeled['modeled_stall_s']:.2f} s"))
     for key, value in s.get("world", {}).items():
         rows.append((f"world: {key}", str(value)))
     rows.append(("run directory", str(result.run_dir)))

@@ -89,7 +89,9 @@ def _attach_memory(config: RunConfig, engine: Any, env: SimEnvironment,
 def _memory_summary(manager: Any) -> dict[str, Any]:
     totals = manager.totals
     accesses = totals["hits"] + totals["misses"]
-    return {"policy": manager.policy.name, "device_bytes": manager.device_bytes,
+    unlimited = manager.device_bytes == float("inf")  # JSON has no infinity: null = no limit
+    return {"policy": manager.policy.name,
+            "device_bytes": None if unlimited else int(manager.device_bytes),
             "hit_rate": round(totals["hits"] / accesses, 4) if accesses else None,
             "bytes_loaded": int(totals["bytes_loaded"]),
             "bytes_prefetched": int(totals["bytes_prefetch"]),
