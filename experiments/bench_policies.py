@@ -1,11 +1,16 @@
-"""Memory policies side by side: the town with one LoRA adapter per villager, on the torch engine.
+"""Memory policies side by side: the town with per-villager adapters and persona prefix KV.
 
-Every villager gets its own random PEFT adapter; the device budget holds about a quarter of all
-adapters, and loads cross an emulated host-to-device link. The same world (same seed, so the
-same calls in the same order) runs under ``lru`` (recorded first: its trace is belady's future),
-``scalesim``, ``belady`` and ``infinite`` with one loaded model. Printed per policy: makespan
-(wall seconds of the run), adapter hit rate, bytes loaded, stall seconds; then ratios, and a
-final JSON line with ``speedup_vs_lru`` and ``slowdown_vs_infinite`` of ``scalesim``.
+Every villager gets its own random PEFT adapter and a long persona (its prefix, padded with a
+backstory to about ``--persona-tokens`` tokens). Adapters and prefix KV share one device budget of
+about ``--budget`` of their working set; loads cross an emulated host-to-device link. With the
+host tier off for prefixes (``--host-bytes 0``, the default) an evicted prefix is dropped and the
+villager's next call re-prefills it, so a miss costs compute, not just a copy. The same world
+(same seed, so the same calls in the same order) runs under ``lru`` (recorded first: its trace is
+belady's future), ``scalesim``, ``belady`` and ``infinite`` with one loaded model. Printed per
+policy: makespan (wall seconds of the run), compute seconds (inside the executor's forward
+passes), stall seconds (waiting for loads), hit rate, bytes loaded and re-prefilled prefix
+tokens; then ratios, and a final JSON line with ``speedup_vs_lru`` and ``slowdown_vs_infinite``
+of ``scalesim``.
 
     .venv/bin/python experiments/bench_policies.py                 # 64 villagers, full day
     .venv/bin/python experiments/bench_policies.py --agents 16 --until 600 --max-tokens 4
@@ -52,15 +57,27 @@ def random_adapter(path: Path, config, rank: int, seed: int) -> str:
     return str(path)
 
 
+BACKSTORY = ("You grew up in Maple Hollow, know every family on the market square, keep a diary "
+             "of the weather and the harvest, and remember who owes whom a favour. ")
+
+
+def long_persona(persona: str, tokens: int) -> str:
+    """``persona`` followed by enough backstory sentences for about ``tokens`` tokens."""
+    return persona + " " + BACKSTORY * max(0, tokens // 36)  # a sentence is ~36 tokens
+
+
 class AdapterTown(Town):
-    """The town, with villager ``i`` using adapter ``adapters[i % len(adapters)]``."""
+    """The town, with villager ``i`` using adapter ``adapters[i % len(adapters)]`` and a long
+    persona."""
 
     adapters: list[str] = []
+    persona_tokens = 0
 
     def setup(self, villagers: int = 8, max_tokens: int = 24) -> None:
         super().setup(villagers=villagers, max_tokens=max_tokens)
         for i, agent in enumerate(self.agents.values()):
             agent.adapter = self.adapters[i % len(self.adapters)]
+            agent.persona = long_persona(agent.persona, self.persona_tokens)
 
 
 def main() -> None:
@@ -72,35 +89,66 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25, help="device share of the working set")
     parser.add_argument("--link-gbps", type=float, default=25.0)
     parser.add_argument("--policies", default="lru,scalesim,belady,infinite")
+    parser.add_argument("--persona-tokens", type=int, default=400,
+                        help="approximate prefix length of every villager")
+    parser.add_argument("--host-bytes", type=int, default=0,
+                        help="host tier for evicted prefixes (0: drop and re-prefill)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     engine = build_engine("torch", max_num_seqs=64, kv_cache_tokens=32768)
+    ex = engine.executor
     work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
-    AdapterTown.adapters = [random_adapter(work / f"adapter{i}", engine.executor.config,
-                                           args.rank, i) for i in range(args.agents)]
+    AdapterTown.adapters = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
+                            for i in range(args.agents)]
+    AdapterTown.persona_tokens = args.persona_tokens
     one = (Path(AdapterTown.adapters[0]) / "adapter_model.safetensors").stat().st_size
-    working_set = one * args.agents
+    sample = long_persona("You are Ada, 34, the baker of the village of Maple Hollow. You are "
+                          "cheerful. Answer briefly, in the first person.", args.persona_tokens)
+    prefix_tokens = len(ex.chat.encode(sample, "Hi")[0])
+    prefix = ex.cache.blocks_for(prefix_tokens) * ex.cache.block_nbytes
+    working_set = (one + prefix) * args.agents
     device_bytes = int(working_set * args.budget)
-    print(f"{args.agents} villagers, adapter ~{one / 2**20:.1f} MiB, working set "
-          f"{working_set / 2**20:.0f} MiB, device budget {device_bytes / 2**20:.0f} MiB, "
-          f"link {args.link_gbps} GB/s")
+    print(f"{args.agents} villagers, adapter ~{one / 2**20:.1f} MiB, prefix ~{prefix_tokens} "
+          f"tokens ~{prefix / 2**20:.1f} MiB, working set {working_set / 2**20:.0f} MiB, device "
+          f"budget {device_bytes / 2**20:.0f} MiB ({args.budget:.0%}), link {args.link_gbps} GB/s, "
+          f"host tier for prefixes {args.host_bytes} B", flush=True)
+
+    # Compute time: the executor's forward passes, timed around execute().
+    compute = [0.0]
+    execute = ex.execute
+
+    def timed_execute(batch):
+        start = time.perf_counter()
+        try:
+            return execute(batch)
+        finally:
+            compute[0] += time.perf_counter() - start
+
+    ex.execute = timed_execute
 
     results = {}
     for policy in args.policies.split(","):
-        memory = {"policy": policy, "device_bytes": device_bytes, "link_gbps": args.link_gbps}
+        memory = {"policy": policy, "device_bytes": device_bytes, "link_gbps": args.link_gbps,
+                  "host_bytes": args.host_bytes}
         if policy == "belady":
             memory["belady_trace"] = str(work / "run-lru")
         config = {"world": {"class": "__main__:AdapterTown",
                             "params": {"villagers": args.agents, "max_tokens": args.max_tokens}},
                   "runtime": {"executor": "torch", "memory": memory},
                   "sim": {"until": args.until, "seed": 0}}
+        compute[0] = 0.0
         start = time.perf_counter()
         result = run(config, out=work / f"run-{policy}", engine=engine)
         makespan = time.perf_counter() - start
         mem = result.summary["memory"]
-        results[policy] = {"makespan_s": round(makespan, 2), "calls": result.summary["calls"],
+        results[policy] = {"makespan_s": round(makespan, 2), "compute_s": round(compute[0], 2),
+                           "stall_s": mem["stall_s"], "calls": result.summary["calls"],
                            "hit_rate": mem["hit_rate"], "bytes_loaded": mem["bytes_loaded"],
-                           "stall_s": mem["stall_s"],
+                           "evictions": mem["evictions"],
+                           "reprefill_tokens": ex.reprefill_tokens,
                            "kendall_tau": result.summary["distance"]["kendall_tau"]}
         print(policy, json.dumps(results[policy]), flush=True)
 

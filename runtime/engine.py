@@ -39,6 +39,13 @@ class Engine:
         attach(manager)
         self.memory = manager
         self._acquired.clear()
+        if getattr(self.executor, "prefix_memory", False) and hasattr(self.scheduler, "admit"):
+            # Prefix KV is managed too: pin a sequence's objects before it looks up its prefix,
+            # and let the manager choose which cached prefixes leave when the KV pool is short.
+            block = self.executor.cache.block_nbytes
+            self.scheduler.admit = self._admit
+            self.scheduler.reclaim = lambda blocks: manager.reclaim(blocks * block,
+                                                                    kind="prefix_kv") > 0
 
     def submit(self, request: Request) -> int:
         """Queue ``request`` and return its request id (assigned here when unset)."""
@@ -111,26 +118,36 @@ class Engine:
         A sequence whose objects cannot be placed now (the device is full of other running
         requests' objects) goes back to the waiting queue; one whose objects can never fit fails.
         """
-        from runtime.memory import WorkingSetTooLarge
-
         kept = []
         for seq in batch:
             if seq.request_id not in self._acquired:
-                try:
-                    stats = self.memory.acquire(seq.request_id, self.executor.memory_objects(seq))
-                except (WorkingSetTooLarge, RequestError) as exc:
-                    seq.fail(str(exc))
+                if not self._admit(seq):
+                    if seq.status is not SequenceStatus.FINISHED:
+                        self.scheduler.preempt(seq)
                     continue
-                if stats is None:
-                    self.scheduler.preempt(seq)
-                    continue
-                self._acquired.add(seq.request_id)
-                seq.memory.hits.update(stats.hits)
-                seq.memory.misses.update(stats.misses)
-                seq.memory.bytes_loaded += stats.bytes_loaded
-                seq.memory.stall_s += stats.stall_s
             kept.append(seq)
         return kept
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Pin ``seq``'s memory objects (once); ``False`` if they cannot be placed now or never
+        (then ``seq`` has failed)."""
+        from runtime.memory import WorkingSetTooLarge
+
+        if seq.request_id in self._acquired:
+            return True
+        try:
+            stats = self.memory.acquire(seq.request_id, self.executor.memory_objects(seq))
+        except (WorkingSetTooLarge, RequestError) as exc:
+            seq.fail(str(exc))
+            return False
+        if stats is None:
+            return False
+        self._acquired.add(seq.request_id)
+        seq.memory.hits.update(stats.hits)
+        seq.memory.misses.update(stats.misses)
+        seq.memory.bytes_loaded += stats.bytes_loaded
+        seq.memory.stall_s += stats.stall_s
+        return True
 
     def _check_finished(self, seq: Sequence) -> None:
         params = seq.request.sampling

@@ -11,9 +11,13 @@ The last block of a prefix is usually only partly filled. A sequence that reuses
 shares the full blocks (reference counts) but gets its own copy of the partial block, since it
 writes its prompt tokens right after the prefix.
 
-:class:`PrefixCache` maps agent ids to entries in least-recently-used order. The engine's own
-policy is simple: keep everything while it fits; when the pool runs out of blocks, drop the least
-recently used entry (:meth:`PrefixCache.evict_one`).
+:class:`PrefixCache` maps agent ids to entries in least-recently-used order. Without a memory
+manager its policy is simple: keep everything while it fits; when the pool runs out of blocks,
+drop the least recently used entry (:meth:`PrefixCache.evict_one`). Under a
+:class:`~runtime.memory.MemoryManager` (``managed = True``) every entry is created by the
+executor as a :class:`~runtime.memory.engine_objects.PooledPrefix`, counted against the manager's
+device budget and evicted only by it; :meth:`PrefixCache.register` then only fills entries the
+manager made resident and never creates one behind its back.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class PrefixCache:
         self.cache = cache
         self.entries: OrderedDict[str, PrefixKV] = OrderedDict()
         self._clock = itertools.count(1)
+        #: entries belong to a memory manager: register fills them, never creates them
+        self.managed = False
 
     @property
     def nbytes(self) -> int:
@@ -123,20 +129,39 @@ class PrefixCache:
         return blocks
 
     def register(self, agent_id: str, adapter: str | None, token_ids: list[int],
-                 block_table: list[int]) -> PrefixKV:
-        """Cache the prefix a running sequence has just computed in its first blocks."""
+                 block_table: list[int]) -> PrefixKV | None:
+        """Cache the prefix a running sequence has just computed in its first blocks.
+
+        An entry for the same prefix and adapter that holds no blocks (offloaded, or waiting to
+        be recomputed under a manager) is filled in place; one that holds blocks is kept as is.
+        A managed cache returns ``None`` for an agent without a matching entry.
+        """
+        entry = self.entries.get(agent_id)
+        if entry is not None and entry.matches(adapter, token_ids):
+            if not entry.blocks:
+                entry.blocks = self._copy_prefix(block_table, len(token_ids))
+                entry.host = None
+            entry.last_used = next(self._clock)
+            self.entries.move_to_end(agent_id)
+            return entry
+        if self.managed:
+            return None
         self.remove(agent_id)
-        bs = self.cache.block_size
-        full = len(token_ids) // bs
-        blocks = self.cache.share(block_table[:full])
-        if len(token_ids) % bs:
-            own = self.cache.allocate(1)[0]
-            self.cache.copy_block(block_table[full], own)
-            blocks.append(own)
-        entry = PrefixKV(agent_id, adapter, tuple(token_ids), blocks,
+        entry = PrefixKV(agent_id, adapter, tuple(token_ids),
+                         self._copy_prefix(block_table, len(token_ids)),
                          last_used=next(self._clock), block_nbytes=self.cache.block_nbytes)
         self.entries[agent_id] = entry
         return entry
+
+    def _copy_prefix(self, block_table: list[int], num_tokens: int) -> list[int]:
+        """Share the full blocks of a computed prefix and copy its partial last block."""
+        bs = self.cache.block_size
+        full = num_tokens // bs
+        own = self.cache.allocate(1) if num_tokens % bs else []  # first: may raise OutOfBlocks
+        blocks = self.cache.share(block_table[:full])
+        if own:
+            self.cache.copy_block(block_table[full], own[0])
+        return blocks + own
 
     def remove(self, agent_id: str) -> None:
         entry = self.entries.pop(agent_id, None)

@@ -11,6 +11,7 @@ arrive while others are decoding join the running batch at the next step (contin
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from runtime.kv_cache import KVCache, OutOfBlocks
 from runtime.prefix_cache import PrefixCache
@@ -56,10 +57,17 @@ class BatchScheduler:
     waiting sequences (at most ``max_num_seqs`` run at once). A sequence from a new agent call
     first looks up its agent's cached prefix KV and, on a hit, starts after it.
 
-    When the pool lacks blocks, least recently used prefix entries are dropped first; if that is
-    not enough, the most recently admitted running sequence is preempted: its blocks are freed and
-    it waits at the head of the queue to be recomputed. A waiting sequence that does not fit yet
+    When the pool lacks blocks, cached prefix entries are let go first through :attr:`reclaim`
+    (without a memory manager the prefix cache's own LRU, :meth:`PrefixCache.evict_one`; with one,
+    the manager evicts in its policy's order, so there is one eviction mechanism); if that is not
+    enough, the most recently admitted running sequence is preempted: its blocks are freed and it
+    waits at the head of the queue to be recomputed. A waiting sequence that does not fit yet
     simply waits; the engine rejects at submission any request that could never fit.
+
+    :attr:`admit`, when set (by :meth:`Engine.attach_memory`), is called before a waiting
+    sequence looks up its prefix: it pins the sequence's memory objects (loading or marking for
+    recompute what is missing) and returns ``False`` when they cannot be placed yet (the sequence
+    keeps waiting). A sequence it fails is set aside and returned by :meth:`remove_finished`.
     """
 
     def __init__(self, cache: KVCache, prefixes: PrefixCache, max_num_seqs: int = 64,
@@ -73,6 +81,10 @@ class BatchScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.admit: Callable[[Sequence], bool] | None = None
+        #: frees KV blocks held by cached prefixes; ``blocks`` is how many are still missing
+        self.reclaim: Callable[[int], bool] = lambda blocks: prefixes.evict_one()
+        self._failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -99,6 +111,11 @@ class BatchScheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table:
+                if self.admit is not None and not self.admit(seq):
+                    if seq.status is SequenceStatus.FINISHED:  # failed: its objects never fit
+                        self._failed.append(self.waiting.popleft())
+                        continue
+                    break
                 self._attach_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, seq.num_computed + n):
@@ -116,7 +133,9 @@ class BatchScheduler:
             return
         adapter = seq.request.adapter
         entry = self.prefixes.lookup(seq.request.agent_id, adapter, seq.prefix_ids)
-        first = "prefix_kv" not in seq.memory.hits and "prefix_kv" not in seq.memory.misses
+        # Until a prefix was reused (cached_tokens), a failed attach is a miss: it overrules a
+        # memory manager's hit (set at admission) on an entry still waiting to be recomputed.
+        first = seq.cached_tokens == 0
         if entry is not None:
             try:
                 seq.block_table = self.prefixes.attach(entry)
@@ -124,20 +143,22 @@ class BatchScheduler:
                 entry = None
         if entry is None:
             if first:
+                seq.memory.hits.pop("prefix_kv", None)
                 seq.memory.misses["prefix_kv"] = 1
             return
         # Keep at least one token to compute: its logits give the first output token.
         seq.num_computed = min(entry.num_tokens, seq.num_tokens - 1)
         seq.prefix_cached = True
         if first:
-            seq.memory.hits["prefix_kv"] = 1
             seq.cached_tokens = seq.num_computed
+            if "prefix_kv" not in seq.memory.misses:  # a manager's load from a copy stays a miss
+                seq.memory.hits["prefix_kv"] = 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_tokens`` tokens, dropping cached prefixes if needed."""
         need = self.cache.blocks_for(num_tokens) - len(seq.block_table)
         while need > self.cache.num_free:
-            if not self.prefixes.evict_one():
+            if not self.reclaim(need - self.cache.num_free):
                 return False
         if need > 0:
             seq.block_table += self.cache.allocate(need)
@@ -170,4 +191,7 @@ class BatchScheduler:
             for seq in done:
                 self.cache.release(seq.block_table)
                 seq.block_table = []
+        if self._failed:
+            done += self._failed
+            self._failed = []
         return done

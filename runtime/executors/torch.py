@@ -7,9 +7,11 @@ computes; :meth:`TorchExecutor.execute` lays those tokens out flat, runs the mod
 one token for every sequence whose chunk reached its end, and caches a sequence's prefix KV as
 soon as the prefix has been computed.
 
-Memory hook points (for a memory manager): :meth:`prepare` is where a request's adapter must be
-resident (``LoraPool.get``); admission (``PrefixCache.lookup``) is where its prefix KV must be;
-``PrefixCache.evict_one`` and ``LoraPool.offload`` are where resident objects can be let go.
+Memory: with a :class:`~runtime.memory.MemoryManager` attached, a request's adapter and its
+agent's prefix KV are memory objects (:mod:`runtime.memory.engine_objects`) under one device
+budget; the engine pins them when the scheduler admits the request, before the prefix lookup. A
+prefix KV the manager dropped is recomputed by the request's own prefill, and the executor then
+fills the entry; :attr:`TorchExecutor.reprefill_tokens` counts prefix tokens computed again.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class TorchExecutor:
         self.loras = LoraPool(c, max_lora_rank, torch_dtype, device)
         self.max_lora_rank = max_lora_rank
         self.memory: Any = None  # a runtime.memory.MemoryManager, once attached
+        #: the engine lets the manager pin prefix KV at admission (see Engine.attach_memory)
+        self.prefix_memory = True
+        #: prefix tokens computed for a prefix that had been computed before (repairs, preemptions)
+        self.reprefill_tokens = 0
+        self._prefilled: set[tuple[str, str | None, int]] = set()
         self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
                                           attention)
 
@@ -76,8 +83,10 @@ class TorchExecutor:
                 f"{seq.num_prompt_tokens} prompt tokens + max_tokens "
                 f"{seq.request.sampling.max_tokens} need {needed} KV blocks, the pool has "
                 f"{self.cache.num_blocks}")
-        if seq.request.adapter is not None and self.memory is not None:
-            seq.adapter = self._pooled_adapter(seq.request.adapter).adapter  # the manager loads it
+        if self.memory is not None:
+            objects = self.memory_objects(seq)  # the manager loads them; a stale prefix goes now
+            if seq.request.adapter is not None:
+                seq.adapter = objects[0].adapter
         elif seq.request.adapter is not None:
             adapter, was_resident = self.loras.get(seq.request.adapter)
             seq.adapter = adapter
@@ -88,11 +97,18 @@ class TorchExecutor:
     # -- memory manager hooks (runtime.memory) ---------------------------------------------
 
     def attach_memory(self, manager: Any) -> None:
-        """Let ``manager`` decide which adapters hold LoRA slots; start with none resident."""
+        """Let ``manager`` decide which adapters hold LoRA slots and which prefixes stay cached;
+        start with none resident."""
         for adapter in list(self.loras.adapters.values()):
             self.loras.offload(adapter)
+        for agent in list(self.prefixes.entries):
+            self.prefixes.remove(agent)
+        self.prefixes.managed = True
         self.memory = manager
+        self.reprefill_tokens = 0  # counted per manager, so runs under different ones compare
+        self._prefilled.clear()
         self._pooled: dict[str, Any] = {}
+        self._pooled_prefixes: dict[str, Any] = {}
 
     def _pooled_adapter(self, path: str) -> Any:
         from runtime.lora import load_adapter
@@ -106,11 +122,37 @@ class TorchExecutor:
             self._pooled[path] = self.memory.register(PooledAdapter(self.loras, adapter))
         return self._pooled[path]
 
+    def _pooled_prefix(self, seq: Sequence) -> Any:
+        """The agent's prefix KV object; a new one when its prefix or adapter changed."""
+        from runtime.memory.engine_objects import PooledPrefix
+        from runtime.prefix_cache import PrefixKV
+
+        agent, adapter = seq.request.agent_id, seq.request.adapter
+        obj = self._pooled_prefixes.get(agent)
+        if obj is not None and not obj.entry.matches(adapter, seq.prefix_ids):
+            try:
+                self.memory.forget(obj)
+            except RuntimeError:
+                raise RequestError(f"request {seq.request_id} of agent {agent!r}: its prefix or "
+                                   "adapter changed while a call with the old one runs") from None
+            self.prefixes.entries.pop(agent, None)
+            obj = None
+        if obj is None:
+            entry = PrefixKV(agent, adapter, tuple(seq.prefix_ids),
+                             block_nbytes=self.cache.block_nbytes)
+            self.prefixes.entries[agent] = entry
+            obj = self._pooled_prefixes[agent] = self.memory.register(
+                PooledPrefix(self.prefixes, entry), [agent])
+        return obj
+
     def memory_objects(self, seq: Sequence) -> list[Any]:
-        """The memory objects ``seq`` needs resident while it runs (its adapter)."""
-        if seq.request.adapter is None:
-            return []
-        return [self._pooled_adapter(seq.request.adapter)]
+        """The memory objects ``seq`` needs resident while it runs: adapter, then prefix KV."""
+        objects = []
+        if seq.request.adapter is not None:
+            objects.append(self._pooled_adapter(seq.request.adapter))
+        if seq.prefix_ids:
+            objects.append(self._pooled_prefix(seq))
+        return objects
 
     def execute(self, batch: list[Sequence]) -> None:
         """Compute each sequence's ``chunk`` of tokens; sample where a chunk reaches the end."""
@@ -145,6 +187,10 @@ class TorchExecutor:
             seq.num_computed += seq.chunk
             seq.chunk = 0
             if seq.prefix_ids and not seq.prefix_cached and seq.num_computed >= len(seq.prefix_ids):
+                computed = (seq.request.agent_id, seq.request.adapter, hash(tuple(seq.prefix_ids)))
+                if computed in self._prefilled:
+                    self.reprefill_tokens += len(seq.prefix_ids)
+                self._prefilled.add(computed)
                 try:
                     self.prefixes.register(seq.request.agent_id, seq.request.adapter,
                                            seq.prefix_ids, seq.block_table)

@@ -435,7 +435,9 @@ class MemoryManager:
     def _evict(self, obj: AgentMemory, cause: str, protect: set[str] = frozenset()) -> None:
         """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
         distance = self.distance_of(obj)
-        tensors, obj.device = obj.device, None
+        # Read the contents before the engine frees them, unless a host copy already exists.
+        tensors = obj.device_tensors() if obj.host is None else {}
+        obj.device = None
         obj.off_device()
         del self.resident[obj.key]
         self._version.pop(obj.key, None)
@@ -443,6 +445,8 @@ class MemoryManager:
         self.totals["evictions"] += 1
         if obj.host is not None:
             self._log(obj, "evict", "device", "host", cause, distance)
+        elif not tensors:  # nothing was computed yet: nothing to keep
+            self._log(obj, "drop", "device", "none", cause, distance)
         elif self._make_host_room(obj.nbytes, protect):
             pin = self.device.type == "cuda"
             obj.host = {k: v.to("cpu", copy=True).pin_memory() if pin else v.to("cpu", copy=True)
@@ -453,6 +457,47 @@ class MemoryManager:
             self._log(obj, "evict", "device", "disk", cause, distance)
         else:
             self._log(obj, "drop", "device", "none", cause, distance)
+
+    def reclaim(self, nbytes: int, kind: str | None = None) -> int:
+        """Evict unpinned resident objects (of ``kind``) in the policy's order until ``nbytes``
+        are freed or none is left; return the bytes freed.
+
+        The engine calls this when a pool the objects live in (the KV pool) runs short for
+        running sequences, so the budget is not the only reason to let an object go.
+        """
+        if not self._indexed:
+            self._rebuild_index()
+        freed, aside = 0, []
+        while freed < nbytes and self._index:
+            entry = heapq.heappop(self._index)
+            key = entry[3]
+            if self._version.get(key) != entry[2]:
+                continue
+            obj = self.resident[key]
+            if kind is not None and obj.kind != kind:
+                aside.append(entry)
+                continue
+            self._evict(obj, cause="pool")
+            freed += obj.nbytes
+        for entry in aside:
+            heapq.heappush(self._index, entry)
+        return freed
+
+    def forget(self, obj: AgentMemory) -> None:
+        """Remove an unused object for good (its content changed: a new prefix, a new adapter)."""
+        if obj.pins or obj.key in self.inflight:
+            raise RuntimeError(f"memory object {obj.key!r} is in use; it cannot be forgotten")
+        if obj.device is not None:
+            self._evict(obj, cause="replaced")
+        if obj.host is not None:
+            obj.host = None
+            self.host_used -= obj.nbytes
+        obj.disk_path = None
+        for user in obj.users:
+            if obj.key in self.by_agent.get(user, ()):
+                self.by_agent[user].remove(obj.key)
+        if self.objects.get(obj.key) is obj:
+            del self.objects[obj.key]
 
     def _make_host_room(self, nbytes: int, protect: set[str]) -> bool:
         """Free host budget by moving host copies to disk or dropping them (not ``protect``)."""

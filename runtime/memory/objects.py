@@ -77,6 +77,15 @@ class AgentMemory:
     def off_device(self) -> None:
         """The object leaves the device: let the engine forget where it was installed."""
 
+    def device_tensors(self) -> Tensors:
+        """The object's current device contents, read just before it leaves the device.
+
+        The manager copies them to the host or disk tier. An engine that installed the object
+        into its own pool (so :attr:`device` is empty) reads them back from there; an empty dict
+        means there is nothing worth keeping (the object is dropped and later rebuilt).
+        """
+        return self.device or {}
+
     @property
     def resident(self) -> bool:
         return self.device is not None

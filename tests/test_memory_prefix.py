@@ -1,0 +1,148 @@
+"""Prefix KV under the memory manager, in the real torch engine: one device budget with the
+adapters, host offload that reloads bit-identically, drop + re-prefill with the same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.make_adapters import make_adapters
+from runtime import Request, SamplingParams
+from runtime.engine import Engine
+from runtime.executors.torch import TorchExecutor
+from runtime.memory import MemoryManager
+from runtime.model.profiles import PROFILES
+from runtime.scheduler import BatchScheduler
+
+pytestmark = pytest.mark.model
+
+PERSONAS = ["You are Ada, a cheerful baker who loves rye bread and early mornings.",
+            "You are Bo, a grumpy fisherman who talks about the weather all day long.",
+            "You are Cy, a shy librarian who recommends old novels to everyone.",
+            "You are Di, a loud blacksmith who hums while working the forge."]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from runtime.model.loader import load_hf_model
+
+    return load_hf_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters")
+    return make_adapters(out, PROFILES["smollm2-135m"], n=4, rank=4, seed=3, b_std=0.05)
+
+
+def make_engine(hf, manager: MemoryManager | None, max_num_seqs: int = 2) -> Engine:
+    model, tokenizer = hf
+    ex = TorchExecutor(hf_model=model, tokenizer=tokenizer, kv_cache_tokens=2048,
+                       max_num_seqs=max_num_seqs, max_batch_tokens=256)
+    eng = Engine(ex, BatchScheduler(ex.cache, ex.prefixes, max_num_seqs, 256))
+    if manager is not None:
+        eng.attach_memory(manager)
+    return eng
+
+
+def calls(adapters: list[str] | None, rounds: int = 2) -> list[Request]:
+    return [Request(f"agent{i}", f"Round {r}: say hello.", prefix=PERSONAS[i],
+                    adapter=adapters[i] if adapters else None,
+                    sampling=SamplingParams(max_tokens=4))
+            for r in range(rounds) for i in range(len(PERSONAS))]
+
+
+def device_bytes_in_use(eng: Engine) -> int:
+    """What really sits on the device: adapters in LoRA slots plus prefix blocks in the pool."""
+    ex = eng.executor
+    adapters = sum(o.nbytes for o in eng.memory.objects.values()
+                   if o.kind == "adapter" and o.adapter.slot is not None)
+    blocks = sum(len(e.blocks) for e in ex.prefixes.entries.values())
+    return adapters + blocks * ex.cache.block_nbytes
+
+
+def serve(eng: Engine, requests: list[Request], check=None) -> dict[int, object]:
+    ids = [eng.submit(r) for r in requests]
+    done = {}
+    while eng.has_work():
+        for c in eng.step():
+            assert c.ok, c.error
+            done[c.request_id] = c
+        if check is not None:
+            check()
+    return [done[i] for i in ids]
+
+
+def prefix_object(eng: Engine, agent: str):
+    return eng.memory.objects[f"prefix_kv:{agent}"]
+
+
+def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
+    manager = MemoryManager("lru", device_bytes=10**9)
+    eng = make_engine(hf, manager)
+    serve(eng, calls(None, rounds=1)[:1])
+    obj = prefix_object(eng, "agent0")
+    before = obj.device_tensors()
+    assert before and obj.entry.blocks
+    assert manager.reclaim(10**12, kind="prefix_kv") >= obj.nbytes
+    assert obj.device is None and not obj.entry.blocks and obj.host is not None
+    assert all(torch.equal(obj.host[k], before[k]) for k in before)
+    second = serve(eng, [Request("agent0", "Again?", prefix=PERSONAS[0],
+                                 sampling=SamplingParams(max_tokens=2))])[0]
+    assert second.memory.misses == {"prefix_kv": 1} and second.cached_tokens > 0
+    after = obj.device_tensors()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert eng.executor.reprefill_tokens == 0
+    manager.check()
+    manager.close()
+
+
+def test_dropped_prefix_is_recomputed_with_the_same_outputs(hf) -> None:
+    reference = make_engine(hf, MemoryManager("infinite"))
+    want = [c.text for c in serve(reference, calls(None))]
+    reference.memory.close()
+    manager = MemoryManager("lru", device_bytes=10**9, host_bytes=0)  # no host tier: drop
+    eng = make_engine(hf, manager)
+    got = []
+    for r in calls(None):
+        got += serve(eng, [r])
+        manager.reclaim(10**12, kind="prefix_kv")  # every prefix is dropped after each call
+    assert [c.text for c in got] == want
+    assert eng.executor.reprefill_tokens > 0
+    assert all(c.memory.misses.get("prefix_kv") == 1 for c in got)
+    manager.check()
+    manager.close()
+
+
+def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, adapters) -> None:
+    probe = make_engine(hf, MemoryManager("infinite"))
+    serve(probe, calls(adapters, rounds=1))
+    sizes = {o.kind: o.nbytes for o in probe.memory.objects.values()}
+    probe.memory.close()
+    # Room for two agents' adapter and prefix at once: four agents must take turns.
+    budget = 2 * (sizes["adapter"] + sizes["prefix_kv"]) + sizes["prefix_kv"] // 2
+    texts = {}
+    for policy in ("infinite", "lru", "scalesim", "none"):
+        manager = MemoryManager(policy, device_bytes=budget, host_bytes=0 if policy == "lru"
+                                else None)
+        rows = []
+        manager.listeners.append(rows.append)
+        eng = make_engine(hf, manager)
+
+        def check() -> None:
+            manager.check()
+            if policy != "infinite":
+                assert device_bytes_in_use(eng) <= budget
+
+        texts[policy] = [c.text for c in serve(eng, calls(adapters, rounds=3), check)]
+        moved = {(r["kind"], r["op"]) for r in rows}
+        if policy == "infinite":
+            assert not any(op in ("evict", "drop") for _, op in moved)
+        else:
+            assert moved & {("prefix_kv", "evict"), ("prefix_kv", "drop")}, policy
+            assert moved & {("adapter", "evict"), ("adapter", "drop")}, policy
+        if policy in ("lru", "none"):
+            assert eng.executor.reprefill_tokens > 0, policy
+        manager.close()
+    assert texts["lru"] == texts["infinite"] == texts["scalesim"] == texts["none"]
+    assert len(set(texts["infinite"])) > 1
