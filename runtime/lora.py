@@ -6,12 +6,15 @@ against the model and the engine's maximum rank and keeps its weights on the hos
 :class:`LoraAdapter` (``key``, ``nbytes``, ``offload``/``load``: what a memory manager needs).
 
 Resident adapters live in :class:`LoraPool` slots. Per layer and target module the pool holds
-``A`` as ``[in, slots * max_rank]`` and ``B`` as ``[slots * max_rank, out]``, with the scaling
-already folded into ``B`` and smaller ranks zero-padded. That layout makes the common case cheap:
-a batch of decode tokens of many different agents multiplies all of them with all resident ``A``
-at once, zeroes the columns that belong to other adapters, and expands with ``B`` (two matmuls per
-module, no gathering or copying of weights). Prefill chunks are few and long; each runs against
-its own adapter's slice (a view, no copy). :class:`LoraBatch` holds that per-iteration plan.
+``A`` as ``[slots, in, max_rank]`` and ``B`` as ``[slots, max_rank, out]``, with the scaling
+already folded into ``B`` and smaller ranks zero-padded. Slot-major storage makes each adapter one
+contiguous matrix pair, which is what both kinds of work in a batch want. Decode tokens (one per
+sequence, many different adapters) are scattered into a ``[slots, m, in]`` tensor by slot and go
+through two ``bmm`` calls against the pool's slots in place: every adapter present is read once
+and each token is multiplied by its own adapter only (multiplying every token by every resident
+adapter and masking, as an earlier version did, cost more arithmetic than the base model).
+Prefill chunks are few and long; each runs against its own adapter's slice (a view, no copy).
+:class:`LoraBatch` holds that per-iteration plan.
 """
 
 from __future__ import annotations
@@ -140,11 +143,11 @@ class LoraPool:
         r = self.max_rank
         for layer in range(self.config.num_layers):
             for module, (fan_in, fan_out) in self.shapes.items():
-                a = torch.zeros(fan_in, slots * r, dtype=self.dtype, device=self.device)
-                b = torch.zeros(slots * r, fan_out, dtype=self.dtype, device=self.device)
+                a = torch.zeros(slots, fan_in, r, dtype=self.dtype, device=self.device)
+                b = torch.zeros(slots, r, fan_out, dtype=self.dtype, device=self.device)
                 if self.num_slots:
-                    a[:, : self.num_slots * r] = self.a[layer, module]
-                    b[: self.num_slots * r] = self.b[layer, module]
+                    a[: self.num_slots] = self.a[layer, module]
+                    b[: self.num_slots] = self.b[layer, module]
                 self.a[layer, module], self.b[layer, module] = a, b
         self._owners += [None] * (slots - self.num_slots)
         self.num_slots = slots
@@ -174,14 +177,12 @@ class LoraPool:
         except ValueError:
             slot = self.num_slots
             self._grow(self.num_slots * 2)
-        r = self.max_rank
-        cols = slice(slot * r, (slot + 1) * r)
         for key in self.a:
-            self.a[key][:, cols].zero_()
-            self.b[key][cols].zero_()
+            self.a[key][slot].zero_()
+            self.b[key][slot].zero_()
         for key, (a, b) in adapter.weights.items():
-            self.a[key][:, slot * r: slot * r + adapter.rank] = a.to(self.device, self.dtype)
-            self.b[key][slot * r: slot * r + adapter.rank] = b.to(self.device, self.dtype)
+            self.a[key][slot, :, : adapter.rank] = a.to(self.device, self.dtype)
+            self.b[key][slot, : adapter.rank] = b.to(self.device, self.dtype)
         self._owners[slot] = adapter
         adapter.slot = slot
 
@@ -196,15 +197,21 @@ class LoraPool:
 class LoraBatch:
     """How the adapters of one iteration's tokens are applied.
 
-    ``dense_rows`` are the tokens (decodes) handled with the all-slots matmul and ``dense_mask``
-    keeps, per row, only its own slot's columns; ``segments`` are ``(start, end, slot)`` runs of
-    prefill tokens handled against one slot each.
+    Decode tokens go through the slot-major ``bmm`` path: ``bmm_rows`` are their rows in the
+    batch, placed at ``(bmm_slot, bmm_pos)`` of a ``[bmm_slots, bmm_depth, in]`` tensor.
+    ``bmm_slots`` is the slot count spanned (from 0) when the batch uses most of it, so the pool is
+    read in place; otherwise ``bmm_gather`` lists the used slots, copied out once per module.
+    ``segments`` are ``(start, end, slot)`` runs of prefill tokens handled against one slot each.
     """
 
     pool: LoraPool
-    dense_rows: torch.Tensor | None = None
-    dense_mask: torch.Tensor | None = None
-    dense_all: bool = False
+    bmm_rows: torch.Tensor | None = None
+    bmm_slot: torch.Tensor | None = None
+    bmm_pos: torch.Tensor | None = None
+    bmm_slots: int = 0
+    bmm_depth: int = 0
+    bmm_gather: torch.Tensor | None = None
+    bmm_all: bool = False
     segments: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
@@ -222,27 +229,43 @@ class LoraBatch:
                     batch.segments.append((start, start + n, slot))
             start += n
         if rows:
-            device, r = pool.device, pool.max_rank
-            width = (max(row_slots) + 1) * r
-            owner = torch.arange(width, device=device) // r
-            batch.dense_mask = (owner[None, :] == torch.tensor(row_slots, device=device)[:, None])
-            batch.dense_mask = batch.dense_mask.to(pool.dtype)
-            batch.dense_rows = torch.tensor(rows, device=device)
-            batch.dense_all = len(rows) == start
+            used = sorted(set(row_slots))
+            span = used[-1] + 1
+            if 2 * len(used) >= span:  # read the pool in place, skipping the few unused slots
+                index = {s: s for s in used}
+                batch.bmm_slots = span
+            else:  # a few slots of a big pool: copy just those out
+                index = {s: i for i, s in enumerate(used)}
+                batch.bmm_slots = len(used)
+                batch.bmm_gather = torch.tensor(used, device=pool.device)
+            depth: dict[int, int] = {}
+            pos = []
+            for s in row_slots:  # several decode tokens of one adapter stack along dim 1
+                pos.append(depth.get(s, 0))
+                depth[s] = pos[-1] + 1
+            batch.bmm_depth = max(depth.values())
+            device = pool.device
+            batch.bmm_rows = torch.tensor(rows, device=device)
+            batch.bmm_slot = torch.tensor([index[s] for s in row_slots], device=device)
+            batch.bmm_pos = torch.tensor(pos, device=device)
+            batch.bmm_all = len(rows) == start
         return batch
 
     def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the LoRA delta of ``module`` for input ``x`` into ``out`` in place."""
-        a, b = self.pool.a[layer, module], self.pool.b[layer, module]
-        r = self.pool.max_rank
-        if self.dense_rows is not None:
-            width = self.dense_mask.shape[1]
-            xs = x if self.dense_all else x[self.dense_rows]
-            delta = ((xs @ a[:, :width]) * self.dense_mask) @ b[:width]
-            if self.dense_all:
+        a_pool, b_pool = self.pool.a[layer, module], self.pool.b[layer, module]
+        if self.bmm_rows is not None:
+            if self.bmm_gather is not None:
+                a, b = a_pool.index_select(0, self.bmm_gather), b_pool.index_select(0, self.bmm_gather)
+            else:
+                a, b = a_pool[: self.bmm_slots], b_pool[: self.bmm_slots]
+            xs = x if self.bmm_all else x.index_select(0, self.bmm_rows)
+            grid = x.new_zeros(self.bmm_slots, self.bmm_depth, x.shape[1])
+            grid[self.bmm_slot, self.bmm_pos] = xs
+            delta = torch.bmm(torch.bmm(grid, a), b)[self.bmm_slot, self.bmm_pos]
+            if self.bmm_all:
                 out += delta
             else:
-                out.index_add_(0, self.dense_rows, delta)
+                out.index_add_(0, self.bmm_rows, delta)
         for s, e, slot in self.segments:
-            cols = slice(slot * r, (slot + 1) * r)
-            out[s:e] += (x[s:e] @ a[:, cols]) @ b[cols]
+            out[s:e] += (x[s:e] @ a_pool[slot]) @ b_pool[slot]

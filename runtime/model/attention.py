@@ -7,7 +7,7 @@ keys and values into the pool. The queries of a step are ragged: sequence ``i`` 
 ``q_lens[i]`` consecutive tokens at positions ``starts[i] ..``.
 
 :class:`TorchPagedAttention` is the reference (CPU and anywhere): decodes are batched into one
-padded matmul over their gathered blocks, prefill chunks go through SDPA one sequence at a time.
+padded SDPA call over their gathered blocks, prefill chunks go through SDPA one sequence at a time.
 :class:`FlashInferAttention` uses flashinfer's paged prefill kernel for the whole ragged batch on
 CUDA. :func:`select_attention` picks flashinfer only for a CUDA device where it imports, so CPU runs
 never import it.
@@ -15,7 +15,6 @@ never import it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,6 @@ class TorchPagedAttention:
     def __init__(self, cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.cache = cache
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = 1.0 / math.sqrt(head_dim)
 
     def plan(self, layout: BatchLayout) -> None:
         device = self.cache.k.device
@@ -60,10 +58,13 @@ class TorchPagedAttention:
             table = [layout.block_tables[i][: -(-c // bs)] for i, c in zip(decode, ctx)]
             table = [t + [0] * (width - len(t)) for t in table]
             self.decode_tokens = torch.tensor([offsets[i] for i in decode], device=device)
-            self.decode_table = torch.tensor(table, device=device)
+            # Flat block ids, row-major: one index_select per layer gathers every decode's blocks.
+            self.decode_blocks = torch.tensor(table, device=device).view(-1)
+            self.decode_width = width * bs
             lens = torch.tensor(ctx, device=device)
-            # True where a key position lies beyond the sequence: masked out.
-            self.decode_pad = (torch.arange(width * bs, device=device)[None, :] >= lens[:, None])
+            # True where a key position lies within the sequence (SDPA's boolean mask convention).
+            self.decode_mask = (torch.arange(width * bs, device=device)[None, :]
+                                < lens[:, None])[:, None, None, :]
             self.all_decode = len(decode) == len(layout.q_lens)
         self.prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = []
         for i, n in enumerate(layout.q_lens):
@@ -95,23 +96,27 @@ class TorchPagedAttention:
                 vs = v[s:e].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = k_pool[blocks].reshape(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
-                vs = v_pool[blocks].reshape(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                ks = self._gather(k_pool, blocks).view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                vs = self._gather(v_pool, blocks).view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1).reshape(e - s, h * d)
         return out
 
+    @staticmethod
+    def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        # index_select over whole blocks is a row memcpy; advanced indexing is several times
+        # slower on CPU for the same gather.
+        return pool.view(pool.shape[0], -1).index_select(0, blocks)
+
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        b = q.shape[0]
-        # [b, blocks, block_size, kvh, d] -> [b, kvh, L, d]; grouped heads share their KV head.
-        keys = k_pool[self.decode_table].reshape(b, -1, kvh, d).transpose(1, 2)
-        values = v_pool[self.decode_table].reshape(b, -1, kvh, d).transpose(1, 2)
-        qg = q.reshape(b, kvh, h // kvh, d)
-        scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scale  # [b, kvh, g, L]
-        scores.masked_fill_(self.decode_pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, values).reshape(b, h * d)
+        b, width = q.shape[0], self.decode_width
+        # [b, L, kvh, d] viewed as [b, kvh, L, d]: SDPA reads the strides, nothing is copied again.
+        keys = self._gather(k_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
+        values = self._gather(v_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.reshape(b, h, 1, d), keys, values,
+                                           attn_mask=self.decode_mask, enable_gqa=True)
+        return o.reshape(b, h * d)
 
 
 class FlashInferAttention:
