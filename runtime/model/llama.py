@@ -9,13 +9,18 @@ Only the rows that will be sampled go through the final norm and the vocabulary 
 
 Weights come from a transformers model (:meth:`from_hf`) or are random for a profile
 (:meth:`random`).
+
+On CPU in float32 the projections go through oneDNN's GEMM (:func:`select_linear`) rather than
+``F.linear`` (MKL): on the AMD EPYC (AVX-512) development machine MKL's sgemm reached about 100
+GFLOPS on one core and oneDNN's about 235 on the same shapes. Both are plain float32 GEMMs that
+differ only in summation order.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,36 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def select_linear(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> Linear:
+    """The GEMM behind every projection: ``torch`` (``F.linear``) or ``onednn`` (CPU float32).
+
+    ``auto`` takes oneDNN on CPU in float32 when this torch build has it and it agrees with
+    ``F.linear`` on a small product, ``F.linear`` otherwise.
+    """
+    if backend not in ("auto", "torch", "onednn"):
+        raise ValueError(f"linear backend must be auto, torch or onednn, got {backend!r}")
+    if backend == "torch":
+        return F.linear
+    usable = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if usable:
+        try:
+            x, w = torch.randn(3, 8), torch.randn(5, 8)
+            usable = torch.allclose(_onednn_linear(x, w, torch.ones(5)), F.linear(x, w, torch.ones(5)),
+                                    atol=1e-5)
+        except (RuntimeError, AttributeError):  # op missing from this build
+            usable = False
+    if not usable and backend == "onednn":
+        raise ValueError("linear backend onednn needs a CPU float32 model and a torch with oneDNN")
+    return _onednn_linear if usable else F.linear
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -71,10 +106,11 @@ class LlamaModel:
     """Weights plus the paged forward pass. Not an ``nn.Module``: inference only."""
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 norm: torch.Tensor, lm_head: torch.Tensor) -> None:
+                 norm: torch.Tensor, lm_head: torch.Tensor, linear: str = "auto") -> None:
         self.config = config
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.inv_freq = rope_inv_freq(config).to(embed.device)
+        self.linear = select_linear(embed.device, embed.dtype, linear)
 
     @property
     def device(self) -> torch.device:
@@ -148,9 +184,10 @@ class LlamaModel:
         x = self.embed[input_ids]
         cos, sin = self.rope(positions)
         inter = c.intermediate_size
+        linear = self.linear
         for li, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, c.rms_norm_eps)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            qkv = linear(h, w.qkv, w.qkv_bias)
             if lora is not None:
                 lora.apply(li, "q_proj", h, qkv[:, :q_size])
                 lora.apply(li, "k_proj", h, qkv[:, q_size:q_size + kv_size])
@@ -162,19 +199,19 @@ class LlamaModel:
             cache.k[li].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slot_mapping, k)
             cache.v[li].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slot_mapping, v)
             a = attention.forward(li, q, k, v)
-            o = F.linear(a, w.o)
+            o = linear(a, w.o)
             if lora is not None:
                 lora.apply(li, "o_proj", a, o)
             x = x + o
             h = rms_norm(x, w.post_norm, c.rms_norm_eps)
-            gu = F.linear(h, w.gate_up)
+            gu = linear(h, w.gate_up)
             if lora is not None:
                 lora.apply(li, "gate_proj", h, gu[:, :inter])
                 lora.apply(li, "up_proj", h, gu[:, inter:])
             m = F.silu(gu[:, :inter]) * gu[:, inter:]
-            d = F.linear(m, w.down)
+            d = linear(m, w.down)
             if lora is not None:
                 lora.apply(li, "down_proj", m, d)
             x = x + d
         x = rms_norm(x[sample_rows], self.norm, c.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
