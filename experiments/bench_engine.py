@@ -28,6 +28,7 @@ import torch
 
 from experiments.make_adapters import make_adapters
 from runtime import Engine, Request, SamplingParams, build_engine
+from runtime.model.llama import select_linear
 from runtime.model.profiles import PROFILES
 
 TRAITS = ["patient", "curious", "stubborn", "generous", "anxious", "witty", "careful", "bold"]
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads for both sides (0: torch's default); on a "
                              "machine shared with other jobs, 1 avoids stalled multi-thread GEMMs")
+    parser.add_argument("--linear", choices=("auto", "torch", "onednn"), default="auto",
+                        help="the torch engine's GEMM (runtime.model.llama.select_linear); "
+                             "'torch' is F.linear (MKL), as transformers uses on the hf side")
     parser.add_argument("--hf-agents", type=int, default=0,
                         help="hf serves only the first K agents' calls (0: all)")
     args = parser.parse_args(argv)
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     adapters = make_adapters(workdir, PROFILES[args.model], n=args.agents, rank=args.rank)
     print(f"{args.agents} agents x {args.calls} calls x {args.max_tokens} tokens, rank-{args.rank} "
-          f"adapters, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+          f"adapters, torch threads {torch.get_num_threads()}, torch engine GEMM {args.linear}, "
+          f"{platform.processor() or platform.machine()}")
 
     results = {}
     hf_agents = args.hf_agents or args.agents
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "max_num_seqs": max(args.agents, 1),
                                                   "max_batch_tokens": args.max_batch_tokens})):
         engine = build_engine(name, model=args.model, **options)
+        if name == "torch":
+            model = engine.executor.model
+            model.linear = select_linear(model.device, model.dtype, args.linear)
         agents = hf_agents if name == "hf" else args.agents
         texts, seconds, tokens = serve_all(engine, agents, args.calls, args.max_tokens, adapters)
         n_calls = agents * args.calls
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     line = {"ratio": round(ratio, 3), "outputs_identical": same == len(hf["texts"]),
             "identical": same, "calls": len(hf["texts"]), "agents": args.agents,
             "hf_agents": hf_agents, "calls_per_agent": args.calls, "max_tokens": args.max_tokens,
-            "rank": args.rank, "threads": torch.get_num_threads(),
+            "rank": args.rank, "threads": torch.get_num_threads(), "linear": args.linear,
             "hf_calls_per_s": round(hf["calls_per_s"], 3),
             "torch_calls_per_s": round(tt["calls_per_s"], 3),
             "hf_tokens_per_s": round(hf["tokens_per_s"], 1),
