@@ -14,7 +14,7 @@ from runtime.memory import MemoryManager
 from runtime.model.profiles import PROFILES
 from runtime.scheduler import BatchScheduler
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]  # minutes on a shared 2-core CPU
 
 PERSONAS = ["You are Ada, a cheerful baker who loves rye bread and early mornings.",
             "You are Bo, a grumpy fisherman who talks about the weather all day long.",
