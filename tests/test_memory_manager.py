@@ -208,6 +208,33 @@ def test_scalesim_prefetches_the_nearest_but_never_evicts_something_nearer() -> 
     mm.close()
 
 
+class RecomputeOnly(TensorMemory):
+    """A prefix-KV-like object: only the model's thread can rebuild it (no copy once dropped)."""
+
+    threadsafe = False
+
+
+def test_a_prefetch_never_pushes_out_an_object_that_would_have_to_be_recomputed() -> None:
+    # A prefetch only hides one copy; evicting a prefix KV with no host copy for it would cost a
+    # re-prefill whenever the prediction is wrong, so only a demand load may do that.
+    far = RecomputeOnly("far", synthetic("far", 64)._build, kind="prefix_kv")
+    near = synthetic("near", 64)
+    src = FixedDistances()
+    mm = MemoryManager("scalesim", device_bytes=far.nbytes, host_bytes=0, distance=src)
+    mm.register(far, users=["f"])
+    mm.register(near, users=["n"])
+    src.d = {"f": 0}
+    mm.acquire("f", [far])
+    mm.release("f")
+    src.d = {"f": 9, "n": 1}
+    mm.tick()
+    assert far.device is not None and not mm.inflight
+    stats = mm.acquire("n", [near])  # the demand load does evict it
+    assert stats.misses == {"adapter": 1} and far.device is None
+    mm.check()
+    mm.close()
+
+
 def test_an_urgent_load_preempts_a_running_prefetch() -> None:
     started = threading.Event()
 

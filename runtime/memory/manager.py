@@ -24,7 +24,9 @@ eviction (the old full sort). An evicted object keeps a host
 copy when the host budget allows (pinned memory on CUDA), else a disk copy (safetensors, for
 objects that would otherwise need recomputing), else it is dropped and later rebuilt from its
 origin. With a distance-driven policy, :meth:`MemoryManager.tick` prefetches the objects of the
-agents nearest to calling and never evicts an object nearer than the one it brings in.
+agents nearest to calling and never evicts an object nearer than the one it brings in, nor
+one that only a recompute could bring back (a dropped prefix KV): a prefetch hides one copy,
+a wrong guess there would cost a whole prefill.
 
 Every load, prefetch, abort, eviction, drop and recompute is reported to :attr:`listeners` as one
 row (the columns of the run's ``memory.parquet`` except ``sim_time``, which the simulation adds).
@@ -262,6 +264,11 @@ class MemoryManager:
             return obj.origin, obj.materialize
         return None
 
+    @staticmethod
+    def _copyable(obj: AgentMemory) -> bool:
+        """Whether ``obj`` can come back by a copy (host, disk, its own file), not a recompute."""
+        return obj.host is not None or obj.disk_path is not None or obj.threadsafe
+
     def _issue(self, obj: AgentMemory, *, urgent: bool, distance: float) -> Transfer | None:
         source = self._source_of(obj)
         if source is None:
@@ -355,11 +362,18 @@ class MemoryManager:
             if key in protect:
                 aside.append(entry)
                 continue
-            if farther_than is not None and not self.distance_of(obj) > farther_than:
-                aside.append(entry)
-                if self.policy.uses_distance:
-                    break  # every object left in the index is at least as near
-                continue
+            if farther_than is not None:
+                if not self.distance_of(obj) > farther_than:
+                    aside.append(entry)
+                    if self.policy.uses_distance:
+                        break  # every object left in the index is at least as near
+                    continue
+                if not self._copyable(obj):
+                    # A prefetch saves one copy's latency; evicting an object that can only be
+                    # rebuilt by recomputing it (a dropped prefix KV) costs a whole prefill if the
+                    # prediction is wrong. Only a demand load may push such an object out.
+                    aside.append(entry)
+                    continue
             victims.append(entry)
             freed += obj.nbytes
         prefetches: list[Transfer] = []
@@ -546,7 +560,7 @@ class MemoryManager:
                 obj = self.objects[key]
                 if obj.device is not None or key in self.inflight or obj.nbytes > self.device_bytes:
                     continue
-                if not (obj.host is not None or obj.disk_path is not None or obj.threadsafe):
+                if not self._copyable(obj):
                     continue  # only the model's thread can rebuild it; done on demand
                 distance = self.distance_of(obj)
                 if not self._make_room(obj.nbytes, protect={key}, urgent=False,
