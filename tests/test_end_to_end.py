@@ -8,7 +8,8 @@ import scalesim
 
 pytestmark = pytest.mark.model
 
-TINY = {"world__params__villagers": 2, "world__params__max_tokens": 4, "sim__until": 800}
+TINY = {"world__params__villagers": 2, "world__params__max_tokens": 4,
+        "world__params__reflect_every": 0, "sim__until": 800}
 
 
 def test_tiny_town_runs_and_is_deterministic(tmp_path, smol_engine):
