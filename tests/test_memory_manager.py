@@ -309,3 +309,18 @@ def test_infinite_never_evicts() -> None:
         mm.release(i)
     assert len(mm.resident) == 5 and mm.device_bytes == math.inf
     mm.close()
+
+
+def test_future_sequence_lists_waiting_agents_in_submission_order() -> None:
+    # The engine admits waiting calls first come, first served; nearest() must list them so, or
+    # belady prefetches for the calls that run last (it used to keep first-ever-call order).
+    future = FutureSequence(["a", "b", "a", "b", "c"])
+    future.on_submit("a")
+    future.on_submit("b")
+    future.on_finish("a")
+    future.on_finish("b")
+    future.on_submit("b")
+    future.on_submit("a")
+    assert future.nearest(2) == ["b", "a"]
+    assert future.nearest(3) == ["b", "a", "c"]
+    assert future.distance("a") == future.distance("b") == 0.0

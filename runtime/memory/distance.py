@@ -19,6 +19,7 @@ resident objects at each eviction. A key must be consistent with :meth:`distance
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict, deque
 from typing import Callable, Iterable, Protocol, runtime_checkable
@@ -76,6 +77,10 @@ class FutureSequence:
     def on_finish(self, agent_id: str) -> None:
         if self._pending.get(agent_id):
             self._pending[agent_id] -= 1
+            if not self._pending[agent_id]:
+                # Leave the dict, so that its order stays the order of submission (FIFO
+                # admission): nearest() lists waiting agents in the order they will run.
+                del self._pending[agent_id]
             self._changed(agent_id)
 
     def order_key(self, agent_id: str) -> float:
@@ -96,7 +101,7 @@ class FutureSequence:
         return float(self._next(agent_id))
 
     def nearest(self, k: int) -> list[str]:
-        out = [a for a, n in self._pending.items() if n][:k]
+        out = list(itertools.islice(self._pending, k))  # in order of submission
         seen = set(out)
         for i in range(self.cursor, len(self.sequence)):
             if len(out) >= k:
