@@ -48,6 +48,24 @@ def test_mixed_batch_applies_each_tokens_own_adapter(paths):
             start += n
 
 
+def test_decodes_sharing_an_adapter_in_a_sparse_pool(paths):
+    # Two decodes of one adapter stack in its slot; two used slots out of many are copied out.
+    pool = LoraPool(TINY, max_rank=4, dtype=torch.float32, device="cpu", slots=2)
+    adapters = [pool.get(p)[0] for p in paths]
+    last = adapters[-1]
+    q_lens, owners = [1, 1, 2, 1], [last, adapters[0], last, last]
+    batch = LoraBatch.plan(pool, q_lens, [a.slot for a in owners])
+    assert batch.bmm_gather is not None and batch.bmm_depth == 2
+    x = torch.randn(sum(q_lens), TINY.intermediate_size, generator=torch.Generator().manual_seed(1))
+    out = torch.zeros(x.shape[0], pool.shapes["down_proj"][1])
+    batch.apply(0, "down_proj", x, out)
+    expected = torch.cat([reference(last, 0, "down_proj", x[0:1]),
+                          reference(adapters[0], 0, "down_proj", x[1:2]),
+                          reference(last, 0, "down_proj", x[2:4]),
+                          reference(last, 0, "down_proj", x[4:5])])
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_offload_and_reload_restore_the_same_slot_contents(paths):
     pool = LoraPool(TINY, max_rank=4, dtype=torch.float32, device="cpu")
     first, _ = pool.get(paths[0])

@@ -7,7 +7,7 @@ import torch
 
 from runtime.kv_cache import KVCache
 from runtime.model.attention import BatchLayout, TorchPagedAttention
-from runtime.model.llama import LlamaModel
+from runtime.model.llama import LlamaModel, select_linear
 from runtime.model.profiles import PROFILES, from_hf_config, profile
 from runtime.model.sampling import filter_logits, sample
 from runtime.request import SamplingParams
@@ -116,3 +116,12 @@ def test_sampling_filters_and_seeds():
     draws = [sample(logits.repeat(2, 1), [hot, hot], [torch.Generator().manual_seed(3)] * 2)
              for _ in range(2)]
     assert draws[0] == draws[1]
+
+
+def test_linear_backends_agree_and_bad_names_fail():
+    x, w, b = torch.randn(7, 16), torch.randn(5, 16), torch.randn(5)
+    chosen = select_linear(torch.device("cpu"), torch.float32)
+    assert torch.allclose(chosen(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
+    assert select_linear(torch.device("cpu"), torch.float64) is torch.nn.functional.linear
+    with pytest.raises(ValueError, match="linear backend must be"):
+        select_linear(torch.device("cpu"), torch.float32, "blas")
