@@ -69,13 +69,8 @@ class Conversation:
     def join(self, me: LLMAgent) -> Generator[simpy.Event, Any, list[tuple[str, str]]]:
         """Take part until my lines are said or the conversation ends; returns the transcript."""
         for _ in range(self.lines_each):
-            turn = self.turns.my_turn(me)
-            if self.patience is None:
-                ok = yield turn
-            else:
-                fired = yield turn | self.env.timeout(self.patience)
-                ok = fired[turn] if turn in fired else False
-            if not ok:
+            ok = yield me.wait_for(self.turns.my_turn(me), self.patience)
+            if not ok:  # closed, or patience ran out (None)
                 self.end()
                 return self.transcript
             line = yield from me.say(self._prompt(me))

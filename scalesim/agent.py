@@ -11,7 +11,7 @@ what the agent waits for::
                 self.send("Bob", reply.text)
 
 ``llm()`` returns the :class:`~runtime.Completion` (text and token counts), ``wait()`` passes
-simulated time, and ``send()``/``receive()`` exchange messages and record the interaction on the
+simulated time, ``wait_for()`` waits for an event for at most a given time, and ``send()``/``receive()`` exchange messages and record the interaction on the
 world's graph.
 """
 
@@ -118,6 +118,25 @@ class Agent:
         if getattr(self.env, "oracle", None) is not None:  # the wake-up time is exact
             self.env.oracle.on_wait(self.name, self.now + delay)
         return self.env.timeout(delay)
+
+    def wait_for(self, event: simpy.Event, timeout: float | None = None) -> simpy.Event:
+        """An event whose value is ``event``'s once it fires, or ``None`` after ``timeout``.
+
+        Use it instead of ``event | self.wait(timeout)``: :meth:`wait`'s wake-up time is exact,
+        whereas here ``timeout`` is only an upper bound (the agent usually wakes earlier, when
+        ``event`` fires). The distance oracle treats it like :meth:`receive`'s timeout: a deadline,
+        refined by the agent's turns, hints and in-neighbours on the interaction graph.
+        """
+        if getattr(self.env, "oracle", None) is not None:
+            self.env.oracle.on_receive(self.name, self.now + (math.inf if timeout is None
+                                                               else timeout))
+        if timeout is None:
+            return event
+        return self.env.process(self._first_of(event, timeout))
+
+    def _first_of(self, event: simpy.Event, timeout: float) -> Generator[simpy.Event, Any, Any]:
+        fired = yield event | self.env.timeout(timeout)
+        return fired[event] if event in fired else None
 
     def send(self, recipient: Agent | str, content: Any) -> Message:
         """Deliver ``content`` to another agent's inbox and record the interaction."""

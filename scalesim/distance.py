@@ -6,9 +6,10 @@ serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``
 
 * a **pending or running call**: now (distance 0);
 * a **timer** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
-* a **receive** (``Agent.receive``): its timeout, if any, and otherwise the estimate of its
-  in-neighbours on the world's interaction graph plus ``edge_delay`` (they must speak first);
-  changes propagate along out-edges for ``propagation_depth`` hops;
+* a **receive** (``Agent.receive``) or **bounded wait** (``Agent.wait_for``): the earlier of its
+  timeout, an upper bound, and the estimate of its in-neighbours on the world's interaction graph
+  plus ``edge_delay`` (they must speak first); changes propagate along out-edges for
+  ``propagation_depth`` hops;
 * a **turn order** (:mod:`scalesim.turns`): the current speaker first (at its own estimate, or
   now), then each other member ``turn_delay`` after the one before it;
 * a **hint** (``World.hint(agent, eta)``): what only the world author knows.
@@ -79,12 +80,14 @@ class DistanceOracle:
         self._update(agent)
 
     def on_wait(self, agent: str, until: float) -> None:
+        """``agent`` sleeps until exactly ``until``."""
         self._clear_blocking(agent)
         self._pending.pop(agent, None)
         self._timer[agent] = until
         self._update(agent)
 
     def on_receive(self, agent: str, deadline: float = math.inf) -> None:
+        """``agent`` blocks until something happens, at the latest at ``deadline``."""
         self._clear_blocking(agent)
         self._pending.pop(agent, None)
         self._receive[agent] = deadline
@@ -218,7 +221,10 @@ class DistanceOracle:
     # -- prediction quality -------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Called before each engine iteration: open a snapshot if none is open."""
+        """Called before each engine iteration: refresh turns; open a snapshot if none is open."""
+        # Turn positions change without a hook (a member speaks, an order closes); without this
+        # an agent whose conversation ended stays "next to speak" until the next prefetch pass.
+        self._refresh_turns()
         if self._snapshot is not None:
             if (len(self._realised) < len(self._snapshot)
                     and self._snapshot_calls < 4 * len(self._snapshot)):

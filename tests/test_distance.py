@@ -164,3 +164,71 @@ def test_a_hundred_thousand_synthetic_agents() -> None:
             top = oracle.nearest(50)
             assert top == sorted(wake, key=wake.get)[:50]
     assert len(oracle._heap) <= 2 * n + 1024 + 1
+
+
+class Patient(Agent):
+    """Waits for its turn in ``turns``, for at most 30: with ``wait_for`` or an exact timer."""
+
+    def __init__(self, name: str, turns: TurnOrder, bounded: bool, delay: float = 0) -> None:
+        super().__init__(name)
+        self.turns, self.bounded, self.delay = turns, bounded, delay
+
+    def run(self):
+        if self.delay:
+            yield self.wait(self.delay)
+        turn = self.turns.my_turn(self)
+        yield self.wait_for(turn, 30) if self.bounded else turn | self.wait(30)
+        yield self.llm("my line", max_tokens=1)
+        self.turns.done(self)
+
+
+def test_a_bounded_wait_is_an_upper_bound_not_an_exact_wake_up() -> None:
+    # "first" holds the floor until 5; "second" speaks right after it, well before "loner"'s 20.
+    for bounded in (True, False):
+        env, oracle = make_env()
+        world = World(env)
+        turns = TurnOrder(env, ["first", "second"])
+        world.add(Patient("first", turns, bounded, delay=5))
+        world.add(Patient("second", turns, bounded))
+        world.add(Sleeper("loner", [20]))
+        env.run(until=1)
+        if bounded:
+            assert oracle.nearest(3) == ["first", "second", "loner"]
+            assert oracle.eta("second") < 6
+        else:  # an any-of with an exact timer reads as a wake-up at 30
+            assert oracle.nearest(3) == ["first", "loner", "second"]
+        env.run(until=6)
+        assert oracle.eta("second") == math.inf  # it has spoken and finished
+
+
+class Closer(Agent):
+    """Speaks at 3, then closes a turn order (as a conversation that ends early)."""
+
+    def __init__(self, name: str, turns: TurnOrder) -> None:
+        super().__init__(name)
+        self.turns = turns
+
+    def run(self):
+        yield self.wait(3)
+        yield self.llm("bye", max_tokens=1)
+        self.turns.close()
+
+
+class Listener(Agent):
+    def run(self):
+        while True:
+            yield self.receive()
+
+
+def test_a_closed_turn_order_stops_counting_at_the_next_iteration() -> None:
+    env, oracle = make_env()
+    world = World(env)
+    turns = TurnOrder(env, ["first", "second"])
+    world.add(Patient("first", turns, True, delay=50))
+    world.add(Listener("second"))  # listed in the order, but blocked elsewhere
+    world.add(Closer("closer", turns))
+    world.add(Sleeper("loner", [4, 100]))
+    env.run(until=3.5)
+    assert oracle.eta("second") < 51  # next after "first", which holds the floor until 50
+    env.run(until=4.5)  # the order closed at 3; loner's call at 4 ran an engine iteration
+    assert oracle.eta("second") == math.inf

@@ -30,3 +30,26 @@ def test_town_answers_are_recorded_as_conversation_lines():
 def test_generated_villagers_have_unique_names():
     world, _ = run_world(Town, {"villagers": 600}, 1)
     assert len(world.agents) == 600
+
+
+def test_town_hints_whom_a_newcomer_will_invite_and_is_never_wrong():
+    from fake_engine import FakeEngine
+
+    from scalesim import SimEnvironment
+    from scalesim.distance import DistanceOracle
+
+    engine = FakeEngine(lambda r: "I wave hello.")
+    env = SimEnvironment(engine)
+    engine.env = env
+    env.oracle = oracle = DistanceOracle(env)
+    hints: list[tuple[str, float]] = []
+    calls: set[tuple[str, float]] = set()
+    original = oracle.hint
+    oracle.hint = lambda agent, eta: (hints.append((agent, eta)), original(agent, eta))
+    env.submit_listeners.append(lambda agent: calls.add((agent, env.now)))
+    world = Town(env)
+    world.setup(villagers=12)
+    env.run(until=1320)
+    # Invited while idling, a villager speaks when the newcomer arrives, not at its next stop.
+    assert len(hints) > 5
+    assert all(hint in calls for hint in hints)

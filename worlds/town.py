@@ -87,12 +87,16 @@ class Villager(LLMAgent):
         self.wake_hour = wake_hour
         self.schedule = schedule
         self.place = "homes"
+        #: Until when we idle (blocked in ``receive``, ready to join a conversation); else None.
+        self.idle_until_time: float | None = None
 
     def run(self):
         yield from self.idle_until(self.wake_hour * 60)
         for stop in self.schedule:
             yield from self.idle_until(stop.hour * 60)
-            yield self.wait(self.world.travel_minutes(self.place, stop.place))
+            minutes = self.world.travel_minutes(self.place, stop.place)
+            self.world.hint_invitee(self, stop.place, self.now + minutes)
+            yield self.wait(minutes)
             self.world.move(self, stop.place)
             action = yield from self.say(self.prompts["arrive"].format(
                 memories=self.recall(query=stop.place, k=2), time=clock(self.now),
@@ -106,7 +110,9 @@ class Villager(LLMAgent):
     def idle_until(self, time: float):
         """Pass time until ``time``, joining any conversation we are invited to meanwhile."""
         while self.now < time:
+            self.idle_until_time = time
             message = yield self.receive(timeout=time - self.now)
+            self.idle_until_time = None
             talk = Conversation.of(message)
             if talk is not None and not talk.over:
                 yield from talk.join(self)
@@ -116,7 +122,7 @@ class Villager(LLMAgent):
         talk = Conversation([self, other], place=self.place, patience=30)
         talk.invite(self)
         yield from talk.join(self)
-        yield talk.ended | self.wait(30)
+        yield self.wait_for(talk.ended, 30)  # usually ends at once, when the other replies
         talk.end()
         self.world.conversations += 1
 
@@ -160,13 +166,31 @@ class Town(World):
         del self.present[villager.place][villager.name]
         villager.place = place
         self.present[place][villager.name] = villager
+        self.hint_invitee(villager, place, self.now)  # someone may have come since it set out
+
+    def hint_invitee(self, villager: Villager, place: str, arrival: float) -> None:
+        """Tell the oracle whom ``villager``, arriving at ``place`` at ``arrival``, will invite.
+
+        On arrival a villager asks the LLM once (no sim time) and then invites the first villager
+        there it has not met: if that one idles there until then, it speaks at ``arrival``, not at
+        its next stop. A wrong hint would keep its memory near until its next call, so we hint
+        only when the invitee is sure to still be idling there.
+        """
+        invitee = self._unmet(villager, place)
+        until = invitee.idle_until_time if invitee is not None else None
+        if until is not None and until >= arrival:
+            self.hint(invitee, arrival - self.now)
 
     def someone_to_meet(self, me: Villager) -> Villager | None:
         """Another villager at my place whom I have not talked to today."""
-        for other in self.present[me.place].values():
-            pair = frozenset((me.name, other.name))
-            if other is not me and pair not in self.met:
-                self.met.add(pair)
+        other = self._unmet(me, me.place)
+        if other is not None:
+            self.met.add(frozenset((me.name, other.name)))
+        return other
+
+    def _unmet(self, me: Villager, place: str) -> Villager | None:
+        for other in self.present[place].values():
+            if other is not me and frozenset((me.name, other.name)) not in self.met:
                 return other
         return None
 
