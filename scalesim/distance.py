@@ -47,6 +47,7 @@ class DistanceOracle:
         self._timer: dict[str, float] = {}
         self._receive: dict[str, float] = {}  # agent -> timeout deadline (inf: none)
         self._via_graph: dict[str, float] = {}
+        self._graph_root: dict[str, str] = {}  # agent -> whose own estimate its graph one is
         self._hint: dict[str, float] = {}
         self._turn: dict[str, float] = {}
         self._eta: dict[str, float] = {}
@@ -91,12 +92,12 @@ class DistanceOracle:
         self._clear_blocking(agent)
         self._pending.pop(agent, None)
         self._receive[agent] = deadline
-        self._via_graph[agent] = self._estimate_from_neighbours(agent)
+        self._set_via_graph(agent)
         self._update(agent)
 
     def on_exit(self, agent: str) -> None:
-        for table in (self._pending, self._timer, self._receive, self._via_graph, self._hint,
-                      self._turn):
+        for table in (self._pending, self._timer, self._receive, self._via_graph,
+                      self._graph_root, self._hint, self._turn):
             table.pop(agent, None)
         self._update(agent)
 
@@ -109,6 +110,7 @@ class DistanceOracle:
         self._timer.pop(agent, None)
         self._receive.pop(agent, None)
         self._via_graph.pop(agent, None)
+        self._graph_root.pop(agent, None)
 
     # -- the estimate -------------------------------------------------------------------------
 
@@ -176,11 +178,33 @@ class DistanceOracle:
             callback(agent)
         self._propagate(agent, self.propagation_depth if depth is None else depth)
 
-    def _estimate_from_neighbours(self, agent: str) -> float:
-        if self.graph is None or agent not in self.graph:
-            return math.inf
-        return min((self._eta.get(u, math.inf) + self.edge_delay
-                    for u in self.graph.predecessors(agent)), default=math.inf)
+    def _root(self, agent: str) -> str:
+        """Whose own (not graph-derived) estimate ``agent``'s current estimate is."""
+        if agent in self._via_graph and self._eta.get(agent) == self._via_graph[agent]:
+            return self._graph_root.get(agent, agent)
+        return agent
+
+    def _set_via_graph(self, agent: str) -> bool:
+        """Re-estimate ``agent`` from its in-neighbours; ``True`` if the estimate changed.
+
+        A neighbour's estimate that was itself derived from ``agent``, or from an agent whose own
+        estimate has since moved later, is skipped: on a cycle (two villagers who messaged each
+        other) or beyond ``propagation_depth`` hops, old estimates would otherwise stay alive
+        long after they passed, as "about to call" forever.
+        """
+        best, root = math.inf, agent
+        if self.graph is not None and agent in self.graph:
+            for u in self.graph.predecessors(agent):
+                eta = self._eta.get(u, math.inf)
+                if eta + self.edge_delay >= best:
+                    continue
+                source = self._root(u)
+                if source == agent or (source != u and self._eta.get(source, math.inf) > eta):
+                    continue
+                best, root = eta + self.edge_delay, source
+        changed = best != self._via_graph.get(agent)
+        self._via_graph[agent], self._graph_root[agent] = best, root
+        return changed
 
     def _propagate(self, agent: str, depth: int) -> None:
         """Re-estimate receive-blocked out-neighbours of ``agent`` (bounded number of hops)."""
@@ -188,9 +212,7 @@ class DistanceOracle:
             return
         for v in self.graph.successors(agent):
             if v in self._receive and v not in self._pending:
-                estimate = self._estimate_from_neighbours(v)
-                if estimate != self._via_graph.get(v):
-                    self._via_graph[v] = estimate
+                if self._set_via_graph(v):
                     self._update(v, depth - 1)
 
     def _refresh_turns(self) -> None:

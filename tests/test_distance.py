@@ -232,3 +232,23 @@ def test_a_closed_turn_order_stops_counting_at_the_next_iteration() -> None:
     assert oracle.eta("second") < 51  # next after "first", which holds the floor until 50
     env.run(until=4.5)  # the order closed at 3; loner's call at 4 ran an engine iteration
     assert oracle.eta("second") == math.inf
+
+
+def test_graph_estimates_on_a_cycle_do_not_outlive_their_source() -> None:
+    # "a" is next in a turn order, so "b" (who hears from "a") inherits its estimate; once the
+    # order closes, neither must keep it by reading it back from the other.
+    env, oracle = make_env()
+    world = World(env)
+    oracle.graph = world.graph
+    turns = TurnOrder(env, ["first", "a"])
+    world.add(Patient("first", turns, True, delay=50))
+    world.add(Listener("a"))
+    world.add(Listener("b"))
+    world.add(Closer("closer", turns))
+    world.add(Sleeper("loner", [4, 100]))
+    world.record_interaction("a", "b")  # they have messaged each other before
+    world.record_interaction("b", "a")
+    env.run(until=3.5)
+    assert oracle.eta("a") < 51 and oracle.eta("b") == oracle.eta("a")
+    env.run(until=4.5)  # the order closed at 3
+    assert oracle.eta("a") == math.inf and oracle.eta("b") == math.inf
