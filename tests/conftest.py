@@ -52,3 +52,11 @@ def smol_engine():
     from runtime import build_engine
 
     return build_engine("hf", model="smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """``(model, tokenizer)`` of the real SmolLM2-135M from transformers, loaded once."""
+    from runtime.model.loader import load_hf_model
+
+    return load_hf_model("smollm2-135m")

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def hf():
-    from runtime.model.loader import load_hf_model
-
-    return load_hf_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapters")
     return make_adapters(out, PROFILES["smollm2-135m"], n=8, rank=8, seed=1, b_std=0.02)

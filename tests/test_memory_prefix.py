@@ -23,13 +23,6 @@ PERSONAS = ["You are Ada, a cheerful baker who loves rye bread and early morning
 
 
 @pytest.fixture(scope="module")
-def hf():
-    from runtime.model.loader import load_hf_model
-
-    return load_hf_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapters")
     return make_adapters(out, PROFILES["smollm2-135m"], n=4, rank=4, seed=3, b_std=0.05)
