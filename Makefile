@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-fast clean
 
 # torch first, from the CPU build on this machine's disk: a plain `torch` would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -20,11 +20,12 @@ setup: $(STAMP)
 run: setup
 	$(PY) -m scalesim.run worlds/town.yaml
 
+# The whole suite, slow tests included (about 90 s on 2 quiet cores).
 test: setup
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

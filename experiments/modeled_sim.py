@@ -224,6 +224,7 @@ def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str 
     One subplot per value of ``panel`` (e.g. the world). The y label says the numbers are
     modeled. Returns the rows as a pandas DataFrame (``order`` columns dropped).
     """
+    import os
     from pathlib import Path
 
     import matplotlib
@@ -232,7 +233,8 @@ def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str 
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    results = Path(__file__).parent / "results"
+    # Tests point this elsewhere so a smoke run never overwrites the committed results.
+    results = Path(os.environ.get("SCALESIM_RESULTS", Path(__file__).parent / "results"))
     results.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "order"} for r in rows])
     df.to_csv(results / f"{name}.csv", index=False)

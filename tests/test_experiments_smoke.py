@@ -1,6 +1,7 @@
 """Quick modes of the modeled experiments run end to end and print their JSON headline."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -62,8 +63,10 @@ def test_run_world_small_social_feed_is_modeled_and_deterministic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["paper_setting", "noise"])
-def test_quick_mode_prints_a_json_headline(name):
-    out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick"],
+def test_quick_mode_prints_a_json_headline(name, tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick"], env=env,
                          capture_output=True, text=True, timeout=180, check=True).stdout
     line = json.loads(out.strip().splitlines()[-1])
     assert line["experiment"] == name and line["modeled"] is True
+    assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
