@@ -143,6 +143,12 @@ class Engine:
         if stats is None:
             return False
         self._acquired.add(seq.request_id)
+        # The manager's word on a kind replaces any earlier guess (an executor whose prefix KV
+        # lives only in the manager admits after the scheduler has already looked for one).
+        for kind in stats.hits:
+            seq.memory.misses.pop(kind, None)
+        for kind in stats.misses:
+            seq.memory.hits.pop(kind, None)
         seq.memory.hits.update(stats.hits)
         seq.memory.misses.update(stats.misses)
         seq.memory.bytes_loaded += stats.bytes_loaded

@@ -36,6 +36,12 @@ def test_a_tiny_world_runs_on_the_modeled_executor(tmp_path):
     assert summary["memory"]["evictions"] > 0 and summary["modeled"]["modeled_stall_s"] > 0
     assert summary["memory"]["stall_s"] == pytest.approx(summary["modeled"]["modeled_stall_s"],
                                                          abs=1e-3)
+    # Each call's prefix KV is either a hit or a miss, and the trace agrees with the manager.
+    per_call = trace["hits_prefix_kv"] + trace["misses_prefix_kv"]
+    assert per_call.eq(1).all()
+    hits = int(trace["hits_prefix_kv"].sum() + trace["hits_adapter"].sum())
+    misses = int(trace["misses_prefix_kv"].sum() + trace["misses_adapter"].sum())
+    assert summary["memory"]["hit_rate"] == pytest.approx(hits / (hits + misses), abs=1e-4)
 
 
 def test_a_large_world_yaml_runs_modeled_with_overrides(tmp_path):
