@@ -11,7 +11,9 @@ therefore take zero simulated time, and every call of one instant is batched tog
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import gc
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import simpy
 
@@ -31,6 +33,23 @@ class LLMCall(simpy.Event):
         self.request = request
         self.submit_time = env.now
         self.predicted_rank: int | None = None
+
+
+@contextmanager
+def relaxed_gc(young: int = 500_000) -> Iterator[None]:
+    """Run the cyclic garbage collector rarely inside the block.
+
+    A large world keeps millions of long-lived objects (agent processes, stores, graph edges,
+    heap entries). With Python's default thresholds the collector rescans them every few
+    thousand allocations: 40% of the wall time of a 150,000-agent modeled run. Reference
+    counting still frees nearly everything at once; only cyclic garbage waits longer.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(young, 1000, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 class SimEnvironment(simpy.Environment):
@@ -56,6 +75,11 @@ class SimEnvironment(simpy.Environment):
             listener(agent_id)
         self.in_flight[self.engine.submit(request)] = call
         return call
+
+    def run(self, until: Any = None) -> Any:
+        """Run as :meth:`simpy.Environment.run` does, with :func:`relaxed_gc`."""
+        with relaxed_gc():
+            return super().run(until)
 
     def step(self) -> None:
         if self.in_flight and self.peek() > self.now:

@@ -111,6 +111,9 @@ class MemoryManager:
         # The eviction index: heap of (rank, serial, version, key); an entry is live while
         # _version[key] equals its version (only resident, unpinned objects have one).
         self._index: list[tuple[Any, int, int, str]] = []
+        # The same entries for the objects a copy can bring back: a prefetch may evict only
+        # those, and scanning past dropped prefix KV in the main heap made every prefetch O(n).
+        self._copy_index: list[tuple[Any, int, int, str]] = []
         self._version: dict[str, int] = {}
         self._serial: dict[str, int] = {}
         self._versions = itertools.count()
@@ -349,7 +352,8 @@ class MemoryManager:
             return True
         if not self._indexed:
             self._rebuild_index()
-        index, version, resident = self._index, self._version, self.resident
+        version, resident = self._version, self.resident
+        index = self._index if farther_than is None else self._copy_index
         victims: list[tuple[Any, int, int, str]] = []
         aside: list[tuple[Any, int, int, str]] = []
         freed = 0
@@ -369,10 +373,9 @@ class MemoryManager:
                         break  # every object left in the index is at least as near
                     continue
                 if not self._copyable(obj):
-                    # A prefetch saves one copy's latency; evicting an object that can only be
-                    # rebuilt by recomputing it (a dropped prefix KV) costs a whole prefill if the
-                    # prediction is wrong. Only a demand load may push such an object out.
-                    aside.append(entry)
+                    # Its host copy went since it was indexed. A prefetch saves one copy's
+                    # latency; evicting what only a recompute can rebuild (a dropped prefix KV)
+                    # costs a whole prefill if the prediction is wrong: only a demand load may.
                     continue
             victims.append(entry)
             freed += obj.nbytes
@@ -422,20 +425,34 @@ class MemoryManager:
         """(Re-)enter a resident unpinned object under its current rank."""
         version = next(self._versions)
         self._version[obj.key] = version
-        heapq.heappush(self._index, (self._rank(obj), self._serial[obj.key], version, obj.key))
-        if len(self._index) > 2 * len(self._version) + 1024:
-            self._index = [e for e in self._index if self._version.get(e[3]) == e[2]]
-            heapq.heapify(self._index)
+        entry = (self._rank(obj), self._serial[obj.key], version, obj.key)
+        heapq.heappush(self._index, entry)
+        if self._copyable(obj):
+            heapq.heappush(self._copy_index, entry)
+        limit = 2 * len(self._version) + 1024
+        if len(self._index) > limit or len(self._copy_index) > limit:
+            self._index = self._live(self._index)
+            self._copy_index = self._live(self._copy_index)
+
+    def _live(self, heap: list[tuple[Any, int, int, str]]) -> list[tuple[Any, int, int, str]]:
+        """``heap`` without its stale entries, as a heap again."""
+        live = [e for e in heap if self._version.get(e[3]) == e[2]]
+        heapq.heapify(live)
+        return live
 
     def _rebuild_index(self) -> None:
         self._version.clear()
-        self._index = []
+        self._index, self._copy_index = [], []
         for obj in self.resident.values():
             if obj.pins == 0:
                 version = next(self._versions)
                 self._version[obj.key] = version
-                self._index.append((self._rank(obj), self._serial[obj.key], version, obj.key))
+                entry = (self._rank(obj), self._serial[obj.key], version, obj.key)
+                self._index.append(entry)
+                if self._copyable(obj):
+                    self._copy_index.append(entry)
         heapq.heapify(self._index)
+        heapq.heapify(self._copy_index)
 
     def _distance_changed(self, agent: str) -> None:
         """The source re-estimated ``agent``: re-rank its resident, unpinned objects."""
@@ -601,3 +618,7 @@ class MemoryManager:
         assert set(live) == unpinned, (sorted(live), sorted(unpinned))
         for key, entry in live.items():
             assert entry[0] == self._rank(self.resident[key]), (key, entry[0])
+        copy_live = {e[3] for e in self._copy_index if self._version.get(e[3]) == e[2]}
+        assert copy_live <= set(live), "copy index holds an object the main index does not"
+        assert {k for k in live if self._copyable(self.resident[k])} <= copy_live, \
+            "a copyable resident object is missing from the copy index"
