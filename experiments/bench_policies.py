@@ -1,19 +1,23 @@
-"""Memory policies side by side: the town with per-villager adapters and persona prefix KV.
+"""Memory policies side by side on the torch engine: agents with their own adapters and prefix KV.
 
-Every villager gets its own random PEFT adapter and a long persona (its prefix, padded with a
-backstory to about ``--persona-tokens`` tokens). Adapters and prefix KV share one device budget of
-about ``--budget`` of their working set; loads cross an emulated host-to-device link. With the
-host tier off for prefixes (``--host-bytes 0``, the default) an evicted prefix is dropped and the
-villager's next call re-prefills it, so a miss costs compute, not just a copy. The same world
-(same seed, so the same calls in the same order) runs under ``lru`` (recorded first: its trace is
-belady's future), ``scalesim``, ``belady`` and ``infinite`` with one loaded model. Printed per
-policy: makespan (wall seconds of the run), compute seconds (inside the executor's forward
-passes), stall seconds (waiting for loads), hit rate, bytes loaded and re-prefilled prefix
-tokens; then ratios, and a final JSON line with ``speedup_vs_lru`` and ``slowdown_vs_infinite``
-of ``scalesim``.
+In the town (default) or social_feed (``--world``), every agent gets its own random PEFT adapter
+and a long persona (its prefix, padded with a backstory to about ``--persona-tokens`` tokens).
+Adapters and prefix KV share one device budget of about ``--budget`` of their working set; loads
+cross an emulated host-to-device link. By default the host tier holds every evicted prefix
+(``--host-bytes``, default: the whole working set), so a miss is a copy; with ``--host-bytes 0``
+an evicted prefix is dropped and the agent's next call re-prefills it, so a miss costs compute.
+
+The same world and seed runs under ``lru`` (recorded first: its trace is belady's future),
+``scalesim``, ``belady`` and ``infinite`` with one loaded model. Printed per policy: makespan
+(wall seconds of the run), compute seconds (inside the executor's forward passes), stall seconds
+(waiting for loads), hit rate, bytes loaded, re-prefilled prefix tokens, engine iterations and
+the mean number of sequences per iteration (a budget that holds a quarter of the agents' memory
+also caps how many of their calls can run in one batch); then a final JSON line with
+``speedup_vs_lru`` and ``slowdown_vs_infinite`` of ``scalesim``.
 
     .venv/bin/python experiments/bench_policies.py                 # 64 villagers, full day
     .venv/bin/python experiments/bench_policies.py --agents 16 --until 600 --max-tokens 4
+    .venv/bin/python experiments/bench_policies.py --world social_feed --host-bytes 0
 
 All numbers are measured on this machine; nothing here is modeled.
 """
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime import build_engine  # noqa: E402
 from runtime.lora import module_shapes  # noqa: E402
 from scalesim.run import run  # noqa: E402
+from worlds.social_feed import SocialFeed  # noqa: E402
 from worlds.town import Town  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,24 +71,46 @@ def long_persona(persona: str, tokens: int) -> str:
     return persona + " " + BACKSTORY * max(0, tokens // 36)  # a sentence is ~36 tokens
 
 
-class AdapterTown(Town):
-    """The town, with villager ``i`` using adapter ``adapters[i % len(adapters)]`` and a long
-    persona."""
+#: What every agent gets, set by main() before the world is built: adapter paths (agent ``i``
+#: uses ``i % len``) and the approximate persona length in tokens.
+AGENT_MEMORY: dict = {"adapters": [], "persona_tokens": 0}
 
-    adapters: list[str] = []
-    persona_tokens = 0
+
+def give_agent_memory(world) -> None:
+    """Give each agent of a set-up world its own adapter and a long persona."""
+    adapters = AGENT_MEMORY["adapters"]
+    for i, agent in enumerate(world.agents.values()):
+        agent.adapter = adapters[i % len(adapters)]
+        agent.persona = long_persona(agent.persona, AGENT_MEMORY["persona_tokens"])
+
+
+class AdapterTown(Town):
+    """The town: bursts of calls at the schedule's hours (every villager stops at 9:00, 13:00...)."""
 
     def setup(self, villagers: int = 8, max_tokens: int = 24) -> None:
         super().setup(villagers=villagers, max_tokens=max_tokens)
-        for i, agent in enumerate(self.agents.values()):
-            agent.adapter = self.adapters[i % len(self.adapters)]
-            agent.persona = long_persona(agent.persona, self.persona_tokens)
+        give_agent_memory(self)
+
+
+class AdapterFeed(SocialFeed):
+    """social_feed: each hour a different ~20% of the users acts, drawn ahead in the event queue."""
+
+    def setup(self, users: int = 10, max_tokens: int = 24) -> None:
+        super().setup(users=users, max_tokens=max_tokens)
+        give_agent_memory(self)
+
+
+#: world name -> (class, its size parameter, simulated minutes of a run)
+WORLDS = {"town": ("AdapterTown", "villagers", 1320.0),
+          "social_feed": ("AdapterFeed", "users", 1440.0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default="town")
     parser.add_argument("--agents", type=int, default=64)
-    parser.add_argument("--until", type=float, default=1320)
+    parser.add_argument("--until", type=float, default=None,
+                        help="simulated minutes (default: town 1320, social_feed 1440)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.25, help="device share of the working set")
@@ -91,33 +118,38 @@ def main() -> None:
     parser.add_argument("--policies", default="lru,scalesim,belady,infinite")
     parser.add_argument("--persona-tokens", type=int, default=400,
                         help="approximate prefix length of every villager")
-    parser.add_argument("--host-bytes", type=int, default=0,
-                        help="host tier for evicted prefixes (0: drop and re-prefill)")
+    parser.add_argument("--host-bytes", type=int, default=None,
+                        help="host tier for evicted prefixes (default: the working set; "
+                             "0: drop and re-prefill)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    world_class, size_param, default_until = WORLDS[args.world]
+    until = default_until if args.until is None else args.until
     if args.threads:
         torch.set_num_threads(args.threads)
 
     engine = build_engine("torch", max_num_seqs=64, kv_cache_tokens=32768)
     ex = engine.executor
     work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
-    AdapterTown.adapters = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
-                            for i in range(args.agents)]
-    AdapterTown.persona_tokens = args.persona_tokens
-    one = (Path(AdapterTown.adapters[0]) / "adapter_model.safetensors").stat().st_size
+    AGENT_MEMORY["adapters"] = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
+                                for i in range(args.agents)]
+    AGENT_MEMORY["persona_tokens"] = args.persona_tokens
+    one = (Path(AGENT_MEMORY["adapters"][0]) / "adapter_model.safetensors").stat().st_size
     sample = long_persona("You are Ada, 34, the baker of the village of Maple Hollow. You are "
                           "cheerful. Answer briefly, in the first person.", args.persona_tokens)
     prefix_tokens = len(ex.chat.encode(sample, "Hi")[0])
     prefix = ex.cache.blocks_for(prefix_tokens) * ex.cache.block_nbytes
     working_set = (one + prefix) * args.agents
     device_bytes = int(working_set * args.budget)
-    print(f"{args.agents} villagers, adapter ~{one / 2**20:.1f} MiB, prefix ~{prefix_tokens} "
+    if args.host_bytes is None:
+        args.host_bytes = working_set
+    print(f"{args.world}: {args.agents} agents, adapter ~{one / 2**20:.1f} MiB, prefix ~{prefix_tokens} "
           f"tokens ~{prefix / 2**20:.1f} MiB, working set {working_set / 2**20:.0f} MiB, device "
           f"budget {device_bytes / 2**20:.0f} MiB ({args.budget:.0%}), link {args.link_gbps} GB/s, "
           f"host tier for prefixes {args.host_bytes} B", flush=True)
 
-    # Compute time: the executor's forward passes, timed around execute().
-    compute = [0.0]
+    # Compute time: the executor's forward passes, timed around execute(); and batch sizes.
+    compute = [0.0, 0, 0]  # seconds, iterations, sequences
     execute = ex.execute
 
     def timed_execute(batch):
@@ -126,6 +158,8 @@ def main() -> None:
             return execute(batch)
         finally:
             compute[0] += time.perf_counter() - start
+            compute[1] += 1
+            compute[2] += len(batch)
 
     ex.execute = timed_execute
 
@@ -135,11 +169,11 @@ def main() -> None:
                   "host_bytes": args.host_bytes}
         if policy == "belady":
             memory["belady_trace"] = str(work / "run-lru")
-        config = {"world": {"class": "__main__:AdapterTown",
-                            "params": {"villagers": args.agents, "max_tokens": args.max_tokens}},
+        config = {"world": {"class": f"__main__:{world_class}",
+                            "params": {size_param: args.agents, "max_tokens": args.max_tokens}},
                   "runtime": {"executor": "torch", "memory": memory},
-                  "sim": {"until": args.until, "seed": 0}}
-        compute[0] = 0.0
+                  "sim": {"until": until, "seed": 0}}
+        compute[:] = [0.0, 0, 0]
         start = time.perf_counter()
         result = run(config, out=work / f"run-{policy}", engine=engine)
         makespan = time.perf_counter() - start
@@ -149,10 +183,12 @@ def main() -> None:
                            "hit_rate": mem["hit_rate"], "bytes_loaded": mem["bytes_loaded"],
                            "evictions": mem["evictions"],
                            "reprefill_tokens": ex.reprefill_tokens,
+                           "iterations": compute[1],
+                           "mean_batch": round(compute[2] / max(compute[1], 1), 2),
                            "kendall_tau": result.summary["distance"]["kendall_tau"]}
         print(policy, json.dumps(results[policy]), flush=True)
 
-    headline = {"experiment": "bench_policies", "agents": args.agents}
+    headline = {"experiment": "bench_policies", "world": args.world, "agents": args.agents}
     if "scalesim" in results and "lru" in results:
         headline["speedup_vs_lru"] = round(results["lru"]["makespan_s"]
                                            / results["scalesim"]["makespan_s"], 3)

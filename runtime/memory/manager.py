@@ -81,7 +81,7 @@ class MemoryManager:
         link_latency_us: float = 0.0,
         lookahead: int = 16,
         distance: DistanceSource | None = None,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int | None = None,
     ) -> None:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.device = torch.device(device)
