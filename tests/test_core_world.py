@@ -176,3 +176,28 @@ def test_sampling_seed_is_derived_from_the_world_seed(echo_engine):
         world.add(Scripted("a", script))
         world.env.run()
     assert seen[0] is not None and seen[0] == seen[1]
+
+
+def test_a_run_collects_garbage_rarely_and_restores_the_collector():
+    import gc
+
+    from scalesim.environment import relaxed_gc
+
+    before = gc.get_threshold()
+    with relaxed_gc(young=123_456):
+        assert gc.get_threshold()[0] == 123_456
+    assert gc.get_threshold() == before
+    from fake_engine import FakeEngine
+
+    env = SimEnvironment(FakeEngine())
+    seen = []
+    env.process(_record_threshold(env, seen))
+    env.run()
+    assert seen and seen[0] > before[0] and gc.get_threshold() == before
+
+
+def _record_threshold(env, seen):
+    import gc
+
+    seen.append(gc.get_threshold()[0])
+    yield env.timeout(1)

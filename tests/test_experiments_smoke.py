@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,20 @@ def test_quick_mode_prints_a_json_headline(name, tmp_path):
     line = json.loads(out.strip().splitlines()[-1])
     assert line["experiment"] == name and line["modeled"] is True
     assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_bench_policies_runs_every_policy_on_the_real_engine():
+    script = Path(__file__).resolve().parent.parent / "experiments" / "bench_policies.py"
+    cmd = [sys.executable, str(script), "--agents", "4", "--budget", "0.5",
+           "--until", "560", "--max-tokens", "2", "--persona-tokens", "40"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    results = line["results"]
+    assert line["world"] == "town" and set(results) == {"lru", "scalesim", "belady", "infinite"}
+    assert line["speedup_vs_lru"] > 0 and line["slowdown_vs_infinite"] > 0
+    # Greedy replies: memory management must not change what the villagers do.
+    assert len({r["calls"] for r in results.values()}) == 1 and results["lru"]["calls"] >= 3
+    # Three villagers call with room for two: lru must evict; infinite never does.
+    assert results["lru"]["evictions"] > 0 and results["infinite"]["evictions"] == 0
