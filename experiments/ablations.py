@@ -18,17 +18,13 @@ The last two change what is managed, so compare them with ``lru`` run on the sam
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.modeled_sim import Setting, headline, run_world, write_results
+from experiments.modeled_sim import Setting, experiment_parser, headline, run_world, write_results
 
 VARIANTS = ["scalesim", "scalesim-no-prefetch", "lru-prefetch", "scalesim-no-preempt", "lru"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--agents", type=int, default=1000)
+    parser = experiment_parser(__doc__, agents=1000)
     args = parser.parse_args()
     agents = 200 if args.quick else args.agents
     until = 720.0 if args.quick else -1.0
@@ -48,7 +44,8 @@ def main() -> None:
         print(f"{r['policy']:24s} modeled makespan {r['modeled_makespan_s']:8.2f} s  stall "
               f"{r['modeled_stall_s']:7.2f} s", flush=True)
     write_results("ablations", rows, "variant", series="policy",
-                  title=f"social_feed, {agents} users, budget 1/4 of working set: ablations")
+                  title=f"social_feed, {agents} users, budget 1/4 of working set: ablations",
+                  quick=args.quick)
     headline("ablations", agents=agents, setting=base.label(),
              makespan_s={r["policy"]: round(r["modeled_makespan_s"], 3) for r in rows})
 

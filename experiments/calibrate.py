@@ -6,7 +6,8 @@ single prefills of growing length, decode batches of growing size and context, a
 searches the compute and memory efficiencies on a log grid and solves the per-step and
 per-sequence overheads by least squares on relative error; it reports the fitted profile and the
 fit error (mean and max relative error, measured vs modeled), writes
-``results/calibrate.csv`` / ``.png`` and ends with one JSON line.
+``results/calibrate.csv`` / ``.png`` (``results/quick/`` with ``--quick``) and ends with one JSON
+line.
 
     python -m experiments.calibrate [--quick]
 
@@ -104,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch shapes")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = RESULTS / "quick" if args.quick else RESULTS  # never overwrite the full run
+    results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     samples = measure(args.quick)
     params, measured, pred = fit(samples)
@@ -121,7 +123,7 @@ def main() -> None:
         "context_tokens": [sum(x.past + x.new for x in w) for w, _ in samples],
         "measured_s": measured, "fitted_modeled_s": pred, "table_modeled_s": table_pred,
         "rel_error": rel})
-    rows.to_csv(RESULTS / "calibrate.csv", index=False)
+    rows.to_csv(results / "calibrate.csv", index=False)
 
     import matplotlib
 
@@ -137,7 +139,7 @@ def main() -> None:
     ax.set_title(f"cost model fit, SmolLM2-135M on CPU\nmean rel. error {rel.mean():.1%}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "calibrate.png", dpi=120)
+    fig.savefig(results / "calibrate.png", dpi=120)
 
     print(f"{len(samples)} steps measured in {time.perf_counter() - t0:.1f} s")
     print(f"fitted cpu profile: {params}")

@@ -18,6 +18,7 @@ world's setup took here.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import time
@@ -223,11 +224,13 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
 
 def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str = "policy",
                   panel: str | None = None, y: str = "modeled_makespan_s", title: str = "",
-                  logx: bool = False) -> Any:
+                  logx: bool = False, quick: bool = False) -> Any:
     """Write ``results/<name>.csv`` and a line plot of ``y`` against ``x`` per ``series``.
 
     One subplot per value of ``panel`` (e.g. the world). The y label says the numbers are
-    modeled. Returns the rows as a pandas DataFrame (``order`` columns dropped).
+    modeled. A ``quick`` run writes to ``results/quick/`` (not tracked by git), so trying an
+    experiment never overwrites the full run's committed results. Returns the rows as a pandas
+    DataFrame (``order`` columns dropped).
     """
     import os
     from pathlib import Path
@@ -240,6 +243,8 @@ def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str 
 
     # Tests point this elsewhere so a smoke run never overwrites the committed results.
     results = Path(os.environ.get("SCALESIM_RESULTS", Path(__file__).parent / "results"))
+    if quick:
+        results = results / "quick"
     results.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "order"} for r in rows])
     df.to_csv(results / f"{name}.csv", index=False)
@@ -267,6 +272,22 @@ def headline(name: str, **values: Any) -> None:
     import json
 
     print(json.dumps({"experiment": name, "modeled": True, **values}))
+
+
+def experiment_parser(doc: str, agents: int) -> argparse.ArgumentParser:
+    """The options every agent-count experiment takes: ``--quick`` and ``--agents``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
+    parser.add_argument("--agents", type=int, default=agents)
+    return parser
+
+
+def speedup(rows: Any, of: str = "scalesim", over: str = "lru") -> float:
+    """``over``'s modeled makespan divided by ``of``'s among ``rows`` (dicts or a DataFrame) of
+    one setting, rounded to three places."""
+    records = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    makespan = {r["policy"]: r["modeled_makespan_s"] for r in records}
+    return round(makespan[over] / makespan[of], 3)
 
 
 def run_policies(world: str, agents: int, policies: list[str], **kw: Any) -> list[dict[str, Any]]:

@@ -9,15 +9,11 @@ names the smallest noise level at which scalesim no longer beats lru (modeled).
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.modeled_sim import Setting, headline, run_world, write_results
+from experiments.modeled_sim import Setting, experiment_parser, headline, run_world, write_results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--agents", type=int, default=1000)
+    parser = experiment_parser(__doc__, agents=1000)
     args = parser.parse_args()
     agents = 200 if args.quick else args.agents
     levels = [0.0, 0.5, 1.0] if args.quick else [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
@@ -33,7 +29,8 @@ def main() -> None:
         rows.append({**lru, "noise": noise})
         print(f"noise {noise:4.2f} scalesim {r['modeled_makespan_s']:8.2f} s  lru "
               f"{lru['modeled_makespan_s']:8.2f} s (modeled)", flush=True)
-    write_results("noise", rows, "noise", title=f"social_feed, {agents} users: distance noise")
+    write_results("noise", rows, "noise", title=f"social_feed, {agents} users: distance noise",
+                  quick=args.quick)
     worse = [r["noise"] for r in rows if r["policy"] == "scalesim"
              and r["modeled_makespan_s"] >= lru["modeled_makespan_s"]]
     headline("noise", agents=agents, setting=setting.label(),

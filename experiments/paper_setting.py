@@ -12,9 +12,8 @@ real hardware; this number is a model of that setting, not a measurement of it.
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.modeled_sim import Setting, headline, run_policies, working_set, write_results
+from experiments.modeled_sim import (Setting, experiment_parser, headline, run_policies, speedup,
+                                     working_set, write_results)
 from runtime.cost_model import CostModel, hardware
 from runtime.model.profiles import profile
 
@@ -22,9 +21,7 @@ KV_POOL_BYTES = 16e9
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--agents", type=int, default=200)
+    parser = experiment_parser(__doc__, agents=200)
     args = parser.parse_args()
     setting = Setting(hardware="H100", model="qwen2.5-7b", lora_rank=64, prefix_tokens=2048)
     cost = CostModel(hardware("H100"), profile("qwen2.5-7b"))
@@ -39,17 +36,14 @@ def main() -> None:
         print(f"{r['policy']:9s} calls {r['calls']:5d} modeled makespan "
               f"{r['modeled_makespan_s']:8.2f} s stall {r['modeled_stall_s']:7.2f} s hits "
               f"{r['hits']} misses {r['misses']}", flush=True)
-    write_results("paper_setting", rows, "variant", title="paper setting (modeled)")
+    write_results("paper_setting", rows, "variant", title="paper setting (modeled)",
+                  quick=args.quick)
     by = {r["policy"]: r for r in rows}
     headline("paper_setting", setting=setting.label(), agents=args.agents,
              budget_gb=round(budget / 1e9, 1), working_set_gb=round(ws / 1e9, 1),
              calls=by["lru"]["calls"],
-             speedup_vs_lru=round(by["lru"]["modeled_makespan_s"]
-                                  / by["scalesim"]["modeled_makespan_s"], 3),
-             belady_speedup_vs_lru=round(by["lru"]["modeled_makespan_s"]
-                                         / by["belady"]["modeled_makespan_s"], 3),
-             infinite_speedup_vs_lru=round(by["lru"]["modeled_makespan_s"]
-                                           / by["infinite"]["modeled_makespan_s"], 3),
+             speedup_vs_lru=speedup(rows), belady_speedup_vs_lru=speedup(rows, of="belady"),
+             infinite_speedup_vs_lru=speedup(rows, of="infinite"),
              paper_claim="up to 1.74x over SGLang (measured on real GPUs, not comparable 1:1)")
 
 

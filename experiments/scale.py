@@ -33,7 +33,7 @@ def main() -> None:
           f"{r['setup_s']:.1f} s building the world; modeled makespan "
           f"{r['modeled_makespan_s']:.1f} s; sim time {r['sim_time']:.0f} min")
     r["calls_per_s"] = rate
-    write_results("scale", [r], "calls", title="scale run")
+    write_results("scale", [r], "calls", title="scale run", quick=args.quick)
     headline("scale", calls=r["calls"], seconds=round(r["wall_s"], 1),
              setup_seconds=round(r["setup_s"], 1),
              calls_per_s=round(rate, 1), users=users, policy=args.policy,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.modeled_sim import Setting, headline, run_policies, write_results
+from experiments.modeled_sim import Setting, headline, run_policies, speedup, write_results
 
 POLICIES = ["scalesim", "lru", "belady", "infinite"]
 
@@ -34,11 +34,10 @@ def main() -> None:
                       f"makespan {r['modeled_makespan_s']:9.2f} s stall "
                       f"{r['modeled_stall_s']:8.2f} s  (wall {r['wall_s']:.1f} s)", flush=True)
     df = write_results("sweep_agents", rows, "agents", panel="world", logx=True,
-                       title=f"makespan vs agents, {args.budget_gb:g} GB agent-memory budget")
+                       title=f"makespan vs agents, {args.budget_gb:g} GB agent-memory budget",
+                       quick=args.quick)
     big = df[df.agents == max(sizes)]
-    speed = {w: round(float(g[g.policy == "lru"].modeled_makespan_s.iloc[0]
-                            / g[g.policy == "scalesim"].modeled_makespan_s.iloc[0]), 3)
-             for w, g in big.groupby("world")}
+    speed = {w: speedup(g) for w, g in big.groupby("world")}
     headline("sweep_agents", agents=max(sizes), speedup_vs_lru=speed, setting=setting.label())
 
 

@@ -9,17 +9,14 @@ scalesim-over-lru speedup at 8x (modeled).
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.modeled_sim import Setting, headline, run_policies, write_results
+from experiments.modeled_sim import (Setting, experiment_parser, headline, run_policies, speedup,
+                                     write_results)
 
 POLICIES = ["scalesim", "lru", "belady", "infinite"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--agents", type=int, default=1000)
+    parser = experiment_parser(__doc__, agents=1000)
     parser.add_argument("--world", default="social_feed")
     args = parser.parse_args()
     agents = 200 if args.quick else args.agents
@@ -34,12 +31,11 @@ def main() -> None:
             print(f"{ratio}x {r['policy']:9s} modeled makespan {r['modeled_makespan_s']:8.2f} s "
                   f"stall {r['modeled_stall_s']:7.2f} s", flush=True)
     df = write_results("sweep_memory", rows, "working_set_over_budget",
-                       title=f"{args.world}, {agents} agents: makespan vs working set / budget")
-    top = df[df.working_set_over_budget == max(ratios)]
-    lru = float(top[top.policy == "lru"].modeled_makespan_s.iloc[0])
-    ours = float(top[top.policy == "scalesim"].modeled_makespan_s.iloc[0])
+                       title=f"{args.world}, {agents} agents: makespan vs working set / budget",
+                       quick=args.quick)
     headline("sweep_memory", world=args.world, agents=agents, ratio=max(ratios),
-             speedup_vs_lru=round(lru / ours, 3), setting=setting.label())
+             speedup_vs_lru=speedup(df[df.working_set_over_budget == max(ratios)]),
+             setting=setting.label())
 
 
 if __name__ == "__main__":

@@ -9,17 +9,14 @@ JSON line with the scalesim-over-lru speedup at each rate (modeled).
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.modeled_sim import Setting, headline, run_policies, write_results
+from experiments.modeled_sim import (Setting, experiment_parser, headline, run_policies, speedup,
+                                     write_results)
 
 POLICIES = ["scalesim", "lru", "infinite"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--agents", type=int, default=500)
+    parser = experiment_parser(__doc__, agents=500)
     args = parser.parse_args()
     agents = 150 if args.quick else args.agents
     rates = [0.05, 0.5] if args.quick else [0.05, 0.1, 0.2, 0.4, 0.7, 1.0]
@@ -33,11 +30,9 @@ def main() -> None:
             print(f"{rate:4.2f} {r['policy']:9s} calls {r['calls']:6d} modeled makespan "
                   f"{r['modeled_makespan_s']:8.2f} s", flush=True)
     df = write_results("sweep_sparsity", rows, "active_rate",
-                       title=f"social_feed, {agents} users: makespan vs active share")
-    speed = {}
-    for rate, g in df.groupby("active_rate"):
-        speed[str(rate)] = round(float(g[g.policy == "lru"].modeled_makespan_s.iloc[0]
-                                       / g[g.policy == "scalesim"].modeled_makespan_s.iloc[0]), 3)
+                       title=f"social_feed, {agents} users: makespan vs active share",
+                       quick=args.quick)
+    speed = {str(rate): speedup(g) for rate, g in df.groupby("active_rate")}
     headline("sweep_sparsity", agents=agents, speedup_vs_lru=speed, setting=setting.label())
 
 

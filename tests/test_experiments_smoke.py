@@ -70,7 +70,8 @@ def test_quick_mode_prints_a_json_headline(name, tmp_path):
                          capture_output=True, text=True, timeout=180, check=True).stdout
     line = json.loads(out.strip().splitlines()[-1])
     assert line["experiment"] == name and line["modeled"] is True
-    assert (tmp_path / f"{name}.csv").is_file() and (tmp_path / f"{name}.png").is_file()
+    quick = tmp_path / "quick"  # a quick run never overwrites the full results
+    assert (quick / f"{name}.csv").is_file() and (quick / f"{name}.png").is_file()
 
 
 @pytest.mark.slow
