@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.step_timer import time_steps  # noqa: E402
 from runtime import build_engine  # noqa: E402
 from runtime.lora import module_shapes  # noqa: E402
 from scalesim.run import run  # noqa: E402
@@ -148,20 +149,7 @@ def main() -> None:
           f"budget {device_bytes / 2**20:.0f} MiB ({args.budget:.0%}), link {args.link_gbps} GB/s, "
           f"host tier for prefixes {args.host_bytes} B", flush=True)
 
-    # Compute time: the executor's forward passes, timed around execute(); and batch sizes.
-    compute = [0.0, 0, 0]  # seconds, iterations, sequences
-    execute = ex.execute
-
-    def timed_execute(batch):
-        start = time.perf_counter()
-        try:
-            return execute(batch)
-        finally:
-            compute[0] += time.perf_counter() - start
-            compute[1] += 1
-            compute[2] += len(batch)
-
-    ex.execute = timed_execute
+    compute = time_steps(ex)  # the executor's forward passes: seconds, steps, batch sizes
 
     results = {}
     for policy in args.policies.split(","):
@@ -173,18 +161,18 @@ def main() -> None:
                             "params": {size_param: args.agents, "max_tokens": args.max_tokens}},
                   "runtime": {"executor": "torch", "memory": memory},
                   "sim": {"until": until, "seed": 0}}
-        compute[:] = [0.0, 0, 0]
+        compute.reset()
         start = time.perf_counter()
         result = run(config, out=work / f"run-{policy}", engine=engine)
         makespan = time.perf_counter() - start
         mem = result.summary["memory"]
-        results[policy] = {"makespan_s": round(makespan, 2), "compute_s": round(compute[0], 2),
+        results[policy] = {"makespan_s": round(makespan, 2), "compute_s": round(compute.seconds, 2),
                            "stall_s": mem["stall_s"], "calls": result.summary["calls"],
                            "hit_rate": mem["hit_rate"], "bytes_loaded": mem["bytes_loaded"],
                            "evictions": mem["evictions"],
                            "reprefill_tokens": ex.reprefill_tokens,
-                           "iterations": compute[1],
-                           "mean_batch": round(compute[2] / max(compute[1], 1), 2),
+                           "iterations": compute.steps,
+                           "mean_batch": round(compute.mean_batch, 2),
                            "kendall_tau": result.summary["distance"]["kendall_tau"]}
         print(policy, json.dumps(results[policy]), flush=True)
 

@@ -89,3 +89,15 @@ def test_bench_policies_runs_every_policy_on_the_real_engine():
     assert len({r["calls"] for r in results.values()}) == 1 and results["lru"]["calls"] >= 3
     # Three villagers call with room for two: lru must evict; infinite never does.
     assert results["lru"]["evictions"] > 0 and results["infinite"]["evictions"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_validate_modeled_replays_the_real_run_exactly(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.validate_modeled", "--quick"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    # The replay must make the same calls with the same tokens; the ratio is what it is.
+    assert line["replay_identical"] is True and line["modeled_over_measured"]["town"] > 0
+    assert (tmp_path / "quick" / "validate_modeled.csv").is_file()

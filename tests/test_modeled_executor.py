@@ -146,3 +146,33 @@ def test_taking_decode_steps_at_once_changes_nothing_without_prefetch(policy):
     assert c1 < c2 == n2  # fewer engine iterations, as many modeled steps
     assert t1 == pytest.approx(t2, rel=1e-12) and s1 == pytest.approx(s2, abs=1e-12)
     assert (n1, k1) == (n2, k2) and sorted(d1) == sorted(d2)
+
+
+class _WordChat:
+    """Stands in for the real chat template: one token per word."""
+
+    def encode(self, prefix, prompt):
+        return [7] * len(prefix.split()), [8] * len(prompt.split())
+
+
+def test_replay_answers_each_agents_calls_with_its_recorded_replies_in_order():
+    import pandas as pd
+
+    from runtime.executors.modeled import ReplayChat
+
+    trace = pd.DataFrame({"request_id": [3, 0, 1, 2], "agent": ["a", "a", "b", "a"],
+                          "completion": ["third", "first", "hi b", "second"],
+                          "output_tokens": [2, 5, 3, 1],
+                          "finish_reason": ["stop", "stop", "stop", "length"]})
+    engine = build_modeled_engine(model="smollm2-135m", hardware_profile="cpu", lora_rank=0,
+                                  managed=("prefix_kv",), chat=ReplayChat(_WordChat(), trace))
+    first = _serve(engine, ["a", "b"], prefix="one two three")
+    assert sorted((c.agent_id, c.text, c.output_tokens) for c in first) == [("a", "first", 5),
+                                                                           ("b", "hi b", 3)]
+    assert first[0].prompt_tokens == 3 + 20  # the chat's tokens: prefix + prompt words
+    second = _serve(engine, ["a"], prefix="one two three", max_tokens=1)  # cut at the limit
+    third = _serve(engine, ["a"], prefix="one two three")  # ended by end-of-sequence
+    assert [(c.text, c.output_tokens, c.finish_reason) for c in second + third] == [
+        ("second", 1, "length"), ("third", 2, "stop")]
+    extra = _serve(engine, ["b"], prefix="one two three")  # b made one call when recorded
+    assert not extra[0].ok and "more calls than it made in the recorded run" in extra[0].error

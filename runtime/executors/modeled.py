@@ -89,6 +89,50 @@ class LengthChat:
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[(token_ids[0] - FILLER) % len(self.replies)] if token_ids else ""
 
+    def reply(self, request_id: int, agent: str) -> tuple[int, int | None, bool]:
+        """Which placeholder answers a call, its length (``None``: the executor's default) and
+        whether its last token is end-of-sequence."""
+        return request_id % len(self.replies), None, True
+
+
+class ReplayChat:
+    """A finished run's replies, replayed: the modeled engine serves the same calls as the run did.
+
+    Prompts are tokenized with the real model's chat template (``chat``, a
+    :class:`~runtime.model.chat.ChatFormat`), so prompt and prefix lengths are the real ones. The
+    ``k``-th call of an agent is answered with the ``k``-th completion that agent got in the
+    recorded ``trace`` (a :func:`scalesim.load_trace` frame: ``request_id``, ``agent``,
+    ``completion``, ``output_tokens``, ``finish_reason``), generating as many tokens and ending
+    the same way (end-of-sequence, or the token limit). A world whose choices depend
+    only on its replies and its seed then makes the same calls in the same order, so the modeled
+    makespan of the replay can be set against the measured one of the recording
+    (``experiments/validate_modeled.py``).
+    """
+
+    def __init__(self, chat: Any, trace: Any) -> None:
+        self.chat = chat
+        rows = trace.sort_values("request_id")
+        self.replies = tuple(str(t) if isinstance(t, str) else "" for t in rows["completion"])
+        self._next: dict[str, list[tuple[int, int, bool]]] = {}
+        for i, (agent, n, finish) in enumerate(zip(rows["agent"], rows["output_tokens"],
+                                                   rows["finish_reason"])):
+            self._next.setdefault(agent, []).append((i, max(1, int(n)), finish != "length"))
+        for queue in self._next.values():
+            queue.reverse()  # pop() from the end gives the agent's calls in order
+
+    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+        return self.chat.encode(prefix, prompt)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.replies[token_ids[0] - FILLER] if token_ids else ""
+
+    def reply(self, request_id: int, agent: str) -> tuple[int, int | None, bool]:
+        queue = self._next.get(agent)
+        if not queue:
+            raise RequestError(f"request {request_id}: agent {agent!r} makes more calls than it "
+                               "made in the recorded run (the world did not replay identically)")
+        return queue.pop()
+
 
 class ModeledMemory(AgentMemory):
     """A memory object that is only a size: loads cost link time, a rebuild costs a prefill.
@@ -272,7 +316,7 @@ class ModeledExecutor:
                  max_batch_tokens: int = 8192, block_size: int = 16,
                  kv_cache_tokens: int | None = None, lookahead: int = 32,
                  preempt_prefetch: bool = True, replies: tuple[str, ...] = ("ok",),
-                 cost: CostModel | None = None,
+                 chat: ReplayChat | None = None, cost: CostModel | None = None,
                  **hardware_overrides: float) -> None:
         for kind in managed:
             if kind not in ("adapter", "prefix_kv"):
@@ -282,8 +326,10 @@ class ModeledExecutor:
         self.config = profile(model)
         self.cost = cost or CostModel(hardware(hardware_profile, **hardware_overrides), self.config)
         self.model_name, self.hardware_name = model, self.cost.hw.name
-        self.chat = LengthChat(chars_per_token, prefix_tokens, vocab_size=self.config.vocab_size,
-                               replies=replies)
+        self.chat: LengthChat | ReplayChat = chat or LengthChat(
+            chars_per_token, prefix_tokens, vocab_size=self.config.vocab_size, replies=replies)
+        #: request id -> (filler token, output length, last token) of its reply
+        self._reply: dict[int, tuple[int, int, int]] = {}
         self.eos_token_ids = set(self.config.eos_token_ids)
         self._eos = self.config.eos_token_ids[0]
         self.max_context = self.config.max_position_embeddings
@@ -419,20 +465,31 @@ class ModeledExecutor:
         self.clock.compute += seconds
         self.memory.copy.advance(self.clock.now)
         self.steps += steps
-        n_replies = len(self.chat.replies)
-        eos = self._eos
         for seq, w in zip(batch, work):
             self.tokens_computed += w.new + steps - 1
             seq.num_computed += seq.chunk + steps - 1
             seq.chunk = 0
             if w.sampled:
-                limit = min(seq.request.sampling.max_tokens, self.output_tokens)
-                have = len(seq.output_ids)
-                filler = FILLER + seq.request_id % n_replies
-                last = have + steps >= limit
-                seq.append_tokens([filler] * (steps - 1) + [eos if last else filler])
+                filler, limit, end = self._reply_of(seq)
+                last = len(seq.output_ids) + steps >= limit
+                seq.append_tokens([filler] * (steps - 1) + [end if last else filler])
                 if last:
                     self._prefix_cached.pop(seq.request_id, None)
+                    del self._reply[seq.request_id]
+
+    def _reply_of(self, seq: Sequence) -> tuple[int, int, int]:
+        """The filler token, output length and last token of ``seq``'s reply (chosen at its first
+        token). The last is end-of-sequence unless the reply ends at the request's token limit,
+        where the engine stops it (as a recorded "length" finish did)."""
+        reply = self._reply.get(seq.request_id)
+        if reply is None:
+            index, length, eos = self.chat.reply(seq.request_id, seq.request.agent_id)
+            max_tokens = seq.request.sampling.max_tokens
+            limit = min(max_tokens, self.output_tokens if length is None else length)
+            filler = FILLER + index
+            end = self._eos if eos or limit < max_tokens else filler
+            reply = self._reply[seq.request_id] = (filler, limit, end)
+        return reply
 
     def _stop_can_match(self, stop: Any) -> bool:
         """Whether a stop string occurs in a placeholder reply (else it can never end a call)."""
@@ -448,15 +505,14 @@ class ModeledExecutor:
         if (sched is None or len(batch) != len(sched.running)
                 or (sched.waiting and len(sched.running) < sched.max_num_seqs)):
             return 1  # someone else would join the next step
-        steps = self.output_tokens
+        steps = math.inf
         for seq in batch:
             if seq.chunk != 1 or seq.num_computed + 1 != seq.num_tokens:
                 return 1
             if seq.request.sampling.stop and self._stop_can_match(seq.request.sampling.stop):
                 return 1
-            limit = min(seq.request.sampling.max_tokens, self.output_tokens)
-            steps = min(steps, limit - len(seq.output_ids))
-        if steps <= 1:
+            steps = min(steps, self._reply_of(seq)[1] - len(seq.output_ids))
+        if not batch or steps <= 1:
             return 1
         cache = self.cache
         need = [cache.blocks_for(seq.num_tokens + steps - 1) - len(seq.block_table)
@@ -466,7 +522,7 @@ class ModeledExecutor:
         for seq, n in zip(batch, need):
             if n > 0:
                 seq.block_table += cache.allocate(n)
-        return steps
+        return int(steps)
 
 
 def build_modeled_engine(**options: Any) -> Any:

@@ -1,0 +1,125 @@
+"""Check the modeled engine against a real run: the same world, replayed, measured vs modeled.
+
+A world runs on the torch engine (SmolLM2-135M on this CPU); every forward pass is timed. The
+same world and seed then runs on the modeled engine with the ``cpu`` hardware profile and
+:class:`runtime.executors.modeled.ReplayChat`: prompts are tokenized with the real chat
+template and each call gets the reply, and the number of output tokens, that the real run
+gave it, so the world makes the same calls in the same order. Printed: calls and tokens of both
+(they must agree, or the replay diverged), measured compute seconds (inside ``execute``) and
+measured wall seconds, the modeled makespan, and modeled / measured, for each world of
+``--worlds`` (town, social_feed and round_table by default); writes
+``results/validate_modeled.csv`` / ``.png`` and a JSON line whose ``modeled_over_measured`` maps
+each world to its modeled makespan / measured compute.
+
+    python -m experiments.validate_modeled [--quick] [--worlds a.yaml,b.yaml] [--set k=v ...]
+
+The comparison is of serving time: the world's own Python time, which the real wall time also
+contains, is not part of either the model or the measured compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime import build_engine
+from experiments.step_timer import time_steps
+from runtime.executors.modeled import ReplayChat
+from scalesim.config import load_config, parse_override
+from scalesim.run import run
+
+#: Where results go; tests point SCALESIM_RESULTS elsewhere.
+RESULTS = Path(os.environ.get("SCALESIM_RESULTS", Path(__file__).parent / "results"))
+WORLDS = ("worlds/town.yaml", "worlds/social_feed.yaml", "worlds/round_table.yaml")
+
+
+def totals(trace: Any) -> dict[str, int]:
+    return {"calls": len(trace), "prompt_tokens": int(trace.prompt_tokens.sum()),
+            "output_tokens": int(trace.output_tokens.sum())}
+
+
+def validate(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run ``world`` on the torch engine, replay it on the modeled one; return both totals."""
+    config = load_config(world, {"runtime.executor": "torch", **overrides})
+    real = build_engine("torch", model=config.runtime.model, **config.runtime.engine_options())
+    compute = time_steps(real.executor)
+    start = time.perf_counter()
+    recorded = run(config, out=work / f"{Path(world).stem}-real", engine=real)
+    wall = time.perf_counter() - start
+
+    ex = real.executor
+    modeled = build_engine("modeled", model=config.runtime.model, hardware_profile="cpu",
+                           lora_rank=0, managed=("prefix_kv",),
+                           chat=ReplayChat(ex.chat, recorded.trace),
+                           max_num_seqs=ex.max_num_seqs, max_batch_tokens=ex.max_batch_tokens)
+    replayed = run(config, out=work / f"{Path(world).stem}-modeled", engine=modeled)
+    model = modeled.executor
+
+    a, b = totals(recorded.trace), totals(replayed.trace)
+    print(f"{world}: real {a}, replayed {b}" + ("" if a == b else "  <- DIVERGED"))
+    ratio = model.now / compute.seconds
+    print(f"  measured: compute {compute.seconds:.2f} s (inside execute, {compute.steps} steps), wall "
+          f"{wall:.2f} s; modeled ({model.hardware_name} profile, {model.model_name}): makespan "
+          f"{model.now:.2f} s, {model.steps} steps; modeled / measured {ratio:.3f}", flush=True)
+    return {"world": Path(world).stem, "replay_identical": a == b, **a,
+            "measured_compute_s": round(compute.seconds, 3), "measured_wall_s": round(wall, 3),
+            "measured_steps": compute.steps, "modeled_steps": model.steps,
+            "modeled_makespan_s": round(model.now, 3),
+            "modeled_over_measured": round(ratio, 3)}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["measured_compute_s"] for r in rows], 0.4,
+           label="measured (torch executor, this CPU)")
+    ax.bar([i + 0.2 for i in x], [r["modeled_makespan_s"] for r in rows], 0.4,
+           label="modeled (cpu profile, replayed calls)")
+    ax.set_xticks(list(x), [r["world"] for r in rows])
+    ax.set_ylabel("serving seconds")
+    ax.set_title("modeled vs measured, SmolLM2-135M", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the town's morning only")
+    parser.add_argument("--worlds", default=",".join(WORLDS),
+                        help="comma-separated world YAML files")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as for python -m scalesim.run")
+    args = parser.parse_args()
+    overrides = dict(parse_override(item) for item in args.set)
+    worlds = args.worlds.split(",")
+    if args.quick:
+        worlds, overrides["sim.until"] = worlds[:1], 600
+    work = Path(tempfile.mkdtemp(prefix="validate-modeled-"))
+    rows = [validate(world, overrides, work) for world in worlds]
+
+    import pandas as pd
+
+    results = RESULTS / "quick" if args.quick else RESULTS  # never overwrite the full run
+    results.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(results / "validate_modeled.csv", index=False)
+    plot(rows, results / "validate_modeled.png")
+    print(json.dumps({"experiment": "validate_modeled", "modeled": "cpu profile, smollm2-135m",
+                      "replay_identical": all(r["replay_identical"] for r in rows),
+                      "modeled_over_measured": {r["world"]: r["modeled_over_measured"]
+                                                for r in rows}}))
+
+
+if __name__ == "__main__":
+    main()
