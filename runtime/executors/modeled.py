@@ -20,6 +20,10 @@ The *modeled makespan* (:attr:`ModeledExecutor.now`) is the modeled serving time
 the sum of step times plus the stalls that compute did not hide. LLM calls still take zero
 simulated time in the world; the two clocks are separate on purpose.
 
+Prompts are sized by :class:`LengthChat` (characters per token) and answered with placeholder
+replies, or, to check the model against a real run, by :class:`ReplayChat`, which tokenizes
+with the real chat template and answers every call as the recorded run did.
+
 The prefix KV of an agent is computed (prefilled) the first time and whenever no copy of it is left
 (policy ``none``); once a copy exists in host memory, a miss loads it over the link and the step
 skips those tokens. Adapters always have a host copy. The KV blocks of the running sequences are
