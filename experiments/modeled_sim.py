@@ -22,7 +22,7 @@ import argparse
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runtime.cost_model import CostModel, hardware
@@ -60,6 +60,8 @@ class Setting:
     prefix_tokens: int = 1024
     output_tokens: int = 24
     managed: tuple[str, ...] = ("adapter", "prefix_kv")
+    #: keep evicted prefix KV in host memory (a miss is a copy) instead of dropping it (a prefill)
+    prefix_on_host: bool = False
 
     def bytes_per_agent(self) -> int:
         cost = CostModel(hardware(self.hardware), profile(self.model))
@@ -71,8 +73,9 @@ class Setting:
         return n
 
     def label(self) -> str:
+        where = "kept on host when evicted" if self.prefix_on_host else "dropped when evicted"
         return (f"modeled: {self.model} on {self.hardware}, rank-{self.lora_rank} adapters, "
-                f"{self.prefix_tokens}-token prefixes")
+                f"{self.prefix_tokens}-token prefixes {where}")
 
 
 def working_set(setting: Setting, agents: int) -> int:
@@ -163,8 +166,7 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
         managed = ("adapter",)
     elif policy == "scalesim-prefix":
         managed = ("prefix_kv",)
-    setting = Setting(setting.hardware, setting.model, setting.lora_rank, setting.prefix_tokens,
-                      setting.output_tokens, managed)
+    setting = replace(setting, managed=managed)
     if memory_bytes is None and budget_fraction is not None:
         memory_bytes = max(1, int(working_set(setting, agents) * budget_fraction))
     engine = build_modeled_engine(
@@ -172,7 +174,8 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
         policy=make_named_policy(policy), memory_bytes=memory_bytes,
         lora_rank=setting.lora_rank, managed=managed, prefix_tokens=setting.prefix_tokens,
         output_tokens=setting.output_tokens, lookahead=lookahead, replies=REPLIES,
-        preempt_prefetch=policy != "scalesim-no-preempt")
+        preempt_prefetch=policy != "scalesim-no-preempt",
+        host_bytes=None if setting.prefix_on_host else 0)
     ex = engine.executor
     env = SimEnvironment(engine)
     calls: list[str] = []

@@ -176,3 +176,22 @@ def test_replay_answers_each_agents_calls_with_its_recorded_replies_in_order():
         ("second", 1, "length"), ("third", 2, "stop")]
     extra = _serve(engine, ["b"], prefix="one two three")  # b made one call when recorded
     assert not extra[0].ok and "more calls than it made in the recorded run" in extra[0].error
+
+
+def test_a_host_tier_turns_prefix_misses_into_copies_instead_of_prefills():
+    agents = [f"a{i}" for i in range(8)]
+    opts = dict(model="qwen2.5-7b", hardware_profile="H100", output_tokens=4, max_num_seqs=2,
+                managed=("prefix_kv",), policy="lru")
+    per_agent = build_modeled_engine(**opts).executor.cost.kv_bytes_per_token * 100
+    runs = {}
+    for host in (0, None):
+        engine = build_modeled_engine(memory_bytes=3 * per_agent, host_bytes=host, **opts)
+        done = _serve(engine, agents, rounds=2)
+        assert all(c.ok for c in done)
+        runs[host] = engine.executor
+        engine.executor.memory.check()
+    dropped, kept = runs[0], runs[None]
+    assert dropped.memory.host_used == 0 and kept.memory.host_used > 0
+    # The second round re-prefills every evicted persona without a host tier, copies it with one.
+    assert kept.tokens_computed < dropped.tokens_computed
+    assert kept.memory.totals["bytes_load"] > 0

@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from runtime.cost_model import CostModel, SeqWork, hardware
 from runtime.kv_cache import KVCache
 from runtime.memory import AgentMemory, MemoryManager, Policy, Transfer, make_policy
@@ -144,6 +146,8 @@ class ModeledMemory(AgentMemory):
     ``origin="host"`` objects (adapters) always have a host copy; ``origin="recompute"`` objects
     (prefix KV) must be computed by the model the first time (``threadsafe = False`` makes the
     manager do that inline; :attr:`recomputes` counts it so the executor charges the prefill).
+    Once computed, an evicted prefix KV goes to the host tier when the manager has room there
+    (``host_bytes``), and a later miss copies it back instead of recomputing it.
     """
 
     def __init__(self, key: str, nbytes: int, kind: str, origin: str) -> None:
@@ -158,6 +162,12 @@ class ModeledMemory(AgentMemory):
         if self.origin == "recompute":
             self.recomputes += 1
             self.fresh = True  # the next step that uses it computes it (a prefill)
+        return {}
+
+    def device_tensors(self) -> dict:
+        # A zero-size tensor stands for the computed KV: the manager counts nbytes, not its size.
+        if self.origin == "recompute" and not self.fresh:
+            return {"kv": torch.empty(0)}
         return {}
 
 
@@ -309,7 +319,9 @@ class ModeledExecutor:
     rank of each agent's own adapter (0: no adapters), ``managed`` which kinds of agent memory
     exist (``adapter``, ``prefix_kv``), ``output_tokens`` how many tokens each call generates (at
     most its ``max_tokens``). ``kv_cache_tokens=None`` sizes the KV pool from the device memory
-    left after weights and the agent-memory budget.
+    left after weights and the agent-memory budget. ``host_bytes`` is the host tier for evicted
+    prefix KV (0, the default: none, a miss re-prefills; ``None``: unlimited). ``chat`` replaces
+    the placeholder replies with a :class:`ReplayChat`.
     """
 
     def __init__(self, model: str = "qwen2.5-7b", hardware_profile: str = "H100", *,
@@ -320,7 +332,8 @@ class ModeledExecutor:
                  max_batch_tokens: int = 8192, block_size: int = 16,
                  kv_cache_tokens: int | None = None, lookahead: int = 32,
                  preempt_prefetch: bool = True, replies: tuple[str, ...] = ("ok",),
-                 chat: ReplayChat | None = None, cost: CostModel | None = None,
+                 chat: ReplayChat | None = None, host_bytes: int | None = 0,
+                 cost: CostModel | None = None,
                  **hardware_overrides: float) -> None:
         for kind in managed:
             if kind not in ("adapter", "prefix_kv"):
@@ -354,7 +367,7 @@ class ModeledExecutor:
         self.preempt_prefetch = preempt_prefetch
         self.attach_memory(MemoryManager(
             policy if isinstance(policy, Policy) else make_policy(policy),
-            device_bytes=memory_bytes, host_bytes=None, lookahead=lookahead))
+            device_bytes=memory_bytes, host_bytes=host_bytes, lookahead=lookahead))
         #: tokens of each running request's prefix that a resident prefix KV saves computing
         self._prefix_cached: dict[int, int] = {}
         #: the engine's scheduler, when built by build_modeled_engine (multi-step decodes)
