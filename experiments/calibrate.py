@@ -53,10 +53,10 @@ def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
     ex.execute = timed
     word = "the village square is busy today and "
 
-    def serve(n: int, words: int, max_tokens: int) -> None:
+    def serve(n: int, words: int, max_tokens: int, persona: int = 0) -> None:
         for i in range(n):
-            engine.submit(Request(f"cal{i}", word * words + f" #{i}", sampling=SamplingParams(
-                max_tokens=max_tokens)))
+            engine.submit(Request(f"cal{i}", word * words + f" #{i}", prefix=word * persona,
+                                  sampling=SamplingParams(max_tokens=max_tokens)))
         while engine.has_work():
             engine.step()
 
@@ -64,10 +64,13 @@ def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
     samples.clear()
     shapes = [(1, w, 2) for w in (4, 16, 48, 96)] + [(b, 4, 12) for b in (2, 8, 24)]
     shapes += [(b, 40, 8) for b in (4, 16)]
+    # Agents with a persona prefix, served twice: the second time the prefix KV is cached and
+    # the prompt is prefilled after it (long-context prefills, as in a debate's transcript).
+    shapes += [(b, 60, 4, 120) for b in (1, 4)] * 2
     if quick:
-        shapes = [(1, 4, 2), (1, 48, 2), (4, 4, 3), (2, 40, 2)]
-    for n, words, max_tokens in shapes:
-        serve(n, words, max_tokens)
+        shapes = [(1, 4, 2), (1, 48, 2), (4, 4, 3), (2, 40, 2), (2, 20, 2, 60), (2, 20, 2, 60)]
+    for shape in shapes:
+        serve(*shape)
     return samples
 
 

@@ -78,12 +78,12 @@ HARDWARE: dict[str, HardwareProfile] = {
         # The CPU row is this 2-vCPU AMD EPYC VM running the torch executor in float32. Peaks
         # are nominal: 2 cores x two 512-bit FMA pipes (avx512f) x 2.6 GHz = 333 GFLOP/s, and
         # 50 GB/s of DRAM bandwidth for a VM slice; the efficiencies and overheads are those
-        # experiments/calibrate.py fitted (66 steps of SmolLM2-135M on the quiet machine, mean
-        # relative error 4.9%, max 19.6%; 2026-11-25).
+        # experiments/calibrate.py fitted (88 steps of SmolLM2-135M on the quiet machine, with
+        # persona prefixes up to ~1,000 tokens; mean relative error 6.4%, max 27%; 2026-11-25).
         HardwareProfile("cpu", flops=333e9, mem_bw=50 * GB, link_bw=5 * GB,
                         link_latency=20e-6, mem_bytes=8 * GB, dtype_bytes=4,
-                        eff_compute=0.9652, eff_memory=0.5809, eff_link=1.0,
-                        step_overhead=0.00483, seq_overhead=0.000766,
+                        eff_compute=0.7878, eff_memory=0.4741, eff_link=1.0,
+                        step_overhead=0.000584, seq_overhead=0.000718,
                         source="nominal 2-core VM; efficiencies fitted by experiments/calibrate.py"),
     )
 }
