@@ -25,8 +25,8 @@ replies, or, to check the model against a real run, by :class:`ReplayChat`, whic
 with the real chat template and answers every call as the recorded run did.
 
 The prefix KV of an agent is computed (prefilled) the first time and whenever no copy of it is left
-(policy ``none``); once a copy exists in host memory, a miss loads it over the link and the step
-skips those tokens. Adapters always have a host copy. The KV blocks of the running sequences are
+(policy ``none``, or no host tier: ``host_bytes=0``, the default); with a host tier an evicted
+prefix moves there, a miss loads it over the link and the step skips those tokens. Adapters always have a host copy. The KV blocks of the running sequences are
 accounted by the scheduler's :class:`~runtime.kv_cache.KVCache` (a sizing-only pool); a resident
 prefix object and the blocks of a sequence that reuses it are counted separately (a small
 overestimate of KV use).
