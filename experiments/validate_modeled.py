@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 from runtime import build_engine
 from experiments.step_timer import time_steps
 from runtime.executors.modeled import ReplayChat
-from scalesim.config import load_config, parse_override
+from scalesim.config import ConfigError, load_config, parse_override
 from scalesim.run import run
 
 #: Where results go; tests point SCALESIM_RESULTS elsewhere.
@@ -107,7 +108,11 @@ def main() -> None:
     if args.quick:
         worlds, overrides["sim.until"] = worlds[:1], 600
     work = Path(tempfile.mkdtemp(prefix="validate-modeled-"))
-    rows = [validate(world, overrides, work) for world in worlds]
+    try:
+        rows = [validate(world, overrides, work) for world in worlds]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     import pandas as pd
 
