@@ -20,14 +20,13 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
+from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, SeqWork, hardware
 from runtime.model.profiles import profile
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
@@ -108,8 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch shapes")
     args = parser.parse_args()
-    results = RESULTS / "quick" if args.quick else RESULTS  # never overwrite the full run
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(args.quick)
     t0 = time.perf_counter()
     samples = measure(args.quick)
     params, measured, pred = fit(samples)

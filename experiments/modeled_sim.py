@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, hardware
 from runtime.executors.modeled import build_modeled_engine
 from runtime.memory import FutureSequence, Policy, make_policy
@@ -231,24 +232,16 @@ def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str 
     """Write ``results/<name>.csv`` and a line plot of ``y`` against ``x`` per ``series``.
 
     One subplot per value of ``panel`` (e.g. the world). The y label says the numbers are
-    modeled. A ``quick`` run writes to ``results/quick/`` (not tracked by git), so trying an
-    experiment never overwrites the full run's committed results. Returns the rows as a pandas
-    DataFrame (``order`` columns dropped).
+    modeled. A ``quick`` run writes to ``results/quick/`` (see :mod:`experiments.results_dir`).
+    Returns the rows as a pandas DataFrame (``order`` columns dropped).
     """
-    import os
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    # Tests point this elsewhere so a smoke run never overwrites the committed results.
-    results = Path(os.environ.get("SCALESIM_RESULTS", Path(__file__).parent / "results"))
-    if quick:
-        results = results / "quick"
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(quick)
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "order"} for r in rows])
     df.to_csv(results / f"{name}.csv", index=False)
     panels = list(dict.fromkeys(df[panel])) if panel else [None]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime import build_engine
+from experiments.results_dir import results_dir
 from experiments.step_timer import time_steps
 from runtime.executors.modeled import ReplayChat
 from scalesim.config import ConfigError, load_config, parse_override
 from scalesim.run import run
 
-#: Where results go; tests point SCALESIM_RESULTS elsewhere.
-RESULTS = Path(os.environ.get("SCALESIM_RESULTS", Path(__file__).parent / "results"))
 WORLDS = ("worlds/town.yaml", "worlds/social_feed.yaml", "worlds/round_table.yaml")
 
 
@@ -116,8 +114,7 @@ def main() -> None:
 
     import pandas as pd
 
-    results = RESULTS / "quick" if args.quick else RESULTS  # never overwrite the full run
-    results.mkdir(parents=True, exist_ok=True)
+    results = results_dir(args.quick)
     pd.DataFrame(rows).to_csv(results / "validate_modeled.csv", index=False)
     plot(rows, results / "validate_modeled.png")
     print(json.dumps({"experiment": "validate_modeled", "modeled": "cpu profile, smollm2-135m",
