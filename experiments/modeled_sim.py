@@ -1,8 +1,9 @@
 """Run one world on the modeled engine under one memory policy and return its modeled totals.
 
-This is the one harness every modeled experiment uses. :func:`run_world` builds a
-:class:`~runtime.executors.modeled.ModeledExecutor` engine, the simulation environment, the
-world, and the distance source the policy needs:
+This is the one harness every modeled experiment uses. :func:`run_world` configures a run of a
+world on the :class:`~runtime.executors.modeled.ModeledExecutor` and hands it to
+:class:`scalesim.Simulation` (the assembler ``python -m scalesim.run`` uses too), with the
+distance source the policy needs:
 
 * ``scalesim`` (and its ablations): :class:`scalesim.distance.DistanceOracle` on the live event
   queue, optionally through :class:`NoisyDistance`;
@@ -27,10 +28,10 @@ from typing import Any
 
 from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, hardware
-from runtime.executors.modeled import build_modeled_engine
-from runtime.memory import FutureSequence, Policy, make_policy
+from runtime.memory import Policy, make_policy
 from runtime.model.profiles import profile
-from scalesim.config import RunConfig, import_world_class
+from scalesim import Simulation
+from scalesim.config import RunConfig
 
 #: Placeholder answers that keep the example worlds' branches busy (see LengthChat).
 REPLIES = ("post", "reply", "nothing", "repost", "yes", "no", "ok")
@@ -154,10 +155,8 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     The agent-memory budget is ``memory_bytes`` or ``budget_fraction`` of the working set.
     ``until`` is in simulated minutes (``-1``: the world's :data:`BUSY_UNTIL`; ``None``: no end).
     ``order`` is the recorded call order ``belady`` needs. ``max_calls`` stops the run early.
+    The run is assembled by :class:`scalesim.Simulation`, as ``python -m scalesim.run`` does.
     """
-    from scalesim.distance import DistanceOracle
-    from scalesim.environment import SimEnvironment, relaxed_gc
-
     if until == -1.0:
         until = BUSY_UNTIL[world]
     if policy == "belady" and order is None:
@@ -170,59 +169,33 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     setting = replace(setting, managed=managed)
     if memory_bytes is None and budget_fraction is not None:
         memory_bytes = max(1, int(working_set(setting, agents) * budget_fraction))
-    engine = build_modeled_engine(
-        model=setting.model, hardware_profile=setting.hardware,
-        policy=make_named_policy(policy), memory_bytes=memory_bytes,
-        lora_rank=setting.lora_rank, managed=managed, prefix_tokens=setting.prefix_tokens,
-        output_tokens=setting.output_tokens, lookahead=lookahead, replies=REPLIES,
-        preempt_prefetch=policy != "scalesim-no-preempt",
-        host_bytes=None if setting.prefix_on_host else 0)
-    ex = engine.executor
-    env = SimEnvironment(engine)
-    calls: list[str] = []
-    failed: list[str] = []
-    env.submit_listeners.append(calls.append)
-    env.completion_listeners.append(lambda call, done: done.ok or failed.append(done.error))
-    oracle = None
-    if ex.memory.policy.prefetch or ex.memory.policy.uses_distance:
-        if policy == "belady":
-            future = FutureSequence(order)
-            env.submit_listeners.append(future.on_submit)
-            env.completion_listeners.append(lambda call, done: future.on_finish(call.agent_id))
-            ex.memory.distance = future
-        else:
-            oracle = DistanceOracle(env)
-            env.oracle = oracle
-            ex.memory.distance = NoisyDistance(oracle, noise, seed) if noise else oracle
-    cls = import_world_class(RunConfig.model_validate(
-        {"world": {"class": WORLDS[world], "params": {}}}))
-    setup_start = time.perf_counter()
-    with relaxed_gc():
-        sim = cls(env, seed=seed)
-        sim.setup(**world_params(world, agents, active))
-        if oracle is not None:
-            oracle.graph = sim.graph
-        start = time.perf_counter()
-        if max_calls is not None:
-            limit = math.inf if until is None else until
-            # env.step() runs engine iterations too; stop at the call limit or when all is done.
-            while len(calls) < max_calls and (env.in_flight or env.peek() <= limit):
-                if env.peek() == math.inf and not env.in_flight:
-                    break
-                env.step()
-        else:
-            env.run(until=until)
-        wall = time.perf_counter() - start
-    setup_s = start - setup_start
-    out = ex.summary()
-    if failed:
-        raise RuntimeError(f"{len(failed)} modeled calls failed, e.g.: {failed[0]}")
-    out.update({"world": world, "agents": agents, "policy": policy, "calls": len(calls),
-                "sim_time": env.now, "wall_s": wall, "setup_s": setup_s,
-                "memory_bytes": memory_bytes,
+    config = RunConfig.model_validate({
+        "world": {"class": WORLDS[world], "params": world_params(world, agents, active)},
+        "sim": {"seed": seed},
+        "runtime": {
+            "executor": "modeled", "model": setting.model,
+            "max_num_seqs": 256, "max_batch_tokens": 8192, "block_size": 16,
+            "modeled": {"hardware": setting.hardware, "lora_rank": setting.lora_rank,
+                        "managed": list(managed), "prefix_tokens": setting.prefix_tokens,
+                        "output_tokens": setting.output_tokens, "replies": list(REPLIES),
+                        "preempt_prefetch": policy != "scalesim-no-preempt"},
+            "memory": {"device_bytes": memory_bytes, "lookahead": lookahead,
+                       "host_bytes": None if setting.prefix_on_host else 0}}})
+    sim = Simulation(config, policy=make_named_policy(policy), order=order, record=False,
+                     distance=(lambda oracle: NoisyDistance(oracle, noise, seed)) if noise
+                     else None)
+    sim.build_world()
+    sim.run(until=math.inf if until is None else until, max_calls=max_calls)
+    out = dict(sim.engine.report()["modeled"])
+    sim.engine.close()
+    if sim.failed:
+        raise RuntimeError(f"{len(sim.failed)} modeled calls failed, e.g.: {sim.failed[0]}")
+    out.update({"world": world, "agents": agents, "policy": policy, "calls": len(sim.calls),
+                "sim_time": sim.env.now, "wall_s": sim.run_seconds,
+                "setup_s": sim.setup_seconds, "memory_bytes": memory_bytes,
                 "working_set_bytes": working_set(setting, agents), "noise": noise,
                 "setting": setting.label()})
-    out["order"] = calls
+    out["order"] = sim.calls
     return out
 
 

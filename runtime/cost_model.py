@@ -19,7 +19,7 @@ number that comes out of this module is *modeled*, and whoever prints it says so
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Any, Iterable
 
 from runtime.model.profiles import ModelConfig
 
@@ -89,7 +89,7 @@ HARDWARE: dict[str, HardwareProfile] = {
 }
 
 
-def hardware(name: str, **overrides: float) -> HardwareProfile:
+def hardware(name: str, **overrides: Any) -> HardwareProfile:
     """The profile ``name`` from :data:`HARDWARE`, with fields replaced by ``overrides``."""
     if name not in HARDWARE:
         raise KeyError(f"unknown hardware profile {name!r}; built-in: {', '.join(HARDWARE)}")
@@ -125,11 +125,17 @@ class StepCost:
 
 @dataclass
 class CostModel:
-    """Roofline step time and link copy time for one model on one device (all modeled)."""
+    """Roofline step time and link copy time for one model on one device (all modeled).
+
+    ``dtype_bytes`` defaults to the hardware profile's; after construction it is always set.
+    """
 
     hw: HardwareProfile
     model: ModelConfig
     dtype_bytes: int | None = None
+    # dtype_bytes once resolved, typed as a plain int for the arithmetic below. Like
+    # _weight_bytes it is fixed at construction.
+    _dtype_bytes: int = field(init=False, repr=False, compare=False)
     _linear_flops_per_token: float = field(init=False)
     _weight_bytes: float = field(init=False)
     _lora_cache: dict[int, int] = field(init=False, default_factory=dict)
@@ -137,12 +143,13 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.dtype_bytes is None:
             self.dtype_bytes = self.hw.dtype_bytes
+        self._dtype_bytes = self.dtype_bytes
         m = self.model
         embed = m.vocab_size * m.hidden_size
         body = m.num_parameters() - embed * (1 if m.tie_word_embeddings else 2) - m.hidden_size
         # Every new token goes through every layer's matrices (2 FLOP per weight).
         self._linear_flops_per_token = 2.0 * body
-        self._weight_bytes = float(m.num_parameters() * self.dtype_bytes)
+        self._weight_bytes = float(m.num_parameters() * self._dtype_bytes)
 
     # -- sizes --------------------------------------------------------------------------------
 
@@ -152,7 +159,7 @@ class CostModel:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.model.kv_bytes_per_token(self.dtype_bytes)
+        return self.model.kv_bytes_per_token(self._dtype_bytes)
 
     def lora_bytes(self, rank: int) -> int:
         """Bytes of a rank-``rank`` adapter on all linear layers (A and B matrices)."""
@@ -166,7 +173,7 @@ class CostModel:
         dims = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h),
                 "gate": (h, i), "up": (h, i), "down": (i, h)}
         per_layer = sum(rank * (a + b) for a, b in (dims[t] for t in LORA_TARGETS))
-        return per_layer * m.num_layers * self.dtype_bytes
+        return per_layer * m.num_layers * self._dtype_bytes
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -187,7 +194,7 @@ class CostModel:
             kv_read += (w.past + w.new) * self.kv_bytes_per_token
             sampled += w.sampled
             if w.lora is not None and w.rank:
-                lora += 2.0 * w.new * self.lora_bytes(w.rank) / self.dtype_bytes
+                lora += 2.0 * w.new * self.lora_bytes(w.rank) / self._dtype_bytes
                 adapters[w.lora] = w.rank
         if n == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)

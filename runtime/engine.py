@@ -1,16 +1,27 @@
 """The engine: accepts requests, runs iterations, returns finished completions.
 
-One :meth:`Engine.step` is one iteration: the scheduler picks the batch, the executor advances it,
-and the engine decides which sequences are finished (end-of-sequence token, stop string or token
-limit). A request that cannot be served fails alone: its :class:`Completion` carries the error and
-the other requests go on.
+One :meth:`Engine.step` is one iteration: the scheduler picks the batch (admitting waiting
+requests through the memory admission), the executor advances it, and the engine decides which
+sequences are finished (end-of-sequence token, stop string or token limit). A request that cannot
+be served fails alone: its :class:`Completion` carries the error and the other requests go on.
+
+:func:`build_engine` is the one place an engine is assembled, in the order data flows::
+
+    MemoryManager -> executor -> MemoryAdmission -> scheduler -> Engine
+
+Every executor (``torch``, ``hf``, ``modeled``) gets the same manager and admission; the modeled
+one puts the manager on a virtual link and clock instead of a copy thread.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from runtime.admission import MemoryAdmission
+from runtime.executors.base import Executor
+from runtime.memory import DistanceSource, MemoryManager, Policy
 from runtime.request import Completion, Request, RequestError
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceStatus
@@ -18,34 +29,34 @@ from runtime.sequence import Sequence, SequenceStatus
 EXECUTORS = ("hf", "torch", "modeled")
 
 
-class Engine:
-    """Continuous-batching request engine over one executor."""
+class EngineProtocol(Protocol):
+    """What a simulation drives: :class:`Engine`, and the tests' fake engine."""
 
-    def __init__(self, executor: Any, scheduler: Scheduler | None = None) -> None:
+    #: the memory manager of the engine's agent memory (``None``: the engine has none)
+    memory: MemoryManager | None
+
+    def submit(self, request: Request) -> int: ...
+
+    def step(self) -> list[Completion]: ...
+
+    def has_work(self) -> bool: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Engine:
+    """Continuous-batching request engine over one executor (see the module docstring)."""
+
+    def __init__(self, executor: Executor, scheduler: Scheduler,
+                 admission: MemoryAdmission) -> None:
         self.executor = executor
-        self.scheduler = scheduler or Scheduler(executor.max_num_seqs)
+        self.scheduler = scheduler
+        self.admission = admission
+        self.memory: MemoryManager | None = admission.manager
         self._ids = itertools.count()
         self._rejected: list[Sequence] = []
-        #: The :class:`runtime.memory.MemoryManager` that keeps agent memory resident, if any.
-        self.memory: Any = None
-        self._acquired: set[int] = set()
-
-    def attach_memory(self, manager: Any) -> None:
-        """Hand residency of the executor's memory objects to ``manager`` (torch executor)."""
-        attach = getattr(self.executor, "attach_memory", None)
-        if attach is None:
-            raise ValueError(f"executor {type(self.executor).__name__} has no memory hooks; "
-                             "use runtime.executor: torch")
-        attach(manager)
-        self.memory = manager
-        self._acquired.clear()
-        if getattr(self.executor, "prefix_memory", False) and hasattr(self.scheduler, "admit"):
-            # Prefix KV is managed too: pin a sequence's objects before it looks up its prefix,
-            # and let the manager choose which cached prefixes leave when the KV pool is short.
-            block = self.executor.cache.block_nbytes
-            self.scheduler.admit = self._admit
-            self.scheduler.reclaim = lambda blocks: manager.reclaim(blocks * block,
-                                                                    kind="prefix_kv") > 0
 
     def submit(self, request: Request) -> int:
         """Queue ``request`` and return its request id (assigned here when unset)."""
@@ -54,33 +65,27 @@ class Engine:
         try:
             prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt)
         except Exception as exc:  # tokenizers raise on odd input; the request alone fails
-            seq = Sequence(request, [], [])
-            seq.fail(f"request {request.request_id}: could not tokenize: {exc}")
-            self._rejected.append(seq)
-            return request.request_id
+            return self._reject(Sequence(request, [], []),
+                                f"request {request.request_id}: could not tokenize: {exc}")
         seq = Sequence(request, prefix_ids, prompt_ids)
         needed = seq.num_prompt_tokens + request.sampling.max_tokens
         if needed > self.executor.max_context:
-            seq.fail(
+            return self._reject(seq, (
                 f"request {request.request_id} of agent {request.agent_id!r}: "
                 f"{seq.num_prompt_tokens} prompt tokens + max_tokens {request.sampling.max_tokens} "
-                f"exceed the model context of {self.executor.max_context}"
-            )
-            self._rejected.append(seq)
-            return request.request_id
-        prepare = getattr(self.executor, "prepare", None)
-        if prepare is not None:
-            try:
-                prepare(seq)
-            except RequestError as exc:
-                seq.fail(str(exc))
-                self._rejected.append(seq)
-                return request.request_id
-        if self.memory is not None:  # the manager learns the agent's objects (for prefetch)
-            for obj in self.executor.memory_objects(seq):
-                self.memory.register(obj, [request.agent_id])
+                f"exceed the model context of {self.executor.max_context}"))
+        try:
+            self.executor.validate(seq)
+            self.admission.register(seq)  # the manager learns the agent's objects (prefetch)
+        except RequestError as exc:
+            return self._reject(seq, str(exc))
         self.scheduler.add(seq)
         return request.request_id
+
+    def _reject(self, seq: Sequence, error: str) -> int:
+        seq.fail(error)
+        self._rejected.append(seq)
+        return seq.request_id
 
     def has_work(self) -> bool:
         return bool(self._rejected) or self.scheduler.has_work()
@@ -90,8 +95,6 @@ class Engine:
         finished = [seq.to_completion() for seq in self._rejected]
         self._rejected.clear()
         batch = self.scheduler.schedule()
-        if self.memory is not None:
-            batch = self._acquire_memory(batch)
         if batch:
             try:
                 self.executor.execute(batch)
@@ -102,58 +105,19 @@ class Engine:
                 if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
                     self._check_finished(seq)
         done = self.scheduler.remove_finished()
-        if self.memory is not None:
-            for seq in done:
-                if seq.request_id in self._acquired:
-                    self._acquired.discard(seq.request_id)
-                    self.memory.release(seq.request_id)
+        for seq in done:
+            self.admission.release(seq)
         finished += [seq.to_completion() for seq in done]
-        if self.memory is not None:
-            self.memory.tick()  # between iterations: install finished copies, prefetch
+        self.admission.tick()  # between iterations: install finished copies, prefetch
         return finished
 
-    def _acquire_memory(self, batch: list[Sequence]) -> list[Sequence]:
-        """Pin the memory objects of newly running sequences, loading what is missing.
+    def report(self) -> dict[str, Any]:
+        """The executor's sections and the memory totals, for ``summary.json``."""
+        return {**self.executor.report(), "memory": self.admission.manager.summary()}
 
-        A sequence whose objects cannot be placed now (the device is full of other running
-        requests' objects) goes back to the waiting queue; one whose objects can never fit fails.
-        """
-        kept = []
-        for seq in batch:
-            if seq.request_id not in self._acquired:
-                if not self._admit(seq):
-                    if seq.status is not SequenceStatus.FINISHED:
-                        self.scheduler.preempt(seq)
-                    continue
-            kept.append(seq)
-        return kept
-
-    def _admit(self, seq: Sequence) -> bool:
-        """Pin ``seq``'s memory objects (once); ``False`` if they cannot be placed now or never
-        (then ``seq`` has failed)."""
-        from runtime.memory import WorkingSetTooLarge
-
-        if seq.request_id in self._acquired:
-            return True
-        try:
-            stats = self.memory.acquire(seq.request_id, self.executor.memory_objects(seq))
-        except (WorkingSetTooLarge, RequestError) as exc:
-            seq.fail(str(exc))
-            return False
-        if stats is None:
-            return False
-        self._acquired.add(seq.request_id)
-        # The manager's word on a kind replaces any earlier guess (an executor whose prefix KV
-        # lives only in the manager admits after the scheduler has already looked for one).
-        for kind in stats.hits:
-            seq.memory.misses.pop(kind, None)
-        for kind in stats.misses:
-            seq.memory.hits.pop(kind, None)
-        seq.memory.hits.update(stats.hits)
-        seq.memory.misses.update(stats.misses)
-        seq.memory.bytes_loaded += stats.bytes_loaded
-        seq.memory.stall_s += stats.stall_s
-        return True
+    def close(self) -> None:
+        """Stop the memory manager's copy engine."""
+        self.admission.close()
 
     def _check_finished(self, seq: Sequence) -> None:
         params = seq.request.sampling
@@ -167,6 +131,7 @@ class Engine:
             # Decoding is the costly part of this check: only when a stop string could match.
             text = self.executor.chat.decode(output) if params.stop else None
             for stop in params.stop:
+                assert text is not None
                 cut = text.find(stop)
                 if cut >= 0:
                     seq.text = text[:cut]
@@ -180,22 +145,74 @@ class Engine:
             seq.status = SequenceStatus.FINISHED
 
 
-def build_engine(executor: str = "hf", model: str = "smollm2-135m", device: str = "cpu",
-                 dtype: str = "float32", **options: Any) -> Engine:
-    """Construct an :class:`Engine` with the named executor."""
+def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", device: str = "cpu",
+                 dtype: str = "float32", *, policy: str | Policy = "lru",
+                 device_bytes: int | None = None, host_bytes: int | None = None,
+                 disk_dir: str | Path | None = None, link_gbps: float | None = None,
+                 link_latency_us: float = 0.0, lookahead: int = 16,
+                 distance: DistanceSource | None = None, **options: Any) -> Engine:
+    """Assemble an :class:`Engine` with the named executor and its memory manager.
+
+    The memory keywords configure the :class:`~runtime.memory.MemoryManager` (``policy``,
+    ``device_bytes`` budget, ``host_bytes``, ``disk_dir``, the emulated link, ``lookahead``,
+    the ``distance`` source); the defaults keep every object resident (no limit, LRU).
+    ``options`` go to the executor (:class:`~runtime.executors.torch.TorchExecutor`'s pool
+    sizes; for ``modeled``, ``hardware_profile``, ``preempt_prefetch``, ``cost`` and the
+    :class:`~runtime.executors.modeled.ModeledExecutor` keywords). ``executor`` may also be an
+    :class:`~runtime.executors.base.Executor` object of one's own, served one request per
+    call by the first-come first-served :class:`~runtime.scheduler.Scheduler`.
+    """
+    memory = dict(policy=policy, device_bytes=device_bytes, host_bytes=host_bytes,
+                  disk_dir=disk_dir, lookahead=lookahead, distance=distance)
+    if not isinstance(executor, str):
+        manager = MemoryManager(**memory)  # type: ignore[arg-type]
+        admission = MemoryAdmission(manager, executor.memory_objects)
+        return Engine(executor, Scheduler(executor.max_num_seqs, admission), admission)
     if executor == "hf":
         from runtime.executors.hf import HFExecutor
 
-        return Engine(HFExecutor(model=model, device=device, dtype=dtype, **options))
+        manager = MemoryManager(**memory)  # type: ignore[arg-type]
+        hf = HFExecutor(model=model, device=device, dtype=dtype, **options)
+        admission = MemoryAdmission(manager, hf.memory_objects)
+        return Engine(hf, Scheduler(hf.max_num_seqs, admission), admission)
     if executor == "torch":
         from runtime.executors.torch import TorchExecutor
         from runtime.scheduler import BatchScheduler
 
-        ex = TorchExecutor(model=model, device=device, dtype=dtype, **options)
-        return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, ex.max_num_seqs,
-                                         ex.max_batch_tokens))
+        manager = MemoryManager(**memory, device=device, link_gbps=link_gbps,  # type: ignore[arg-type]
+                                link_latency_us=link_latency_us)
+        ex = TorchExecutor(manager, model=model, device=device, dtype=dtype, **options)
+        admission = MemoryAdmission(manager, ex.memory_objects)
+        scheduler = BatchScheduler(
+            ex.cache, ex.max_num_seqs, ex.max_batch_tokens, admission, prefixes=ex.prefixes,
+            reclaim=admission.reclaim_prefix_blocks(ex.cache.block_nbytes))
+        return Engine(ex, scheduler, admission)
     if executor == "modeled":  # no tensors: device and dtype come from the hardware profile
-        from runtime.executors.modeled import build_modeled_engine
-
-        return build_modeled_engine(model=model, **options)
+        return _build_modeled(model, memory, **options)
     raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def _build_modeled(model: str, memory: dict[str, Any], *, hardware_profile: str = "H100",
+                   preempt_prefetch: bool = True, decode_runs: bool = True, cost: Any = None,
+                   hardware_overrides: dict[str, float] | None = None,
+                   **options: Any) -> Engine:
+    """The modeled engine: the manager on a virtual link whose clock the executor advances.
+
+    ``decode_runs=False`` steps decodes one by one even where a run could take them at once
+    (same modeled results; for checking that).
+    """
+    from runtime.cost_model import CostModel, hardware
+    from runtime.executors.modeled import ModeledCopyEngine, ModeledExecutor, VirtualClock
+    from runtime.model.profiles import profile
+    from runtime.scheduler import BatchScheduler
+
+    config = profile(model)
+    cost = cost or CostModel(hardware(hardware_profile, **(hardware_overrides or {})), config)
+    link = ModeledCopyEngine(VirtualClock(), cost, preempt=preempt_prefetch)
+    manager = MemoryManager(**memory, copy=link)
+    ex = ModeledExecutor(manager, link, model, config, cost, **options)
+    admission = MemoryAdmission(manager, ex.memory_objects)
+    # Prefix KV is a sized object, not blocks of the pool: nothing there to reclaim or look up.
+    scheduler = BatchScheduler(ex.cache, ex.max_num_seqs, ex.max_batch_tokens, admission,
+                               decode_horizon=ex.decode_horizon if decode_runs else None)
+    return Engine(ex, scheduler, admission)

@@ -1,89 +1,46 @@
 """Which sequences run in the next engine iteration.
 
 :class:`Scheduler` serves executors that finish a request in one call (``hf``);
-:class:`BatchScheduler` drives the paged ``torch`` executor token by token.
+:class:`BatchScheduler` drives the paged ``torch`` executor token by token, and the ``modeled``
+one with the same code.
 
 Sequences wait in arrival order and are admitted into the running set while it has room
-(``max_num_seqs``). The engine removes finished sequences after each iteration, so requests that
-arrive while others are decoding join the running batch at the next step (continuous batching).
+(``max_num_seqs``). Before a sequence is admitted, the :class:`Admission` it was built with pins
+its memory objects (loading what is missing); one whose objects cannot be placed yet keeps
+waiting, and so does everyone behind it (first come, first served). The engine removes finished
+sequences after each iteration, so requests that arrive while others are decoding join the
+running batch at the next step (continuous batching).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from typing import Callable
+from typing import Callable, Protocol
 
 from runtime.kv_cache import KVCache, OutOfBlocks
 from runtime.prefix_cache import PrefixCache
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.sequence import Batch, Sequence, SequenceStatus
+
+
+class Admission(Protocol):
+    """What a scheduler asks before a waiting sequence runs (:class:`runtime.admission`)."""
+
+    def admit(self, seq: Sequence) -> bool:
+        """Pin ``seq``'s memory objects; ``False`` if they cannot be placed now or never (then
+        ``seq`` has failed)."""
 
 
 class Scheduler:
     """First-come first-served admission into a bounded running set."""
 
-    def __init__(self, max_num_seqs: int) -> None:
+    def __init__(self, max_num_seqs: int, admission: Admission) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.max_num_seqs = max_num_seqs
+        self.admission = admission
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def schedule(self) -> list[Sequence]:
-        """Admit waiting sequences while there is room; return the batch to run."""
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return list(self.running)
-
-    def remove_finished(self) -> list[Sequence]:
-        done = [s for s in self.running if s.status is SequenceStatus.FINISHED]
-        if done:
-            self.running = [s for s in self.running if s.status is not SequenceStatus.FINISHED]
-        return done
-
-
-class BatchScheduler:
-    """Token-budgeted continuous batching over the paged KV pool.
-
-    Each iteration spends at most ``max_batch_tokens`` tokens: first one token for every running
-    sequence that is decoding, then prefill chunks of running sequences, then newly admitted
-    waiting sequences (at most ``max_num_seqs`` run at once). A sequence from a new agent call
-    first looks up its agent's cached prefix KV and, on a hit, starts after it.
-
-    When the pool lacks blocks, cached prefix entries are let go first through :attr:`reclaim`
-    (without a memory manager the prefix cache's own LRU, :meth:`PrefixCache.evict_one`; with one,
-    the manager evicts in its policy's order, so there is one eviction mechanism); if that is not
-    enough, the most recently admitted running sequence is preempted: its blocks are freed and it
-    waits at the head of the queue to be recomputed. A waiting sequence that does not fit yet
-    simply waits; the engine rejects at submission any request that could never fit.
-
-    :attr:`admit`, when set (by :meth:`Engine.attach_memory`), is called before a waiting
-    sequence looks up its prefix: it pins the sequence's memory objects (loading or marking for
-    recompute what is missing) and returns ``False`` when they cannot be placed yet (the sequence
-    keeps waiting). A sequence it fails is set aside and returned by :meth:`remove_finished`.
-    """
-
-    def __init__(self, cache: KVCache, prefixes: PrefixCache, max_num_seqs: int = 64,
-                 max_batch_tokens: int = 512) -> None:
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        self.cache, self.prefixes = cache, prefixes
-        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.num_preemptions = 0
-        self.admit: Callable[[Sequence], bool] | None = None
-        #: frees KV blocks held by cached prefixes; ``blocks`` is how many are still missing
-        self.reclaim: Callable[[int], bool] = lambda blocks: prefixes.evict_one()
         self._failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -92,7 +49,64 @@ class BatchScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[Sequence]:
+    def schedule(self) -> Batch:
+        """Admit waiting sequences while there is room; return the batch to run."""
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.admission.admit(seq):
+                if seq.status is SequenceStatus.FINISHED:  # failed: its objects never fit
+                    self._failed.append(self.waiting.popleft())
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return Batch(list(self.running))
+
+    def remove_finished(self) -> list[Sequence]:
+        done = [s for s in self.running if s.status is SequenceStatus.FINISHED]
+        if done:
+            self.running = [s for s in self.running if s.status is not SequenceStatus.FINISHED]
+        done += self._failed
+        self._failed = []
+        return done
+
+
+class BatchScheduler(Scheduler):
+    """Token-budgeted continuous batching over the paged KV pool.
+
+    Each iteration spends at most ``max_batch_tokens`` tokens: first one token for every running
+    sequence that is decoding, then prefill chunks of running sequences, then newly admitted
+    waiting sequences (at most ``max_num_seqs`` run at once). A sequence from a new agent call
+    is admitted (its memory pinned) and then looks up its agent's cached prefix KV in
+    ``prefixes`` (when the executor keeps prefix KV in the pool); on a hit it starts after it.
+
+    When the pool lacks blocks, ``reclaim(blocks)`` is asked to let cached prefixes go (the
+    memory manager evicts in its policy's order); if that is not enough, the most recently
+    admitted running sequence is preempted: its blocks are freed and it waits at the head of
+    the queue to be recomputed. A waiting sequence that does not fit yet simply waits; the
+    engine rejects at submission any request that could never fit.
+
+    ``decode_horizon(seq)``, when given, says how many more tokens ``seq`` will certainly decode
+    without the engine needing to look (1: it must look after every token). When every running
+    sequence is decoding and nobody waits to join, the scheduler then returns a decode run of
+    that many steps (:class:`~runtime.sequence.Batch`) and allocates its blocks up front.
+    """
+
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_batch_tokens: int,
+                 admission: Admission, *, prefixes: PrefixCache | None = None,
+                 reclaim: Callable[[int], bool] | None = None,
+                 decode_horizon: Callable[[Sequence], int] | None = None) -> None:
+        super().__init__(max_num_seqs, admission)
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.cache, self.prefixes = cache, prefixes
+        self.max_batch_tokens = max_batch_tokens
+        self.num_preemptions = 0
+        self._reclaim = reclaim
+        self._decode_horizon = decode_horizon
+
+    def schedule(self) -> Batch:
         """Pick this iteration's sequences and set each one's ``chunk`` (tokens to compute)."""
         budget = self.max_batch_tokens
         batch: list[Sequence] = []
@@ -111,7 +125,7 @@ class BatchScheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table:
-                if self.admit is not None and not self.admit(seq):
+                if not self.admission.admit(seq):
                     if seq.status is SequenceStatus.FINISHED:  # failed: its objects never fit
                         self._failed.append(self.waiting.popleft())
                         continue
@@ -126,39 +140,32 @@ class BatchScheduler:
             seq.chunk = n
             budget -= n
             batch.append(seq)
-        return batch
+        return Batch(batch, self._decode_run(batch))
 
     def _attach_prefix(self, seq: Sequence) -> None:
-        if not seq.prefix_ids:
+        if not seq.prefix_ids or self.prefixes is None:
             return
-        adapter = seq.request.adapter
-        entry = self.prefixes.lookup(seq.request.agent_id, adapter, seq.prefix_ids)
-        # Until a prefix was reused (cached_tokens), a failed attach is a miss: it overrules a
-        # memory manager's hit (set at admission) on an entry still waiting to be recomputed.
-        first = seq.cached_tokens == 0
+        entry = self.prefixes.lookup(seq.request.agent_id, seq.request.adapter, seq.prefix_ids)
         if entry is not None:
             try:
                 seq.block_table = self.prefixes.attach(entry)
             except OutOfBlocks:
                 entry = None
+        if seq.prefix_hit is None:  # the first lookup decides the call's prefix hit or miss
+            seq.prefix_hit = entry is not None
         if entry is None:
-            if first:
-                seq.memory.hits.pop("prefix_kv", None)
-                seq.memory.misses["prefix_kv"] = 1
             return
         # Keep at least one token to compute: its logits give the first output token.
         seq.num_computed = min(entry.num_tokens, seq.num_tokens - 1)
         seq.prefix_cached = True
-        if first:
+        if seq.cached_tokens == 0:
             seq.cached_tokens = seq.num_computed
-            if "prefix_kv" not in seq.memory.misses:  # a manager's load from a copy stays a miss
-                seq.memory.hits["prefix_kv"] = 1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_tokens`` tokens, dropping cached prefixes if needed."""
         need = self.cache.blocks_for(num_tokens) - len(seq.block_table)
         while need > self.cache.num_free:
-            if not self.reclaim(need - self.cache.num_free):
+            if self._reclaim is None or not self._reclaim(need - self.cache.num_free):
                 return False
         if need > 0:
             seq.block_table += self.cache.allocate(need)
@@ -172,6 +179,28 @@ class BatchScheduler:
             if not victims:
                 return False
         return True
+
+    def _decode_run(self, batch: list[Sequence]) -> int:
+        """How many decode steps ``batch`` takes at once (1: an ordinary iteration)."""
+        if (self._decode_horizon is None or not batch or len(batch) != len(self.running)
+                or (self.waiting and len(self.running) < self.max_num_seqs)):
+            return 1  # someone else would join the next step
+        steps: float = math.inf
+        for seq in batch:
+            if seq.chunk != 1 or seq.num_computed + 1 != seq.num_tokens:
+                return 1
+            steps = min(steps, self._decode_horizon(seq))
+        if steps <= 1:
+            return 1
+        n = int(steps)
+        need = [self.cache.blocks_for(seq.num_tokens + n - 1) - len(seq.block_table)
+                for seq in batch]
+        if sum(need) > self.cache.num_free:
+            return 1  # the pool would run short in between: step one by one (and preempt)
+        for seq, blocks in zip(batch, need):
+            if blocks > 0:
+                seq.block_table += self.cache.allocate(blocks)
+        return n
 
     def preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it to be recomputed first."""
@@ -191,7 +220,6 @@ class BatchScheduler:
             for seq in done:
                 self.cache.release(seq.block_table)
                 seq.block_table = []
-        if self._failed:
-            done += self._failed
-            self._failed = []
+        done += self._failed
+        self._failed = []
         return done

@@ -11,12 +11,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from runtime.request import Completion, MemoryStats, Request
 
 
 class SequenceStatus(enum.Enum):
+    """Where a sequence is: queued, in the running set, or done (finished or failed)."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -43,11 +45,14 @@ class Sequence:
     cached_tokens: int = 0
     memory: MemoryStats = field(default_factory=MemoryStats)
     error: str | None = None
+    #: The agent memory objects the request holds while it runs (named once, at submission).
+    memory_objects: list[Any] = field(default_factory=list)
+    #: Whether the first prefix lookup reused the cached prefix KV (``None``: not looked up).
+    prefix_hit: bool | None = None
     #: Paged-engine state (unused by the hf executor).
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     chunk: int = 0
-    adapter: Any = None
     prefix_cached: bool = False
     generator: Any = None
 
@@ -98,3 +103,26 @@ class Sequence:
             memory=self.memory,
             error=self.error,
         )
+
+
+@dataclass
+class Batch:
+    """One iteration's work: the sequences and their ``chunk`` of tokens each.
+
+    ``steps > 1`` is a *decode run* the scheduler chose: every sequence is decoding and the batch
+    would repeat unchanged for ``steps`` iterations (nothing waits to join, none can stop
+    early), so an executor that can (the modeled one) takes them at once; the scheduler has
+    already reserved the KV blocks for all of them.
+    """
+
+    seqs: list[Sequence]
+    steps: int = 1
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return iter(self.seqs)
+
+    def __len__(self) -> int:
+        return len(self.seqs)

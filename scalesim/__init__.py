@@ -1,14 +1,14 @@
 """ScaleSim: LLM-driven multi-agent simulations with a memory-efficient serving runtime.
 
 Write a :class:`World` of :class:`Agent` processes, then run it from a YAML file with
-``python -m scalesim.run world.yaml`` or from Python with :func:`run`; read a run back with
+``python -m scalesim.run world.yaml`` or from Python with :func:`simulate`; read a run back with
 :func:`load_trace`.
 """
 
 from scalesim.agent import Agent, Message
 from scalesim.config import ConfigError, RunConfig, load_config
 from scalesim.environment import LLMCall, SimEnvironment
-from scalesim.run import run
+from scalesim.simulation import Simulation, simulate
 from scalesim.trace import RunResult, load_trace
 from scalesim.world import World
 
@@ -22,6 +22,7 @@ __all__ = [
     "SimEnvironment",
     "World",
     "load_config",
+    "Simulation",
     "load_trace",
-    "run",
+    "simulate",
 ]

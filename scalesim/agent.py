@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generator
 import simpy
 
 from runtime import Request, RequestError, SamplingParams
-from scalesim.environment import LLMCall
+from scalesim.environment import LLMCall, SimEnvironment
 
 if TYPE_CHECKING:
     from scalesim.world import World
@@ -62,14 +62,26 @@ class Agent:
         return f"<{type(self).__name__} {self.name}>"
 
     @property
-    def env(self) -> simpy.Environment:
+    def env(self) -> SimEnvironment:
+        return self.home.env
+
+    @property
+    def home(self) -> World:
+        """The world the agent lives in."""
         if self.world is None:
             raise RuntimeError(f"agent {self.name!r} is not part of a world yet (World.add)")
-        return self.world.env
+        return self.world
 
     @property
     def now(self) -> float:
         return self.env.now
+
+    @property
+    def mailbox(self) -> simpy.Store:
+        """The agent's inbox of :class:`Message` objects."""
+        if self.inbox is None:
+            raise RuntimeError(f"agent {self.name!r} is not part of a world yet (World.add)")
+        return self.inbox
 
     def run(self) -> Generator[simpy.Event, Any, None]:
         """The agent's life: override as a generator that yields events."""
@@ -86,10 +98,9 @@ class Agent:
         try:
             yield from self.run()
         except RequestError as exc:
-            self.world.record_failure(self, exc)
+            self.home.record_failure(self, exc)
         finally:
-            if getattr(self.env, "oracle", None) is not None:
-                self.env.oracle.on_exit(self.name)
+            self.env.observer.on_exit(self.name)
 
     def llm(
         self,
@@ -104,7 +115,7 @@ class Agent:
     ) -> LLMCall:
         """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`."""
         if seed is None and temperature > 0:
-            seed = self.world.random.getrandbits(31)
+            seed = self.home.random.getrandbits(31)
         sampling = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=tuple(stop),
@@ -115,8 +126,7 @@ class Agent:
 
     def wait(self, delay: float) -> simpy.Timeout:
         """Let ``delay`` units of simulated time pass."""
-        if getattr(self.env, "oracle", None) is not None:  # the wake-up time is exact
-            self.env.oracle.on_wait(self.name, self.now + delay)
+        self.env.observer.on_wait(self.name, self.now + delay)  # the wake-up time is exact
         return self.env.timeout(delay)
 
     def wait_for(self, event: simpy.Event, timeout: float | None = None) -> simpy.Event:
@@ -127,9 +137,8 @@ class Agent:
         ``event`` fires). The distance oracle treats it like :meth:`receive`'s timeout: a deadline,
         refined by the agent's turns, hints and in-neighbours on the interaction graph.
         """
-        if getattr(self.env, "oracle", None) is not None:
-            self.env.oracle.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                               else timeout))
+        self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
+                                                            else timeout))
         if timeout is None:
             return event
         return self.env.process(self._first_of(event, timeout))
@@ -140,23 +149,24 @@ class Agent:
 
     def send(self, recipient: Agent | str, content: Any) -> Message:
         """Deliver ``content`` to another agent's inbox and record the interaction."""
-        other = self.world.agent(recipient) if isinstance(recipient, str) else recipient
+        other = self.home.agent(recipient) if isinstance(recipient, str) else recipient
         message = Message(self.name, other.name, content, self.now)
-        self.world.record_interaction(self.name, other.name)
-        other.inbox.put(message)
+        self.home.record_interaction(self.name, other.name)
+        other.mailbox.put(message)
         return message
 
     def receive(self, timeout: float | None = None) -> simpy.Event:
         """An event whose value is the next :class:`Message`, or ``None`` after ``timeout``."""
-        if getattr(self.env, "oracle", None) is not None and not self.inbox.items:
-            self.env.oracle.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                               else timeout))
+        inbox = self.mailbox
+        if not inbox.items:
+            self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
+                                                                else timeout))
         if timeout is None:
-            return self.inbox.get()
+            return inbox.get()
         return self.env.process(self._receive_within(timeout))
 
     def _receive_within(self, timeout: float) -> Generator[simpy.Event, Any, Message | None]:
-        get = self.inbox.get()
+        get = self.mailbox.get()
         fired = yield get | self.env.timeout(timeout)
         if get in fired:
             return fired[get]

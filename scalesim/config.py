@@ -19,11 +19,18 @@ import importlib.util
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError,
                       field_validator)
+
+if TYPE_CHECKING:  # for annotations only: scalesim.world is imported when a world is loaded
+    from scalesim.world import World
+
+#: The kinds of agent memory the modeled executor can manage.
+ManagedKind = Literal["adapter", "prefix_kv"]
+MANAGED_KINDS: tuple[ManagedKind, ...] = ("adapter", "prefix_kv")
 
 
 class ConfigError(ValueError):
@@ -64,8 +71,8 @@ class ModeledConfig(_Section):
 
     hardware: str = Field(default="H100", description="hardware profile (runtime.cost_model)")
     lora_rank: int = Field(default=0, ge=0, description="rank of each agent's adapter; 0: none")
-    managed: list[Literal["adapter", "prefix_kv"]] = Field(
-        default_factory=lambda: ["adapter", "prefix_kv"], description="agent memory kinds")
+    managed: list[ManagedKind] = Field(
+        default_factory=lambda: list(MANAGED_KINDS), description="agent memory kinds")
     prefix_tokens: int | None = Field(default=None, ge=1, description="fixed persona length")
     output_tokens: int = Field(default=32, ge=1, description="tokens each call generates")
     chars_per_token: float = Field(default=4.0, gt=0)
@@ -99,7 +106,8 @@ class RuntimeConfig(_Section):
     modeled: ModeledConfig = Field(default_factory=ModeledConfig)
 
     def engine_options(self) -> dict[str, Any]:
-        """Executor-specific keyword arguments for :func:`runtime.build_engine`."""
+        """Executor-specific keyword arguments for :func:`runtime.build_engine` (the memory
+        keywords come from :attr:`memory`)."""
         if self.executor == "modeled":
             m = self.modeled
             options: dict[str, Any] = {
@@ -107,8 +115,7 @@ class RuntimeConfig(_Section):
                 "managed": tuple(m.managed), "prefix_tokens": m.prefix_tokens,
                 "output_tokens": m.output_tokens, "chars_per_token": m.chars_per_token,
                 "preempt_prefetch": m.preempt_prefetch, "replies": tuple(m.replies),
-                "policy": self.memory.policy, "memory_bytes": self.memory.device_bytes,
-                "lookahead": self.memory.lookahead, "block_size": self.block_size,
+                "block_size": self.block_size,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens}
             if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile
                 options["kv_cache_tokens"] = self.kv_cache_tokens
@@ -222,7 +229,7 @@ def load_config(
     return config
 
 
-def import_world_class(config: RunConfig) -> type:
+def import_world_class(config: RunConfig) -> type[World]:
     """Import ``world.class``; a module next to the YAML file is found too."""
     from scalesim.world import World
 
@@ -264,7 +271,7 @@ def import_world_class(config: RunConfig) -> type:
     return cls
 
 
-def _check_param_types(cls: type, config: RunConfig, where: str) -> None:
+def _check_param_types(cls: type[World], config: RunConfig, where: str) -> None:
     """Validate ``world.params`` against the type hints of ``setup``, converting in place."""
     try:
         hints = typing.get_type_hints(cls.setup)

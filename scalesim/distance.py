@@ -15,8 +15,9 @@ serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``
 * a **hint** (``World.hint(agent, eta)``): what only the world author knows.
 
 An agent blocked on a timer is estimated by its timer (and a hint) alone, since its wake-up time
-is exact. The agents are ordered by that estimate in a heap with lazy invalidation, so a timer-driven world
-costs O(log n) per event and :meth:`DistanceOracle.nearest` O(k log n); nothing re-sorts all agents.
+is exact. The agents are ordered by that estimate in a :class:`~runtime.memory.lazy_heap.LazyHeap`
+(the memory manager's eviction index uses the same), so a timer-driven world costs O(log n) per
+event and :meth:`DistanceOracle.nearest` O(k log n); nothing re-sorts all agents.
 
 Prediction quality is measured with *snapshots*: at an engine iteration with no open snapshot, the
 ``window`` nearest agents without a pending call are recorded in predicted order; each agent's
@@ -26,16 +27,19 @@ order of those calls is compared with the prediction by Kendall's tau when the s
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+from runtime.memory.lazy_heap import LazyHeap
+
+if TYPE_CHECKING:
+    from scalesim.environment import SimEnvironment
 
 
 class DistanceOracle:
     """Estimated next-call times of every agent; implements ``runtime.memory.DistanceSource``."""
 
-    def __init__(self, env: Any, graph: Any = None, *, edge_delay: float = 0.0,
+    def __init__(self, env: SimEnvironment, graph: Any = None, *, edge_delay: float = 0.0,
                  propagation_depth: int = 2, turn_delay: float = 1e-6, window: int = 64) -> None:
         self.env = env
         self.graph = graph
@@ -51,10 +55,8 @@ class DistanceOracle:
         self._hint: dict[str, float] = {}
         self._turn: dict[str, float] = {}
         self._eta: dict[str, float] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._version: dict[str, int] = {}
-        self._counter = itertools.count()
-        self._watchers: list[Any] = []
+        self._heap: LazyHeap[str] = LazyHeap()
+        self._watchers: list[Callable[[str], None]] = []
         # prediction-quality snapshots
         self._snapshot: dict[str, int] | None = None
         self._realised: list[str] = []
@@ -106,6 +108,10 @@ class DistanceOracle:
         self._hint[agent] = eta
         self._update(agent)
 
+    def use_graph(self, graph: Any) -> None:
+        """Estimate receive-blocked agents from their in-neighbours on ``graph``."""
+        self.graph = graph
+
     def _clear_blocking(self, agent: str) -> None:
         self._timer.pop(agent, None)
         self._receive.pop(agent, None)
@@ -122,7 +128,7 @@ class DistanceOracle:
         """The estimated call time: orders agents as :meth:`distance` does, without drifting."""
         return self._eta.get(agent, math.inf)
 
-    def watch(self, callback: Any) -> None:
+    def watch(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(agent)`` whenever an agent's estimate changes (the memory manager)."""
         self._watchers.append(callback)
 
@@ -134,19 +140,7 @@ class DistanceOracle:
     def nearest(self, k: int) -> list[str]:
         """The ``k`` agents with the smallest estimate, nearest first: O(k log n)."""
         self._refresh_turns()
-        taken: list[tuple[float, int, str]] = []
-        out: list[str] = []
-        while self._heap and len(out) < k:
-            entry = heapq.heappop(self._heap)
-            if self._valid(entry):
-                taken.append(entry)
-                out.append(entry[2])
-        for entry in taken:
-            heapq.heappush(self._heap, entry)
-        return out
-
-    def _valid(self, entry: tuple[float, int, str]) -> bool:
-        return self._version.get(entry[2]) == entry[1]
+        return [entry[-1] for entry in self._heap.smallest(k)]
 
     def _combined(self, agent: str, with_turn: bool = True) -> float:
         if agent in self._pending:
@@ -161,19 +155,15 @@ class DistanceOracle:
 
     def _update(self, agent: str, depth: int | None = None) -> None:
         eta = self._combined(agent)
-        if self._eta.get(agent) == eta and agent in self._version:
+        versions = self._heap.versions
+        if self._eta.get(agent) == eta and agent in versions:
             return
         if math.isinf(eta):
             self._eta.pop(agent, None)
-            self._version.pop(agent, None)
+            versions.drop(agent)
         else:
             self._eta[agent] = eta
-            version = next(self._counter)
-            self._version[agent] = version
-            heapq.heappush(self._heap, (eta, version, agent))
-            if len(self._heap) > 2 * len(self._version) + 1024:
-                self._heap = [e for e in self._heap if self._valid(e)]
-                heapq.heapify(self._heap)
+            self._heap.push((eta, versions.stamp(agent), agent))
         for callback in self._watchers:
             callback(agent)
         self._propagate(agent, self.propagation_depth if depth is None else depth)
@@ -216,9 +206,7 @@ class DistanceOracle:
                     self._update(v, depth - 1)
 
     def _refresh_turns(self) -> None:
-        from scalesim.turns import orders_of
-
-        orders = orders_of(self.env)
+        orders = self.env.open_turn_orders()
         if not orders and not self._turn:
             return
         fresh: dict[str, float] = {}

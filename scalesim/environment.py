@@ -7,17 +7,27 @@ to run and requests are in flight, it runs one engine iteration instead of advan
 Requests finishing in that iteration succeed their events at the same instant, the agents they
 wake may ask again, and those new requests join the running batch at the next iteration. LLM calls
 therefore take zero simulated time, and every call of one instant is batched together.
+
+The environment always has an *observer* (:class:`SimObserver`): agents report what they block
+on and the environment reports calls to it. A run's observer is the
+:class:`~scalesim.distance.DistanceOracle`; without one it is a :class:`NullObserver`, so no
+caller has to ask whether there is one. Turn orders (:mod:`scalesim.turns`) register on the
+environment, where the oracle reads them.
 """
 
 from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import simpy
 
-from runtime import Completion, Engine, Request, RequestError
+from runtime import Completion, Request, RequestError
+from runtime.engine import EngineProtocol
+
+if TYPE_CHECKING:
+    from scalesim.turns import TurnOrder
 
 
 class LLMCall(simpy.Event):
@@ -33,6 +43,63 @@ class LLMCall(simpy.Event):
         self.request = request
         self.submit_time = env.now
         self.predicted_rank: int | None = None
+
+
+class SimObserver(Protocol):
+    """What the environment and the agents tell about who will call the LLM next."""
+
+    def on_submit(self, agent: str) -> int | None:
+        """``agent`` issued a call now; returns its predicted rank, if one was predicted."""
+
+    def on_finish(self, agent: str) -> None: ...
+
+    def on_wait(self, agent: str, until: float) -> None: ...
+
+    def on_receive(self, agent: str, deadline: float) -> None: ...
+
+    def on_exit(self, agent: str) -> None: ...
+
+    def hint(self, agent: str, eta: float) -> None: ...
+
+    def use_graph(self, graph: Any) -> None:
+        """The world's interaction graph (a networkx ``DiGraph``)."""
+
+    def checkpoint(self) -> None:
+        """An engine iteration is about to run."""
+
+    def quality(self) -> dict[str, Any]:
+        """Prediction quality for ``summary.json``."""
+
+
+class NullObserver:
+    """An observer that predicts nothing: the environment of a run without an oracle."""
+
+    def on_submit(self, agent: str) -> int | None:
+        return None
+
+    def on_finish(self, agent: str) -> None:
+        pass
+
+    def on_wait(self, agent: str, until: float) -> None:
+        pass
+
+    def on_receive(self, agent: str, deadline: float) -> None:
+        pass
+
+    def on_exit(self, agent: str) -> None:
+        pass
+
+    def hint(self, agent: str, eta: float) -> None:
+        pass
+
+    def use_graph(self, graph: Any) -> None:
+        pass
+
+    def checkpoint(self) -> None:
+        pass
+
+    def quality(self) -> dict[str, Any]:
+        return {}
 
 
 @contextmanager
@@ -53,9 +120,14 @@ def relaxed_gc(young: int = 500_000) -> Iterator[None]:
 
 
 class SimEnvironment(simpy.Environment):
-    """A simpy environment whose idle instants are spent running the LLM engine."""
+    """A simpy environment whose idle instants are spent running the LLM engine.
 
-    def __init__(self, engine: Engine, initial_time: float = 0) -> None:
+    ``observer`` builds the run's :class:`SimObserver` from the environment (for instance
+    ``lambda env: DistanceOracle(env)``); by default nothing is observed.
+    """
+
+    def __init__(self, engine: EngineProtocol, initial_time: float = 0, *,
+                 observer: Callable[["SimEnvironment"], SimObserver] | None = None) -> None:
         super().__init__(initial_time)
         self.engine = engine
         self.in_flight: dict[int, LLMCall] = {}
@@ -63,18 +135,23 @@ class SimEnvironment(simpy.Environment):
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
         #: Called with the agent id of every submitted call (e.g. a recorded-future distance).
         self.submit_listeners: list[Callable[[str], None]] = []
-        #: The run's :class:`~scalesim.distance.DistanceOracle`; agents report what they block on.
-        self.oracle: Any = None
+        #: The :class:`~scalesim.turns.TurnOrder` objects created on this environment.
+        self.turn_orders: list[TurnOrder] = []
+        self.observer: SimObserver = observer(self) if observer is not None else NullObserver()
 
     def submit(self, agent_id: str, request: Request) -> LLMCall:
         """Hand ``request`` to the engine now and return the event of its reply."""
         call = LLMCall(self, agent_id, request)
-        if self.oracle is not None:
-            call.predicted_rank = self.oracle.on_submit(agent_id)
+        call.predicted_rank = self.observer.on_submit(agent_id)
         for listener in self.submit_listeners:
             listener(agent_id)
         self.in_flight[self.engine.submit(request)] = call
         return call
+
+    def open_turn_orders(self) -> list[TurnOrder]:
+        """The turn orders of this environment that are not closed."""
+        self.turn_orders[:] = [o for o in self.turn_orders if not o.closed]
+        return list(self.turn_orders)
 
     def run(self, until: Any = None) -> Any:
         """Run as :meth:`simpy.Environment.run` does, with :func:`relaxed_gc`."""
@@ -88,12 +165,10 @@ class SimEnvironment(simpy.Environment):
             super().step()
 
     def _run_engine_iteration(self) -> None:
-        if self.oracle is not None:
-            self.oracle.checkpoint()
+        self.observer.checkpoint()
         for completion in self.engine.step():
             call = self.in_flight.pop(completion.request_id)
-            if self.oracle is not None:
-                self.oracle.on_finish(call.agent_id)
+            self.observer.on_finish(call.agent_id)
             for listener in self.completion_listeners:
                 listener(call, completion)
             if completion.ok:
@@ -103,5 +178,3 @@ class SimEnvironment(simpy.Environment):
 
     def pending_calls(self) -> int:
         return len(self.in_flight)
-
-

@@ -11,9 +11,9 @@ The command reads a run directory (:func:`scalesim.load_trace`) and writes into 
                             the world's metrics, and the plots
 
 Every plot is a function of the DataFrames of :func:`scalesim.load_trace`, usable from a notebook:
-each takes an optional matplotlib ``ax`` and returns the figure it drew on. Figures are built with
-:class:`matplotlib.figure.Figure` (no pyplot), so importing this module never switches a notebook's
-backend; PNGs are rendered by Agg.
+each takes an optional matplotlib ``ax`` and returns the figure it drew on (a ``SubFigure`` when
+``ax`` lies on one). Figures are built with :class:`matplotlib.figure.Figure` (no pyplot), so
+importing this module never switches a notebook's backend; PNGs are rendered by Agg.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 from scalesim.trace import MEMORY_KINDS, RunResult, load_trace
 
 PLOTS = ("calls_over_time", "activation", "latency_cdf", "hit_rate", "bytes_by_kind")
 
 
-def _axes(ax: Axes | None, size: tuple[float, float] = (7, 3.6)) -> tuple[Figure, Axes]:
+def _axes(ax: Axes | None,
+          size: tuple[float, float] = (7, 3.6)) -> tuple[Figure | SubFigure, Axes]:
     if ax is not None:
         return ax.figure, ax
     fig = Figure(figsize=size, layout="constrained")
@@ -78,7 +79,7 @@ def activity(trace: pd.DataFrame, agents: int, bins: int = 48) -> pd.DataFrame:
 
 
 def plot_calls_over_time(trace: pd.DataFrame, agents: int | None = None, bins: int = 48,
-                         ax: Axes | None = None) -> Figure:
+                         ax: Axes | None = None) -> Figure | SubFigure:
     """Bars: LLM calls per sim-time bin; line: share of all agents that called in the bin."""
     fig, ax = _axes(ax)
     if not len(_ok(trace)):
@@ -101,7 +102,8 @@ def plot_calls_over_time(trace: pd.DataFrame, agents: int | None = None, bins: i
     return fig
 
 
-def plot_activation(trace: pd.DataFrame, max_agents: int = 80, ax: Axes | None = None) -> Figure:
+def plot_activation(trace: pd.DataFrame, max_agents: int = 80,
+                    ax: Axes | None = None) -> Figure | SubFigure:
     """One row per agent (the first ``max_agents`` by first call), a tick at each call."""
     fig, ax = _axes(ax, (7, 4.5))
     ok = _ok(trace)
@@ -131,7 +133,7 @@ def latencies(trace: pd.DataFrame) -> pd.Series:
     return (ok["finish_wall"] - ok["submit_wall"]).rename("latency_s")
 
 
-def plot_latency_cdf(trace: pd.DataFrame, ax: Axes | None = None) -> Figure:
+def plot_latency_cdf(trace: pd.DataFrame, ax: Axes | None = None) -> Figure | SubFigure:
     fig, ax = _axes(ax)
     lat = np.sort(latencies(trace).to_numpy())
     if not len(lat):
@@ -166,7 +168,7 @@ def hit_rates(trace: pd.DataFrame, bins: int = 30) -> pd.DataFrame:
     return out
 
 
-def plot_hit_rate(trace: pd.DataFrame, ax: Axes | None = None) -> Figure:
+def plot_hit_rate(trace: pd.DataFrame, ax: Axes | None = None) -> Figure | SubFigure:
     fig, ax = _axes(ax)
     if not has_memory_data(trace):
         _empty(ax, "no memory data (this executor records no hits or misses)")
@@ -192,7 +194,7 @@ def bytes_moved(memory: pd.DataFrame) -> pd.DataFrame:
             .sort_values("bytes", ascending=False, ignore_index=True))
 
 
-def plot_bytes_by_kind(memory: pd.DataFrame, ax: Axes | None = None) -> Figure:
+def plot_bytes_by_kind(memory: pd.DataFrame, ax: Axes | None = None) -> Figure | SubFigure:
     fig, ax = _axes(ax)
     moved = bytes_moved(memory)
     if not len(moved):
@@ -287,7 +289,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "bytes_by_kind": plot_bytes_by_kind(result.memory),
     }
     for stem, fig in figures.items():
-        fig.savefig(out_dir / f"{stem}.png", dpi=110)
+        # Drawn without an ax, each is a top-level Figure, which is its own ``.figure``.
+        fig.figure.savefig(out_dir / f"{stem}.png", dpi=110)
     report = out_dir / "report.md"
     report.write_text(markdown(result, list(figures)))
     return report

@@ -16,7 +16,8 @@ simpy primitive::
 Because the order is explicit, who calls the LLM next is known *exactly*: the current speaker
 first, then the others in order. :meth:`TurnOrder.upcoming` returns that list and
 :meth:`TurnOrder.positions` each member's place in it (0 = speaking now). A distance oracle reads
-every order of an environment with :func:`orders_of` and ranks a member with :func:`position_of`.
+the orders registered on a :class:`~scalesim.environment.SimEnvironment` (:func:`orders_of`) and
+ranks a member with :func:`position_of`.
 
 Rounds: when the last member finishes, the round ends and its :meth:`TurnOrder.round_over` event
 fires with the round number. With ``pause_between_rounds=True`` the next round waits for
@@ -28,14 +29,11 @@ waiting member wakes, and :meth:`TurnOrder.my_turn` then returns ``False`` inste
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Iterable
 
 import simpy
 
-_ORDERS: "weakref.WeakKeyDictionary[simpy.Environment, list[TurnOrder]]" = (
-    weakref.WeakKeyDictionary()
-)
+from scalesim.environment import SimEnvironment
 
 
 def _name(member: Any) -> str:
@@ -66,7 +64,8 @@ class TurnOrder:
         self.closed = False
         self._waiting: dict[str, simpy.Event] = {}
         self._round_over: simpy.Event = env.event()
-        _ORDERS.setdefault(env, []).append(self)
+        if isinstance(env, SimEnvironment):  # where a distance oracle finds it
+            env.turn_orders.append(self)
 
     def __repr__(self) -> str:
         return f"<TurnOrder {self.name or id(self)} round={self.round} speaker={self.speaker}>"
@@ -186,10 +185,8 @@ class TurnOrder:
 
 
 def orders_of(env: simpy.Environment) -> list[TurnOrder]:
-    """Every open :class:`TurnOrder` created on ``env``."""
-    orders = _ORDERS.get(env, [])
-    orders[:] = [o for o in orders if not o.closed]
-    return list(orders)
+    """Every open :class:`TurnOrder` created on ``env`` (a plain simpy environment keeps none)."""
+    return env.open_turn_orders() if isinstance(env, SimEnvironment) else []
 
 
 def position_of(env: simpy.Environment, member: Any) -> int | None:

@@ -32,6 +32,7 @@ class World:
         self.seed = seed
         self.random = random.Random(seed)
         self.graph = nx.DiGraph()
+        env.observer.use_graph(self.graph)  # the oracle estimates receivers from their senders
         self.agents: dict[str, Agent] = {}
         #: ``(agent name, error text)`` of agents stopped by a failed LLM request.
         self.failures: list[tuple[str, str]] = []
@@ -79,9 +80,7 @@ class World:
         For what only the world author knows (a scheduled meeting, a message about to arrive).
         The hint lasts until the agent's next call; without an oracle it is ignored.
         """
-        oracle = getattr(self.env, "oracle", None)
-        if oracle is not None:
-            oracle.hint(agent if isinstance(agent, str) else agent.name, self.now + eta)
+        self.env.observer.hint(agent if isinstance(agent, str) else agent.name, self.now + eta)
 
     def record_failure(self, agent: Agent, error: Exception) -> None:
         self.failures.append((agent.name, str(error)))

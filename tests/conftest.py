@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import Engine
-from runtime.sequence import Sequence
+from typing import Any
+
+from runtime import Engine, build_engine
+from runtime.sequence import Batch, Sequence
 
 EOS = 0
 
@@ -34,7 +36,19 @@ class EchoExecutor:
         self.chat = CharChat()
         self.batches: list[list[int]] = []
 
-    def execute(self, batch: list[Sequence]) -> None:
+    def validate(self, seq: Sequence) -> None:
+        pass
+
+    def memory_objects(self, seq: Sequence) -> list[Any]:
+        return []
+
+    def decode_horizon(self, seq: Sequence) -> int:
+        return 1
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def execute(self, batch: Batch) -> None:
         self.batches.append([seq.request_id for seq in batch])
         for seq in batch:
             answer = [ord(c) for c in f"{seq.request.agent_id}:{seq.request.prompt}"] + [EOS]
@@ -43,7 +57,7 @@ class EchoExecutor:
 
 @pytest.fixture
 def echo_engine() -> Engine:
-    return Engine(EchoExecutor())
+    return build_engine(EchoExecutor())
 
 
 @pytest.fixture(scope="session")

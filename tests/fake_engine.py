@@ -19,8 +19,9 @@ from scalesim import SimEnvironment
 class FakeEngine:
     """Finishes every submitted request at the next :meth:`step`."""
 
-    #: No executor behind it: ``scalesim.run`` then attaches no memory manager.
+    #: No executor and no agent memory behind it.
     executor = None
+    memory = None
 
     def __init__(self, reply: Callable[[Request], str] | Iterable[str] = ("ok",)) -> None:
         if callable(reply):
@@ -44,6 +45,12 @@ class FakeEngine:
 
     def has_work(self) -> bool:
         return bool(self._queue)
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def step(self) -> list[Completion]:
         done, self._queue = self._queue, []

@@ -107,10 +107,10 @@ def test_receive_timeout_gives_none_and_keeps_late_messages(echo_engine):
 
 
 def test_a_failed_request_stops_only_its_agent():
-    from runtime import Engine
+    from runtime import build_engine
     from tests.conftest import EchoExecutor
 
-    engine = Engine(EchoExecutor(max_context=80))
+    engine = build_engine(EchoExecutor(max_context=80))
 
     def too_long(a):
         yield a.llm("x" * 100)

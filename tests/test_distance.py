@@ -15,9 +15,9 @@ from scalesim.turns import TurnOrder
 
 
 def make_env() -> tuple[SimEnvironment, DistanceOracle]:
-    env = SimEnvironment(FakeEngine())
-    env.oracle = DistanceOracle(env)
-    return env, env.oracle
+    env = SimEnvironment(FakeEngine(), observer=DistanceOracle)
+    assert isinstance(env.observer, DistanceOracle)
+    return env, env.observer
 
 
 class Sleeper(Agent):
@@ -140,13 +140,18 @@ def test_kendall_tau_b() -> None:
 
 
 class Clock:
+    """Stands in for the environment: a time and no turn orders."""
+
     now = 0.0
+
+    def open_turn_orders(self) -> list:
+        return []
 
 
 def test_a_hundred_thousand_synthetic_agents() -> None:
     """The oracle alone at scale: random timers, interleaved queries, nearest stays sorted."""
     clock = Clock()
-    oracle = DistanceOracle(clock)
+    oracle = DistanceOracle(clock)  # type: ignore[arg-type]
     rng = random.Random(0)
     n = 100_000
     wake = {}

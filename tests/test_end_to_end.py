@@ -13,8 +13,8 @@ TINY = {"world__params__villagers": 2, "world__params__max_tokens": 4,
 
 
 def test_tiny_town_runs_and_is_deterministic(tmp_path, smol_engine):
-    first = scalesim.run("worlds/town.yaml", out=tmp_path / "a", engine=smol_engine, **TINY)
-    second = scalesim.run("worlds/town.yaml", out=tmp_path / "b", engine=smol_engine, **TINY)
+    first = scalesim.simulate("worlds/town.yaml", out=tmp_path / "a", engine=smol_engine, **TINY)
+    second = scalesim.simulate("worlds/town.yaml", out=tmp_path / "b", engine=smol_engine, **TINY)
     trace = first.trace
     assert len(trace) >= 4 and set(trace["agent"]) == {"Ada Brook", "Ben Carter"}
     assert (trace["output_tokens"] <= 4).all() and trace["error"].isna().all()

@@ -10,11 +10,9 @@ import torch
 
 from experiments.make_adapters import make_adapters
 from runtime import Request, SamplingParams
-from runtime.engine import Engine
+from runtime.engine import Engine, build_engine
 from runtime.executors import torch as torch_executor
-from runtime.executors.torch import TorchExecutor
 from runtime.model.profiles import PROFILES, profile
-from runtime.scheduler import BatchScheduler
 
 pytestmark = pytest.mark.model
 
@@ -28,9 +26,9 @@ def adapters(tmp_path_factory):
 def engine(hf, kv_cache_tokens: int = 4096, max_num_seqs: int = 16, max_batch_tokens: int = 256,
            **options) -> Engine:
     model, tokenizer = hf
-    ex = TorchExecutor(hf_model=model, tokenizer=tokenizer, kv_cache_tokens=kv_cache_tokens,
-                       max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, **options)
-    return Engine(ex, BatchScheduler(ex.cache, ex.prefixes, max_num_seqs, max_batch_tokens))
+    return build_engine("torch", hf_model=model, tokenizer=tokenizer,
+                        kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs,
+                        max_batch_tokens=max_batch_tokens, **options)
 
 
 def serve(eng: Engine, *requests: Request) -> list:

@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 
 from runtime import Request, SamplingParams
 from runtime.lora import module_shapes
-from runtime.memory import MemoryManager
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -34,11 +33,12 @@ def random_adapter(path, config, rank: int = 4, seed: int = 0, scale: float = 0.
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def engine():
+def make_engine(hf, policy: str = "lru", **memory):
     from runtime import build_engine
 
-    return build_engine("torch", max_num_seqs=2, kv_cache_tokens=4096)
+    model, tokenizer = hf
+    return build_engine("torch", hf_model=model, tokenizer=tokenizer, max_num_seqs=2,
+                        kv_cache_tokens=4096, policy=policy, **memory)
 
 
 def serve(engine, requests: list[Request]) -> dict[str, tuple[str, dict]]:
@@ -53,10 +53,10 @@ def serve(engine, requests: list[Request]) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def test_policies_move_adapters_but_not_outputs(engine, tmp_path) -> None:
-    config = engine.executor.config
+def test_policies_move_adapters_but_not_outputs(hf, tmp_path) -> None:
+    config = make_engine(hf).executor.config
     paths = [random_adapter(tmp_path / f"a{i}", config, seed=i) for i in range(4)]
-    one = engine.executor.loras.adapters.get(paths[0])
+    one = None
 
     def requests() -> list[Request]:
         return [Request(f"agent{i % 4}", "Name a color.", prefix="You are terse.",
@@ -66,10 +66,10 @@ def test_policies_move_adapters_but_not_outputs(engine, tmp_path) -> None:
     results = {}
     for policy in ("infinite", "lru", "scalesim", "none"):
         adapter_bytes = None if one is None else one.nbytes
-        manager = MemoryManager(policy, device_bytes=2 * (adapter_bytes or 10 ** 9) + 1)
+        engine = make_engine(hf, policy, device_bytes=2 * (adapter_bytes or 10 ** 9) + 1)
+        manager = engine.memory
         rows = []
         manager.listeners.append(rows.append)
-        engine.attach_memory(manager)
         results[policy] = serve(engine, requests())
         one = engine.executor.loras.adapters[paths[0]]
         if policy == "infinite":
@@ -84,10 +84,10 @@ def test_policies_move_adapters_but_not_outputs(engine, tmp_path) -> None:
     assert len(set(texts["infinite"].values())) > 1  # the adapters do change the outputs
 
 
-def test_an_adapter_larger_than_the_device_fails_the_request(engine, tmp_path) -> None:
+def test_an_adapter_larger_than_the_device_fails_the_request(hf, tmp_path) -> None:
+    engine = make_engine(hf, "lru", device_bytes=1000)
+    manager = engine.memory
     path = random_adapter(tmp_path / "big", engine.executor.config)
-    manager = MemoryManager("lru", device_bytes=1000)
-    engine.attach_memory(manager)
     engine.submit(Request("big", "Hi", sampling=SamplingParams(max_tokens=2), adapter=path))
     done = []
     while engine.has_work():

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from runtime.memory import (POLICIES, AgentMemory, FutureSequence, LoRAAdapter, MemoryManager,
+from runtime.memory import (POLICIES, AgentMemory, FutureSequence, AdapterFile, MemoryManager,
                             TensorMemory, WorkingSetTooLarge)
 from runtime.request import RequestError
 
@@ -278,7 +278,7 @@ def test_a_world_defined_kind_and_a_lora_file(tmp_path) -> None:
     adir.mkdir()
     weights = {"lora_A": torch.randn(4, 8), "lora_B": torch.randn(8, 4)}
     save_file(weights, str(adir / "adapter_model.safetensors"))
-    lora = LoRAAdapter(adir)
+    lora = AdapterFile(adir)
     assert lora.nbytes == 2 * 32 * 4
     notes = Notes("notes:ann", 40)
     mm = MemoryManager("lru", device_bytes=lora.nbytes + 40)
@@ -297,7 +297,7 @@ def test_a_shared_object_is_stored_once_at_the_distance_of_its_nearest_user() ->
     second = mm.register(synthetic("group", 8), users=["bob"])
     assert first is second and first.users == {"ann", "bob"}
     assert mm.distance_of(first) == 2
-    assert mm.by_agent["ann"] == mm.by_agent["bob"] == ["group"]
+    assert mm.keys_of("ann") == mm.keys_of("bob") == ["group"]
     mm.close()
 
 

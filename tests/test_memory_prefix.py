@@ -8,11 +8,8 @@ import torch
 
 from experiments.make_adapters import make_adapters
 from runtime import Request, SamplingParams
-from runtime.engine import Engine
-from runtime.executors.torch import TorchExecutor
-from runtime.memory import MemoryManager
+from runtime.engine import Engine, build_engine
 from runtime.model.profiles import PROFILES
-from runtime.scheduler import BatchScheduler
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]  # minutes on a shared 2-core CPU
 
@@ -28,14 +25,10 @@ def adapters(tmp_path_factory):
     return make_adapters(out, PROFILES["smollm2-135m"], n=4, rank=4, seed=3, b_std=0.05)
 
 
-def make_engine(hf, manager: MemoryManager | None, max_num_seqs: int = 2) -> Engine:
+def make_engine(hf, policy: str = "lru", max_num_seqs: int = 2, **memory) -> Engine:
     model, tokenizer = hf
-    ex = TorchExecutor(hf_model=model, tokenizer=tokenizer, kv_cache_tokens=2048,
-                       max_num_seqs=max_num_seqs, max_batch_tokens=256)
-    eng = Engine(ex, BatchScheduler(ex.cache, ex.prefixes, max_num_seqs, 256))
-    if manager is not None:
-        eng.attach_memory(manager)
-    return eng
+    return build_engine("torch", hf_model=model, tokenizer=tokenizer, kv_cache_tokens=2048,
+                        max_num_seqs=max_num_seqs, max_batch_tokens=256, policy=policy, **memory)
 
 
 def calls(adapters: list[str] | None, rounds: int = 2) -> list[Request]:
@@ -71,8 +64,8 @@ def prefix_object(eng: Engine, agent: str):
 
 
 def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
-    manager = MemoryManager("lru", device_bytes=10**9)
-    eng = make_engine(hf, manager)
+    eng = make_engine(hf, "lru", device_bytes=10**9)
+    manager = eng.memory
     serve(eng, calls(None, rounds=1)[:1])
     obj = prefix_object(eng, "agent0")
     before = obj.device_tensors()
@@ -91,11 +84,11 @@ def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
 
 
 def test_dropped_prefix_is_recomputed_with_the_same_outputs(hf) -> None:
-    reference = make_engine(hf, MemoryManager("infinite"))
+    reference = make_engine(hf, "infinite")
     want = [c.text for c in serve(reference, calls(None))]
     reference.memory.close()
-    manager = MemoryManager("lru", device_bytes=10**9, host_bytes=0)  # no host tier: drop
-    eng = make_engine(hf, manager)
+    eng = make_engine(hf, "lru", device_bytes=10**9, host_bytes=0)  # no host tier: drop
+    manager = eng.memory
     got = []
     for r in calls(None):
         got += serve(eng, [r])
@@ -108,7 +101,7 @@ def test_dropped_prefix_is_recomputed_with_the_same_outputs(hf) -> None:
 
 
 def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, adapters) -> None:
-    probe = make_engine(hf, MemoryManager("infinite"))
+    probe = make_engine(hf, "infinite")
     serve(probe, calls(adapters, rounds=1))
     sizes = {o.kind: o.nbytes for o in probe.memory.objects.values()}
     probe.memory.close()
@@ -116,11 +109,11 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
     budget = 2 * (sizes["adapter"] + sizes["prefix_kv"]) + sizes["prefix_kv"] // 2
     texts = {}
     for policy in ("infinite", "lru", "scalesim", "none"):
-        manager = MemoryManager(policy, device_bytes=budget, host_bytes=0 if policy == "lru"
-                                else None)
+        eng = make_engine(hf, policy, device_bytes=budget,
+                          host_bytes=0 if policy == "lru" else None)
+        manager = eng.memory
         rows = []
         manager.listeners.append(rows.append)
-        eng = make_engine(hf, manager)
 
         def check() -> None:
             manager.check()

@@ -2,9 +2,16 @@
 
 import pytest
 
-from runtime.executors.modeled import FILLER, LengthChat, build_modeled_engine
+from runtime import build_engine
+from runtime.executors.modeled import FILLER, LengthChat
 from runtime.memory import FutureSequence
 from runtime.request import Request, SamplingParams
+
+
+def build_modeled_engine(**options):
+    """A modeled engine; like the experiments, no host tier unless asked (a miss re-prefills)."""
+    options.setdefault("host_bytes", 0)
+    return build_engine("modeled", **options)
 
 
 def _serve(engine, agents, rounds=1, prefix="persona " * 50, max_tokens=16):
@@ -35,7 +42,7 @@ def test_calls_complete_with_the_modeled_output_length_and_time_advances():
     assert all(c.output_tokens == 5 and c.finish_reason == "stop" for c in done)
     ex = engine.executor
     assert ex.now > 0 and ex.clock.compute == pytest.approx(ex.now - ex.clock.stall)
-    assert ex.summary()["modeled"] is True
+    assert engine.report()["modeled"]["modeled"] is True
 
 
 def test_infinite_budget_reuses_prefix_kv_and_lru_under_pressure_stalls():
@@ -46,9 +53,9 @@ def test_infinite_budget_reuses_prefix_kv_and_lru_under_pressure_stalls():
     second = _serve(inf, agents, rounds=2)[12:]
     assert all(c.cached_tokens > 0 for c in second)  # prefix KV kept: not recomputed
     per_agent = inf.executor.cost.lora_bytes(16) + 60 * inf.executor.cost.kv_bytes_per_token
-    tight = build_modeled_engine(policy="lru", memory_bytes=5 * per_agent, **opts)
+    tight = build_modeled_engine(policy="lru", device_bytes=5 * per_agent, **opts)
     _serve(tight, agents, rounds=2)
-    assert tight.executor.memory.totals["evictions"] > 0
+    assert tight.executor.memory.totals.evictions > 0
     assert tight.executor.clock.stall > inf.executor.clock.stall
     tight.executor.memory.check()
 
@@ -61,11 +68,11 @@ def test_a_recorded_future_lets_belady_prefetch_and_beat_lru():
     one = build_modeled_engine(policy="lru", **opts).executor.cost.lora_bytes(64)
     results = {}
     for policy in ("lru", "belady"):
-        engine = build_modeled_engine(policy=policy, memory_bytes=int(4.5 * one),
+        engine = build_modeled_engine(policy=policy, device_bytes=int(4.5 * one),
                                       managed=("adapter",), **opts)
         if policy == "belady":
             future = FutureSequence(order)
-            engine.executor.memory.distance = future
+            engine.memory.use_distance(future)
         for a in order:
             if policy == "belady":
                 future.on_submit(a)
@@ -75,7 +82,7 @@ def test_a_recorded_future_lets_belady_prefetch_and_beat_lru():
                     if policy == "belady":
                         future.on_finish(c.agent_id)
         results[policy] = engine.executor
-    assert results["belady"].memory.totals["bytes_prefetch"] > 0
+    assert results["belady"].memory.totals.bytes_prefetched > 0
     assert results["belady"].clock.stall < results["lru"].clock.stall
 
 
@@ -115,7 +122,8 @@ def test_memory_goes_through_the_engine_once_per_request():
     done = _serve(engine, [f"a{i}" for i in range(5)], rounds=2)
     assert len(done) == 10 and all(c.ok for c in done)
     assert sorted(acquired) == sorted(c.request_id for c in done)  # no double acquire
-    assert memory.owners == {} and all(o.pins == 0 for o in memory.objects.values())
+    assert all(memory.held_by(c.request_id) == [] for c in done)
+    assert all(o.pins == 0 for o in memory.objects.values())
     assert [c.cached_tokens > 0 for c in done] == [False] * 5 + [True] * 5
     memory.check()
 
@@ -132,9 +140,8 @@ def test_taking_decode_steps_at_once_changes_nothing_without_prefetch(policy):
         if policy == "lru":
             probe = build_modeled_engine(**opts).executor
             per_agent = probe.cost.lora_bytes(16) + 60 * probe.cost.kv_bytes_per_token
-        engine = build_modeled_engine(memory_bytes=per_agent and 5 * per_agent, **opts)
-        if not fused:
-            engine.executor.scheduler = None
+        engine = build_modeled_engine(device_bytes=per_agent and 5 * per_agent,
+                                      decode_runs=fused, **opts)
         calls = []
         inner = engine.executor.execute
         engine.executor.execute = lambda batch: calls.append(1) or inner(batch)
@@ -185,7 +192,7 @@ def test_a_host_tier_turns_prefix_misses_into_copies_instead_of_prefills():
     per_agent = build_modeled_engine(**opts).executor.cost.kv_bytes_per_token * 100
     runs = {}
     for host in (0, None):
-        engine = build_modeled_engine(memory_bytes=3 * per_agent, host_bytes=host, **opts)
+        engine = build_modeled_engine(device_bytes=3 * per_agent, host_bytes=host, **opts)
         done = _serve(engine, agents, rounds=2)
         assert all(c.ok for c in done)
         runs[host] = engine.executor
@@ -194,4 +201,25 @@ def test_a_host_tier_turns_prefix_misses_into_copies_instead_of_prefills():
     assert dropped.memory.host_used == 0 and kept.memory.host_used > 0
     # The second round re-prefills every evicted persona without a host tier, copies it with one.
     assert kept.tokens_computed < dropped.tokens_computed
-    assert kept.memory.totals["bytes_load"] > 0
+    assert kept.memory.totals.bytes_on_demand > 0
+
+
+def test_a_persona_that_changes_length_replaces_its_prefix_in_every_tier():
+    """Regression: the old prefix KV, evicted to the host tier, left its bytes and key behind."""
+    opts = dict(model="qwen2.5-7b", hardware_profile="H100", output_tokens=2, max_num_seqs=1,
+                managed=("prefix_kv",), policy="lru", host_bytes=None)
+    per_agent = build_modeled_engine(**opts).executor.cost.kv_bytes_per_token * 100
+    engine = build_modeled_engine(device_bytes=int(1.6 * per_agent), **opts)
+    memory = engine.memory
+    _serve(engine, ["ann"], prefix="persona " * 50)
+    _serve(engine, ["bob"], prefix="persona " * 50)  # pushes ann's prefix KV to the host
+    old = memory.objects["prefix_kv:ann"]
+    assert old.host is not None and memory.host_used == old.nbytes
+    done = _serve(engine, ["ann"], prefix="persona " * 70)  # 145 tokens instead of 105
+    assert done[0].ok
+    new = memory.objects["prefix_kv:ann"]
+    assert new is not old and new.nbytes != old.nbytes
+    assert old.host is None and memory.keys_of("ann") == ["prefix_kv:ann"]
+    assert memory.host_used == sum(o.nbytes for o in memory.objects.values()
+                                   if o.host is not None)
+    memory.check()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from scalesim.config import ConfigError, load_config
-from scalesim.run import run
+from scalesim import simulate as run
 
 TINY = """
 world:

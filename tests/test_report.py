@@ -14,7 +14,7 @@ CONFIG = {"world": {"class": "worlds.social_feed:SocialFeed", "params": {"users"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    scalesim.run(CONFIG, out=out, engine=FakeEngine(["post", "Nice one.", "reply"]))
+    scalesim.simulate(CONFIG, out=out, engine=FakeEngine(["post", "Nice one.", "reply"]))
     return out
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import scalesim
-from runtime import Engine
+from runtime import build_engine
 from scalesim.trace import MEMORY_SCHEMA, TRACE_SCHEMA, TraceRecorder
 from tests.conftest import EchoExecutor
 
@@ -24,7 +24,7 @@ def test_empty_frames_have_the_full_schema():
 
 
 def test_run_writes_and_load_trace_reads_back(tmp_path):
-    result = scalesim.run(config(agents=3, rounds=2), out=tmp_path, engine=Engine(EchoExecutor()))
+    result = scalesim.simulate(config(agents=3, rounds=2), out=tmp_path, engine=build_engine(EchoExecutor()))
     assert {p.name for p in tmp_path.iterdir()} >= {"trace.parquet", "memory.parquet",
                                                      "summary.json"}
     trace = result.trace
@@ -45,8 +45,8 @@ def test_run_writes_and_load_trace_reads_back(tmp_path):
 
 def test_a_failed_run_still_writes_its_trace(tmp_path):
     with pytest.raises(RuntimeError, match="crashed in round 2"):
-        scalesim.run(config(agents=2, rounds=4, crash_at=2), out=tmp_path,
-                     engine=Engine(EchoExecutor()))
+        scalesim.simulate(config(agents=2, rounds=4, crash_at=2), out=tmp_path,
+                     engine=build_engine(EchoExecutor()))
     loaded = scalesim.load_trace(tmp_path)
     assert loaded.summary["status"] == "failed"
     assert "crashed in round 2" in loaded.summary["error"]
@@ -55,7 +55,7 @@ def test_a_failed_run_still_writes_its_trace(tmp_path):
 
 def test_an_interrupted_run_still_writes_its_trace(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        scalesim.run(config("Interrupted"), out=tmp_path, engine=Engine(EchoExecutor()))
+        scalesim.simulate(config("Interrupted"), out=tmp_path, engine=build_engine(EchoExecutor()))
     loaded = scalesim.load_trace(tmp_path)
     assert loaded.summary["status"] == "interrupted"
     assert len(loaded.trace) == 1
@@ -67,6 +67,6 @@ def test_load_trace_of_a_wrong_directory_says_what_is_missing(tmp_path):
 
 
 def test_keyword_overrides_use_double_underscores(tmp_path):
-    result = scalesim.run(config(agents=1, rounds=5), out=tmp_path, engine=Engine(EchoExecutor()),
+    result = scalesim.simulate(config(agents=1, rounds=5), out=tmp_path, engine=build_engine(EchoExecutor()),
                           sim__until=2.5)
     assert len(result.trace) == 2 and result.summary["sim_time"] == 2.5

@@ -1,9 +1,9 @@
 """TurnOrder: members speak in order, rounds end and pause, removal and closing wake the right ones."""
 
 import pytest
-import simpy
+from fake_engine import FakeEngine
 
-from scalesim import turns
+from scalesim import SimEnvironment, turns
 from scalesim.turns import TurnOrder
 
 
@@ -19,7 +19,7 @@ def speaker_process(env, order, name, log, rounds, talk=1.0):
 
 
 def test_members_speak_in_order_round_after_round():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b", "c"])
     log = []
     # Started in reverse: the order, not process start order, decides who speaks.
@@ -31,7 +31,7 @@ def test_members_speak_in_order_round_after_round():
 
 
 def test_upcoming_and_positions_follow_the_floor():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b", "c"])
     assert order.upcoming() == ["a", "b", "c"]
     order.done("a")
@@ -41,14 +41,14 @@ def test_upcoming_and_positions_follow_the_floor():
 
 
 def test_done_by_someone_else_is_an_error():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b"])
     with pytest.raises(RuntimeError, match="speaker is a"):
         order.done("b")
 
 
 def test_pause_between_rounds_waits_for_next_round():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b"], pause_between_rounds=True)
     log, ends = [], []
 
@@ -68,7 +68,7 @@ def test_pause_between_rounds_waits_for_next_round():
 
 
 def test_remove_current_speaker_passes_the_floor_and_wakes_the_removed():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b", "c"])
     b_turn = order.my_turn("b")
     c_turn = order.my_turn("c")
@@ -82,7 +82,7 @@ def test_remove_current_speaker_passes_the_floor_and_wakes_the_removed():
 
 
 def test_remove_before_the_speaker_keeps_the_speaker():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b", "c"])
     order.done("a")
     order.remove("a")
@@ -90,7 +90,7 @@ def test_remove_before_the_speaker_keeps_the_speaker():
 
 
 def test_close_wakes_everyone_with_false_and_unregisters():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b"])
     waiting = order.my_turn("b")
     assert turns.orders_of(env) == [order]
@@ -103,7 +103,7 @@ def test_close_wakes_everyone_with_false_and_unregisters():
 
 
 def test_position_of_takes_the_nearest_order():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     TurnOrder(env, ["a", "b", "c"], name="table")
     TurnOrder(env, ["x", "c"], name="chat")
     assert turns.position_of(env, "c") == 1
@@ -112,7 +112,7 @@ def test_position_of_takes_the_nearest_order():
 
 
 def test_bad_members_are_rejected():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     with pytest.raises(ValueError, match="twice"):
         TurnOrder(env, ["a", "a"])
     with pytest.raises(ValueError, match="at least one"):
@@ -120,7 +120,7 @@ def test_bad_members_are_rejected():
 
 
 def test_done_after_close_is_a_no_op():
-    env = simpy.Environment()
+    env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b"])
     order.close()
     order.done("a")

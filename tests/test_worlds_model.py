@@ -19,7 +19,7 @@ TINY = {
 
 @pytest.mark.parametrize("world", sorted(TINY))
 def test_world_runs_on_the_real_model(world, tmp_path, smol_engine):
-    result = scalesim.run(f"worlds/{world}.yaml", out=tmp_path, engine=smol_engine,
+    result = scalesim.simulate(f"worlds/{world}.yaml", out=tmp_path, engine=smol_engine,
                           **TINY[world])
     assert result.summary["status"] == "completed"
     assert result.summary["calls"] > 0 and result.summary["failed_calls"] == 0

@@ -39,9 +39,9 @@ def test_town_hints_whom_a_newcomer_will_invite_and_is_never_wrong():
     from scalesim.distance import DistanceOracle
 
     engine = FakeEngine(lambda r: "I wave hello.")
-    env = SimEnvironment(engine)
+    env = SimEnvironment(engine, observer=DistanceOracle)
     engine.env = env
-    env.oracle = oracle = DistanceOracle(env)
+    oracle = env.observer
     hints: list[tuple[str, float]] = []
     calls: set[tuple[str, float]] = set()
     original = oracle.hint

@@ -19,7 +19,8 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from runtime.model.chat import ChatFormat
 from runtime.model.loader import load_hf_model
 from runtime.request import RequestError
-from runtime.sequence import Sequence
+from runtime.memory import AgentMemory
+from runtime.sequence import Batch, Sequence
 
 
 class _FirstTokenClock(StoppingCriteria):
@@ -49,7 +50,19 @@ class HFExecutor:
         self._peft: Any = None
         self._adapter_names: dict[str, str] = {}
 
-    def execute(self, batch: list[Sequence]) -> None:
+    def validate(self, seq: Sequence) -> None:
+        """Nothing to check ahead: a bad adapter fails its request when it runs."""
+
+    def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
+        return []  # peft keeps every adapter it loaded; there is nothing to manage
+
+    def decode_horizon(self, seq: Sequence) -> int:
+        return 1
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def execute(self, batch: Batch) -> None:
         for seq in batch:
             try:
                 self._generate(seq)

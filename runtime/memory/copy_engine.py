@@ -12,6 +12,10 @@ is a memcpy; an optional *emulated link* (bandwidth in GB/s and a per-transfer l
 makes each job take as long as it would over a PCIe-like link, so prefetch overlap is measurable
 without a GPU. The link is paced against a running deadline rather than one sleep per chunk, so
 short chunks do not accumulate sleep overhead.
+
+:class:`CopyLink` is what the memory manager needs of a copy engine, clock included: the
+modeled executor's virtual link (:mod:`runtime.executors.modeled.link`) implements the same
+protocol in modeled time, so the manager runs unchanged over either.
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from runtime.memory.objects import AgentMemory, Tensors
+
+
+class Signal(Protocol):
+    """Set once a transfer finished or aborted (a ``threading.Event``, or a virtual one)."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class Transfer:
@@ -36,7 +50,7 @@ class Transfer:
         self.fetch = fetch
         self.urgent = urgent
         self.distance = distance
-        self.done = threading.Event()
+        self.done: Signal = threading.Event()
         self.result: Tensors | None = None
         self.error: BaseException | None = None
         self.aborted = False
@@ -44,6 +58,8 @@ class Transfer:
         self.started = False
         self.seconds = 0.0
         self.order = 0
+        #: when the copy began (the modeled link's timeline)
+        self.started_at = 0.0
 
     def __repr__(self) -> str:
         state = "done" if self.done.is_set() else "running" if self.started else "queued"
@@ -58,6 +74,27 @@ class Transfer:
 CPU_CHUNK_BYTES = 1 << 18
 #: Chunk size on CUDA, where a chunk is one asynchronous copy on the stream.
 CUDA_CHUNK_BYTES = 1 << 20
+
+
+class CopyLink(Protocol):
+    """What the memory manager asks of a copy engine: jobs in priority order, and a clock."""
+
+    busy_s: float
+
+    def now(self) -> float:
+        """The clock stalls are measured on (seconds)."""
+
+    def submit(self, transfer: Transfer) -> Transfer:
+        """Queue ``transfer``; an urgent one goes before every prefetch."""
+
+    def promote(self, transfer: Transfer) -> None:
+        """Make a queued or running prefetch urgent (a request now waits for it)."""
+
+    def cancel(self, transfer: Transfer) -> None:
+        """Abort a prefetch; ``transfer.done`` is set once it has stopped."""
+
+    def close(self) -> None:
+        """Stop the worker; queued transfers abort."""
 
 
 class CopyEngine:
@@ -84,6 +121,9 @@ class CopyEngine:
         self._thread.start()
 
     # -- what the manager calls ---------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.perf_counter()
 
     def submit(self, transfer: Transfer) -> Transfer:
         with self._cond:

@@ -9,7 +9,8 @@ invocation sequence of an earlier run of the same seed, which is what the offlin
 Distances are only compared, never added to wall time: any monotone scale works (sim time until
 the call, or the number of calls until it).
 
-A source may also offer ``order_key(agent_id)`` and ``watch(callback)``: a key that orders agents
+A source may also be an :class:`OrderedDistanceSource`, offering ``order_key(agent_id)`` and
+``watch(callback)``: a key that orders agents
 as their distances do but does not drift as time passes (the estimated *time* of the next call
 rather than the time *until* it), and a callback for every agent whose key changed. The memory
 manager then keeps its eviction index current at O(log n) per change instead of re-sorting all
@@ -34,6 +35,17 @@ class DistanceSource(Protocol):
 
     def nearest(self, k: int) -> list[str]:
         """The ``k`` agents expected to call soonest, nearest first (pending calls included)."""
+
+
+@runtime_checkable
+class OrderedDistanceSource(DistanceSource, Protocol):
+    """A source whose order can be watched: the memory manager then keeps its index current."""
+
+    def order_key(self, agent_id: str) -> float:
+        """A time-invariant key that orders agents as :meth:`distance` does."""
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(agent_id)`` whenever that agent's :meth:`order_key` may change."""
 
 
 class FutureSequence:

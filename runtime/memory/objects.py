@@ -20,11 +20,10 @@ function that returns the tensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -120,7 +119,7 @@ def _safetensors_nbytes(path: Path) -> int:
                for start, end in [meta["data_offsets"]])
 
 
-class LoRAAdapter(AgentMemory):
+class AdapterFile(AgentMemory):
     """A PEFT-format LoRA adapter directory (``adapter_model.safetensors``); origin: its file."""
 
     kind = "adapter"
@@ -137,31 +136,6 @@ class LoRAAdapter(AgentMemory):
         from safetensors.torch import load_file
 
         return load_file(str(self.file))
-
-
-class PrefixKV(AgentMemory):
-    """The KV cache of a token prefix (an agent's persona), recomputed by re-prefilling it.
-
-    ``prefill(token_ids)`` is the engine's function that returns the prefix's KV tensors; it uses
-    the model, so it only runs on the engine's thread (``threadsafe = False``). The key includes a
-    hash of the tokens (and the adapter, whose weights change the KV), so agents sharing a persona
-    share one object.
-    """
-
-    kind = "prefix_kv"
-    origin = "recompute"
-    threadsafe = False
-
-    def __init__(self, token_ids: Iterable[int], bytes_per_token: int,
-                 prefill: Callable[[list[int]], Tensors], adapter: str | None = None) -> None:
-        self.token_ids = list(token_ids)
-        digest = hashlib.sha1(repr((self.token_ids, adapter)).encode()).hexdigest()[:16]
-        super().__init__(f"prefix_kv:{digest}", bytes_per_token * len(self.token_ids))
-        self.adapter = adapter
-        self._prefill = prefill
-
-    def materialize(self) -> Tensors:
-        return self._prefill(self.token_ids)
 
 
 class ModelWeights(AgentMemory):

@@ -53,15 +53,15 @@ class TorchPagedAttention:
         decode = [i for i, n in enumerate(layout.q_lens) if n == 1]
         self.decode_tokens: torch.Tensor | None = None
         if decode:
-            ctx = [layout.starts[i] + 1 for i in decode]
-            width = max(-(-c // bs) for c in ctx)
-            table = [layout.block_tables[i][: -(-c // bs)] for i, c in zip(decode, ctx)]
+            decode_ctx = [layout.starts[i] + 1 for i in decode]
+            width = max(-(-c // bs) for c in decode_ctx)
+            table = [layout.block_tables[i][: -(-c // bs)] for i, c in zip(decode, decode_ctx)]
             table = [t + [0] * (width - len(t)) for t in table]
             self.decode_tokens = torch.tensor([offsets[i] for i in decode], device=device)
             # Flat block ids, row-major: one index_select per layer gathers every decode's blocks.
             self.decode_blocks = torch.tensor(table, device=device).view(-1)
             self.decode_width = width * bs
-            lens = torch.tensor(ctx, device=device)
+            lens = torch.tensor(decode_ctx, device=device)
             # True where a key position lies within the sequence (SDPA's boolean mask convention).
             self.decode_mask = (torch.arange(width * bs, device=device)[None, :]
                                 < lens[:, None])[:, None, None, :]
@@ -146,10 +146,12 @@ class FlashInferAttention:
             kv_indices.extend(table[:used])
             kv_indptr.append(kv_indptr[-1] + used)
             last_len.append(ctx - (used - 1) * bs)
-        as_int = dict(dtype=torch.int32, device=device)
+
+        def as_int(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
         self._wrapper.plan(
-            torch.tensor(qo_indptr, **as_int), torch.tensor(kv_indptr, **as_int),
-            torch.tensor(kv_indices, **as_int), torch.tensor(last_len, **as_int),
+            as_int(qo_indptr), as_int(kv_indptr), as_int(kv_indices), as_int(last_len),
             self.num_heads, self.num_kv_heads, self.head_dim, bs,
             causal=True, q_data_type=self.cache.k.dtype, kv_data_type=self.cache.k.dtype,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,15 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+class Linear(Protocol):
+    """A GEMM with ``F.linear``'s positional signature: ``x @ weight.T (+ bias)``.
+
+    A protocol rather than a ``Callable`` alias because ``bias`` is optional: the projections
+    without a bias call it with two arguments.
+    """
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None, /) -> torch.Tensor: ...
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -75,7 +75,9 @@ def convert_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float tensors now; forget the GGUF origin so they can be saved.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    # PreTrainedModel sets hf_quantizer at load time without declaring it, so mypy sees only
+    # nn.Module.__setattr__ (tensors and modules).
+    model.hf_quantizer = None  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
@@ -110,5 +112,7 @@ def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu") -> tup
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=getattr(torch, dtype), local_files_only=True
     )
-    model.to(device).eval()
+    # PreTrainedModel.to is wrapped in functools.wraps(nn.Module.to), whose stub loses the
+    # binding of self.
+    model.to(device).eval()  # type: ignore[arg-type]
     return model, tokenizer

@@ -1,4 +1,4 @@
-"""The torch executor's own objects as agent memory: LoRA adapters and prefix KV in its pools.
+"""The torch executor's agent memory: LoRA adapters and prefix KV that live in its pools.
 
 The executor keeps every adapter's weights on the host (:class:`runtime.lora.LoraAdapter`) and
 applies resident ones from slots of its :class:`runtime.lora.LoraPool`. :class:`PooledAdapter`
@@ -7,22 +7,20 @@ host weights through the copy engine (so the emulated link and prefetch overlap 
 installs them into a slot; an eviction frees the slot (the host copy stays, so a reload is exact).
 
 :class:`PooledPrefix` does the same for an agent's prefix KV, which lives in blocks of the paged
-KV pool (:class:`runtime.prefix_cache.PrefixKV`). Its bytes are those blocks, counted against the
+KV pool (:class:`runtime.prefix_cache.PrefixEntry`). Its bytes are those blocks, counted against the
 same device budget as the adapters. An eviction reads the blocks out (the manager keeps them on
 the host or disk when its tiers allow) and frees them; a reload writes them into fresh blocks,
 bit-identically. With no copy left the object is rebuilt by *recompute*: it becomes resident
 empty ("pending"), the request that needed it prefills the prefix as part of its own prompt, and
-the executor fills the entry with the blocks it just computed (:meth:`PrefixCache.register`).
+the executor fills the entry with the blocks it just computed (:meth:`PrefixCache.fill`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from runtime.kv_cache import OutOfBlocks
-from runtime.lora import LoraAdapter
+from runtime.lora import LoraAdapter, LoraPool
 from runtime.memory.objects import AgentMemory, Tensors
-from runtime.prefix_cache import PrefixCache, PrefixKV
+from runtime.prefix_cache import PrefixCache, PrefixEntry
 
 
 class PooledAdapter(AgentMemory):
@@ -31,7 +29,7 @@ class PooledAdapter(AgentMemory):
     kind = "adapter"
     origin = "disk"
 
-    def __init__(self, pool: Any, adapter: LoraAdapter) -> None:
+    def __init__(self, pool: LoraPool, adapter: LoraAdapter) -> None:
         super().__init__(f"adapter:{adapter.key}", adapter.nbytes)
         self.pool = pool
         self.adapter = adapter
@@ -72,7 +70,7 @@ class PooledPrefix(AgentMemory):
     origin = "recompute"
     threadsafe = False  # recomputing needs the model: only on the engine's thread
 
-    def __init__(self, prefixes: PrefixCache, entry: PrefixKV) -> None:
+    def __init__(self, prefixes: PrefixCache, entry: PrefixEntry) -> None:
         cache = prefixes.cache
         super().__init__(f"prefix_kv:{entry.key}", cache.blocks_for(entry.num_tokens)
                          * cache.block_nbytes)

@@ -1,0 +1,49 @@
+"""The executor protocol: what the engine, the scheduler and the admission ask of a backend.
+
+An executor advances a :class:`~runtime.sequence.Batch` of sequences. It owns the model (or the
+cost model standing in for one) and says, per request, what memory objects it needs; the engine
+owns submission, admission and finishing, the scheduler owns which sequences run. Three
+implement it: ``torch`` (the real paged engine), ``hf`` (transformers ``generate``, the
+baseline) and ``modeled`` (a cost model, no tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from runtime.memory import AgentMemory
+from runtime.sequence import Batch, Sequence
+
+
+class ChatCodec(Protocol):
+    """Turns a request's prefix and prompt into token ids, and output ids into text."""
+
+    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, prompt_ids)``; the prefix ids are a token-prefix of the whole input."""
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of generated ``token_ids``."""
+
+
+class Executor(Protocol):
+    """A backend of the :class:`~runtime.engine.Engine` (see the module docstring)."""
+
+    chat: ChatCodec
+    eos_token_ids: set[int]
+    max_context: int
+    max_num_seqs: int
+
+    def validate(self, seq: Sequence) -> None:
+        """Raise :class:`~runtime.request.RequestError` if ``seq`` can never run here."""
+
+    def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
+        """The agent memory objects ``seq`` needs resident while it runs (asked once)."""
+
+    def decode_horizon(self, seq: Sequence) -> int:
+        """How many more tokens ``seq`` surely decodes before the engine must look (>= 1)."""
+
+    def execute(self, batch: Batch) -> None:
+        """Compute each sequence's ``chunk``; append sampled tokens (or fail sequences)."""
+
+    def report(self) -> dict[str, Any]:
+        """Sections for the run's ``summary.json`` (``{}`` when there is nothing to say)."""

@@ -1,0 +1,75 @@
+"""The eviction index: resident, unpinned memory objects in the order a policy evicts them.
+
+Two :class:`~runtime.memory.lazy_heap.LazyHeap` share one version table: the main heap holds
+every resident unpinned object, the *copy* heap the same entries for the objects a copy can
+bring back (a host or disk copy, or their own file). A prefetch may only evict the latter, and
+scanning past every dropped prefix KV in the main heap made each prefetch O(n). Entries are
+``(rank, serial, version, key)``: the policy's rank, then registration order as tie-breaker.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from runtime.memory.lazy_heap import Entry, LazyHeap, Versions
+from runtime.memory.objects import AgentMemory
+
+
+class EvictionIndex:
+    """Resident unpinned objects by ``rank(obj)``; ``copyable(obj)`` selects the copy heap."""
+
+    def __init__(self, rank: Callable[[AgentMemory], Any],
+                 copyable: Callable[[AgentMemory], bool]) -> None:
+        self._rank, self._copyable = rank, copyable
+        self._versions: Versions[str] = Versions()
+        self.main: LazyHeap[str] = LazyHeap(self._versions)
+        self.copies: LazyHeap[str] = LazyHeap(self._versions)
+        self._serial: dict[str, int] = {}
+
+    def learn(self, obj: AgentMemory) -> None:
+        """Give a newly registered object its tie-breaking serial."""
+        self._serial.setdefault(obj.key, len(self._serial))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._versions
+
+    def add(self, obj: AgentMemory) -> None:
+        """(Re-)enter ``obj`` under its current rank."""
+        entry = (self._rank(obj), self._serial[obj.key], self._versions.stamp(obj.key), obj.key)
+        self.main.push(entry)
+        if self._copyable(obj):
+            self.copies.push(entry)
+
+    def remove(self, key: str) -> None:
+        """``key`` was pinned or left the device: it is no eviction candidate now."""
+        self._versions.drop(key)
+
+    def is_live(self, entry: Entry) -> bool:
+        return self._versions.is_live(entry)
+
+    def rebuild(self, unpinned: Iterable[AgentMemory]) -> None:
+        """Rank every one of ``unpinned`` afresh (a distance source that cannot be watched)."""
+        self._versions.clear()
+        main: list[Entry] = []
+        copies: list[Entry] = []
+        for obj in unpinned:
+            entry = (self._rank(obj), self._serial[obj.key], self._versions.stamp(obj.key),
+                     obj.key)
+            main.append(entry)
+            if self._copyable(obj):
+                copies.append(entry)
+        self.main.reset(main)
+        self.copies.reset(copies)
+
+    def check(self, resident: dict[str, AgentMemory]) -> None:
+        """Assert that the index holds exactly the resident unpinned objects at their rank."""
+        live = {e[3]: e for e in self.main.live()}
+        assert set(live) == set(self._versions), "index versions without a live entry"
+        unpinned = {k for k, o in resident.items() if o.pins == 0}
+        assert set(live) == unpinned, (sorted(live), sorted(unpinned))
+        for key, entry in live.items():
+            assert entry[0] == self._rank(resident[key]), (key, entry[0])
+        copy_live = {e[3] for e in self.copies.live()}
+        assert copy_live <= set(live), "copy index holds an object the main index does not"
+        assert {k for k in live if self._copyable(resident[k])} <= copy_live, \
+            "a copyable resident object is missing from the copy index"

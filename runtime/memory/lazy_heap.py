@@ -1,0 +1,112 @@
+"""A min-heap whose entries can be re-ranked or withdrawn in O(log n): lazy invalidation.
+
+Python's :mod:`heapq` cannot change the rank of an entry in place. :class:`LazyHeap` pushes a new
+entry instead and remembers, per key, the *version* of its one live entry; older entries stay in
+the heap and are skipped when they surface. Every entry is a tuple whose last two items are
+``(version, key)``; what comes before them is the rank (and any tie-breaker), so entries compare
+by rank first. The heap is compacted when dead entries outnumber live ones, which keeps its size
+within a constant factor of the live keys.
+
+Several heaps may share one :class:`Versions` table (the memory manager's eviction index keeps a
+second heap over a subset of the same keys): an entry is live in any of them while its version
+is the key's current one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any, Generic, Hashable, Iterator, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+Entry = tuple[Any, ...]
+
+
+class Versions(Generic[K]):
+    """The current version of every live key; a key without one is not in any heap."""
+
+    def __init__(self) -> None:
+        self._current: dict[K, int] = {}
+        self._counter = itertools.count()
+
+    def stamp(self, key: K) -> int:
+        """A new version for ``key``: every older entry of it is dead from now on."""
+        version = next(self._counter)
+        self._current[key] = version
+        return version
+
+    def drop(self, key: K) -> None:
+        self._current.pop(key, None)
+
+    def clear(self) -> None:
+        self._current.clear()
+
+    def get(self, key: K) -> int | None:
+        return self._current.get(key)
+
+    def is_live(self, entry: Entry) -> bool:
+        return self._current.get(entry[-1]) == entry[-2]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._current
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._current)
+
+
+class LazyHeap(Generic[K]):
+    """Entries ``(*rank, version, key)`` in rank order; dead ones are skipped (module doc)."""
+
+    def __init__(self, versions: Versions[K] | None = None) -> None:
+        self.versions: Versions[K] = versions if versions is not None else Versions()
+        self._heap: list[Entry] = []
+
+    def __len__(self) -> int:
+        """Entries held, dead ones included."""
+        return len(self._heap)
+
+    def push(self, entry: Entry) -> None:
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * len(self.versions) + 1024:
+            self.compact()
+
+    def pop(self) -> Entry | None:
+        """Remove and return the smallest live entry (``None`` when there is none)."""
+        heap, versions = self._heap, self.versions
+        while heap:
+            entry = heapq.heappop(heap)
+            if versions.is_live(entry):
+                return entry
+        return None
+
+    def restore(self, entries: list[Entry]) -> None:
+        """Put back entries taken with :meth:`pop` that were not used."""
+        for entry in entries:
+            heapq.heappush(self._heap, entry)
+
+    def smallest(self, k: int) -> list[Entry]:
+        """The ``k`` smallest live entries in order, left in the heap: O(k log n)."""
+        taken: list[Entry] = []
+        while len(taken) < k:
+            entry = self.pop()
+            if entry is None:
+                break
+            taken.append(entry)
+        self.restore(taken)
+        return taken
+
+    def live(self) -> list[Entry]:
+        """Every live entry, in no particular order."""
+        return [e for e in self._heap if self.versions.is_live(e)]
+
+    def compact(self) -> None:
+        self._heap = self.live()
+        heapq.heapify(self._heap)
+
+    def reset(self, entries: list[Entry]) -> None:
+        """Replace the contents by ``entries`` (which must be live)."""
+        self._heap = list(entries)
+        heapq.heapify(self._heap)
