@@ -168,8 +168,13 @@ class LoraPool:
             self.load(adapter)
         return adapter, was_resident
 
-    def load(self, adapter: LoraAdapter) -> None:
-        """Copy ``adapter`` into a free slot (the pool grows when none is free)."""
+    def load(self, adapter: LoraAdapter, owner: LoraAdapter | None = None) -> None:
+        """Copy ``adapter`` into a free slot (the pool grows when none is free).
+
+        ``owner`` is the adapter the slot is recorded for when ``adapter`` is a staged copy of
+        its weights (a load through the memory manager's copy engine); by default ``adapter``.
+        """
+        owner = owner if owner is not None else adapter
         if adapter.resident:
             return
         try:
@@ -183,8 +188,8 @@ class LoraPool:
         for key, (a, b) in adapter.weights.items():
             self.a[key][slot, :, : adapter.rank] = a.to(self.device, self.dtype)
             self.b[key][slot, : adapter.rank] = b.to(self.device, self.dtype)
-        self._owners[slot] = adapter
-        adapter.slot = slot
+        self._owners[slot] = owner
+        adapter.slot = owner.slot = slot
 
     def offload(self, adapter: LoraAdapter) -> None:
         """Free ``adapter``'s slot; its host weights stay, so :meth:`load` restores it exactly."""

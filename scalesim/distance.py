@@ -28,7 +28,7 @@ order of those calls is compared with the prediction by Kendall's tau when the s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from runtime.memory.lazy_heap import LazyHeap
 
@@ -279,7 +279,7 @@ class DistanceOracle:
         }
 
 
-def kendall_tau_b(pairs: list[tuple[float, float]]) -> float | None:
+def kendall_tau_b(pairs: Sequence[tuple[float, float]]) -> float | None:
     """Kendall's tau-b of ``(x, y)`` pairs (ties allowed); ``None`` when undefined. O(n^2)."""
     concordant = discordant = ties_x = ties_y = 0
     for i in range(len(pairs)):

@@ -96,7 +96,7 @@ class Simulation:
 
         self.env = SimEnvironment(self.engine, observer=observe)
         assert self.oracle is not None
-        self.recorder = TraceRecorder() if record else None
+        self.recorder: TraceRecorder | None = TraceRecorder() if record else None
         #: the agent of every call, in submission order (what ``belady`` replays)
         self.calls: list[str] = []
         self.failed: list[str] = []
@@ -117,8 +117,8 @@ class Simulation:
                 manager.listeners.append(
                     lambda row: recorder.record_memory(sim_time=float(env.now), **row))
         self.world: World | None = None
-        self.setup_seconds = 0.0
-        self.run_seconds = 0.0
+        self.setup_seconds: float = 0.0
+        self.run_seconds: float = 0.0
 
     def _completed(self, call: LLMCall, done: Any) -> None:
         if not done.ok:

@@ -128,6 +128,7 @@ class TurnOrder:
         if self.speaker != name:
             raise RuntimeError(f"turn order {self.name!r}: {name} called done() but the speaker "
                                f"is {self.speaker}")
+        assert self.index is not None  # a member holds the floor
         self._advance(self.index + 1)
 
     def round_over(self) -> simpy.Event:

@@ -28,10 +28,19 @@ class ChatCodec(Protocol):
 class Executor(Protocol):
     """A backend of the :class:`~runtime.engine.Engine` (see the module docstring)."""
 
-    chat: ChatCodec
-    eos_token_ids: set[int]
-    max_context: int
-    max_num_seqs: int
+    @property
+    def chat(self) -> ChatCodec: ...
+
+    @property
+    def eos_token_ids(self) -> set[int]: ...
+
+    @property
+    def max_context(self) -> int:
+        """Prompt plus output tokens one request may have at most."""
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences that may run at once."""
 
     def validate(self, seq: Sequence) -> None:
         """Raise :class:`~runtime.request.RequestError` if ``seq`` can never run here."""

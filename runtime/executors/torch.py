@@ -23,6 +23,7 @@ import torch
 from runtime.kv_cache import KVCache, OutOfBlocks
 from runtime.lora import LoraBatch, LoraPool, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
+from runtime.executors.base import ChatCodec
 from runtime.executors.torch_memory import PooledAdapter, PooledPrefix
 from runtime.model.attention import BatchLayout, select_attention
 from runtime.model.chat import ChatFormat
@@ -32,6 +33,16 @@ from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixCache, PrefixEntry
 from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
+
+
+class NoTokenizer:
+    """The chat of a random-weights model built without a tokenizer: it can take no text."""
+
+    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+        raise RequestError("this engine has random weights and no tokenizer: it serves no text")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return ""
 
 
 class TorchExecutor:
@@ -55,7 +66,7 @@ class TorchExecutor:
             self.config = from_hf_config(hf_model.config)
             self.model = LlamaModel.from_hf(hf_model, self.config)
         self.tokenizer = tokenizer
-        self.chat = ChatFormat(tokenizer) if tokenizer is not None else None  # type: ignore[assignment]
+        self.chat: ChatCodec = ChatFormat(tokenizer) if tokenizer is not None else NoTokenizer()
         self.eos_token_ids = set(self.config.eos_token_ids)
         self.max_context = self.config.max_position_embeddings
         self.max_num_seqs = max_num_seqs

@@ -50,9 +50,7 @@ class PooledAdapter(AgentMemory):
                                           tensors[f"{layer}.{module}.B"])
                    for layer, module, _ in (k.split(".") for k in tensors if k.endswith(".A"))}
         staged = LoraAdapter(self.adapter.key, self.adapter.rank, weights)
-        self.pool.load(staged)  # copies the transferred tensors into a free slot
-        self.pool._owners[staged.slot] = self.adapter
-        self.adapter.slot = staged.slot
+        self.pool.load(staged, owner=self.adapter)  # copies the tensors into a free slot
         return {}  # the slot holds the weights now; the staging copy is freed
 
     def off_device(self) -> None:
