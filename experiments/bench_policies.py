@@ -39,7 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.step_timer import time_steps  # noqa: E402
 from runtime import build_engine  # noqa: E402
 from runtime.lora import module_shapes  # noqa: E402
-from scalesim.run import run  # noqa: E402
+from runtime.model.loader import load_hf_model  # noqa: E402
+from scalesim import simulate as run  # noqa: E402
+from scalesim.config import load_config  # noqa: E402
+from scalesim.simulation import build_engine_for  # noqa: E402
 from worlds.social_feed import SocialFeed  # noqa: E402
 from worlds.town import Town  # noqa: E402
 
@@ -129,8 +132,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = build_engine("torch", max_num_seqs=64, kv_cache_tokens=32768)
-    ex = engine.executor
+    # One model load; each policy gets an engine of its own around the same weights.
+    hf_model, tokenizer = load_hf_model("smollm2-135m")
+    ex = build_engine("torch", hf_model=hf_model, tokenizer=tokenizer).executor
     work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
     AGENT_MEMORY["adapters"] = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
                                 for i in range(args.agents)]
@@ -149,8 +153,6 @@ def main() -> None:
           f"budget {device_bytes / 2**20:.0f} MiB ({args.budget:.0%}), link {args.link_gbps} GB/s, "
           f"host tier for prefixes {args.host_bytes} B", flush=True)
 
-    compute = time_steps(ex)  # the executor's forward passes: seconds, steps, batch sizes
-
     results = {}
     for policy in args.policies.split(","):
         memory = {"policy": policy, "device_bytes": device_bytes, "link_gbps": args.link_gbps,
@@ -159,9 +161,12 @@ def main() -> None:
             memory["belady_trace"] = str(work / "run-lru")
         config = {"world": {"class": f"__main__:{world_class}",
                             "params": {size_param: args.agents, "max_tokens": args.max_tokens}},
-                  "runtime": {"executor": "torch", "memory": memory},
+                  "runtime": {"executor": "torch", "memory": memory, "max_num_seqs": 64,
+                              "kv_cache_tokens": 32768},
                   "sim": {"until": until, "seed": 0}}
-        compute.reset()
+        engine = build_engine_for(load_config(config), hf_model=hf_model, tokenizer=tokenizer)
+        ex = engine.executor
+        compute = time_steps(ex)  # the executor's forward passes: seconds, steps, batch sizes
         start = time.perf_counter()
         result = run(config, out=work / f"run-{policy}", engine=engine)
         makespan = time.perf_counter() - start

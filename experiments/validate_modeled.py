@@ -32,7 +32,8 @@ from experiments.results_dir import results_dir
 from experiments.step_timer import time_steps
 from runtime.executors.modeled import ReplayChat
 from scalesim.config import ConfigError, load_config, parse_override
-from scalesim.run import run
+from scalesim import simulate as run
+from scalesim.simulation import build_engine_for, memory_options
 
 WORLDS = ("worlds/town.yaml", "worlds/social_feed.yaml", "worlds/round_table.yaml")
 
@@ -45,7 +46,7 @@ def totals(trace: Any) -> dict[str, int]:
 def validate(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run ``world`` on the torch engine, replay it on the modeled one; return both totals."""
     config = load_config(world, {"runtime.executor": "torch", **overrides})
-    real = build_engine("torch", model=config.runtime.model, **config.runtime.engine_options())
+    real = build_engine_for(config)
     compute = time_steps(real.executor)
     start = time.perf_counter()
     recorded = run(config, out=work / f"{Path(world).stem}-real", engine=real)
@@ -53,7 +54,7 @@ def validate(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any
 
     ex = real.executor
     modeled = build_engine("modeled", model=config.runtime.model, hardware_profile="cpu",
-                           lora_rank=0, managed=("prefix_kv",),
+                           lora_rank=0, managed=("prefix_kv",), **memory_options(config),
                            chat=ReplayChat(ex.chat, recorded.trace),
                            max_num_seqs=ex.max_num_seqs, max_batch_tokens=ex.max_batch_tokens)
     replayed = run(config, out=work / f"{Path(world).stem}-modeled", engine=modeled)

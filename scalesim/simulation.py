@@ -30,12 +30,22 @@ from scalesim.trace import RunResult, TraceRecorder
 from scalesim.world import World
 
 
-def build_engine_for(config: RunConfig, policy: Policy | None = None) -> EngineProtocol:
-    """The engine the ``runtime`` section asks for (``policy`` replaces the named one)."""
+def memory_options(config: RunConfig, policy: Policy | None = None) -> dict[str, Any]:
+    """The memory keywords of :func:`runtime.build_engine` from ``runtime.memory``."""
+    mem = config.runtime.memory
+    return {"policy": policy or mem.policy, "device_bytes": mem.device_bytes,
+            "host_bytes": mem.host_bytes, "disk_dir": mem.disk_dir, "link_gbps": mem.link_gbps,
+            "link_latency_us": mem.link_latency_us, "lookahead": mem.lookahead}
+
+
+def build_engine_for(config: RunConfig, policy: Policy | None = None,
+                     **options: Any) -> EngineProtocol:
+    """The engine the ``runtime`` section asks for (``policy`` replaces the named one;
+    ``options`` add executor keywords, e.g. an already loaded ``hf_model`` and ``tokenizer``)."""
     from runtime import build_engine
     from runtime.model.loader import ModelNotFoundError
 
-    rt, mem = config.runtime, config.runtime.memory
+    rt = config.runtime
     where = f" in {config.source}" if config.source else ""
     if rt.executor == "modeled":
         from runtime.model.profiles import PROFILES
@@ -45,10 +55,7 @@ def build_engine_for(config: RunConfig, policy: Policy | None = None) -> EngineP
                               f"model profile, one of {', '.join(PROFILES)}; got {rt.model!r}")
     try:
         return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype,
-                            policy=policy or mem.policy, device_bytes=mem.device_bytes,
-                            host_bytes=mem.host_bytes, disk_dir=mem.disk_dir,
-                            link_gbps=mem.link_gbps, link_latency_us=mem.link_latency_us,
-                            lookahead=mem.lookahead, **rt.engine_options())
+                            **memory_options(config, policy), **rt.engine_options(), **options)
     except ModelNotFoundError as exc:
         raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
 
