@@ -6,7 +6,7 @@ import pytest
 
 from typing import Any
 
-from runtime import Engine, build_engine
+from runtime import Engine, RequestError, build_engine
 from runtime.sequence import Batch, Sequence
 
 EOS = 0
@@ -35,9 +35,13 @@ class EchoExecutor:
         self.max_context = max_context
         self.chat = CharChat()
         self.batches: list[list[int]] = []
+        self.validated: list[int] = []
 
     def validate(self, seq: Sequence) -> None:
-        pass
+        """Rejects prompts that ask for it; records every request it saw."""
+        self.validated.append(seq.request_id)
+        if seq.request.prompt.startswith("REJECT"):
+            raise RequestError(f"request {seq.request_id}: the echo executor rejects it")
 
     def memory_objects(self, seq: Sequence) -> list[Any]:
         return []

@@ -34,6 +34,7 @@ class FakeEngine:
         self.requests: list[Request] = []
         self.times: list[float] = []
         self.env: SimEnvironment | None = None
+        self.closed = False
 
     def submit(self, request: Request) -> int:
         request.request_id = next(self._ids)
@@ -50,7 +51,7 @@ class FakeEngine:
         return {}
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def step(self) -> list[Completion]:
         done, self._queue = self._queue, []

@@ -70,3 +70,12 @@ def test_keyword_overrides_use_double_underscores(tmp_path):
     result = scalesim.simulate(config(agents=1, rounds=5), out=tmp_path, engine=build_engine(EchoExecutor()),
                           sim__until=2.5)
     assert len(result.trace) == 2 and result.summary["sim_time"] == 2.5
+
+
+def test_a_failed_run_closes_its_engine(tmp_path):
+    from fake_engine import FakeEngine
+
+    engine = FakeEngine()
+    with pytest.raises(RuntimeError, match="crashed in round 2"):
+        scalesim.simulate(config(agents=2, rounds=4, crash_at=2), out=tmp_path, engine=engine)
+    assert engine.closed and scalesim.load_trace(tmp_path).summary["status"] == "failed"
