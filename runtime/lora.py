@@ -91,7 +91,11 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> LoraAdapter:
         raise RequestError(f"adapter {path!r}: no adapter_model.safetensors there")
     from safetensors.torch import load_file
 
-    tensors = load_file(weights_file)
+    try:
+        tensors = load_file(weights_file)
+    except Exception as exc:  # safetensors has its own error type for a truncated or garbled file
+        raise RequestError(f"adapter {path!r}: adapter_model.safetensors is unreadable: "
+                           f"{exc}") from None
     shapes = module_shapes(config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():

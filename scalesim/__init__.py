@@ -9,6 +9,7 @@ from scalesim.agent import Agent, Message
 from scalesim.config import ConfigError, RunConfig, load_config
 from scalesim.environment import LLMCall, SimEnvironment
 from scalesim.simulation import Simulation, simulate
+from scalesim.stopping import RunFailed, RunInterrupted
 from scalesim.trace import RunResult, load_trace
 from scalesim.world import World
 
@@ -18,6 +19,8 @@ __all__ = [
     "LLMCall",
     "Message",
     "RunConfig",
+    "RunFailed",
+    "RunInterrupted",
     "RunResult",
     "SimEnvironment",
     "World",

@@ -1,8 +1,20 @@
-"""What the user sees while a run goes and when it ends: a progress bar and a summary table."""
+"""What the user sees while a run goes and when it ends: progress and a summary table.
+
+On a terminal the progress is a live bar; elsewhere (a log file, a pipe, a batch job) a bar
+would print nothing until the end, so one plain line is printed every ``every`` seconds instead,
+and one when the run ends::
+
+    progress: sim t=412.0 of 1320 (31%), 40 calls (2 failed), 3.21 calls/s, 12 s
+
+Both go to stderr, so stdout keeps only the summary table.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+import threading
+import time
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -10,45 +22,91 @@ from rich.table import Table
 
 
 class ProgressDisplay:
-    """A live bar over simulated time with the count of LLM calls done (a no-op when disabled)."""
+    """Progress over simulated time with the count of LLM calls (a no-op when disabled).
 
-    def __init__(self, enabled: bool, until: float | None) -> None:
+    ``stream`` is where the plain lines go (default stderr); the live bar is used only when the
+    console on stderr is a terminal.
+    """
+
+    def __init__(self, enabled: bool, until: float | None, every: float = 30.0,
+                 stream: IO[str] | None = None) -> None:
         self.enabled = enabled
         self.until = until
+        self.every = every
+        self.stream = stream
         self.calls = 0
+        self.failed = 0
         self.tokens = 0
+        self.now = 0.0
         self._progress: Progress | None = None
         self._task: Any = None
+        self._started = time.perf_counter()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __enter__(self) -> "ProgressDisplay":
-        if self.enabled:
+        self._started = time.perf_counter()
+        if not self.enabled:
+            return self
+        console = Console(stderr=True)
+        if self.stream is None and console.is_terminal:
             self._progress = Progress(
                 TextColumn("sim t={task.fields[now]:>9.1f}"),
                 BarColumn(),
-                TextColumn("{task.fields[calls]} LLM calls, {task.fields[tokens]} tokens"),
+                TextColumn("{task.fields[calls]} LLM calls ({task.fields[failed]} failed), "
+                           "{task.fields[tokens]} tokens"),
                 TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=console,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("run", total=self.until, now=0.0, calls=0,
-                                                 tokens=0)
+                                                 failed=0, tokens=0)
+        else:
+            # A thread, so a line comes on time even while one long engine iteration runs.
+            self._ticker = threading.Thread(target=self._tick, name="scalesim-progress",
+                                            daemon=True)
+            self._ticker.start()
         return self
 
     def update(self, now: float, completion: Any) -> None:
         self.calls += 1
+        self.failed += 0 if completion.ok else 1
         self.tokens += completion.output_tokens
+        self.now = now
         if self._progress is not None:
             self._progress.update(self._task, completed=now, now=now, calls=self.calls,
-                                  tokens=self.tokens)
+                                  failed=self.failed, tokens=self.tokens)
 
     def finish(self, now: float) -> None:
         """Show the final simulated time (the clock may pass quiet periods after the last call)."""
+        self.now = now
         if self._progress is not None:
             self._progress.update(self._task, completed=now, now=now)
+
+    def line(self) -> str:
+        """The plain progress line for the counts so far."""
+        wall = time.perf_counter() - self._started
+        share = (f" of {self.until:g} ({self.now / self.until:.0%})"
+                 if self.until else "")
+        rate = self.calls / wall if wall > 0 else 0.0
+        return (f"progress: sim t={self.now:.1f}{share}, {self.calls} calls "
+                f"({self.failed} failed), {rate:.2f} calls/s, {wall:.0f} s")
+
+    def _print_line(self) -> None:
+        print(self.line(), file=self.stream or sys.stderr, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._print_line()
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+            self._ticker = None
+            self._print_line()
 
 
 def _gib(n: float) -> str:
@@ -90,6 +148,12 @@ def print_summary(result: Any, console: Console | None = None) -> None:
         rows.append((f"modeled makespan ({modeled['model_profile']} on {modeled['hardware']})",
                      f"{modeled['modeled_makespan_s']:.2f} s"))
         rows.append(("modeled stall", f"{modeled['modeled_stall_s']:.2f} s"))
+    if s.get("status") not in (None, "completed") and s.get("error"):
+        rows.append(("stopped by", str(s["error"])))
+    errors = s.get("errors") or []
+    if errors:
+        rows.append(("most common error", f"{errors[0]['error']} ({errors[0]['count']} of "
+                                          f"{s['failed_calls']} failed)"))
     for key, value in s.get("world", {}).items():
         rows.append((f"world: {key}", str(value)))
     rows.append(("run directory", str(result.run_dir)))

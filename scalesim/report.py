@@ -233,7 +233,9 @@ def markdown(result: RunResult, plots: Sequence[str] = PLOTS) -> str:
     lines += [f"- world: `{world_cls}`, executor `{runtime.get('executor', '?')}`, model "
               f"`{runtime.get('model', '?')}`",
               f"- status: **{summary.get('status', '?')}**"
-              + (f" ({summary['error']})" if summary.get("error") else ""),
+              + (f" ({summary['error']})" if summary.get("error") else "")
+              + (" (still going, or killed: the calls flushed so far)"
+                 if summary.get("status") == "running" else ""),
               f"- sim time reached: {summary.get('sim_time', float('nan')):g}; wall: "
               f"{summary.get('wall_seconds', float('nan')):g} s", ""]
     lines += ["| measure | value |", "|---|---|",

@@ -11,12 +11,18 @@ The distance source is the oracle itself, or for ``belady`` the call order of an
 the same seed (:class:`runtime.memory.FutureSequence`); a harness may wrap the oracle (to add
 noise, say) or pass a policy object of its own (an ablation). The run directory
 (``trace.parquet``, ``memory.parquet``, ``summary.json``) is written however the run ends:
-completed, failed or interrupted; ``summary.json`` says which.
+completed, failed or interrupted; ``summary.json`` says which. While the run goes, its rows are
+flushed there in parts (:mod:`scalesim.trace`), so a killed run keeps its calls too.
+
+Before the model loads, :mod:`scalesim.preflight` checks every path the configuration names. The
+clock loop stops at a safe point when asked (:meth:`Simulation.request_stop`): by a signal
+(:mod:`scalesim.stopping`), or at the first failed call with ``run.fail_fast``.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +32,9 @@ from runtime.memory import DistanceSource, FutureSequence, Policy
 from scalesim.config import ConfigError, RunConfig, import_world_class, load_config
 from scalesim.distance import DistanceOracle
 from scalesim.environment import LLMCall, SimEnvironment, relaxed_gc
-from scalesim.trace import RunResult, TraceRecorder
+from scalesim.preflight import check_config, check_run_dir
+from scalesim.stopping import RunFailed, RunInterrupted, StopSignals
+from scalesim.trace import RecordError, RunResult, TraceRecorder, error_counts
 from scalesim.world import World
 
 
@@ -93,6 +101,8 @@ class Simulation:
                  order: list[str] | None = None, record: bool = True) -> None:
         self.config = config
         self.world_class = import_world_class(config)
+        check_config(config, self.world_class, engine=engine,
+                     needs_belady_trace=order is None and policy is None)
         self.engine = engine if engine is not None else build_engine_for(config, policy)
         mem = config.runtime.memory
         self.oracle: DistanceOracle | None = None
@@ -106,7 +116,12 @@ class Simulation:
         self.recorder: TraceRecorder | None = TraceRecorder() if record else None
         #: the agent of every call, in submission order (what ``belady`` replays)
         self.calls: list[str] = []
+        #: the error of every failed call, and the count of finished calls (failed ones too)
         self.failed: list[str] = []
+        self.finished: int = 0
+        #: what the clock loop raises at its next safe point (see :meth:`request_stop`)
+        self.stop_reason: BaseException | None = None
+        self._stoppable: bool = False
         self.env.submit_listeners.append(self.calls.append)
         self.env.completion_listeners.append(self._completed)
         manager = self.engine.memory
@@ -120,18 +135,44 @@ class Simulation:
                 source = future
             manager.use_distance(source)
             if self.recorder is not None:
-                recorder, env = self.recorder, self.env
-                manager.listeners.append(
-                    lambda row: recorder.record_memory(sim_time=float(env.now), **row))
+                manager.listeners.append(self._memory_row)
         self.world: World | None = None
         self.setup_seconds: float = 0.0
         self.run_seconds: float = 0.0
 
     def _completed(self, call: LLMCall, done: Any) -> None:
+        self.finished += 1
         if not done.ok:
             self.failed.append(done.error)
+            if self.config.run.fail_fast:
+                self.request_stop(RunFailed(f"run.fail_fast: request {done.request_id} of agent "
+                                            f"{done.agent_id!r} failed: {done.error}"))
         if self.recorder is not None:
-            self.recorder.record_call(call, done, self.env.now)
+            try:
+                self.recorder.record_call(call, done, self.env.now)
+            except RecordError as exc:  # inside an engine iteration: stop after it, not in it
+                self.request_stop(exc)
+
+    def _memory_row(self, row: dict[str, Any]) -> None:
+        assert self.recorder is not None
+        try:
+            self.recorder.record_memory(sim_time=float(self.env.now), **row)
+        except RecordError as exc:
+            self.request_stop(exc)
+
+    def request_stop(self, reason: BaseException) -> bool:
+        """Ask the run to stop at its next safe point and raise ``reason`` there.
+
+        The safe points are between two steps of the clock loop, so no engine iteration is cut
+        in half and every finished call is recorded. During :meth:`finish` a request is held
+        until the run directory is written. Returns False when the run is at neither (building,
+        say): the caller should then raise ``reason`` itself. The first reason wins.
+        """
+        if not self._stoppable:
+            return False
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        return True
 
     def build_world(self) -> World:
         """Create the world and its agents (``world.params``)."""
@@ -145,41 +186,92 @@ class Simulation:
 
     def run(self, until: float | None = None, max_calls: int | None = None) -> None:
         """Run the clock to ``until`` (default ``sim.until``; ``math.inf``: until nothing is
-        left), or until ``max_calls`` calls have been submitted."""
+        left), or until ``max_calls`` calls have been submitted.
+
+        A stop requested meanwhile (:meth:`request_stop`) raises its reason between two steps.
+        """
         if self.world is None:
             self.build_world()
         until = self.config.sim.until if until is None else until
         start = time.perf_counter()
+        env = self.env
+        self._stoppable = True
         try:
-            if max_calls is None:
-                self.env.run(until=None if until == math.inf else until)
-                return
             with relaxed_gc():
                 limit = math.inf if until is None else until
+                if max_calls is None:
+                    self._run_until(limit)
+                    return
                 # env.step() runs engine iterations too; stop at the limit or when all is done.
-                while len(self.calls) < max_calls and (self.env.in_flight
-                                                      or self.env.peek() <= limit):
-                    if self.env.peek() == math.inf and not self.env.in_flight:
+                while len(self.calls) < max_calls and (env.in_flight or env.peek() <= limit):
+                    if self.stop_reason is not None:
+                        raise self.stop_reason
+                    if env.peek() == math.inf and not env.in_flight:
                         break
-                    self.env.step()
+                    env.step()
         finally:
+            self._stoppable = False
             self.run_seconds = time.perf_counter() - start
+
+    def _run_until(self, limit: float) -> None:
+        """``env.run(until=limit)`` step by step, with a safe point between steps.
+
+        The loop ends where simpy's would: before the first step that would process an event
+        at or after ``limit`` (an engine iteration still runs first: calls in flight finish
+        before the clock moves on). ``env.run`` then moves the clock onto ``limit`` as it would.
+        """
+        env = self.env
+        while True:
+            if self.stop_reason is not None:
+                raise self.stop_reason
+            upcoming = env.peek()
+            if upcoming >= limit and not (env.in_flight and upcoming > env.now):
+                break
+            env.step()
+        if limit != math.inf:
+            env.run(until=limit)
 
     def summary(self) -> dict[str, Any]:
         """The sections of ``summary.json`` beyond the trace's own totals."""
         assert self.oracle is not None
         return {"distance": self.oracle.quality(), **self.engine.report()}
 
+    def check_failures(self) -> RunFailed | None:
+        """The failure policy's verdict on a run that went to its end (None: it passes)."""
+        limit = self.config.run.max_failed_fraction
+        if not self.finished or len(self.failed) / self.finished <= limit:
+            return None
+        common = error_counts(self.failed, top=1)[0]
+        return RunFailed(f"{len(self.failed)} of {self.finished} calls failed, more than "
+                         f"run.max_failed_fraction={limit:g}; most common ({common['count']}x): "
+                         f"{common['error']}")
+
     def finish(self, run_dir: str | Path, status: str, error: str | None = None) -> RunResult:
-        """Stop the engine's copy engine and write the run directory."""
-        self.engine.close()
-        if self.recorder is None:
-            raise RuntimeError("this simulation keeps no trace (record=False)")
-        return self.recorder.write(
-            Path(run_dir), sim_time=self.env.now, status=status, error=error,
-            unfinished_calls=len(self.env.in_flight),
-            world=self.world.metrics() if self.world is not None else {},
-            config=self.config.echo(), **self.summary())
+        """Stop the engine's copy engine and write the run directory.
+
+        A stop requested meanwhile waits for the write (see :meth:`request_stop`).
+        """
+        self._stoppable = True
+        try:
+            self.engine.close()
+            if self.recorder is None:
+                raise RuntimeError("this simulation keeps no trace (record=False)")
+            # A run stopped by an error may leave the engine or the world unable to report;
+            # the record of its calls matters more than these sections.
+            try:
+                sections = self.summary()
+            except Exception as exc:
+                sections = {"report_error": f"{type(exc).__name__}: {exc}"}
+            try:
+                world = self.world.metrics() if self.world is not None else {}
+            except Exception as exc:
+                world = {"metrics_error": f"{type(exc).__name__}: {exc}"}
+            return self.recorder.write(
+                Path(run_dir), sim_time=self.env.now, status=status, error=error,
+                unfinished_calls=len(self.env.in_flight), world=world,
+                config=self.config.echo(), **sections)
+        finally:
+            self._stoppable = False
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -198,28 +290,70 @@ def simulate(source: str | Path | dict[str, Any] | RunConfig, *, out: str | Path
     overrides use ``__`` for the dots of ``--set``: ``simulate("town.yaml", sim__until=600)``.
     Pass an already built ``engine`` to run several worlds without loading the model again; the
     ``runtime`` section is then not used to build one.
-    """
-    from scalesim.progress import ProgressDisplay
 
+    The run directory is written however the run ends. Raises :class:`ConfigError` for a
+    problem found before the run (nothing is written then); :class:`RunFailed`, carrying the
+    result, when the run breaks its failure policy (the ``run`` section); :class:`RunInterrupted`
+    when SIGINT, SIGTERM or SIGHUP stopped it; and whatever else stopped it as it is. The
+    signal handlers in place before are restored.
+    """
     config = load_config(source, {k.replace("__", "."): v for k, v in overrides.items()})
     run_dir = Path(out) if out is not None else default_run_dir(config)
-    sim = Simulation(config, engine=engine)
-    display = ProgressDisplay(enabled=progress and config.output.progress, until=config.sim.until)
+    check_run_dir(run_dir, config)
+    sim: Simulation | None = None
+    signals = 0
+
+    def defer(exc: RunInterrupted) -> bool:
+        # The first signal waits for a safe point; a second one (or one while the model loads)
+        # stops at once.
+        nonlocal signals
+        signals += 1
+        return signals == 1 and sim is not None and sim.request_stop(exc)
+
+    with StopSignals(defer):
+        sim = Simulation(config, engine=engine)
+        return _run_and_write(sim, run_dir, progress)
+
+
+def _run_and_write(sim: Simulation, run_dir: Path, progress: bool) -> RunResult:
+    """Build and run ``sim``'s world, then write ``run_dir`` whatever happened (see simulate)."""
+    from scalesim.progress import ProgressDisplay
+
+    config = sim.config
+    display = ProgressDisplay(enabled=progress and config.output.progress, until=config.sim.until,
+                              every=config.output.progress_every)
     status, error = "failed", None
+    failure: RunFailed | None = None
+    interrupted: tuple[RunInterrupted, KeyboardInterrupt] | None = None
     try:
+        assert sim.recorder is not None
+        sim.recorder.open(run_dir, flush_calls=config.output.flush_calls,
+                          flush_seconds=config.output.flush_seconds, config=config.echo())
         with display:
             sim.env.completion_listeners.append(lambda call, done: display.update(sim.env.now,
                                                                                   done))
             sim.build_world()
             sim.run()
             display.finish(sim.env.now)
-        status = "completed"
-    except KeyboardInterrupt:
-        status, error = "interrupted", "KeyboardInterrupt"
-        raise
+        failure = sim.check_failures()
+        status = "completed" if failure is None else "failed"
+    except RunFailed as exc:
+        failure, status = exc, "failed"
+    except KeyboardInterrupt as exc:  # a world's own KeyboardInterrupt counts as Ctrl-C
+        stop = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
+        interrupted, status, error = (stop, exc), "interrupted", str(stop)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if failure is not None:
+            error = f"RunFailed: {failure}"
         result = sim.finish(run_dir, status, error)
+    if interrupted is not None:
+        stop, cause = interrupted
+        stop.result = result
+        raise stop from (cause if cause is not stop else None)
+    if failure is not None:
+        failure.result = result
+        raise failure
     return result

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 
@@ -49,6 +49,17 @@ class World:
         """The keyword parameters :meth:`setup` accepts, by name."""
         params = inspect.signature(cls.setup).parameters
         return {n: p for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+
+    @classmethod
+    def adapters(cls, **params: Any) -> Iterable[str]:
+        """The LoRA adapter paths :meth:`setup` will give its agents, for these ``world.params``.
+
+        Override it in a world whose agents have adapters: a run checks every declared adapter
+        against the model before the model loads (a problem is one line naming the file, exit 2)
+        instead of failing each of its calls. ``params`` are ``setup``'s keywords with its
+        defaults filled in; accept ``**params`` for those the declaration does not need.
+        """
+        return ()
 
     def add(self, agent: Agent) -> Agent:
         """Put ``agent`` into the world and start its process."""
