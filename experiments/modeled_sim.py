@@ -159,25 +159,44 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     """
     if until == -1.0:
         until = BUSY_UNTIL[world]
-    if policy == "belady" and order is None:
-        raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
-    managed = setting.managed
     if policy == "scalesim-adapters":
-        managed = ("adapter",)
+        setting = replace(setting, managed=("adapter",))
     elif policy == "scalesim-prefix":
-        managed = ("prefix_kv",)
-    setting = replace(setting, managed=managed)
+        setting = replace(setting, managed=("prefix_kv",))
     if memory_bytes is None and budget_fraction is not None:
         memory_bytes = max(1, int(working_set(setting, agents) * budget_fraction))
+    out = run_modeled(WORLDS[world], world_params(world, agents, active), policy,
+                      setting=setting, memory_bytes=memory_bytes, until=until, seed=seed,
+                      noise=noise, order=order, max_calls=max_calls, lookahead=lookahead)
+    out.update({"world": world, "agents": agents,
+                "working_set_bytes": working_set(setting, agents)})
+    return out
+
+
+def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
+                setting: Setting = Setting(), memory_bytes: int | None = None,
+                until: float | None = None, seed: int = 0, noise: float = 0.0,
+                order: list[str] | None = None, max_calls: int | None = None,
+                lookahead: int = 32, oracle: dict[str, Any] | None = None,
+                replies: tuple[str, ...] = REPLIES) -> dict[str, Any]:
+    """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
+
+    The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
+    budget (``None``: no limit), ``until`` the simulated end (``None``: until nothing is left).
+    With ``oracle`` the run's oracle quality (``summary.json``'s ``distance`` section) is
+    stored there. ``replies`` are the placeholder answers of the modeled chat.
+    """
+    if policy == "belady" and order is None:
+        raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
     config = RunConfig.model_validate({
-        "world": {"class": WORLDS[world], "params": world_params(world, agents, active)},
+        "world": {"class": world_class, "params": params},
         "sim": {"seed": seed},
         "runtime": {
             "executor": "modeled", "model": setting.model,
             "max_num_seqs": 256, "max_batch_tokens": 8192, "block_size": 16,
             "modeled": {"hardware": setting.hardware, "lora_rank": setting.lora_rank,
-                        "managed": list(managed), "prefix_tokens": setting.prefix_tokens,
-                        "output_tokens": setting.output_tokens, "replies": list(REPLIES),
+                        "managed": list(setting.managed), "prefix_tokens": setting.prefix_tokens,
+                        "output_tokens": setting.output_tokens, "replies": list(replies),
                         "preempt_prefetch": policy != "scalesim-no-preempt"},
             "memory": {"device_bytes": memory_bytes, "lookahead": lookahead,
                        "host_bytes": None if setting.prefix_on_host else 0}}})
@@ -190,10 +209,11 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     sim.engine.close()
     if sim.failed:
         raise RuntimeError(f"{len(sim.failed)} modeled calls failed, e.g.: {sim.failed[0]}")
-    out.update({"world": world, "agents": agents, "policy": policy, "calls": len(sim.calls),
+    if oracle is not None and sim.oracle is not None:
+        oracle.update(sim.oracle.quality())
+    out.update({"world": world_class, "policy": policy, "calls": len(sim.calls),
                 "sim_time": sim.env.now, "wall_s": sim.run_seconds,
-                "setup_s": sim.setup_seconds, "memory_bytes": memory_bytes,
-                "working_set_bytes": working_set(setting, agents), "noise": noise,
+                "setup_s": sim.setup_seconds, "memory_bytes": memory_bytes, "noise": noise,
                 "setting": setting.label()})
     out["order"] = sim.calls
     return out

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator
 
@@ -124,12 +126,19 @@ class Agent:
                           adapter=self.adapter)
         return self.env.submit(self.name, request)
 
-    def wait(self, delay: float) -> simpy.Timeout:
-        """Let ``delay`` units of simulated time pass."""
-        self.env.observer.on_wait(self.name, self.now + delay)  # the wake-up time is exact
+    def wait(self, delay: float, *, label: str | None = None) -> simpy.Timeout:
+        """Let ``delay`` units of simulated time pass.
+
+        ``label`` names the kind of wait for the distance oracle, which learns per agent and
+        label how often a wake-up from it leads to an LLM call (by default the line of code
+        that waits is its name).
+        """
+        # the wake-up time is exact
+        self.env.observer.on_wait(self.name, self.now + delay, label or _site("wait"))
         return self.env.timeout(delay)
 
-    def wait_for(self, event: simpy.Event, timeout: float | None = None) -> simpy.Event:
+    def wait_for(self, event: simpy.Event, timeout: float | None = None, *,
+                 label: str | None = None) -> simpy.Event:
         """An event whose value is ``event``'s once it fires, or ``None`` after ``timeout``.
 
         Use it instead of ``event | self.wait(timeout)``: :meth:`wait`'s wake-up time is exact,
@@ -138,7 +147,8 @@ class Agent:
         refined by the agent's turns, hints and in-neighbours on the interaction graph.
         """
         self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                            else timeout))
+                                                            else timeout),
+                                     label or _site("wait_for"))
         if timeout is None:
             return event
         return self.env.process(self._first_of(event, timeout))
@@ -155,12 +165,17 @@ class Agent:
         other.mailbox.put(message)
         return message
 
-    def receive(self, timeout: float | None = None) -> simpy.Event:
-        """An event whose value is the next :class:`Message`, or ``None`` after ``timeout``."""
+    def receive(self, timeout: float | None = None, *,
+                label: str | None = None) -> simpy.Event:
+        """An event whose value is the next :class:`Message`, or ``None`` after ``timeout``.
+
+        ``label`` names the kind of wait for the distance oracle, as for :meth:`wait`.
+        """
         inbox = self.mailbox
         if not inbox.items:
             self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                                else timeout))
+                                                                else timeout),
+                                         label or _site("receive"))
         if timeout is None:
             return inbox.get()
         return self.env.process(self._receive_within(timeout))
@@ -172,3 +187,13 @@ class Agent:
             return fired[get]
         get.cancel()
         return None
+
+
+def _site(kind: str) -> str:
+    """Where the agent waits: the kind of wait and the line of the caller's code that issued it.
+
+    Two frames up is the code that called ``wait``/``receive``/``wait_for``: an agent's
+    ``run()`` or a helper of the agents library.
+    """
+    frame = sys._getframe(2)
+    return f"{kind} {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"

@@ -1,10 +1,11 @@
 """The schema of ``world.yaml``, and one-line errors for everything wrong in it.
 
-A run file has four sections::
+A run file has five sections (only ``world`` is required)::
 
     world:   {class: worlds.town:Town, params: {villagers: 8}}
     runtime: {executor: hf, model: smollm2-135m, device: cpu, dtype: float32}
     sim:     {until: 1320, seed: 0}
+    run:     {max_failed_fraction: 0.5, fail_fast: false}
     output:  {dir: runs/town, progress: true}
 
 :func:`load_config` reads the file, applies ``--set dotted.key=value`` overrides and validates it.
@@ -49,7 +50,8 @@ class WorldConfig(_Section):
 class MemoryConfig(_Section):
     """``runtime.memory``: where agent memory objects live and how they move (torch executor)."""
 
-    policy: Literal["scalesim", "lru", "lfu", "fifo", "belady", "infinite", "none"] = "scalesim"
+    policy: Literal["scalesim", "lru", "lfu", "fifo", "belady", "infinite", "unlimited",
+                    "none"] = "scalesim"
     # Sizes take plain byte counts or units: 2GB, 512MiB.
     device_bytes: ByteSize | None = Field(default=None, ge=1,
                                           description="device budget; none: no limit")
@@ -132,15 +134,35 @@ class SimConfig(_Section):
     seed: int = 0
 
 
+class FailurePolicy(_Section):
+    """``run``: when a run whose clock went to its end still counts as failed.
+
+    Failed calls are counted over all finished calls when the run ends; above
+    ``max_failed_fraction`` the run's status is ``failed`` (exit 1). ``fail_fast`` stops the run at
+    the first failed call instead.
+    """
+
+    max_failed_fraction: float = Field(default=0.5, ge=0, le=1,
+                                       description="largest share of failed calls that passes")
+    fail_fast: bool = Field(default=False, description="stop at the first failed call")
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     progress: bool = True
+    progress_every: float = Field(default=30.0, gt=0, description="seconds between plain "
+                                  "progress lines when stderr is not a terminal")
+    # The trace reaches the disk in parts as the run goes, so a killed run keeps its calls.
+    flush_calls: int = Field(default=1000, ge=1, description="flush after this many new calls")
+    flush_seconds: float = Field(default=10.0, gt=0,
+                                 description="flush new rows at least this often (wall seconds)")
 
 
 class RunConfig(_Section):
     world: WorldConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
+    run: FailurePolicy = Field(default_factory=FailurePolicy)
     output: OutputConfig = Field(default_factory=OutputConfig)
     #: The YAML file this came from (``None`` when built in Python).
     source: Path | None = Field(default=None, exclude=True)

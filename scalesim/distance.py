@@ -2,67 +2,96 @@
 
 :class:`DistanceOracle` keeps, for every agent, an estimated sim time of its next LLM call and
 serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``distance``,
-``nearest``). The estimate is the minimum over what the simulation knows:
+``nearest``). What the simulation knows comes from several *sources*:
 
-* a **pending or running call**: now (distance 0);
-* a **timer** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
-* a **receive** (``Agent.receive``) or **bounded wait** (``Agent.wait_for``): the earlier of its
-  timeout, an upper bound, and the estimate of its in-neighbours on the world's interaction graph
-  plus ``edge_delay`` (they must speak first); changes propagate along out-edges for
-  ``propagation_depth`` hops;
-* a **turn order** (:mod:`scalesim.turns`): the current speaker first (at its own estimate, or
-  now), then each other member ``turn_delay`` after the one before it;
-* a **hint** (``World.hint(agent, eta)``): what only the world author knows.
+* a **pending call**: now (distance 0);
+* **timers** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
+* **deadlines**: the timeout of a ``receive`` or ``wait_for``, a bound on the wake-up;
+* the **interaction graph**: an agent blocked on ``receive`` wakes when an in-neighbour sends to
+  it. A neighbour ``u`` acts at its own next wake-up (its timer, deadline, turn or hint, or now
+  while it calls) and, from the messages recorded on the edge, sends to ``v`` once every
+  ``wakes(u) / messages(u, v)`` wake-ups, each a mean wake interval of ``u`` apart; the estimate
+  is the earliest such arrival (plus ``edge_delay``), never later than the agent's own deadline;
+* **turn orders** (:mod:`scalesim.turns`): the current speaker first, then each member
+  ``turn_delay`` after the one before it;
+* **hints** (``World.hint(agent, eta)``): what only the world author knows;
+* **learned call rates** (:mod:`scalesim.call_rates`): a wake-up is not a call. The estimate of
+  a blocked agent is its next wake-up *plus* the learned mean time from a wake-up at that
+  blocking site to the agent's next call.
 
-An agent blocked on a timer is estimated by its timer (and a hint) alone, since its wake-up time
-is exact. The agents are ordered by that estimate in a :class:`~runtime.memory.lazy_heap.LazyHeap`
-(the memory manager's eviction index uses the same), so a timer-driven world costs O(log n) per
-event and :meth:`DistanceOracle.nearest` O(k log n); nothing re-sorts all agents.
+The estimate is the earliest over the trusted sources. Every source is also measured
+(:mod:`scalesim.prediction_quality`); one that orders agents worse than recency is distrusted
+and left out, so the agents only it would rank fall back to recency (the eviction order's tie
+break) and a world the oracle mispredicts is served like LRU.
 
-Prediction quality is measured with *snapshots*: at an engine iteration with no open snapshot, the
-``window`` nearest agents without a pending call are recorded in predicted order; each agent's
-first call afterwards gets its predicted rank (the trace's ``predicted_rank``) and the realised
-order of those calls is compared with the prediction by Kendall's tau when the snapshot closes.
+**No stale estimate is a distance.** Each source only counts while its time lies ahead of the
+clock: a timer or deadline that passed without the agent reporting (it blocked on an event the
+oracle cannot see), a hint that did not come true, a neighbour that acted without sending. When
+the clock moves, estimates that fell behind it are re-estimated from what is still ahead (the
+last resort: one mean call interval of the agent from now); so for every agent without a
+pending call the estimate is at least ``env.now``.
+
+The agents are ordered by their estimate in a :class:`~runtime.memory.lazy_heap.LazyHeap`, so a
+timer-driven world costs O(log n) per event and :meth:`DistanceOracle.nearest` O(k log n);
+nothing re-sorts all agents (a change of trust re-estimates each agent once).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from runtime.memory.lazy_heap import LazyHeap
+from scalesim.call_rates import CallRates
+from scalesim.prediction_quality import PredictionQuality
 
 if TYPE_CHECKING:
     from scalesim.environment import SimEnvironment
+
+#: Sources that give a wake-up time (the learned lag is added to them); the others a call time.
+WAKE_SOURCES = ("timer", "deadline", "graph", "active")
+#: The call-rate site of an agent whose call just returned.
+AFTER_CALL = ("call", "returned")
+
+
+def _no_lag(agent: str, block: Block, cause: str) -> float:
+    return 0.0
+
+
+class Block:
+    """What a blocked agent waits on: a timer (``until`` exact) or a receive (``until``: the
+    deadline, ``inf`` for none), issued at ``site``."""
+
+    __slots__ = ("kind", "site", "until")
+
+    def __init__(self, kind: str, site: str, until: float) -> None:
+        self.kind, self.site, self.until = kind, site, until
 
 
 class DistanceOracle:
     """Estimated next-call times of every agent; implements ``runtime.memory.DistanceSource``."""
 
     def __init__(self, env: SimEnvironment, graph: Any = None, *, edge_delay: float = 0.0,
-                 propagation_depth: int = 2, turn_delay: float = 1e-6, window: int = 64) -> None:
+                 turn_delay: float = 1e-6, window: int = 64) -> None:
         self.env = env
         self.graph = graph
         self.edge_delay = edge_delay
-        self.propagation_depth = propagation_depth
         self.turn_delay = turn_delay
         self.window = window
+        self.rates = CallRates()
+        self.prediction = PredictionQuality(window)
         self._pending: dict[str, float] = {}
-        self._timer: dict[str, float] = {}
-        self._receive: dict[str, float] = {}  # agent -> timeout deadline (inf: none)
-        self._via_graph: dict[str, float] = {}
-        self._graph_root: dict[str, str] = {}  # agent -> whose own estimate its graph one is
+        self._block: dict[str, Block] = {}
+        self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
+        self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
         self._hint: dict[str, float] = {}
         self._turn: dict[str, float] = {}
         self._eta: dict[str, float] = {}
+        self._source: dict[str, str] = {}
+        self._raw: dict[str, float] = {}  # the estimate if every source were trusted
         self._heap: LazyHeap[str] = LazyHeap()
+        self._raw_heap: LazyHeap[str] = LazyHeap()
         self._watchers: list[Callable[[str], None]] = []
-        # prediction-quality snapshots
-        self._snapshot: dict[str, int] | None = None
-        self._realised: list[str] = []
-        self._snapshot_calls = 0
-        self.taus: list[float] = []
-        self.predicted_calls = 0
         self.calls = 0
 
     # -- hooks: what agents and the environment report ----------------------------------------
@@ -70,53 +99,108 @@ class DistanceOracle:
     def on_submit(self, agent: str) -> int | None:
         """``agent`` issued a call now; returns its predicted rank, if a snapshot predicted it."""
         self.calls += 1
-        rank = self._observe_call(agent)
+        rank = self.prediction.observe_call(agent, self.env.now)
+        before = self._acts_at(agent)
+        self._wake(agent)
+        self.rates.called(agent, self.env.now)
+        self._active.pop(agent, None)
         self._pending[agent] = self.env.now
         self._hint.pop(agent, None)
-        self._clear_blocking(agent)
-        self._update(agent)
+        self._changed(agent, before)
         return rank
 
     def on_finish(self, agent: str) -> None:
-        """``agent``'s call returned; until it blocks again it counts as about to act."""
+        """``agent``'s call returned; until it blocks again it is acting now."""
+        before = self._acts_at(agent)
         self._pending.pop(agent, None)
-        self._update(agent)
+        self._active[agent] = self.env.now
+        # A returned call is a wake-up too: how soon the agent calls again is learned alike.
+        self.rates.woke(agent, AFTER_CALL, self.env.now, wakeup=False)
+        self._changed(agent, before)
 
-    def on_wait(self, agent: str, until: float) -> None:
-        """``agent`` sleeps until exactly ``until``."""
-        self._clear_blocking(agent)
-        self._pending.pop(agent, None)
-        self._timer[agent] = until
-        self._update(agent)
+    def on_wait(self, agent: str, until: float, site: str = "wait") -> None:
+        """``agent`` sleeps until exactly ``until`` (a wait issued at ``site``)."""
+        self._block_on(agent, Block("timer", site, until))
 
-    def on_receive(self, agent: str, deadline: float = math.inf) -> None:
+    def on_receive(self, agent: str, deadline: float = math.inf, site: str = "receive") -> None:
         """``agent`` blocks until something happens, at the latest at ``deadline``."""
-        self._clear_blocking(agent)
-        self._pending.pop(agent, None)
-        self._receive[agent] = deadline
-        self._set_via_graph(agent)
-        self._update(agent)
+        self._block_on(agent, Block("receive", site, deadline))
 
     def on_exit(self, agent: str) -> None:
-        for table in (self._pending, self._timer, self._receive, self._via_graph,
-                      self._graph_root, self._hint, self._turn):
+        before = self._acts_at(agent)
+        self.rates.forget(agent)
+        for table in (self._pending, self._block, self._active, self._arrival, self._hint,
+                      self._turn):
             table.pop(agent, None)
-        self._update(agent)
+        self._changed(agent, before)
 
     def hint(self, agent: str, eta: float) -> None:
         """The world says ``agent`` will call at about sim time ``eta`` (absolute)."""
+        before = self._acts_at(agent)
         self._hint[agent] = eta
-        self._update(agent)
+        self._changed(agent, before)
 
     def use_graph(self, graph: Any) -> None:
         """Estimate receive-blocked agents from their in-neighbours on ``graph``."""
         self.graph = graph
 
-    def _clear_blocking(self, agent: str) -> None:
-        self._timer.pop(agent, None)
-        self._receive.pop(agent, None)
-        self._via_graph.pop(agent, None)
-        self._graph_root.pop(agent, None)
+    def on_advance(self) -> None:
+        """The clock moved forward: re-estimate every estimate it overtook."""
+        now = self.env.now
+        for heap, etas in ((self._heap, self._eta), (self._raw_heap, self._raw)):
+            aside = []
+            seen: set[str] = set()
+            while True:
+                entry = heap.pop()
+                if entry is None:
+                    break
+                if entry[0] >= now:
+                    aside.append(entry)
+                    break
+                agent = entry[-1]
+                if agent in self._pending or agent in seen:  # a call in flight is due now
+                    aside.append(entry)
+                    continue
+                seen.add(agent)
+                etas.pop(agent, None)  # forces _update to push a fresh entry
+                self._refresh_arrival(agent)
+                self._update(agent)
+            heap.restore(aside)
+
+    def _block_on(self, agent: str, block: Block) -> None:
+        before = self._acts_at(agent)
+        self._wake(agent)
+        self._pending.pop(agent, None)
+        self._active.pop(agent, None)
+        self._block[agent] = block
+        if block.kind == "receive":
+            self._arrival[agent] = self._graph_arrival(agent)
+        else:
+            self._arrival.pop(agent, None)
+        self._changed(agent, before)
+
+    def _wake(self, agent: str) -> None:
+        """``agent`` reports again: if it was blocked, it woke now, at its block's site."""
+        block = self._block.pop(agent, None)
+        if block is not None:
+            self.rates.woke(agent, self._site(block, self._woken_by(block)), self.env.now)
+            self._arrival.pop(agent, None)
+
+    def _woken_by(self, block: Block) -> str:
+        if block.kind == "timer":
+            return "timer"
+        return "deadline" if self.env.now >= block.until else "event"
+
+    @staticmethod
+    def _site(block: Block, cause: str) -> tuple[str, str]:
+        # A receive ends at its deadline or at a message, and the two need not lead to calls
+        # alike (the daily outing against a neighbour's news): they are learned apart.
+        return block.site, cause
+
+    def _changed(self, agent: str, acted_before: float) -> None:
+        self._update(agent)
+        if self._acts_at(agent) != acted_before:
+            self._tell_receivers(agent)
 
     # -- the estimate -------------------------------------------------------------------------
 
@@ -127,6 +211,10 @@ class DistanceOracle:
     def order_key(self, agent: str) -> float:
         """The estimated call time: orders agents as :meth:`distance` does, without drifting."""
         return self._eta.get(agent, math.inf)
+
+    def source_of(self, agent: str) -> str | None:
+        """Which source gave ``agent``'s estimate (``None``: unknown)."""
+        return self._source.get(agent) if agent in self._eta else None
 
     def watch(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(agent)`` whenever an agent's estimate changes (the memory manager)."""
@@ -142,68 +230,147 @@ class DistanceOracle:
         self._refresh_turns()
         return [entry[-1] for entry in self._heap.smallest(k)]
 
-    def _combined(self, agent: str, with_turn: bool = True) -> float:
-        if agent in self._pending:
-            return self._pending[agent]
-        hint = self._hint.get(agent, math.inf)
-        if agent in self._timer:  # blocked on a timer: its wake-up time is exact
-            return min(self._timer[agent], hint)
-        candidates = [hint, self._turn.get(agent, math.inf) if with_turn else math.inf]
-        if agent in self._receive:
-            candidates += [self._receive[agent], self._via_graph.get(agent, math.inf)]
-        return min(candidates)
+    def estimates(self, agent: str, with_turn: bool = True,
+                  lagged: bool = True) -> dict[str, float]:
+        """Every source's current estimate of ``agent``'s next call, trusted or not.
 
-    def _update(self, agent: str, depth: int | None = None) -> None:
-        eta = self._combined(agent)
-        versions = self._heap.versions
-        if self._eta.get(agent) == eta and agent in versions:
-            return
+        Only estimates ahead of the clock count. A blocked agent's wake-up sources include the
+        learned lag of its blocking site (unless ``lagged`` is false: wake-up times); an agent
+        blocked on a timer ignores turn orders (its wake-up is exact). ``fallback`` appears
+        only when no other source has an estimate.
+        """
+        now = self.env.now
+        lag = self._lag if lagged else _no_lag
+        out: dict[str, float] = {}
+        hint = self._hint.get(agent)
+        if hint is not None and hint >= now:
+            out["hint"] = hint
+        block = self._block.get(agent)
+        if block is not None:
+            if block.kind == "timer":
+                if block.until >= now:
+                    out["timer"] = block.until + lag(agent, block, "timer")
+            else:
+                if now <= block.until < math.inf:
+                    out["deadline"] = block.until + lag(agent, block, "deadline")
+                arrival = self._arrival.get(agent, math.inf)
+                if now <= arrival < math.inf:
+                    out["graph"] = arrival + lag(agent, block, "event")
+        elif agent in self._active:
+            # Acting now; until it blocks where the oracle can see, one learned lag after its
+            # call returned (its next call, or the last resort below once that has passed).
+            since = self._active[agent]
+            after = self.rates.lag(agent, AFTER_CALL) if lagged else 0.0
+            if since + after >= now:
+                out["active"] = since + after
+        if with_turn and (block is None or block.kind != "timer"):
+            turn = self._turn.get(agent)
+            if turn is not None and turn >= now:
+                out["turn"] = turn
+        if not out and (block is not None or agent in self._active):
+            interval = self.rates.call_interval(agent)
+            if interval is not None:
+                out["fallback"] = now + interval
+        return out
+
+    def _estimate(self, agent: str, with_turn: bool = True) -> tuple[float, float, str | None]:
+        """(trusted estimate, estimate over every source, the trusted estimate's source)."""
+        if agent in self._pending:
+            return self._pending[agent], self._pending[agent], "pending"
+        candidates = self.estimates(agent, with_turn)
+        if not candidates:
+            return math.inf, math.inf, None
+        raw = min(candidates.values())
+        trusted = self.prediction.trusted
+        if not trusted("learned"):
+            candidates = self.estimates(agent, with_turn, lagged=False)
+        best, source = math.inf, None
+        for name, value in candidates.items():
+            if trusted(name) and value < best:
+                best, source = value, name
+        return best, raw, source
+
+    def _lag(self, agent: str, block: Block, cause: str) -> float:
+        return self.rates.lag(agent, self._site(block, cause))
+
+    def _update(self, agent: str) -> None:
+        eta, raw, source = self._estimate(agent)
+        self._source[agent] = source or ""
+        self._place(self._raw_heap, self._raw, agent, raw)
+        if self._place(self._heap, self._eta, agent, eta):
+            for callback in self._watchers:
+                callback(agent)
+
+    @staticmethod
+    def _place(heap: LazyHeap[str], etas: dict[str, float], agent: str, eta: float) -> bool:
+        """Put ``agent`` at ``eta`` in ``heap``; ``True`` if that changed anything."""
+        versions = heap.versions
+        if etas.get(agent) == eta and agent in versions:
+            return False
         if math.isinf(eta):
-            self._eta.pop(agent, None)
+            if agent not in etas and agent not in versions:
+                return False
+            etas.pop(agent, None)
             versions.drop(agent)
         else:
-            self._eta[agent] = eta
-            self._heap.push((eta, versions.stamp(agent), agent))
-        for callback in self._watchers:
-            callback(agent)
-        self._propagate(agent, self.propagation_depth if depth is None else depth)
+            etas[agent] = eta
+            heap.push((eta, versions.stamp(agent), agent))
+        return True
 
-    def _root(self, agent: str) -> str:
-        """Whose own (not graph-derived) estimate ``agent``'s current estimate is."""
-        if agent in self._via_graph and self._eta.get(agent) == self._via_graph[agent]:
-            return self._graph_root.get(agent, agent)
-        return agent
+    # -- the interaction graph ----------------------------------------------------------------
 
-    def _set_via_graph(self, agent: str) -> bool:
-        """Re-estimate ``agent`` from its in-neighbours; ``True`` if the estimate changed.
+    def _acts_at(self, agent: str) -> float:
+        """When ``agent`` next acts by what it alone knows (not by its own neighbours)."""
+        if agent in self._pending:
+            return self._pending[agent]
+        if agent in self._active:
+            return self._active[agent]
+        block = self._block.get(agent)
+        if block is None:
+            return math.inf
+        return min(block.until, self._hint.get(agent, math.inf), self._turn.get(agent, math.inf))
 
-        A neighbour's estimate that was itself derived from ``agent``, or from an agent whose own
-        estimate has since moved later, is skipped: on a cycle (two villagers who messaged each
-        other) or beyond ``propagation_depth`` hops, old estimates would otherwise stay alive
-        long after they passed, as "about to call" forever.
-        """
-        best, root = math.inf, agent
-        if self.graph is not None and agent in self.graph:
-            for u in self.graph.predecessors(agent):
-                eta = self._eta.get(u, math.inf)
-                if eta + self.edge_delay >= best:
-                    continue
-                source = self._root(u)
-                if source == agent or (source != u and self._eta.get(source, math.inf) > eta):
-                    continue
-                best, root = eta + self.edge_delay, source
-        changed = best != self._via_graph.get(agent)
-        self._via_graph[agent], self._graph_root[agent] = best, root
-        return changed
+    def _graph_arrival(self, agent: str) -> float:
+        """The earliest expected message to ``agent`` from its in-neighbours (``inf``: none)."""
+        graph = self.graph
+        if graph is None or agent not in graph:
+            return math.inf
+        now, best = self.env.now, math.inf
+        for u, edge in graph.pred[agent].items():
+            if u == agent:
+                continue
+            acts = self._acts_at(u)
+            if acts < now or acts + self.edge_delay >= best:
+                continue
+            gap = 0.0
+            interval = self.rates.wake_interval(u)
+            if interval:
+                wakes, messages = self.rates.wake_count(u), edge.get("messages", 1) or 1
+                if wakes > messages:
+                    gap = (wakes / messages - 1.0) * interval
+            best = min(best, acts + gap + self.edge_delay)
+        return best
 
-    def _propagate(self, agent: str, depth: int) -> None:
-        """Re-estimate receive-blocked out-neighbours of ``agent`` (bounded number of hops)."""
-        if depth <= 0 or self.graph is None or agent not in self.graph:
+    def _refresh_arrival(self, agent: str) -> None:
+        block = self._block.get(agent)
+        if block is not None and block.kind == "receive":
+            self._arrival[agent] = self._graph_arrival(agent)
+
+    def _tell_receivers(self, agent: str) -> None:
+        """``agent``'s own next action moved: re-estimate its receive-blocked out-neighbours."""
+        graph = self.graph
+        if graph is None or agent not in graph:
             return
-        for v in self.graph.successors(agent):
-            if v in self._receive and v not in self._pending:
-                if self._set_via_graph(v):
-                    self._update(v, depth - 1)
+        for v in graph.succ[agent]:
+            block = self._block.get(v)
+            if block is None or block.kind != "receive" or v == agent:
+                continue
+            arrival = self._graph_arrival(v)
+            if arrival != self._arrival.get(v):
+                self._arrival[v] = arrival
+                self._update(v)
+
+    # -- turn orders --------------------------------------------------------------------------
 
     def _refresh_turns(self) -> None:
         orders = self.env.open_turn_orders()
@@ -216,17 +383,17 @@ class DistanceOracle:
             for member in order.upcoming():
                 guess = self.env.now if previous is None else previous + self.turn_delay
                 fresh[member] = min(guess, fresh.get(member, math.inf))
-                own = self._combined(member, with_turn=False)
-                exact = member in self._pending or member in self._timer
+                own = self._estimate(member, with_turn=False)[0]
+                block = self._block.get(member)
+                exact = member in self._pending or (block is not None and block.kind == "timer")
                 previous = own if exact else min(own, guess)
-        stale = set(self._turn) - set(fresh)
-        for member in stale:
+        for member in set(self._turn) - set(fresh):
             del self._turn[member]
-            self._update(member)
+            self._changed(member, math.nan)
         for member, eta in fresh.items():
             if self._turn.get(member) != eta:
                 self._turn[member] = eta
-                self._update(member)
+                self._changed(member, math.nan)
 
     # -- prediction quality -------------------------------------------------------------------
 
@@ -235,66 +402,46 @@ class DistanceOracle:
         # Turn positions change without a hook (a member speaks, an order closes); without this
         # an agent whose conversation ended stays "next to speak" until the next prefetch pass.
         self._refresh_turns()
-        if self._snapshot is not None:
-            if (len(self._realised) < len(self._snapshot)
-                    and self._snapshot_calls < 4 * len(self._snapshot)):
+        prediction = self.prediction
+        if prediction.is_open:
+            if not prediction.due():
                 return
-            self._close_snapshot()
-        order = [a for a in self.nearest(self.window + len(self._pending))
-                 if a not in self._pending][:self.window]
-        if len(order) >= 2:
-            self._snapshot = {a: i for i, a in enumerate(order)}
-            self._realised, self._snapshot_calls = [], 0
-
-    def _observe_call(self, agent: str) -> int | None:
-        if self._snapshot is None:
-            return None
-        self._snapshot_calls += 1
-        rank = self._snapshot.get(agent)
-        if rank is None or agent in self._realised:
-            return None
-        self._realised.append(agent)
-        self.predicted_calls += 1
-        return rank
-
-    def _close_snapshot(self) -> None:
-        snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None:
+            self._retrust(prediction.close())
+        # The agents nearest by the estimate in use are scored; those nearest by every source
+        # (trusted or not) are added, so that a distrusted source goes on being measured.
+        scored, order = self._nearest_not_pending(self._heap), []
+        if len(scored) < 2:
             return
-        realised = {a: i for i, a in enumerate(self._realised)}
-        # agents that never called during the snapshot tie for last place
-        pairs = [(rank, realised.get(a, len(snapshot))) for a, rank in snapshot.items()]
-        tau = kendall_tau_b(pairs)
-        if tau is not None:
-            self.taus.append(tau)
+        seen = set(scored)
+        order = scored + [a for a in self._nearest_not_pending(self._raw_heap) if a not in seen]
+        combined = {a: self.eta(a) for a in order}
+        estimates = {}
+        for agent in order:
+            by_source = self.estimates(agent)
+            unlagged = self.estimates(agent, lagged=False)
+            wake = [s for s in by_source if s in WAKE_SOURCES]
+            if wake:
+                by_source["learned"] = min(by_source[s] for s in wake)
+                by_source["wake"] = min((unlagged[s] for s in wake if s in unlagged),
+                                        default=math.inf)
+            by_source["recency"] = -self.rates.last_call(agent)
+            estimates[agent] = by_source
+        prediction.open(combined, estimates, scored=len(scored))
+
+    def _nearest_not_pending(self, heap: LazyHeap[str]) -> list[str]:
+        taken = heap.smallest(self.window + len(self._pending))
+        return [e[-1] for e in taken if e[-1] not in self._pending][:self.window]
+
+    def _retrust(self, changed: set[str]) -> None:
+        """Some sources' trust changed: re-estimate every agent once."""
+        if not changed:
+            return
+        for agent in list(set(self._raw) | set(self._eta)):
+            self._update(agent)
 
     def quality(self) -> dict[str, Any]:
-        """Prediction quality for ``summary.json``."""
-        self._close_snapshot()
-        return {
-            "kendall_tau": round(sum(self.taus) / len(self.taus), 4) if self.taus else None,
-            "snapshots": len(self.taus),
-            "calls_with_predicted_rank": self.predicted_calls,
-            "calls": self.calls,
-        }
-
-
-def kendall_tau_b(pairs: Sequence[tuple[float, float]]) -> float | None:
-    """Kendall's tau-b of ``(x, y)`` pairs (ties allowed); ``None`` when undefined. O(n^2)."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(pairs)):
-        xi, yi = pairs[i]
-        for j in range(i + 1, len(pairs)):
-            dx, dy = xi - pairs[j][0], yi - pairs[j][1]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denominator if denominator else None
+        """Prediction quality for ``summary.json``: overall, per source, and the call rates."""
+        if self.prediction.is_open:
+            self.prediction.close()
+        return {**self.prediction.summary(), "calls": self.calls,
+                "call_rates": self.rates.summary()}

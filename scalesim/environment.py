@@ -53,9 +53,11 @@ class SimObserver(Protocol):
 
     def on_finish(self, agent: str) -> None: ...
 
-    def on_wait(self, agent: str, until: float) -> None: ...
+    def on_wait(self, agent: str, until: float, site: str) -> None:
+        """``agent`` sleeps until exactly ``until``; ``site`` names where it waits."""
 
-    def on_receive(self, agent: str, deadline: float) -> None: ...
+    def on_receive(self, agent: str, deadline: float, site: str) -> None:
+        """``agent`` blocks until something happens, at the latest at ``deadline``."""
 
     def on_exit(self, agent: str) -> None: ...
 
@@ -66,6 +68,9 @@ class SimObserver(Protocol):
 
     def checkpoint(self) -> None:
         """An engine iteration is about to run."""
+
+    def on_advance(self) -> None:
+        """The clock has just moved forward."""
 
     def quality(self) -> dict[str, Any]:
         """Prediction quality for ``summary.json``."""
@@ -80,10 +85,10 @@ class NullObserver:
     def on_finish(self, agent: str) -> None:
         pass
 
-    def on_wait(self, agent: str, until: float) -> None:
+    def on_wait(self, agent: str, until: float, site: str) -> None:
         pass
 
-    def on_receive(self, agent: str, deadline: float) -> None:
+    def on_receive(self, agent: str, deadline: float, site: str) -> None:
         pass
 
     def on_exit(self, agent: str) -> None:
@@ -96,6 +101,9 @@ class NullObserver:
         pass
 
     def checkpoint(self) -> None:
+        pass
+
+    def on_advance(self) -> None:
         pass
 
     def quality(self) -> dict[str, Any]:
@@ -161,8 +169,13 @@ class SimEnvironment(simpy.Environment):
     def step(self) -> None:
         if self.in_flight and self.peek() > self.now:
             self._run_engine_iteration()
-        else:
+            return
+        before = self._now
+        try:
             super().step()
+        finally:  # also when the step ends the run (simpy raises StopSimulation)
+            if self._now != before:
+                self.observer.on_advance()
 
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()

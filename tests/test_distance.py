@@ -10,7 +10,8 @@ import simpy
 from fake_engine import FakeEngine
 from runtime.memory import DistanceSource
 from scalesim import Agent, SimEnvironment, World
-from scalesim.distance import DistanceOracle, kendall_tau_b
+from scalesim.distance import DistanceOracle
+from scalesim.prediction_quality import kendall_tau_b
 from scalesim.turns import TurnOrder
 
 

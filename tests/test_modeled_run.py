@@ -62,3 +62,21 @@ def test_modeled_config_errors_name_the_key(tmp_path):
     path.write_text(TINY.replace("qwen2.5-7b", "gpt-5"))
     with pytest.raises(ConfigError, match=r"runtime.model: the modeled executor needs a model profile"):
         run(path, out=tmp_path / "run")
+
+
+def test_infinite_is_a_true_bound_and_unlimited_keeps_the_cold_misses(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    makespan, summaries = {}, {}
+    for policy in ("infinite", "unlimited", "lru", "scalesim"):
+        run(path, out=tmp_path / policy, runtime__memory__policy=policy)
+        summary = json.loads((tmp_path / policy / "summary.json").read_text())
+        makespan[policy] = summary["modeled"]["modeled_makespan_s"]
+        summaries[policy] = summary
+    # infinite: every object resident from the start, so no miss, no stall, no prefill of a
+    # persona; unlimited (the old "infinite") loads each object on its first use.
+    assert summaries["infinite"]["modeled"]["misses"] == 0
+    assert summaries["infinite"]["modeled"]["modeled_stall_s"] == 0
+    assert summaries["unlimited"]["modeled"]["misses"] == 12  # 6 agents x (adapter, prefix)
+    assert summaries["unlimited"]["memory"]["evictions"] == 0
+    assert min(makespan.values()) == makespan["infinite"] < makespan["unlimited"]

@@ -13,7 +13,7 @@ YAMLS = sorted(WORLDS.glob("*.yaml"))
 
 def test_every_world_has_small_and_large_configs():
     names = {p.stem for p in YAMLS}
-    for world in ("town", "social_feed", "round_table", "traffic"):
+    for world in ("town", "social_feed", "round_table", "traffic", "outbreak", "market"):
         assert world in names and f"{world}_large" in names
     assert {"town_standard", "social_feed_standard"} <= names
 

@@ -14,6 +14,10 @@ TINY = {
                     "world__params__rounds": 1, "world__params__max_tokens": 4},
     "traffic": {"world__params__size": 2, "world__params__vehicles": 2,
                 "world__params__trips": 1},
+    "outbreak": {"world__params__people": 10, "world__params__contacts": 4,
+                 "world__params__max_tokens": 4, "sim__until": 1440},
+    "market": {"world__params__traders": 2, "world__params__groups": 1,
+               "world__params__max_tokens": 4, "sim__until": 61},
 }
 
 

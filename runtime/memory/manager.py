@@ -161,6 +161,8 @@ class MemoryManager:
         known = self._objects.setdefault(obj.key, obj)
         if known is obj:
             self._device.index.learn(obj)
+            if self.policy.resident_from_start:
+                self._preload(obj)
         for user in users:
             if user not in known.users:
                 known.users.add(user)
@@ -288,6 +290,16 @@ class MemoryManager:
         if transfer is not None:
             self._device.used += obj.nbytes  # reserved now, so the budget holds while it copies
         return transfer
+
+    def _preload(self, obj: AgentMemory) -> None:
+        """Install ``obj`` as if it had been resident from the start (the ``infinite`` bound)."""
+        tensors = obj.preload()
+        if tensors is None or obj.device is not None:
+            return
+        self._device.used += obj.nbytes
+        obj.device = obj.on_device({k: v.to(self.device) for k, v in tensors.items()})
+        self._device.install(obj)
+        self._log(obj, "preload", "origin", "device", "resident from start", math.inf)
 
     def _urgent_load(self, obj: AgentMemory) -> Transfer | None:
         """Start the demand load of ``obj`` (promoting a prefetch); None if recomputed inline."""

@@ -65,6 +65,12 @@ class AgentMemory:
         """Build the object's tensors (on the CPU) from its origin."""
         raise NotImplementedError
 
+    def preload(self) -> Tensors | None:
+        """The object's contents as if it had been on the device since the run began, or
+        ``None`` where that cannot be had without doing the work (the ``infinite`` bound then
+        loads it on first use). Only a model of the hardware can say yes for free."""
+        return None
+
     def on_device(self, tensors: Tensors) -> Tensors:
         """The loaded device tensors arrived; install them where the engine reads them.
 

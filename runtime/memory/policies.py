@@ -10,7 +10,8 @@ belady     the same, with exact distances from an earlier run's recorded call se
 lru        least recently used leaves first; load on demand (the SGLang / vLLM default)
 lfu        least frequently used leaves first (ties: least recent); load on demand
 fifo       first loaded leaves first; load on demand
-infinite   no device limit: nothing is ever evicted (the upper bound)
+infinite   every object resident from the start: no limit, no cold miss (the bound)
+unlimited  no device limit, objects load on their first use (cold misses, never evicted)
 none       nothing is kept between calls: every call loads its objects again
 ========== ================================================================================
 """
@@ -33,6 +34,8 @@ class Policy:
     prefetch = False
     keep_between_calls = True
     unlimited = False
+    #: objects are on the device from the start: registering one installs it at no cost
+    resident_from_start = False
     uses_distance = False
 
     def __init__(self) -> None:
@@ -95,9 +98,21 @@ class Belady(DistancePolicy):
     name = "belady"
 
 
-class Infinite(LRU):
-    name = "infinite"
+class Unlimited(LRU):
+    name = "unlimited"
     unlimited = True
+
+
+class Infinite(Unlimited):
+    """The bound every policy is measured against: nothing is ever missing from the device.
+
+    Where an object cannot be had for free (:meth:`AgentMemory.preload` returns ``None``: the
+    real engine's prefix KV, which only a prefill computes) it loads on first use as under
+    ``unlimited``.
+    """
+
+    name = "infinite"
+    resident_from_start = True
 
 
 class NoCache(LRU):
@@ -106,7 +121,8 @@ class NoCache(LRU):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (DistancePolicy, Belady, LRU, LFU, FIFO, Infinite, NoCache)
+    cls.name: cls for cls in (DistancePolicy, Belady, LRU, LFU, FIFO, Infinite, Unlimited,
+                               NoCache)
 }
 
 

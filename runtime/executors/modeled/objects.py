@@ -31,6 +31,11 @@ class ModeledMemory(AgentMemory):
             self.fresh = True  # the next step that uses it computes it (a prefill)
         return {}
 
+    def preload(self) -> Tensors:
+        # A size only: resident from the start means already computed (no prefill is charged).
+        self.fresh = False
+        return {}
+
     def device_tensors(self) -> Tensors:
         # A zero-size tensor stands for the computed KV: the manager counts nbytes, not its size.
         if self.origin == "recompute" and not self.fresh:
