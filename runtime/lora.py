@@ -31,6 +31,20 @@ from runtime.request import RequestError
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_tensor_target(name: str) -> tuple[int, str, str] | None:
+    """``(layer, module, "lora_A" | "lora_B")`` of a PEFT tensor name, or ``None``.
+
+    PEFT names them ``base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}
+    .weight``.
+    """
+    parts = name.split(".")
+    try:
+        at = parts.index("layers")
+        return int(parts[at + 1]), parts[at + 3], parts[at + 4]
+    except (ValueError, IndexError):
+        return None
+
+
 def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """``(in_features, out_features)`` of each LoRA-targetable projection."""
     h, i = config.hidden_size, config.intermediate_size
@@ -99,13 +113,10 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> LoraAdapter:
     shapes = module_shapes(config)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        # base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
-        parts = name.split(".")
-        try:
-            at = parts.index("layers")
-            layer, module, which = int(parts[at + 1]), parts[at + 3], parts[at + 4]
-        except (ValueError, IndexError):
-            raise RequestError(f"adapter {path!r}: unexpected tensor {name!r}") from None
+        where = lora_tensor_target(name)
+        if where is None:
+            raise RequestError(f"adapter {path!r}: unexpected tensor {name!r}")
+        layer, module, which = where
         if module not in shapes or which not in ("lora_A", "lora_B"):
             raise RequestError(f"adapter {path!r}: tensor {name!r} targets an unsupported module")
         if layer >= config.num_layers:

@@ -195,7 +195,7 @@ def adapter_problems(path: Path, model: ModelConfig | None, max_rank: int | None
     limits (q/k/v/o/gate/up/down only; no DoRA, patterns or saved modules), which the
     transformers baseline's peft does not have. ``model=None`` skips the shape checks.
     """
-    from runtime.lora import TARGETS, module_shapes
+    from runtime.lora import TARGETS, lora_tensor_target, module_shapes
     from runtime.model.profiles import PROFILES
 
     if not path.is_dir():
@@ -252,15 +252,12 @@ def adapter_problems(path: Path, model: ModelConfig | None, max_rank: int | None
         return problems
     shapes = module_shapes(model)
     for name, info in tensors.items():
-        # base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight
-        parts = name.split(".")
-        try:
-            at = parts.index("layers")
-            layer, module, which = int(parts[at + 1]), parts[at + 3], parts[at + 4]
-        except (ValueError, IndexError):
+        where = lora_tensor_target(name)
+        if where is None:
             if strict:
                 problems.append(f"adapter_model.safetensors: unexpected tensor {name!r}")
             continue
+        layer, module, which = where
         if module not in shapes or which not in ("lora_A", "lora_B"):
             if strict:
                 problems.append(f"adapter_model.safetensors: tensor {name!r} targets an "
