@@ -101,3 +101,17 @@ def test_validate_modeled_replays_the_real_run_exactly(tmp_path):
     # The replay must make the same calls with the same tokens; the ratio is what it is.
     assert line["replay_identical"] is True and line["modeled_over_measured"]["town"] > 0
     assert (tmp_path / "quick" / "validate_modeled.csv").is_file()
+
+
+@pytest.mark.slow
+def test_prediction_suite_quick_runs_every_policy_and_infinite_is_the_bound(tmp_path):
+    env = {**os.environ, "SCALESIM_RESULTS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "experiments.prediction_suite", "--quick",
+                          "--worlds", "town,outbreak"], env=env, capture_output=True,
+                         text=True, check=True, timeout=600)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["modeled"] is True and line["worlds"] == ["town", "outbreak"]
+    assert line["infinite_is_a_bound"] is True
+    assert line["min_speedup_vs_lru"] > 0 and set(line["tau"]) == {"town", "outbreak"}
+    assert (tmp_path / "quick" / "prediction_suite.csv").is_file()
+    assert (tmp_path / "quick" / "prediction_suite.png").is_file()
