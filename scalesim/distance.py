@@ -158,7 +158,9 @@ class DistanceOracle:
                     aside.append(entry)
                     break
                 agent = entry[-1]
-                if agent in self._pending or agent in seen:  # a call in flight is due now
+                # A call in flight is due now, not stale; an agent already re-estimated in
+                # this pass is not taken again (a guard: re-estimates are never behind the clock).
+                if agent in self._pending or agent in seen:
                     aside.append(entry)
                     continue
                 seen.add(agent)
