@@ -148,13 +148,15 @@ class Engine:
 def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", device: str = "cpu",
                  dtype: str = "float32", *, policy: str | Policy = "lru",
                  device_bytes: int | None = None, host_bytes: int | None = None,
-                 disk_dir: str | Path | None = None, link_gbps: float | None = None,
+                 disk_dir: str | Path | None = None, kv_store: str | Path | None = None,
+                 kv_store_bytes: int | None = None, link_gbps: float | None = None,
                  link_latency_us: float = 0.0, lookahead: int = 16,
                  distance: DistanceSource | None = None, **options: Any) -> Engine:
     """Assemble an :class:`Engine` with the named executor and its memory manager.
 
     The memory keywords configure the :class:`~runtime.memory.MemoryManager` (``policy``,
-    ``device_bytes`` budget, ``host_bytes``, ``disk_dir``, the emulated link, ``lookahead``,
+    ``device_bytes`` budget, ``host_bytes``, ``disk_dir``, the persistent ``kv_store`` and its
+    cap ``kv_store_bytes``, the emulated link, ``lookahead``,
     the ``distance`` source); the defaults keep every object resident (no limit, LRU).
     ``options`` go to the executor (:class:`~runtime.executors.torch.TorchExecutor`'s pool
     sizes; for ``modeled``, ``hardware_profile``, ``preempt_prefetch``, ``cost`` and the
@@ -163,7 +165,8 @@ def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", d
     call by the first-come first-served :class:`~runtime.scheduler.Scheduler`.
     """
     memory = dict(policy=policy, device_bytes=device_bytes, host_bytes=host_bytes,
-                  disk_dir=disk_dir, lookahead=lookahead, distance=distance)
+                  disk_dir=disk_dir, kv_store=kv_store, kv_store_bytes=kv_store_bytes,
+                  lookahead=lookahead, distance=distance)
     if not isinstance(executor, str):
         manager = MemoryManager(**memory)  # type: ignore[arg-type]
         admission = MemoryAdmission(manager, executor.memory_objects)

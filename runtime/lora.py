@@ -77,6 +77,17 @@ class LoraAdapter:
                    for a, b in self.weights.values())
 
 
+def adapter_fingerprint(path: str) -> str:
+    """A digest of an adapter directory's config and weights (part of a persona KV's identity:
+    the adapter changes keys and values)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((Path(path) / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_adapter(path: str, config: ModelConfig, max_rank: int) -> LoraAdapter:
     """Read and validate a PEFT adapter directory; raise :class:`RequestError` if unusable."""
     directory = Path(path)
@@ -103,10 +114,10 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> LoraAdapter:
     weights_file = directory / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise RequestError(f"adapter {path!r}: no adapter_model.safetensors there")
-    from safetensors.torch import load_file
+    from runtime.memory.object_file import read_safetensors
 
     try:
-        tensors = load_file(weights_file)
+        tensors = read_safetensors(weights_file)  # direct I/O: the page cache is not a tier
     except Exception as exc:  # safetensors has its own error type for a truncated or garbled file
         raise RequestError(f"adapter {path!r}: adapter_model.safetensors is unreadable: "
                            f"{exc}") from None

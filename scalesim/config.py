@@ -57,6 +57,9 @@ class MemoryConfig(_Section):
                                           description="device budget; none: no limit")
     host_bytes: ByteSize | None = Field(default=None, ge=0, description="host budget; none: no limit")
     disk_dir: str | None = Field(default=None, description="cache dir of the disk tier")
+    kv_store: str | None = Field(default=None, description="persistent persona-KV store dir")
+    kv_store_bytes: ByteSize | None = Field(default=None, ge=1,
+                                            description="store cap; none: no cap")
     link_gbps: float | None = Field(default=None, gt=0, description="emulated host-device link")
     link_latency_us: float = Field(default=0.0, ge=0)
     lookahead: int = Field(default=16, ge=0, description="nearest agents a prefetch considers")

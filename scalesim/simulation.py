@@ -42,7 +42,8 @@ def memory_options(config: RunConfig, policy: Policy | None = None) -> dict[str,
     """The memory keywords of :func:`runtime.build_engine` from ``runtime.memory``."""
     mem = config.runtime.memory
     return {"policy": policy or mem.policy, "device_bytes": mem.device_bytes,
-            "host_bytes": mem.host_bytes, "disk_dir": mem.disk_dir, "link_gbps": mem.link_gbps,
+            "host_bytes": mem.host_bytes, "disk_dir": mem.disk_dir, "kv_store": mem.kv_store,
+            "kv_store_bytes": mem.kv_store_bytes, "link_gbps": mem.link_gbps,
             "link_latency_us": mem.link_latency_us, "lookahead": mem.lookahead}
 
 

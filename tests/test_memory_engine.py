@@ -71,7 +71,7 @@ def test_policies_move_adapters_but_not_outputs(hf, tmp_path) -> None:
         rows = []
         manager.listeners.append(rows.append)
         results[policy] = serve(engine, requests())
-        one = engine.executor.loras.adapters[paths[0]]
+        one = manager.objects[f"adapter:{paths[0]}"]
         if policy == "infinite":
             assert sum(r["op"] == "load" for r in rows) == 4
         else:

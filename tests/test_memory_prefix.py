@@ -132,3 +132,36 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
         manager.close()
     assert texts["lru"] == texts["infinite"] == texts["scalesim"] == texts["none"]
     assert len(set(texts["infinite"])) > 1
+
+
+def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tmp_path) -> None:
+    reference = make_engine(hf, "infinite")
+    want = [c.text for c in serve(reference, calls(adapters))]
+    reference.memory.close()
+    store = tmp_path / "store"
+    budget = 10 ** 9
+    runs = []
+    for policy in ("lru", "lru", "infinite"):
+        eng = make_engine(hf, policy, device_bytes=budget, host_bytes=0, kv_store=store)
+        rows: list[dict] = []
+        eng.memory.listeners.append(rows.append)
+        got = []
+        for r in calls(adapters):
+            got += serve(eng, [r])
+            eng.memory.reclaim(10 ** 12, kind="prefix_kv")  # every persona leaves the device
+        assert [c.text for c in got] == want
+        summary = eng.report()["memory"]
+        eng.memory.check()
+        eng.close()
+        runs.append((eng, rows, got, summary))
+    (first, rows1, got1, s1), (second, rows2, got2, s2), (bound, rows3, _, _) = runs
+    # Run 1 computes each persona once; its evictions go to the store, and later calls read it.
+    assert first.executor.reprefill_tokens == 0
+    assert s1["tiers"]["disk"]["written_bytes"] > 0 and s1["kv_store"]["entries_written"] == 4
+    # Run 2 computes none: every persona is found in the store and read from disk.
+    assert not [r for r in rows2 if r["kind"] == "prefix_kv" and r["op"] == "recompute"]
+    assert sum(r["op"] == "found" for r in rows2) == 4
+    assert all(c.cached_tokens > 0 for c in got2)
+    assert s2["tiers"]["disk"]["read_bytes"] >= 8 * prefix_object(second, "agent0").nbytes // 2
+    # The infinite bound starts with every persona resident, read from the store.
+    assert sum(r["op"] == "preload" and r["tier_from"] == "disk" for r in rows3) == 4

@@ -16,12 +16,14 @@ fills the entry; :attr:`TorchExecutor.reprefill_tokens` counts prefix tokens com
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from typing import Any
 
 import torch
 
 from runtime.kv_cache import KVCache, OutOfBlocks
-from runtime.lora import LoraBatch, LoraPool, load_adapter
+from runtime.lora import LoraBatch, LoraPool, adapter_fingerprint, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
 from runtime.executors.base import ChatCodec
 from runtime.executors.torch_memory import PooledAdapter, PooledPrefix
@@ -54,6 +56,8 @@ class TorchExecutor:
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
                  hf_model: Any = None) -> None:
         torch_dtype = getattr(torch, dtype)
+        #: what the model's KV depends on, for the persistent store (None: nothing is stored)
+        self._weights: str | None = None
         if random_weights:
             # Shape-only runs: a built-in profile with random weights; a tokenizer is optional.
             self.config: ModelConfig = profile(model)
@@ -65,6 +69,11 @@ class TorchExecutor:
                 hf_model, tokenizer = load_hf_model(model, dtype=dtype, device=device)
             self.config = from_hf_config(hf_model.config)
             self.model = LlamaModel.from_hf(hf_model, self.config)
+            if memory.tiers.store is not None:
+                from runtime.model.loader import weights_fingerprint
+
+                self._weights = weights_fingerprint(hf_model)
+        self.dtype = dtype
         self.tokenizer = tokenizer
         self.chat: ChatCodec = ChatFormat(tokenizer) if tokenizer is not None else NoTokenizer()
         self.eos_token_ids = set(self.config.eos_token_ids)
@@ -83,6 +92,7 @@ class TorchExecutor:
         self.reprefill_tokens = 0
         self._prefilled: set[tuple[str, str | None, int]] = set()
         self._adapters: dict[str, PooledAdapter] = {}
+        self._adapter_prints: dict[str, str] = {}
         self._prefix_objects: dict[str, PooledPrefix] = {}
         self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
                                           attention)
@@ -117,11 +127,22 @@ class TorchExecutor:
     def _pooled_adapter(self, path: str) -> PooledAdapter:
         pooled = self._adapters.get(path)
         if pooled is None:
-            adapter = load_adapter(path, self.config, self.max_lora_rank)
-            self.loras.adapters[path] = adapter
-            pooled = PooledAdapter(self.loras, adapter)
+            pooled = PooledAdapter(self.loras, load_adapter(path, self.config, self.max_lora_rank),
+                                   lambda: load_adapter(path, self.config, self.max_lora_rank))
+            if self._weights is not None:
+                self._adapter_prints[path] = adapter_fingerprint(path)
             self._adapters[path] = pooled
         return pooled
+
+    def _prefix_identity(self, entry: PrefixEntry) -> dict[str, Any] | None:
+        """What a persona KV is computed from: the persistent store's key (None: not stored)."""
+        if self._weights is None:
+            return None
+        adapter = None if entry.adapter is None else self._adapter_prints[entry.adapter]
+        tokens = hashlib.sha256(array("i", entry.token_ids).tobytes()).hexdigest()
+        return {"kind": "prefix_kv", "layout": "paged-kv-1", "weights": self._weights,
+                "adapter": adapter, "dtype": self.dtype, "block_size": self.cache.block_size,
+                "num_tokens": entry.num_tokens, "tokens": tokens}
 
     def _pooled_prefix(self, seq: Sequence) -> PooledPrefix:
         """The agent's prefix KV object; a new one when its prefix or adapter changed."""
@@ -139,6 +160,7 @@ class TorchExecutor:
             entry = PrefixEntry(agent, adapter, tuple(seq.prefix_ids))
             self.prefixes.entries[agent] = entry
             obj = self._prefix_objects[agent] = PooledPrefix(self.prefixes, entry)
+            obj.identity = self._prefix_identity(entry)
         return obj
 
     def execute(self, batch: Batch) -> None:

@@ -1,21 +1,24 @@
 """The torch executor's agent memory: LoRA adapters and prefix KV that live in its pools.
 
-The executor keeps every adapter's weights on the host (:class:`runtime.lora.LoraAdapter`) and
-applies resident ones from slots of its :class:`runtime.lora.LoraPool`. :class:`PooledAdapter`
-hands the decision of which adapters hold a slot to the :class:`MemoryManager`: a load copies the
-host weights through the copy engine (so the emulated link and prefetch overlap apply) and then
-installs them into a slot; an eviction frees the slot (the host copy stays, so a reload is exact).
+The executor applies resident adapters from slots of its :class:`runtime.lora.LoraPool`.
+:class:`PooledAdapter` hands the decision of which adapters hold a slot to the
+:class:`MemoryManager`: a load copies the host weights (or, when the host budget let them go,
+the adapter's file read again) through the copy engine, so the emulated link and prefetch
+overlap apply, and then installs them into a slot; an eviction frees the slot.
 
 :class:`PooledPrefix` does the same for an agent's prefix KV, which lives in blocks of the paged
 KV pool (:class:`runtime.prefix_cache.PrefixEntry`). Its bytes are those blocks, counted against the
 same device budget as the adapters. An eviction reads the blocks out (the manager keeps them on
 the host or disk when its tiers allow) and frees them; a reload writes them into fresh blocks,
-bit-identically. With no copy left the object is rebuilt by *recompute*: it becomes resident
+bit-identically. A persona KV with an identity (the executor gives one when the manager has a
+persistent store) is also found in, and written to, that store. With no copy left the object is rebuilt by *recompute*: it becomes resident
 empty ("pending"), the request that needed it prefills the prefix as part of its own prompt, and
 the executor fills the entry with the blocks it just computed (:meth:`PrefixCache.fill`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from runtime.kv_cache import OutOfBlocks
 from runtime.lora import LoraAdapter, LoraPool
@@ -24,16 +27,23 @@ from runtime.prefix_cache import PrefixCache, PrefixEntry
 
 
 class PooledAdapter(AgentMemory):
-    """One adapter of the executor's :class:`~runtime.lora.LoraPool`, managed by the manager."""
+    """One adapter of the executor's :class:`~runtime.lora.LoraPool`, managed by the manager.
+
+    The weights read when the adapter was first named arrive as its host copy, which the
+    manager counts against the host budget or lets go; ``reload`` reads them from the adapter's
+    files again. :attr:`adapter` holds no weights, only the pool slot.
+    """
 
     kind = "adapter"
     origin = "disk"
 
-    def __init__(self, pool: LoraPool, adapter: LoraAdapter) -> None:
+    def __init__(self, pool: LoraPool, adapter: LoraAdapter,
+                 reload: Callable[[], LoraAdapter]) -> None:
         super().__init__(f"adapter:{adapter.key}", adapter.nbytes)
         self.pool = pool
-        self.adapter = adapter
-        self.host = self._flatten(adapter)  # the executor keeps host weights anyway
+        self.adapter = LoraAdapter(adapter.key, adapter.rank, {})
+        self._reload = reload
+        self.host = self._flatten(adapter)
 
     @staticmethod
     def _flatten(adapter: LoraAdapter) -> Tensors:
@@ -43,7 +53,7 @@ class PooledAdapter(AgentMemory):
         return out
 
     def materialize(self) -> Tensors:
-        return self._flatten(self.adapter)
+        return self._flatten(self._reload())
 
     def on_device(self, tensors: Tensors) -> Tensors:
         weights = {(int(layer), module): (tensors[f"{layer}.{module}.A"],

@@ -42,6 +42,8 @@ import torch
 
 from runtime.memory.copy_engine import CopyEngine, CopyLink, Transfer
 from runtime.memory.distance import DistanceSource, OrderedDistanceSource
+from runtime.memory.kv_store import KVStore
+from runtime.memory.object_file import CorruptObjectFile, read_object
 from runtime.memory.residency import Residency
 from runtime.memory.objects import AgentMemory, Tensors
 from runtime.memory.policies import Policy, make_policy
@@ -57,6 +59,13 @@ class WorkingSetTooLarge(RequestError):
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _disk_copy_failed(transfer: Transfer) -> bool:
+    """Whether ``transfer`` failed reading a disk-tier copy (a damaged or vanished file), which
+    the object's origin can replace; an object re-read from its own file has no other source."""
+    return transfer.source == "disk" and transfer.obj.origin == "recompute" and \
+        isinstance(transfer.error, (CorruptObjectFile, OSError))
 
 
 class MemoryManager:
@@ -83,14 +92,18 @@ class MemoryManager:
         distance: DistanceSource | None = None,
         chunk_bytes: int | None = None,
         copy: CopyLink | None = None,
+        kv_store: str | Path | KVStore | None = None,
+        kv_store_bytes: int | None = None,
     ) -> None:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.device = torch.device(device)
         unlimited = self.policy.unlimited or device_bytes is None
         self.device_bytes: float = math.inf if unlimited else int(device_bytes or 0)
         if not self.policy.keep_between_calls:
-            host_bytes, disk_dir = 0, None  # `none` keeps nothing anywhere
-        self.tiers = Tiers(host_bytes, disk_dir, pin=self.device.type == "cuda")
+            host_bytes, disk_dir, kv_store = 0, None, None  # `none` keeps nothing anywhere
+        store = KVStore(kv_store, kv_store_bytes) if isinstance(kv_store, (str, Path)) \
+            else kv_store
+        self.tiers = Tiers(host_bytes, disk_dir, pin=self.device.type == "cuda", store=store)
         self.lookahead = lookahead
         self.copy: CopyLink = copy if copy is not None else CopyEngine(
             self.device, link_gbps=link_gbps, link_latency_us=link_latency_us,
@@ -158,9 +171,11 @@ class MemoryManager:
 
     def register(self, obj: AgentMemory, users: Iterable[str] = ()) -> AgentMemory:
         """Make ``obj`` known (once per key: a shared object is stored once) and add its users."""
-        known = self._objects.setdefault(obj.key, obj)
-        if known is obj:
+        known = self._objects.get(obj.key)
+        if known is None:
+            known = self._objects[obj.key] = obj
             self._device.index.learn(obj)
+            self.tiers.adopt(obj, **self._device.host_room())
             if self.policy.resident_from_start:
                 self._preload(obj)
         for user in users:
@@ -277,11 +292,20 @@ class MemoryManager:
             self._finish(transfer)
 
     def close(self) -> None:
+        """Stop the copy engine; keep what the persistent store lacks; delete scratch files."""
         self.copy.close()
+        try:
+            self.tiers.persist(self._objects.values())
+        finally:
+            self.tiers.close()
 
     def summary(self) -> dict[str, Any]:
         """The run's memory totals for ``summary.json``."""
-        return self.totals.summary(self.policy.name, self.device_bytes, self.copy.busy_s)
+        out = self.totals.summary(self.policy.name, self.device_bytes, self.copy.busy_s,
+                                  self.tiers.written)
+        if self.tiers.store is not None:
+            out["kv_store"] = self.tiers.store.summary()
+        return out
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -293,13 +317,24 @@ class MemoryManager:
 
     def _preload(self, obj: AgentMemory) -> None:
         """Install ``obj`` as if it had been resident from the start (the ``infinite`` bound)."""
-        tensors = obj.preload()
-        if tensors is None or obj.device is not None:
+        if obj.device is not None:
+            return
+        start = time.perf_counter()
+        tensors, source = obj.preload(), "origin"
+        if tensors is None and obj.disk_path is not None:  # the persistent store has it
+            try:
+                tensors, source = read_object(obj.disk_path, obj.identity), "disk"
+            except (CorruptObjectFile, OSError):
+                self.totals.corrupt += 1
+                self.tiers.discard_disk(obj)
+        if tensors is None:
             return
         self._device.used += obj.nbytes
         obj.device = obj.on_device({k: v.to(self.device) for k, v in tensors.items()})
         self._device.install(obj)
-        self._log(obj, "preload", "origin", "device", "resident from start", math.inf)
+        self.totals.read_bytes[source] += obj.nbytes
+        self.totals.preload_s += time.perf_counter() - start
+        self._log(obj, "preload", source, "device", "resident from start", math.inf)
 
     def _urgent_load(self, obj: AgentMemory) -> Transfer | None:
         """Start the demand load of ``obj`` (promoting a prefetch); None if recomputed inline."""
@@ -314,20 +349,27 @@ class MemoryManager:
             tensors = obj.materialize()
             obj.device = obj.on_device({k: v.to(self.device, copy=True)
                                         for k, v in tensors.items()})
-            self._installed(obj, "recompute", "recompute", "miss", 0.0, self.copy.now() - start)
+            seconds = self.copy.now() - start
+            self.totals.stall_by_source["recompute"] += seconds
+            self._installed(obj, "recompute", "recompute", "miss", 0.0, seconds)
         return transfer
 
     def _wait(self, obj: AgentMemory, transfer: Transfer) -> None:
         while True:
+            start = self.copy.now()
             transfer.done.wait()
+            self.totals.stall_by_source[transfer.source] += self.copy.now() - start
             self._finish(transfer)
             if obj.device is not None:
                 return
-            if transfer.error is not None:
+            if _disk_copy_failed(transfer):
+                again = self._urgent_load(obj)  # the disk copy is gone: its origin, or recompute
+            elif transfer.error is not None:
                 raise RequestError(f"loading memory object {obj.key!r} failed: {transfer.error}")
-            # A prefetch aborted just before we promoted it: load it again, urgently.
-            again = self._issue(obj, urgent=True, distance=0.0)
-            assert again is not None
+            else:  # a prefetch aborted just before we promoted it: load it again, urgently
+                again = self._issue(obj, urgent=True, distance=0.0)
+            if again is None:
+                return  # recomputed on this thread
             transfer = again
 
     def _finish(self, transfer: Transfer) -> None:
@@ -337,6 +379,10 @@ class MemoryManager:
         if transfer.aborted or transfer.error is not None or transfer.result is None:
             self._device.used -= obj.nbytes
             op = "abort" if transfer.aborted else "error"
+            if _disk_copy_failed(transfer):
+                op = "corrupt"  # never used; the object is rebuilt from its origin
+                self.totals.corrupt += 1
+                self.tiers.discard_disk(obj)
             self._log(obj, op, transfer.source, "none", "preempted" if transfer.aborted
                       else str(transfer.error), transfer.distance)
             return
@@ -357,6 +403,7 @@ class MemoryManager:
         else:
             t.bytes_recomputed += obj.nbytes
         t.copy_s += seconds
+        t.read_bytes[tier_from] += obj.nbytes
         self._log(obj, op, tier_from, "device", cause, distance)
 
     def _distance_changed(self, agent: str) -> None:
@@ -409,6 +456,8 @@ class MemoryManager:
         on_device = [o for o in self._objects.values() if o.device is not None]
         assert len(on_device) == len(resident)
         assert self.tiers.host_used <= self.tiers.host_bytes
+        assert self.tiers.host_used == sum(o.nbytes for o in self._objects.values()
+                                           if o.host is not None), "host copies uncounted"
         for owner, objs in self._owners.items():
             assert all(o.device is not None for o in objs), owner
         self._device.check()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -41,6 +41,11 @@ class AgentMemory:
     :meth:`materialize` must run on the thread that owns the model (a re-prefill), ``threadsafe =
     False``. The manager-owned fields (``device``, ``host``, ``disk_path``, ``users``, ``pins``)
     are the object's state; only the manager writes them.
+
+    :attr:`identity` (JSON-able, ``None`` by default) says what the contents are computed
+    from, completely: for a persona's prefix KV the model, adapter, dtype and tokens. Objects
+    with one can be kept in the persistent store (:mod:`runtime.memory.kv_store`) and found
+    there by a later run.
     """
 
     kind: ClassVar[str] = "custom"
@@ -57,6 +62,7 @@ class AgentMemory:
         self.disk_path: Path | None = None
         self.users: set[str] = set()
         self.pins = 0
+        self.identity: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key} {self.nbytes} B>"
@@ -139,9 +145,9 @@ class AdapterFile(AgentMemory):
         super().__init__(f"adapter:{self.path}", _safetensors_nbytes(self.file))
 
     def materialize(self) -> Tensors:
-        from safetensors.torch import load_file
+        from runtime.memory.object_file import read_safetensors
 
-        return load_file(str(self.file))
+        return read_safetensors(self.file)
 
 
 class ModelWeights(AgentMemory):

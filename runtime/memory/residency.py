@@ -185,13 +185,17 @@ class Residency:
         self.index.remove(obj.key)
         self.used -= obj.nbytes
         self.totals.evictions += 1
-        protected = set(protect)
-        held = (o for o in self._with_host_copy() if o.key not in protected)
-        tier = self.tiers.keep(obj, tensors, held=held,
-                               rank=lambda o: self.policy.eviction_rank(o, self.distance_of),
-                               log=lambda o, op, frm, to, why: self._log(
-                                   o, op, frm, to, why, self.distance_of(o)))
+        tier = self.tiers.keep(obj, tensors, **self.host_room(protect))
         self._log(obj, "drop" if tier == "none" else "evict", "device", tier, cause, distance)
+
+    def host_room(self, protect: Iterable[str] = frozenset()) -> dict[str, Any]:
+        """What the tiers need to make host room: the host copies not in ``protect`` that may
+        go, the policy's rank of them, and the row writer."""
+        protected = set(protect)
+        return {"held": (o for o in self._with_host_copy() if o.key not in protected),
+                "rank": lambda o: self.policy.eviction_rank(o, self.distance_of),
+                "log": lambda o, op, frm, to, why: self._log(o, op, frm, to, why,
+                                                             self.distance_of(o))}
 
     # -- ranks --------------------------------------------------------------------------------
 

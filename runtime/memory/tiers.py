@@ -1,22 +1,33 @@
-"""The tiers below the device: host memory (a byte budget) and a disk cache directory.
+"""The tiers below the device: host memory (a byte budget), a disk tier and the persistent store.
 
 When an object leaves the device, :meth:`Tiers.keep` decides where its contents go: to the host
-tier while its budget allows (pinned memory on CUDA), else to disk (safetensors; only for
-objects that would otherwise need recomputing, since an adapter can be re-read from its own
-file), else nowhere (the object is dropped and later rebuilt from its origin). Making room on
-the host moves the host copies that the policy ranks first down to disk, or drops them.
-:meth:`Tiers.source_of` says where a load can read an object from off the model's thread.
+tier while its budget allows (pinned memory on CUDA), else to disk, else nowhere (the object is
+dropped and later rebuilt from its origin). Only objects that would otherwise need recomputing
+go to disk, since an adapter can be re-read from its own file. An object with an
+:attr:`~runtime.memory.objects.AgentMemory.identity` goes to the persistent
+:class:`~runtime.memory.kv_store.KVStore` when there is one (where a later run finds it too),
+the others to the run's scratch directory ``disk_dir`` (emptied when the run ends). Disk files
+are :mod:`~runtime.memory.object_file` files: direct I/O, checksummed.
+
+The host budget counts every host copy, including those an object arrives with (an adapter's
+weights, read when it is first named): :meth:`Tiers.adopt` places them under the budget or lets
+them go. Making room on the host moves the host copies that the policy ranks first down to disk,
+or drops them. :meth:`Tiers.source_of` says where a load can read an object from off the model's
+thread; :attr:`Tiers.written` counts the bytes each tier received.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from runtime.memory.kv_store import KVStore
+from runtime.memory.object_file import read_object, write_object
 from runtime.memory.objects import AgentMemory, Tensors
 
 #: ``log(obj, op, tier_from, tier_to, cause)``: the manager's row writer.
@@ -24,16 +35,21 @@ Log = Callable[[AgentMemory, str, str, str, str], None]
 
 
 class Tiers:
-    """Host budget ``host_bytes`` (``None``: no limit, 0: no host tier) and ``disk_dir``."""
+    """Host budget ``host_bytes`` (``None``: no limit, 0: no host tier), the scratch ``disk_dir``
+    and the persistent ``store``."""
 
     def __init__(self, host_bytes: int | None, disk_dir: str | Path | None,
-                 pin: bool = False) -> None:
+                 pin: bool = False, store: KVStore | None = None) -> None:
         self.host_bytes: float = math.inf if host_bytes is None else int(host_bytes)
         self.host_used = 0
         self.disk = Path(disk_dir) if disk_dir is not None else None
         if self.disk is not None:
             self.disk.mkdir(parents=True, exist_ok=True)
+        self.store = store
         self._pin = pin
+        #: bytes copied into each tier ("host", "disk")
+        self.written: Counter[str] = Counter()
+        self._scratch: set[Path] = set()
 
     @staticmethod
     def copyable(obj: AgentMemory) -> bool:
@@ -46,13 +62,31 @@ class Tiers:
             host = obj.host
             return "host", lambda: host
         if obj.disk_path is not None:
-            path = str(obj.disk_path)
-            from safetensors.torch import load_file
-
-            return "disk", lambda: load_file(path)
+            path, identity = obj.disk_path, obj.identity
+            return "disk", lambda: read_object(path, identity)
         if obj.threadsafe:
             return obj.origin, obj.materialize
         return None
+
+    def adopt(self, obj: AgentMemory, *, held: Iterable[AgentMemory],
+              rank: Callable[[AgentMemory], Any], log: Log) -> None:
+        """A newly registered object: find it in the store, and budget the host copy it came with.
+
+        A host copy that does not fit moves to disk where a computed object's copies go, else
+        it is let go (the object is re-read from its origin, or rebuilt).
+        """
+        if self.store is not None and obj.identity is not None and obj.disk_path is None:
+            obj.disk_path = self.store.find(obj.identity)
+            if obj.disk_path is not None:
+                log(obj, "found", "store", "disk", "persistent store")
+        if obj.host is None:
+            return
+        if self._make_host_room(obj.nbytes, held, rank, log):
+            self.host_used += obj.nbytes
+            return
+        tensors, obj.host = obj.host, None
+        to = "disk" if self._to_disk(obj, tensors) else "none"
+        log(obj, "evict" if to == "disk" else "drop", "host", to, "host budget")
 
     def keep(self, obj: AgentMemory, tensors: Tensors, *, held: Iterable[AgentMemory],
              rank: Callable[[AgentMemory], Any], log: Log) -> str:
@@ -68,6 +102,7 @@ class Tiers:
         if self._make_host_room(obj.nbytes, held, rank, log):
             obj.host = {k: self._to_host(v) for k, v in tensors.items()}
             self.host_used += obj.nbytes
+            self.written["host"] += obj.nbytes
             return "host"
         if self._to_disk(obj, tensors):
             return "disk"
@@ -106,19 +141,62 @@ class Tiers:
 
     def _to_disk(self, obj: AgentMemory, tensors: Tensors) -> bool:
         """Write a disk copy when there is a disk tier and the object cannot just be re-read."""
-        if self.disk is None or obj.origin != "recompute":
+        if obj.origin != "recompute" or not tensors:
             return False
-        if obj.disk_path is None:
-            from safetensors.torch import save_file
-
-            name = hashlib.sha1(obj.key.encode()).hexdigest()[:20] + ".safetensors"
-            path = self.disk / name
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+        if obj.disk_path is not None:
+            return True  # objects are immutable: the copy written earlier is still good
+        if self.store is not None and obj.identity is not None:
+            obj.disk_path = self.store.put(obj.identity, tensors)
+        elif self.disk is not None:
+            path = self.disk / (hashlib.sha1(obj.key.encode()).hexdigest()[:20] + ".obj")
+            write_object(path, tensors, obj.identity)
             obj.disk_path = path
+            self._scratch.add(path)
+        else:
+            return False
+        self.written["disk"] += obj.nbytes
         return True
+
+    def persist(self, objects: Iterable[AgentMemory]) -> int:
+        """Write every computed object with an identity that the store lacks (end of a run);
+        return how many were written."""
+        if self.store is None:
+            return 0
+        written = 0
+        for obj in objects:
+            if obj.identity is None or obj.origin != "recompute":
+                continue
+            if obj.disk_path is not None and obj.disk_path not in self._scratch:
+                continue
+            tensors = obj.host if obj.host is not None else \
+                obj.device_tensors() if obj.device is not None else {}
+            if tensors:
+                obj.disk_path = self.store.put(obj.identity, tensors)
+                self.written["disk"] += obj.nbytes
+                written += 1
+        return written
+
+    def discard_disk(self, obj: AgentMemory) -> None:
+        """``obj``'s disk copy is unusable (damaged, truncated, someone else's): delete it."""
+        path, obj.disk_path = obj.disk_path, None
+        if path is None:
+            return
+        if self.store is not None and path.parent == self.store.directory:
+            self.store.discard(path)
+        else:
+            path.unlink(missing_ok=True)
+            self._scratch.discard(path)
 
     def forget(self, obj: AgentMemory) -> None:
         """Drop every copy of ``obj`` below the device (its content changed)."""
         if obj.host is not None:
             self.take_host(obj)
+        if obj.disk_path in self._scratch:
+            self.discard_disk(obj)
         obj.disk_path = None
+
+    def close(self) -> None:
+        """Delete the run's scratch files (the store's entries stay for later runs)."""
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
+        self._scratch.clear()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -20,12 +21,23 @@ class MemoryTotals:
     bytes_recomputed: int = 0
     copy_s: float = 0.0
     evictions: int = 0
+    #: bytes installed on the device, by where they came from (host, disk, an origin, recompute)
+    read_bytes: Counter[str] = field(default_factory=Counter)
+    #: seconds requests waited for their objects, by where the objects came from
+    stall_by_source: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: objects found damaged on disk (rebuilt from their origin instead)
+    corrupt: int = 0
+    #: seconds spent installing objects resident from the start (the ``infinite`` bound)
+    preload_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def summary(self, policy: str, device_bytes: float, copy_busy_s: float) -> dict[str, Any]:
-        """The ``memory`` section of ``summary.json`` (JSON has no infinity: null = no limit)."""
+    def summary(self, policy: str, device_bytes: float, copy_busy_s: float,
+                written: Counter[str]) -> dict[str, Any]:
+        """The ``memory`` section of ``summary.json`` (JSON has no infinity: null = no limit).
+
+        ``written`` are the bytes each tier below the device received."""
         accesses = self.hits + self.misses
         return {"policy": policy,
                 "device_bytes": None if device_bytes == math.inf else int(device_bytes),
@@ -33,4 +45,10 @@ class MemoryTotals:
                 "bytes_loaded": int(self.bytes_loaded),
                 "bytes_prefetched": int(self.bytes_prefetched),
                 "stall_s": round(self.stall_s, 4), "evictions": int(self.evictions),
-                "copy_busy_s": round(copy_busy_s, 4)}
+                "copy_busy_s": round(copy_busy_s, 4),
+                "tiers": {tier: {"read_bytes": int(self.read_bytes.get(tier, 0)),
+                                 "written_bytes": int(written.get(tier, 0)),
+                                 "stall_s": round(self.stall_by_source.get(tier, 0.0), 4)}
+                          for tier in sorted(set(self.read_bytes) | set(written)
+                                             | set(self.stall_by_source))},
+                "corrupt_files": self.corrupt, "preload_s": round(self.preload_s, 4)}

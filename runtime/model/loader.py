@@ -99,6 +99,28 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def weights_fingerprint(model: Any) -> str:
+    """A digest of a loaded transformers model's weights and config: what a persona KV computed
+    with it depends on (the persistent store's key). Hashes every parameter, once per model
+    object (a few hundred milliseconds for SmolLM2-135M)."""
+    import hashlib
+
+    import torch
+
+    cached = getattr(model, "_scalesim_fingerprint", None)
+    if cached is not None:
+        return str(cached)
+    digest = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            digest.update(flat.view(torch.uint8).numpy())
+    fingerprint = digest.hexdigest()
+    model._scalesim_fingerprint = fingerprint
+    return fingerprint
+
+
 def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` with transformers from local files only."""
     import torch
