@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test test-fast clean realclient
 
 # torch first, from the CPU build on this machine's disk: a plain `torch` would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -29,6 +29,14 @@ test: setup
 test-fast: setup
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
+
+# Opt-in, not part of `make test`: a real framework (AgentScope, in its own venv) runs a tiny
+# multi-agent script against `python -m scalesim.serve` on the real model, over loopback.
+REALCLIENT_VENV ?= .venv-realclient
+realclient: setup
+	test -x $(REALCLIENT_VENV)/bin/python || $(PYTHON) -m venv $(REALCLIENT_VENV)
+	$(REALCLIENT_VENV)/bin/python -m pip install -q agentscope==2.0.11
+	$(PY) tests/realclient/run.py --client-python $(REALCLIENT_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

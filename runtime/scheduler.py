@@ -47,7 +47,29 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._failed)
+
+    def cancel(self, request_id: int, reason: str) -> bool:
+        """Fail the waiting or running sequence ``request_id`` now; ``False`` if there is none.
+
+        It leaves at the next :meth:`remove_finished`, which frees what it holds, like any
+        finished sequence.
+        """
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._failed.append(seq)
+                self._release_blocks(seq)
+                seq.fail(reason)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id and seq.status is not SequenceStatus.FINISHED:
+                seq.fail(reason)
+                return True
+        return False
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        """Free the KV blocks of a sequence leaving the waiting queue (none here)."""
 
     def schedule(self) -> Batch:
         """Admit waiting sequences while there is room; return the batch to run."""
@@ -61,7 +83,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        return Batch(list(self.running))
+        return Batch([s for s in self.running if s.status is not SequenceStatus.FINISHED])
 
     def remove_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.status is SequenceStatus.FINISHED]
@@ -212,6 +234,12 @@ class BatchScheduler(Scheduler):
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        """A waiting sequence may hold blocks (an attached prefix, or a failed grow): free them."""
+        if seq.block_table:
+            self.cache.release(seq.block_table)
+            seq.block_table = []
 
     def remove_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.status is SequenceStatus.FINISHED]

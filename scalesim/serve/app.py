@@ -1,0 +1,358 @@
+"""The HTTP surface: an OpenAI-compatible FastAPI app over one :class:`EngineLoop`.
+
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain, or server-sent
+events with ``stream: true``; ``stream_options.include_usage`` adds a last usage chunk),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), the bulk hints
+``POST /v1/scalesim/hints`` and the seed paper's ``POST /v1/update``.
+
+Bodies are read and validated here, so that every client error is a 400 in the OpenAI format
+naming its field (FastAPI would answer 422 in its own format). A handler resolves the model
+field and the agent identity (:mod:`~scalesim.serve.identity`), renders the messages
+(:mod:`~scalesim.serve.prompt`), applies the request's hints, submits a
+:class:`~scalesim.serve.loop.Job` and waits for its events. A client that disconnects while
+waiting cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from urllib.parse import quote
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from runtime import Completion, Request, SamplingParams
+from scalesim.serve.errors import APIError, bad_request, from_validation
+from scalesim.serve.identity import AGENT_HEADER, AdapterRegistry, resolve_identity
+from scalesim.serve.loop import EngineLoop, Job
+from scalesim.serve.prompt import parse_tool_calls, render
+from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, HintsBody,
+                                     ScaleSimFields, UpdateBody)
+
+Body = TypeVar("Body", bound=BaseModel)
+#: How often a waiting handler checks whether its client is still there (seconds).
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class ServeState:
+    """What the app serves: the engine loop, the model names, and its settings."""
+
+    loop: EngineLoop
+    registry: AdapterRegistry
+    api_key: str | None = None
+    #: called once when the app shuts down, after the loop drained (writes the trace)
+    on_shutdown: Callable[[], None] | None = None
+    drain_timeout_s: float = 60.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _endpoint(path: str) -> str:
+    for name in ("chat/completions", "completions", "scalesim/hints", "update", "models"):
+        if path.startswith(f"/v1/{name}"):
+            return name.replace("/", "_")
+    return path.strip("/") or "root"
+
+
+async def _parse(request: HTTPRequest, model: type[Body]) -> Body:
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise bad_request(None, f"malformed JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(None, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc.errors()) from None
+
+
+def _usage(c: Completion) -> dict[str, Any]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.output_tokens,
+            "total_tokens": c.prompt_tokens + c.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
+
+
+def _headers(job: Job) -> dict[str, str]:
+    """Response headers that say whom the server took the request for."""
+    return {"x-scalesim-agent": quote(job.info["agent"], safe=""),
+            "x-scalesim-identity": job.info["identity_source"],
+            "x-request-id": str(job.request.request_id)}
+
+
+def create_app(state: ServeState) -> FastAPI:
+    """The FastAPI app of ``state`` (see the module docstring)."""
+    loop, registry = state.loop, state.registry
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has stopped accepting and let open requests finish; drain what is left.
+        if state.on_shutdown is not None:
+            await asyncio.to_thread(state.on_shutdown)
+        else:
+            await asyncio.to_thread(loop.drain, state.drain_timeout_s)
+            loop.stop()
+
+    async def authorize(request: HTTPRequest) -> None:
+        if state.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+                raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    app = FastAPI(title="scalesim.serve", lifespan=lifespan, dependencies=[Depends(authorize)])
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        if exc.status != 429:  # 429s are counted by the loop
+            loop.metrics.refused(_endpoint(request.url.path), str(exc.status))
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        return from_validation(list(exc.errors())).response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if loop.healthy else "failed", "pending": loop.pending,
+                "error": loop.error}
+        return JSONResponse(body, status_code=200 if loop.healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = loop.metrics.render(loop.engine.memory, loop.distance)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def _model_card(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": state.created,
+                "owned_by": "scalesim"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(m) for m in registry.model_ids()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        registry.resolve(model_id)
+        return _model_card(model_id)
+
+    def _apply_hints(agent: str, fields: ScaleSimFields | None) -> None:
+        distance = loop.distance
+        if fields is None or distance is None:
+            return
+        if fields.next_eta is None and not fields.hints:
+            return
+
+        def apply() -> None:
+            if fields.next_eta is not None:
+                distance.hint(agent, fields.next_eta, fields.clock, fields.kind)
+            for item in fields.hints:
+                distance.hint(item.agent, item.eta, fields.clock, fields.kind)
+        loop.call(apply)  # best-effort: nothing waits on it, nothing fails because of it
+
+    def _job(request: HTTPRequest, body: ChatCompletionBody | CompletionBody, endpoint: str,
+             prefix: str, prompt: str, stream: bool) -> Job:
+        choice = registry.resolve(body.model)
+        fields = body.scalesim
+        identity = resolve_identity(
+            request.headers.get(AGENT_HEADER), fields.agent if fields else None,
+            body.prompt_cache_key, body.user, choice,
+            body.messages if isinstance(body, ChatCompletionBody) else None)
+        try:
+            sampling = SamplingParams(max_tokens=1, temperature=body.temperature or 0.0,
+                                      top_p=body.top_p if body.top_p is not None else 1.0,
+                                      seed=body.seed, stop=body.stops())
+        except Exception as exc:
+            raise bad_request(None, str(exc)) from None
+        _apply_hints(identity.agent, fields)
+        info = {"agent": identity.agent, "identity_source": identity.source,
+                "endpoint": endpoint, "model": body.model, "adapter": choice.adapter_name,
+                "session": fields.session if fields else None,
+                "session_clock": fields.clock if fields else None}
+        return Job(Request(identity.agent, prompt, prefix, sampling, choice.adapter_path),
+                   endpoint, asyncio.Queue(), asyncio.get_running_loop(),
+                   body.requested_tokens(), stream, info)
+
+    async def _next_event(job: Job, request: HTTPRequest) -> tuple[str, Any]:
+        get = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return get.result()
+                if await request.is_disconnected():
+                    loop.cancel(job)
+                    raise APIError(499, "the client disconnected", type="client_closed")
+        finally:
+            get.cancel()
+
+    async def _final(job: Job, request: HTTPRequest) -> Completion:
+        while True:
+            kind, value = await _next_event(job, request)
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+    def _chat_message(body: ChatCompletionBody, text: str) -> tuple[dict[str, Any], str | None]:
+        if not body.tools:
+            return {"role": "assistant", "content": text}, None
+        content, calls = parse_tool_calls(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, None
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+    async def _stream(job: Job, request: HTTPRequest, chunk: Callable[..., dict[str, Any]],
+                      finish: Callable[[Completion], list[dict[str, Any]]],
+                      include_usage: bool) -> AsyncIterator[str]:
+        try:
+            yield f"data: {json.dumps(chunk(first=True))}\n\n"
+            while True:
+                kind, value = await job.events.get()
+                if kind == "delta":
+                    yield f"data: {json.dumps(chunk(text=value))}\n\n"
+                elif kind == "error":
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    break
+                else:
+                    for item in finish(value):
+                        yield f"data: {json.dumps(item)}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps(chunk(usage=_usage(value)))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            loop.cancel(job)  # a no-op once it finished; frees its memory if the client left
+
+    def _submit(job: Job) -> None:
+        loop.submit(job)  # 429 / 503 raise from here
+
+    async def _accepted(job: Job, request: HTTPRequest) -> None:
+        """Wait until the engine took ``job``, so that a stream starts only once it can run
+        (a prompt too long for the context is a 400, not an error inside a 200 stream)."""
+        kind, value = await _next_event(job, request)
+        if kind == "error":
+            raise value
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest) -> Any:
+        body = await _parse(request, ChatCompletionBody)
+        prefix, prompt = render(body.messages, body.tools)
+        job = _job(request, body, "chat", prefix, prompt, body.stream and not body.tools)
+        _submit(job)
+        rid = f"chatcmpl-{job.request.request_id}-{uuid.uuid4().hex[:8]}"
+        created = int(time.time())
+
+        def chunk(text: str | None = None, first: bool = False, usage: Any = None,
+                  finish: str | None = None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+            out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                                   "created": created, "model": body.model}
+            if usage is not None:
+                out["choices"], out["usage"] = [], usage
+                return out
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if first else {"content": text}
+            out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish,
+                               "logprobs": None}]
+            return out
+
+        if body.stream:
+            def finish(c: Completion) -> list[dict[str, Any]]:
+                if body.tools:  # buffered: the reply is either content or tool calls
+                    message, reason = _chat_message(body, c.text)
+                    delta = {k: v for k, v in message.items() if k != "role"}
+                    for i, call in enumerate(delta.get("tool_calls", ())):
+                        call["index"] = i
+                    return [chunk(delta=delta),
+                            chunk(delta={}, finish=reason or c.finish_reason)]
+                return [chunk(delta={}, finish=c.finish_reason)]
+
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            await _accepted(job, request)
+            return StreamingResponse(_stream(job, request, chunk, finish, include),
+                                     media_type="text/event-stream", headers=_headers(job))
+        c = await _final(job, request)
+        message, reason = _chat_message(body, c.text)
+        return JSONResponse(
+            {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+             "choices": [{"index": 0, "message": message, "logprobs": None,
+                          "finish_reason": reason or c.finish_reason}],
+             "usage": _usage(c), "system_fingerprint": "scalesim"}, headers=_headers(job))
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Any:
+        body = await _parse(request, CompletionBody)
+        job = _job(request, body, "completions", "", body.prompt_text(), body.stream)
+        _submit(job)
+        rid = f"cmpl-{job.request.request_id}-{uuid.uuid4().hex[:8]}"
+        created = int(time.time())
+
+        def chunk(text: str | None = None, first: bool = False, usage: Any = None,
+                  finish: str | None = None) -> dict[str, Any]:
+            out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
+                                   "model": body.model}
+            if usage is not None:
+                out["choices"], out["usage"] = [], usage
+                return out
+            out["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish,
+                               "logprobs": None}]
+            return out
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            await _accepted(job, request)
+            return StreamingResponse(
+                _stream(job, request, chunk, lambda c: [chunk(finish=c.finish_reason)], include),
+                media_type="text/event-stream", headers=_headers(job))
+        c = await _final(job, request)
+        return JSONResponse(
+            {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+             "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                          "logprobs": None}], "usage": _usage(c)}, headers=_headers(job))
+
+    @app.post("/v1/scalesim/hints")
+    async def hints(request: HTTPRequest) -> dict[str, Any]:
+        body = await _parse(request, HintsBody)
+        distance = loop.distance
+        if distance is None:
+            return {"applied": False, "reason": "this server's policy reads no distances"}
+        applied = await asyncio.wrap_future(loop.call(
+            lambda: distance.bulk(body.session, body.clock, body.seq, body.hints)))
+        return {"applied": applied, "session": body.session, "seq": body.seq,
+                **({} if applied else {"reason": "stale seq"})}
+
+    @app.post("/v1/update")
+    async def update(request: HTTPRequest) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise bad_request(None, f"malformed JSON body: {exc}") from None
+        if isinstance(data, dict) and "distances" not in data:
+            data = {"distances": data}  # a bare {agent: distance} mapping
+        try:
+            body = UpdateBody.model_validate(data)
+        except ValidationError as exc:
+            raise from_validation(exc.errors()) from None
+        distance = loop.distance
+        if distance is None:
+            return {"applied": 0}
+
+        def apply() -> int:
+            for agent, d in body.distances.items():
+                distance.hint(agent, float(d), 0.0)
+            return len(body.distances)
+        return {"applied": await asyncio.wrap_future(loop.call(apply))}
+
+    return app

@@ -1,0 +1,98 @@
+"""The server on the real SmolLM2-135M with the torch engine, through the ``openai`` client.
+
+Greedy replies must equal what the engine answers in-process for the same request; streaming
+must give the same text as a plain call; an agent's second call reuses its persona-prefix KV;
+an adapter named in the ``model`` field changes the reply, and concurrent requests of several
+agents are served in shared batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from experiments.make_adapters import make_adapters
+from runtime import Request, SamplingParams, build_engine
+from runtime.model.profiles import PROFILES
+from serve_harness import base_url, running_server
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+PERSONA = "You are Ada, the baker of Maple Hollow. Answer in one short sentence."
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    adapters = tmp_path_factory.mktemp("adapters")
+    make_adapters(adapters, PROFILES["smollm2-135m"], n=2, rank=8, seed=3, b_std=0.05)
+    config = {"runtime": {"executor": "torch", "model": "smollm2-135m", "kv_cache_tokens": 4096,
+                          "max_num_seqs": 16, "max_batch_tokens": 256,
+                          "memory": {"policy": "scalesim"}},
+              "serve": {"port": 0, "adapters": str(adapters), "default_max_tokens": 24}}
+    with running_server(config) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=base_url(server), api_key="-", max_retries=0)
+
+
+def ask(client, content: str, model: str = "smollm2-135m", **extra):
+    return client.chat.completions.create(
+        model=model, max_tokens=16, temperature=0,
+        messages=[{"role": "system", "content": PERSONA}, {"role": "user", "content": content}],
+        **extra)
+
+
+def test_reply_matches_the_engine_and_streaming_matches_plain(client, hf):
+    reply = ask(client, "What do you bake?")
+    text = reply.choices[0].message.content
+    assert text and reply.usage.completion_tokens <= 16
+    stream = ask(client, "What do you bake?", stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # The same call made in-process on an engine of its own gives the same greedy text.
+    model, tokenizer = hf
+    engine = build_engine("torch", hf_model=model, tokenizer=tokenizer, kv_cache_tokens=1024)
+    engine.submit(Request("ada", "What do you bake?", PERSONA, SamplingParams(max_tokens=16)))
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    engine.close()
+    assert [c.text for c in done] == [text]
+
+
+def test_second_call_of_an_agent_reuses_its_prefix_kv(client):
+    first = ask(client, "Good morning!", user="ada")
+    second = ask(client, "Any rye today?", user="ada")
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert first.usage.prompt_tokens > 0
+
+
+def test_adapter_by_model_name_changes_the_reply(client):
+    models = [m.id for m in client.models.list()]
+    assert len(models) == 3
+    base = ask(client, "Tell me about bread.").choices[0].message.content
+    tuned = ask(client, "Tell me about bread.", model=models[1]).choices[0].message.content
+    tuned_again = ask(client, "Tell me about bread.",
+                      model=f"smollm2-135m:{models[1]}").choices[0].message.content
+    assert tuned == tuned_again
+    assert tuned != base
+
+
+def test_concurrent_agents_share_batches(server):
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=base_url(server), api_key="-", max_retries=0)
+        replies = await asyncio.gather(*[
+            client.chat.completions.create(
+                model="smollm2-135m", max_tokens=8, temperature=0,
+                messages=[{"role": "system", "content": f"You are villager {i}."},
+                          {"role": "user", "content": "Say hello."}]) for i in range(6)])
+        await client.close()
+        return [r.choices[0].message.content for r in replies]
+    texts = asyncio.run(main())
+    assert all(texts)
+    assert server.loop.metrics.max_batch >= 2
