@@ -149,7 +149,8 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
               budget_fraction: float | None = 0.25, memory_bytes: int | None = None,
               until: float | None = -1.0, seed: int = 0, active: float | None = None,
               noise: float = 0.0, order: list[str] | None = None,
-              max_calls: int | None = None, lookahead: int = 32) -> dict[str, Any]:
+              max_calls: int | None = None, lookahead: int = 32,
+              replicas: int = 1) -> dict[str, Any]:
     """Run ``world`` with ``agents`` agents under ``policy``; return modeled totals.
 
     The agent-memory budget is ``memory_bytes`` or ``budget_fraction`` of the working set.
@@ -167,7 +168,8 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
         memory_bytes = max(1, int(working_set(setting, agents) * budget_fraction))
     out = run_modeled(WORLDS[world], world_params(world, agents, active), policy,
                       setting=setting, memory_bytes=memory_bytes, until=until, seed=seed,
-                      noise=noise, order=order, max_calls=max_calls, lookahead=lookahead)
+                      noise=noise, order=order, max_calls=max_calls, lookahead=lookahead,
+                      replicas=replicas)
     out.update({"world": world, "agents": agents,
                 "working_set_bytes": working_set(setting, agents)})
     return out
@@ -178,13 +180,15 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                 until: float | None = None, seed: int = 0, noise: float = 0.0,
                 order: list[str] | None = None, max_calls: int | None = None,
                 lookahead: int = 32, oracle: dict[str, Any] | None = None,
-                replies: tuple[str, ...] = REPLIES) -> dict[str, Any]:
+                replies: tuple[str, ...] = REPLIES, replicas: int = 1) -> dict[str, Any]:
     """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
 
     The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
     budget (``None``: no limit), ``until`` the simulated end (``None``: until nothing is left).
     With ``oracle`` the run's oracle quality (``summary.json``'s ``distance`` section) is
-    stored there. ``replies`` are the placeholder answers of the modeled chat.
+    stored there. ``replies`` are the placeholder answers of the modeled chat. ``replicas`` > 1
+    runs that many in-process modeled engines, each with the budget ``memory_bytes`` (the
+    returned ``replicas`` entry is ``summary.json``'s section).
     """
     if policy == "belady" and order is None:
         raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
@@ -192,7 +196,7 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
         "world": {"class": world_class, "params": params},
         "sim": {"seed": seed},
         "runtime": {
-            "executor": "modeled", "model": setting.model,
+            "executor": "modeled", "model": setting.model, "replicas": replicas,
             "max_num_seqs": 256, "max_batch_tokens": 8192, "block_size": 16,
             "modeled": {"hardware": setting.hardware, "lora_rank": setting.lora_rank,
                         "managed": list(setting.managed), "prefix_tokens": setting.prefix_tokens,
@@ -205,7 +209,10 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                      else None)
     sim.build_world()
     sim.run(until=math.inf if until is None else until, max_calls=max_calls)
-    out = dict(sim.engine.report()["modeled"])
+    report = sim.engine.report()
+    out = dict(report["modeled"])
+    if "replicas" in report:
+        out["replicas"] = report["replicas"]
     sim.engine.close()
     if sim.failed:
         raise RuntimeError(f"{len(sim.failed)} modeled calls failed, e.g.: {sim.failed[0]}")

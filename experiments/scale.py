@@ -6,7 +6,7 @@ social_feed with ``--users`` users runs under the scalesim policy (oracle and pr
 itself), ``setup_seconds`` (building the world's agents and graph) and the rate; the makespan it
 prints is modeled.
 
-    python -m experiments.scale [--quick] [--calls N]
+    python -m experiments.scale [--quick] [--calls N] [--users N] [--replicas N]
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=150_000)
     parser.add_argument("--policy", default="scalesim")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="modeled engine replicas (GPUs), each with the same budget")
     args = parser.parse_args()
     calls = 20_000 if args.quick else args.calls
     users = 5000 if args.quick else args.users
     setting = Setting(output_tokens=8)
     r = run_world("social_feed", users, args.policy, setting=setting, budget_fraction=0.25,
-                  until=None, max_calls=calls)
+                  until=None, max_calls=calls, replicas=args.replicas)
     rate = r["calls"] / r["wall_s"]
     print(f"{r['calls']} calls in {r['wall_s']:.1f} s wall ({rate:.0f} calls/s), after "
           f"{r['setup_s']:.1f} s building the world; modeled makespan "
@@ -37,6 +39,7 @@ def main() -> None:
     headline("scale", calls=r["calls"], seconds=round(r["wall_s"], 1),
              setup_seconds=round(r["setup_s"], 1),
              calls_per_s=round(rate, 1), users=users, policy=args.policy,
+             replicas=args.replicas,
              modeled_makespan_s=round(r["modeled_makespan_s"], 1))
 
 

@@ -25,6 +25,7 @@ import simpy
 
 from runtime import Completion, Request, RequestError
 from runtime.engine import EngineProtocol
+from runtime.replicas import ReplicaFailure
 
 if TYPE_CHECKING:
     from scalesim.turns import TurnOrder
@@ -179,7 +180,15 @@ class SimEnvironment(simpy.Environment):
 
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
-        for completion in self.engine.step():
+        try:
+            completions = self.engine.step()
+        except ReplicaFailure as failure:  # the requests of a dead replica fail, then the run
+            self._complete(failure.completions)
+            raise
+        self._complete(completions)
+
+    def _complete(self, completions: list[Completion]) -> None:
+        for completion in completions:
             call = self.in_flight.pop(completion.request_id)
             self.observer.on_finish(call.agent_id)
             for listener in self.completion_listeners:

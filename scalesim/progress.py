@@ -148,6 +148,16 @@ def print_summary(result: Any, console: Console | None = None) -> None:
         rows.append((f"modeled makespan ({modeled['model_profile']} on {modeled['hardware']})",
                      f"{modeled['modeled_makespan_s']:.2f} s"))
         rows.append(("modeled stall", f"{modeled['modeled_stall_s']:.2f} s"))
+    replicas = s.get("replicas")
+    if replicas:
+        rows.append((f"engine replicas ({replicas['cluster']})",
+                     f"{replicas['count']}, imbalance {replicas['imbalance'] or 0:.2f} "
+                     f"(max/mean calls)"))
+        for r in replicas["per_replica"]:
+            hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
+            state = f" (dead: {r['dead']})" if r["dead"] else ""
+            rows.append((f"replica {r['replica']}: calls / hit rate / loaded",
+                         f"{r['calls']} / {hit} / {_gib(r['bytes_loaded'])}{state}"))
     if s.get("status") not in (None, "completed") and s.get("error"):
         rows.append(("stopped by", str(s["error"])))
     errors = s.get("errors") or []

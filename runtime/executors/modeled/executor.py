@@ -98,6 +98,13 @@ class ModeledExecutor:
         """The modeled makespan so far (seconds)."""
         return self.clock.now
 
+    def wait_until(self, seconds: float) -> None:
+        """Idle until modeled time ``seconds`` (engine replicas wait for the slowest one at the
+        end of each iteration); the link goes on copying meanwhile."""
+        if seconds > self.clock.now:
+            self.clock.now = seconds
+            self.link.advance(seconds)
+
     # -- the executor protocol ----------------------------------------------------------------
 
     def validate(self, seq: Sequence) -> None:
