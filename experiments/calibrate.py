@@ -9,7 +9,12 @@ fit error (mean and max relative error, measured vs modeled), writes
 ``results/calibrate.csv`` / ``.png`` (``results/quick/`` with ``--quick``) and ends with one JSON
 line.
 
-    python -m experiments.calibrate [--quick]
+It also measures the disk tier: object files of 1 to 256 MiB are written and read back the way
+the memory manager does (direct I/O, checksum), in ``--disk-dir`` (default: a temporary
+directory under ``$SCALESIM_CACHE``, i.e. where a store would live), and a per-read latency plus
+bytes over bandwidth is fitted to the reads (``disk_latency``, ``disk_bw`` of the profile).
+
+    python -m experiments.calibrate [--quick] [--disk-dir DIR] [--disk-only]
 
 Other processes on the machine make the measurements noisy; the fit error says how much.
 """
@@ -18,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +81,45 @@ def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
     return samples
 
 
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def measure_disk(directory: Path, quick: bool) -> dict[str, float]:
+    """Time object-file reads of several sizes in ``directory``; fit latency + bytes / bandwidth."""
+    import torch
+
+    from runtime.memory.object_file import read_object, write_object
+
+    sizes = [1, 4, 16, 64] if quick else [1, 4, 16, 64, 128, 256]
+    repeats = 2 if quick else 4
+    directory.mkdir(parents=True, exist_ok=True)
+    points: list[tuple[int, float]] = []
+    write_s = write_bytes = 0.0
+    for mib in sizes:
+        path = directory / f"calibrate-{mib}.obj"
+        tensors = {"k": torch.randn(mib << 18)}  # float32: mib MiB
+        start = time.perf_counter()
+        nbytes = write_object(path, tensors, {"calibrate": mib})
+        write_s += time.perf_counter() - start
+        write_bytes += nbytes
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read_object(path, {"calibrate": mib})
+            points.append((nbytes, time.perf_counter() - start))
+        path.unlink()
+    x = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = intercept + slope * x
+    rel = np.abs(pred - y) / y
+    return {"disk_bw": float(f"{1 / slope:.3g}"), "disk_latency": float(f"{max(0.0, intercept):.3g}"),
+            "disk_write_bw": float(f"{write_bytes / write_s:.3g}"),
+            "disk_reads": len(points), "disk_mean_rel_error": round(float(rel.mean()), 4),
+            "disk_max_rel_error": round(float(rel.max()), 4)}
+
+
 def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, np.ndarray]:
     """Grid-search efficiencies, least-squares overheads; return params, measured, modeled."""
     base = hardware("cpu")
@@ -106,8 +153,24 @@ def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batch shapes")
+    parser.add_argument("--disk-dir", default=None, help="where to time disk-tier reads")
+    parser.add_argument("--disk-only", action="store_true", help="only the disk tier")
     args = parser.parse_args()
     results = results_dir(args.quick)
+    from runtime.model.loader import cache_dir
+
+    scratch = Path(args.disk_dir) if args.disk_dir else \
+        Path(tempfile.mkdtemp(prefix="calibrate-disk-", dir=_made(cache_dir())))
+    disk = measure_disk(scratch, args.quick)
+    if not args.disk_dir:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"disk tier (direct I/O reads of object files): bandwidth {disk['disk_bw'] / 1e9:.2f} "
+          f"GB/s, latency {disk['disk_latency'] * 1e3:.2f} ms per read; writes "
+          f"{disk['disk_write_bw'] / 1e9:.2f} GB/s; fit error mean "
+          f"{disk['disk_mean_rel_error']:.1%}", flush=True)
+    if args.disk_only:
+        print(json.dumps({"experiment": "calibrate", **disk}))
+        return
     t0 = time.perf_counter()
     samples = measure(args.quick)
     params, measured, pred = fit(samples)
@@ -149,7 +212,7 @@ def main() -> None:
     print(json.dumps({"experiment": "calibrate", "steps": len(samples), **params,
                       "mean_rel_error": round(float(rel.mean()), 4),
                       "max_rel_error": round(float(rel.max()), 4),
-                      "table_mean_rel_error": round(table_err, 4)}))
+                      "table_mean_rel_error": round(table_err, 4), **disk}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ gave it, so the world makes the same calls in the same order. Printed: calls and
 measured wall seconds, the modeled makespan, and modeled / measured, for each world of
 ``--worlds`` (town, social_feed and round_table by default); writes
 ``results/validate_modeled.csv`` / ``.png`` and a JSON line whose ``modeled_over_measured`` maps
-each world to its modeled makespan / measured compute.
+each world to its modeled makespan / measured serving time (compute plus the stalls waiting for
+memory objects).
+
+One more row replays a **disk-tier run** (``--disk-world``, social_feed by default): a device
+budget of a quarter of the agents' prefix KV, no host tier, personas evicted to a fresh
+persistent store and read back from it with direct I/O; the modeled replay has the same memory
+settings, so its misses cost the ``cpu`` profile's disk time (``disk_bw``, ``disk_latency``,
+fitted by ``experiments.calibrate``). ``--disk-world none`` leaves it out.
 
     python -m experiments.validate_modeled [--quick] [--worlds a.yaml,b.yaml] [--set k=v ...]
 
@@ -43,7 +50,8 @@ def totals(trace: Any) -> dict[str, int]:
             "output_tokens": int(trace.output_tokens.sum())}
 
 
-def validate(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
+def validate(world: str, overrides: dict[str, Any], work: Path,
+             label: str | None = None) -> dict[str, Any]:
     """Run ``world`` on the torch engine, replay it on the modeled one; return both totals."""
     config = load_config(world, {"runtime.executor": "torch", **overrides})
     real = build_engine_for(config)
@@ -61,16 +69,32 @@ def validate(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any
     model = modeled.executor
 
     a, b = totals(recorded.trace), totals(replayed.trace)
-    print(f"{world}: real {a}, replayed {b}" + ("" if a == b else "  <- DIVERGED"))
-    ratio = model.now / compute.seconds
-    print(f"  measured: compute {compute.seconds:.2f} s (inside execute, {compute.steps} steps), wall "
-          f"{wall:.2f} s; modeled ({model.hardware_name} profile, {model.model_name}): makespan "
-          f"{model.now:.2f} s, {model.steps} steps; modeled / measured {ratio:.3f}", flush=True)
-    return {"world": Path(world).stem, "replay_identical": a == b, **a,
-            "measured_compute_s": round(compute.seconds, 3), "measured_wall_s": round(wall, 3),
+    label = label or Path(world).stem
+    print(f"{label}: real {a}, replayed {b}" + ("" if a == b else "  <- DIVERGED"))
+    stall = recorded.summary["memory"]["stall_s"]
+    serving = compute.seconds + stall
+    ratio = model.now / serving
+    print(f"  measured: compute {compute.seconds:.2f} s (inside execute, {compute.steps} steps), "
+          f"stall {stall:.2f} s, wall {wall:.2f} s; modeled ({model.hardware_name} profile, "
+          f"{model.model_name}): makespan {model.now:.2f} s (stall {model.clock.stall:.2f} s), "
+          f"{model.steps} steps; modeled / measured {ratio:.3f}", flush=True)
+    return {"world": label, "replay_identical": a == b, **a,
+            "measured_compute_s": round(compute.seconds, 3), "measured_stall_s": round(stall, 3),
+            "modeled_stall_s": round(model.clock.stall, 3), "measured_wall_s": round(wall, 3),
             "measured_steps": compute.steps, "modeled_steps": model.steps,
             "modeled_makespan_s": round(model.now, 3),
             "modeled_over_measured": round(ratio, 3)}
+
+
+def disk_tier(world: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Overrides for the disk-tier replay of ``world``: a device budget of a quarter of its
+    agents' prefix KV (measured by a first pass), no host tier, a fresh persistent store."""
+    config = load_config(world, {"runtime.executor": "torch", **overrides})
+    probe = build_engine_for(config)
+    run(config, out=work / f"{Path(world).stem}-probe", engine=probe)
+    prefixes = sum(o.nbytes for o in probe.memory.objects.values() if o.kind == "prefix_kv")
+    return {"runtime.memory.device_bytes": max(1, prefixes // 4), "runtime.memory.host_bytes": 0,
+            "runtime.memory.kv_store": str(work / "disk-store"), "runtime.memory.policy": "lru"}
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -101,6 +125,8 @@ def main() -> None:
                         help="comma-separated world YAML files")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for python -m scalesim.run")
+    parser.add_argument("--disk-world", default="worlds/social_feed.yaml",
+                        help="world of the disk-tier replay ('none': no such row)")
     args = parser.parse_args()
     overrides = dict(parse_override(item) for item in args.set)
     worlds = args.worlds.split(",")
@@ -109,6 +135,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="validate-modeled-"))
     try:
         rows = [validate(world, overrides, work) for world in worlds]
+        if args.disk_world != "none":
+            rows.append(validate(args.disk_world, {**overrides, **disk_tier(args.disk_world, overrides, work)},
+                                 work, label=f"{Path(args.disk_world).stem}+disk"))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,7 +8,9 @@ architecture (:class:`~runtime.model.profiles.ModelConfig`) and prices
 * one engine iteration by a *roofline*: the step is bound either by arithmetic (linear layers,
   attention, LoRA) or by the bytes it must read (weights once, each sequence's KV, each distinct
   adapter once), whichever is slower, plus a fixed per-step and per-sequence overhead;
-* one copy over the host link: latency plus bytes over bandwidth.
+* one copy over the host link: latency plus bytes over bandwidth; a copy from the disk tier
+  first reads the object from disk (per-request latency plus bytes over the disk's bandwidth),
+  then crosses the link.
 
 Peak numbers are never reached, so each side is scaled by an efficiency factor. The GPU rows carry
 assumed factors (typical of well-tuned serving stacks, not measured here); the ``cpu`` row is
@@ -32,7 +34,9 @@ class HardwareProfile:
     """Peak capabilities of one device and the efficiency with which a serving stack uses them.
 
     ``flops`` is dense 16-bit tensor throughput (FLOP/s), ``mem_bw`` device memory bandwidth and
-    ``link_bw`` the host-to-device link (bytes/s), ``link_latency`` seconds per transfer.
+    ``link_bw`` the host-to-device link (bytes/s), ``link_latency`` seconds per transfer;
+    ``disk_bw`` and ``disk_latency`` the disk tier's read bandwidth (bytes/s, direct I/O) and
+    seconds per object read (open, header, checksum setup).
     ``eff_*`` scale the peaks; ``step_overhead`` and ``seq_overhead`` are seconds per iteration and
     per sequence in it (scheduling, kernel launches, sampling). ``source`` says where the numbers
     come from.
@@ -50,6 +54,9 @@ class HardwareProfile:
     eff_link: float = 0.8
     step_overhead: float = 2e-3
     seq_overhead: float = 10e-6
+    #: a datacenter PCIe Gen4 NVMe drive (sequential read ~7 GB/s); assumed for the GPU rows
+    disk_bw: float = 7 * 1e9
+    disk_latency: float = 100e-6
     source: str = ""
 
 
@@ -232,6 +239,10 @@ class CostModel:
             total += max(compute_s, memory_s) + first.overhead_s
         return total
 
-    def copy_seconds(self, nbytes: float) -> float:
-        """Modeled time to move ``nbytes`` from host to device over the link."""
-        return self.hw.link_latency + nbytes / (self.hw.link_bw * self.hw.eff_link)
+    def copy_seconds(self, nbytes: float, source: str = "host") -> float:
+        """Modeled time to move ``nbytes`` to the device from ``source``: over the link from the
+        host, or read from the disk tier first (``source="disk"``)."""
+        seconds = self.hw.link_latency + nbytes / (self.hw.link_bw * self.hw.eff_link)
+        if source == "disk":
+            seconds += self.hw.disk_latency + nbytes / self.hw.disk_bw
+        return seconds

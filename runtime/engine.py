@@ -90,6 +90,15 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._rejected) or self.scheduler.has_work()
 
+    def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
+        """Fail a queued or running request between iterations (its client went away).
+
+        Its completion (``finish_reason`` ``"error"``) comes out of the next :meth:`step`, which
+        also releases its memory objects and KV blocks. ``False`` if no such request is queued
+        or running (it finished already, or was never submitted).
+        """
+        return self.scheduler.cancel(request_id, reason)
+
     def step(self) -> list[Completion]:
         """Run one iteration and return the completions that finished in it."""
         finished = [seq.to_completion() for seq in self._rejected]
@@ -212,7 +221,7 @@ def _build_modeled(model: str, memory: dict[str, Any], *, hardware_profile: str 
     config = profile(model)
     cost = cost or CostModel(hardware(hardware_profile, **(hardware_overrides or {})), config)
     link = ModeledCopyEngine(VirtualClock(), cost, preempt=preempt_prefetch)
-    manager = MemoryManager(**memory, copy=link)
+    manager = MemoryManager(**memory, copy=link, virtual_disk=True)
     ex = ModeledExecutor(manager, link, model, config, cost, **options)
     admission = MemoryAdmission(manager, ex.memory_objects)
     # Prefix KV is a sized object, not blocks of the pool: nothing there to reclaim or look up.

@@ -95,8 +95,23 @@ class ModeledConfig(_Section):
         return name
 
 
+class RayConfig(_Section):
+    """``runtime.ray``: where the replica actors of ``runtime.cluster: ray`` run."""
+
+    address: str | None = Field(default=None, description="an existing cluster ('auto', "
+                                "'ray://host:10001'); none: start a local Ray instance")
+    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
 class RuntimeConfig(_Section):
     executor: Literal["hf", "torch", "modeled"] = "hf"
+    # Engine replicas (runtime/replicas.py): each its own engine, memory manager and budgets.
+    replicas: int = Field(default=1, ge=1, description="engine replicas; agents have a home one")
+    cluster: Literal["local", "ray"] = Field(default="local", description="where replicas run")
+    on_replica_failure: Literal["fail", "continue"] = "fail"
+    ray: RayConfig = Field(default_factory=RayConfig)
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -173,6 +188,72 @@ class RunConfig(_Section):
     def echo(self) -> dict[str, Any]:
         """The configuration as plain data, for ``summary.json``."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+class ServeConfig(_Section):
+    """``serve``: the OpenAI-compatible server (``python -m scalesim.serve``)."""
+
+    host: str = Field(default="127.0.0.1", description="address to bind (loopback by default)")
+    port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")
+    served_model_name: str | None = Field(default=None, description="model id; default "
+                                          "runtime.model")
+    adapters: str | None = Field(default=None, description="directory of PEFT adapter dirs")
+    api_key: str | None = Field(default=None, description="required bearer token, if set")
+    max_pending: int = Field(default=256, ge=1, description="queued + running before 429")
+    default_max_tokens: int = Field(default=256, ge=1, description="when a request sets none")
+    trace: str | None = Field(default=None, description="run directory for the trace")
+    pace: float = Field(default=0.0, ge=0, description="modeled executor: wall seconds per "
+                        "modeled second (0: as fast as possible)")
+    drain_timeout_s: float = Field(default=60.0, gt=0, description="SIGTERM: wait this long")
+
+
+class ServeRunConfig(_Section):
+    """A serve file: ``runtime`` and ``serve`` (a world's sections are allowed and unused)."""
+
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    world: WorldConfig | None = None
+    sim: SimConfig = Field(default_factory=SimConfig)
+    run: FailurePolicy = Field(default_factory=FailurePolicy)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    source: Path | None = Field(default=None, exclude=True)
+
+    def echo(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", by_alias=True, include={"runtime", "serve"})
+        if data["serve"].get("api_key"):
+            data["serve"]["api_key"] = "***"
+        return data
+
+
+def load_serve_config(source: str | Path | dict[str, Any] | None,
+                      overrides: dict[str, Any] | None = None) -> ServeRunConfig:
+    """Read, override and validate a serve configuration (``None``: the defaults)."""
+    path = None
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error in {path}: {getattr(exc, 'problem', None) or exc}"
+                              ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or {})
+    runtime = data.setdefault("runtime", {})
+    if isinstance(runtime, dict):
+        runtime.setdefault("executor", "torch")  # a server drives the paged engine by default
+    try:
+        config = ServeRunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, path)) from None
+    config.source = path
+    return config
 
 
 def _where(source: Path | None) -> str:

@@ -87,10 +87,11 @@ def check_config(config: RunConfig, world_class: type[World], *,
     elif needs_belady_trace and mem.policy == "belady":
         problems.append("runtime.memory.belady_trace: policy belady needs the run directory of "
                         "an earlier run of the same seed")
-    if mem.disk_dir:
-        problem = writable_dir_problem(Path(mem.disk_dir))
-        if problem:
-            problems.append(f"runtime.memory.disk_dir {mem.disk_dir}: {problem}")
+    for key, value in (("disk_dir", mem.disk_dir), ("kv_store", mem.kv_store)):
+        if value and rt.executor != "modeled":  # a modeled run touches no directory
+            problem = writable_dir_problem(Path(value).expanduser())
+            if problem:
+                problems.append(f"runtime.memory.{key} {value}: {problem}")
     _fail(config, problems)
     adapters = declared_adapters(config, world_class)
     if adapters and rt.executor != "modeled":  # the modeled executor reads no adapter files

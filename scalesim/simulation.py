@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from runtime.engine import EngineProtocol
 from runtime.memory import DistanceSource, FutureSequence, Policy
+from runtime.replicas import ReplicaSet
 from scalesim.config import ConfigError, RunConfig, import_world_class, load_config
 from scalesim.distance import DistanceOracle
 from scalesim.environment import LLMCall, SimEnvironment, relaxed_gc
@@ -62,11 +63,36 @@ def build_engine_for(config: RunConfig, policy: Policy | None = None,
         if rt.model not in PROFILES:
             raise ConfigError(f"config error{where}: runtime.model: the modeled executor needs a "
                               f"model profile, one of {', '.join(PROFILES)}; got {rt.model!r}")
+    keywords = dict(model=rt.model, device=rt.device, dtype=rt.dtype,
+                    **memory_options(config, policy), **rt.engine_options(), **options)
     try:
-        return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype,
-                            **memory_options(config, policy), **rt.engine_options(), **options)
+        if rt.replicas > 1 or rt.cluster == "ray":
+            return build_replica_set(config, keywords)
+        return build_engine(rt.executor, **keywords)
     except ModelNotFoundError as exc:
         raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
+
+
+def build_replica_set(config: RunConfig, keywords: dict[str, Any]) -> ReplicaSet:
+    """``runtime.replicas`` engines on ``runtime.cluster``, each built with ``keywords``."""
+    from runtime.ray_replica import RayUnavailable
+    from runtime.replicas import build_replicas, engine_builder
+
+    rt = config.runtime
+    where = f" in {config.source}" if config.source else ""
+    if rt.executor == "modeled":
+        # A modeled replica's decode run would take steps during which another replica's
+        # completions wake agents with calls for it: step one by one, as the lockstep does.
+        keywords = {**keywords, "decode_runs": False}
+    try:
+        return build_replicas(rt.replicas, engine_builder(rt.executor, **keywords),
+                              cluster=rt.cluster, on_failure=rt.on_replica_failure,
+                              ray_address=rt.ray.address,
+                              num_cpus_per_replica=rt.ray.num_cpus_per_replica,
+                              num_gpus_per_replica=rt.ray.num_gpus_per_replica,
+                              placement_strategy=rt.ray.placement_strategy)
+    except RayUnavailable as exc:
+        raise ConfigError(f"config error{where}: {exc}") from None
 
 
 def recorded_order(config: RunConfig) -> list[str]:
@@ -126,17 +152,26 @@ class Simulation:
         self.env.submit_listeners.append(self.calls.append)
         self.env.completion_listeners.append(self._completed)
         manager = self.engine.memory
-        if manager is not None:
+        replicas = self.engine if isinstance(self.engine, ReplicaSet) else None
+        if manager is not None or replicas is not None:
             source: DistanceSource = distance(self.oracle) if distance else self.oracle
-            if manager.policy.name == "belady":
+            clock: Callable[[], float] = lambda: float(self.env.now)
+            if (manager.policy.name if manager is not None else mem.policy) == "belady":
                 future = FutureSequence(order if order is not None else recorded_order(config))
                 self.env.submit_listeners.append(future.on_submit)
                 self.env.completion_listeners.append(
                     lambda call, done: future.on_finish(call.agent_id))
-                source = future
-            manager.use_distance(source)
+                source, clock = future, lambda: float(future.cursor)
+            managers: list[Any] = []
+            if replicas is not None:  # each replica is fed its own agents' distances
+                replicas.use_distance(source, clock)
+                managers = replicas.local_managers()
+            elif manager is not None:
+                manager.use_distance(source)
+                managers = [manager]
             if self.recorder is not None:
-                manager.listeners.append(self._memory_row)
+                for each in managers:
+                    each.listeners.append(self._memory_row)
         self.world: World | None = None
         self.setup_seconds: float = 0.0
         self.run_seconds: float = 0.0

@@ -206,6 +206,11 @@ class CopyEngine:
 
     def _copy(self, job: Transfer) -> Tensors | None:
         source = job.fetch()
+        if self.stream is None and job.source != "host" and not self.link_gbps \
+                and not self.link_latency_s:
+            # On the CPU a disk read or a rebuild already made a private buffer in the memory
+            # the "device" is: a second memcpy would only take a core from the model.
+            return {name: t.detach() for name, t in source.items()}
         start = time.perf_counter()
         owed = self.link_latency_s
         bytes_per_s = self.link_gbps * 1e9 if self.link_gbps else None

@@ -37,7 +37,7 @@ class KVStore:
     """Objects by identity in ``directory``, at most ``cap_bytes`` (``None``: no cap)."""
 
     def __init__(self, directory: str | Path, cap_bytes: int | None = None) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.cap_bytes = cap_bytes
         self.bytes_written = 0

@@ -73,7 +73,9 @@ class MemoryManager:
 
     ``device_bytes=None`` (or the ``infinite`` policy) means no device limit and
     ``host_bytes=None`` no host limit; ``host_bytes=0`` disables the host tier. ``disk_dir``
-    enables the disk tier. ``lookahead`` is how many nearest agents a prefetch pass considers
+    enables the disk tier, ``kv_store`` the persistent store (capped at ``kv_store_bytes``),
+    which is also the disk tier of objects with an identity. ``virtual_disk`` (the modeled
+    executor) records disk copies without writing any. ``lookahead`` is how many nearest agents a prefetch pass considers
     besides those whose requests already hold their objects. ``copy`` is the copy engine (by
     default a :class:`CopyEngine` thread on ``device`` with the optional emulated link).
     """
@@ -94,6 +96,7 @@ class MemoryManager:
         copy: CopyLink | None = None,
         kv_store: str | Path | KVStore | None = None,
         kv_store_bytes: int | None = None,
+        virtual_disk: bool = False,
     ) -> None:
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.device = torch.device(device)
@@ -101,9 +104,14 @@ class MemoryManager:
         self.device_bytes: float = math.inf if unlimited else int(device_bytes or 0)
         if not self.policy.keep_between_calls:
             host_bytes, disk_dir, kv_store = 0, None, None  # `none` keeps nothing anywhere
+        if virtual_disk:  # a modeled run: the disk tier is a cost, no directory is touched
+            if disk_dir is None and kv_store is not None:
+                disk_dir = "<modeled disk>"
+            kv_store = None
         store = KVStore(kv_store, kv_store_bytes) if isinstance(kv_store, (str, Path)) \
             else kv_store
-        self.tiers = Tiers(host_bytes, disk_dir, pin=self.device.type == "cuda", store=store)
+        self.tiers = Tiers(host_bytes, disk_dir, pin=self.device.type == "cuda", store=store,
+                           virtual_disk=virtual_disk)
         self.lookahead = lookahead
         self.copy: CopyLink = copy if copy is not None else CopyEngine(
             self.device, link_gbps=link_gbps, link_latency_us=link_latency_us,

@@ -30,6 +30,9 @@ from runtime.memory.kv_store import KVStore
 from runtime.memory.object_file import read_object, write_object
 from runtime.memory.objects import AgentMemory, Tensors
 
+#: Where the disk copies of a modeled run "are": nothing is written there.
+VIRTUAL_DISK = Path("<modeled disk>")
+
 #: ``log(obj, op, tier_from, tier_to, cause)``: the manager's row writer.
 Log = Callable[[AgentMemory, str, str, str, str], None]
 
@@ -39,11 +42,16 @@ class Tiers:
     and the persistent ``store``."""
 
     def __init__(self, host_bytes: int | None, disk_dir: str | Path | None,
-                 pin: bool = False, store: KVStore | None = None) -> None:
+                 pin: bool = False, store: KVStore | None = None,
+                 virtual_disk: bool = False) -> None:
         self.host_bytes: float = math.inf if host_bytes is None else int(host_bytes)
         self.host_used = 0
-        self.disk = Path(disk_dir) if disk_dir is not None else None
-        if self.disk is not None:
+        self.disk = Path(disk_dir).expanduser() if disk_dir is not None else None
+        #: a modeled disk: copies are recorded, never written (the objects are only sizes)
+        self.virtual_disk = virtual_disk and (self.disk is not None or store is not None)
+        if self.virtual_disk:
+            self.disk, store = VIRTUAL_DISK, None
+        elif self.disk is not None:
             self.disk.mkdir(parents=True, exist_ok=True)
         self.store = store
         self._pin = pin
@@ -63,6 +71,8 @@ class Tiers:
             return "host", lambda: host
         if obj.disk_path is not None:
             path, identity = obj.disk_path, obj.identity
+            if self.virtual_disk:
+                return "disk", dict
             return "disk", lambda: read_object(path, identity)
         if obj.threadsafe:
             return obj.origin, obj.materialize
@@ -145,7 +155,9 @@ class Tiers:
             return False
         if obj.disk_path is not None:
             return True  # objects are immutable: the copy written earlier is still good
-        if self.store is not None and obj.identity is not None:
+        if self.virtual_disk:
+            obj.disk_path = VIRTUAL_DISK / obj.key
+        elif self.store is not None and obj.identity is not None:
             obj.disk_path = self.store.put(obj.identity, tensors)
         elif self.disk is not None:
             path = self.disk / (hashlib.sha1(obj.key.encode()).hexdigest()[:20] + ".obj")

@@ -1,5 +1,8 @@
 """The modeled host-to-device link: copies on a timeline in the same virtual clock as compute.
 
+A copy from the disk tier takes the disk's read time as well (the cost model's ``disk_bw``,
+``disk_latency``); the disk tier itself is virtual there (nothing is written).
+
 :class:`VirtualClock` is the modeled time of a run (and how much of it was compute or stall).
 :class:`ModeledCopyEngine` runs the memory manager's transfers one at a time on that clock, at the
 cost model's copy speed: transfers proceed while steps compute, as on a copy stream, and a
@@ -125,7 +128,7 @@ class ModeledCopyEngine:
             start = max(self._free_at, self.clock.now)
             job.started = True
             job.started_at = start
-            job.seconds = self.cost.copy_seconds(job.obj.nbytes)
+            job.seconds = self.cost.copy_seconds(job.obj.nbytes, job.source)
             self.current, self._end = job, start + job.seconds
 
     def advance(self, until: float) -> None:
@@ -140,7 +143,7 @@ class ModeledCopyEngine:
                 job = heapq.heappop(self._queue)[3]
                 job.started = True
                 job.started_at = self._free_at
-                job.seconds = self.cost.copy_seconds(job.obj.nbytes)
+                job.seconds = self.cost.copy_seconds(job.obj.nbytes, job.source)
                 self.current, self._end = job, self._free_at + job.seconds
 
     def wait_for(self, transfer: Transfer) -> None:
