@@ -14,14 +14,18 @@ In one run, with one loaded model and the same world and seed:
 1. ``build``: ``scalesim`` with an empty store (every persona is prefilled once and stored);
 2. ``build again``: the same, now with the store warm (the second-run effect);
 3. ``lru`` (its trace is belady's future), ``scalesim``, ``belady``, ``infinite`` (every object
-   resident from the start, read from the store before the run; its makespan excludes that);
+   resident from the start, read from the store when the world declares its agents; its
+   makespan excludes that preload);
 4. ``recompute``: ``lru`` with no disk tier and no store, what a user without this project gets.
 
 Printed per run: makespan, compute (inside forward passes), stall (waiting for loads), the
 persona build time (forward-pass time apportioned to persona tokens by token count), hit rate,
 bytes read from disk, and a final JSON headline with ``speedup_vs_lru``, ``slowdown_vs_infinite``,
 ``speedup_vs_recompute`` (of ``scalesim``), ``persona_build_ratio`` (build / build again) and
-whether greedy outputs were identical across the policies.
+whether the same calls got the same greedy completions under the four policies that read
+personas from the store (the builds compute them inside a forward pass with other rows, whose
+float rounding differs, so their outputs may differ in places, and a social_feed trajectory
+follows its outputs).
 
     .venv/bin/python experiments/bench_memory_wall.py            # about 10 minutes here
     .venv/bin/python experiments/bench_memory_wall.py --quick    # under 2 minutes
@@ -86,8 +90,10 @@ class StepClock:
 def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Namespace,
             work: Path, hf: tuple[Any, Any]) -> dict[str, Any]:
     world_class, size_param, _ = WORLDS[args.world]
-    config = {"world": {"class": f"__main__:{world_class}",
-                        "params": {size_param: args.agents, "max_tokens": args.max_tokens}},
+    params = {size_param: args.agents, "max_tokens": args.max_tokens}
+    if args.world == "social_feed":
+        params["active_rate"] = args.active_rate
+    config = {"world": {"class": f"__main__:{world_class}", "params": params},
               "runtime": {"executor": "torch", "memory": {"policy": policy, **memory},
                           "max_num_seqs": 64, "kv_cache_tokens": args.kv_cache_tokens},
               "sim": {"until": args.until, "seed": 0}}
@@ -109,7 +115,9 @@ def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Names
            "iterations": clock.steps}
     print(f"{name:>12}: " + json.dumps(row), flush=True)
     calls = result.trace
-    row["_outputs"] = dict(zip(calls["request_id"], calls["completion"]))
+    row["new_prompt_tokens"] = round(float((calls.prompt_tokens - calls.cached_tokens).mean()), 1)
+    keys = zip(calls["agent"], calls["sim_time"], calls["prompt"])
+    row["_outputs"] = dict(zip(keys, calls["completion"]))
     return row
 
 
@@ -117,14 +125,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default="social_feed")
     parser.add_argument("--agents", type=int, default=32)
-    parser.add_argument("--persona-tokens", type=int, default=1000)
-    parser.add_argument("--until", type=float, default=720.0, help="simulated minutes")
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--persona-tokens", type=int, default=1500)
+    parser.add_argument("--until", type=float, default=1440.0, help="simulated minutes")
+    parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--active-rate", type=float, default=0.1,
+                        help="social_feed: mean share of users acting per hour")
     parser.add_argument("--budget", type=float, default=0.25,
                         help="device budget as a share of the agents' memory")
     parser.add_argument("--store", default=None, help="persistent store dir (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help=f"small: {QUICK}")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
     args = parser.parse_args()
     if args.quick:
         for key, value in QUICK.items():
@@ -156,17 +167,29 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     runs["build"] = run_one("build", "scalesim", disk, args, work, hf)
     runs["build again"] = run_one("build again", "scalesim", disk, args, work, hf)
+    # The measured policies run with the store complete (a run whose calls differ from the
+    # build's may need a persona the build never computed; the second build stored it).
     runs["lru"] = run_one("lru", "lru", disk, args, work, hf)
-    runs["scalesim"] = runs["build again"]
+    runs["scalesim"] = run_one("scalesim", "scalesim", disk, args, work, hf)
     runs["belady"] = run_one("belady", "belady",
                              {**disk, "belady_trace": str(work / "run-lru")}, args, work, hf)
     runs["infinite"] = run_one("infinite", "infinite", disk, args, work, hf)
     runs["recompute"] = run_one("recompute", "lru", {"device_bytes": device_bytes,
                                                      "host_bytes": 0}, args, work, hf)
 
-    outputs = {name: r.pop("_outputs") for name, r in runs.items() if "_outputs" in r}
+    # The same call (agent, sim time, prompt) must get the same greedy completion under every
+    # policy; whether the runs make the same calls at all is reported apart (in social_feed a
+    # post is seen by whoever builds a prompt after it was written, which can depend on which
+    # engine iteration finished it).
+    outputs = {name: r.pop("_outputs") for name, r in runs.items()
+               if name in ("lru", "scalesim", "belady", "infinite")}
+    for r in runs.values():
+        r.pop("_outputs", None)
     reference = outputs["lru"]
     identical = all(o == reference for o in outputs.values())
+    same_call_same_output = all(o[k] == reference[k] for o in outputs.values()
+                                for k in o.keys() & reference.keys())
+    shared_calls = min(len(o.keys() & reference.keys()) for o in outputs.values())
     m = {name: r["makespan_s"] for name, r in runs.items()}
     headline = {"experiment": "bench_memory_wall", "world": args.world, "agents": args.agents,
                 "persona_tokens": prefix_tokens, "budget": args.budget,
@@ -177,10 +200,14 @@ def main() -> None:
                 "persona_build_ratio": round(runs["build"]["persona_build_s"]
                                              / max(1e-9, runs["build again"]["persona_build_s"]), 1),
                 "second_run_wall_ratio": round(m["build"] / m["build again"], 3),
-                "outputs_identical": identical,
-                "results": {k: v for k, v in runs.items() if k != "scalesim"}}
+                "calls_identical": identical, "same_call_same_output": same_call_same_output,
+                "calls_compared": shared_calls,
+                "results": runs}
     print(json.dumps(headline))
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"run directories kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

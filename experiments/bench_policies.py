@@ -99,8 +99,8 @@ class AdapterTown(Town):
 class AdapterFeed(SocialFeed):
     """social_feed: each hour a different ~20% of the users acts, drawn ahead in the event queue."""
 
-    def setup(self, users: int = 10, max_tokens: int = 24) -> None:
-        super().setup(users=users, max_tokens=max_tokens)
+    def setup(self, users: int = 10, max_tokens: int = 24, active_rate: float = 0.2) -> None:
+        super().setup(users=users, max_tokens=max_tokens, active_rate=active_rate)
         give_agent_memory(self)
 
 

@@ -111,7 +111,7 @@ def measure_disk(directory: Path, quick: bool) -> dict[str, float]:
         path.unlink()
     x = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points])
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = np.polyfit(x, y, 1, w=1 / y)  # least squares on relative error
     pred = intercept + slope * x
     rel = np.abs(pred - y) / y
     return {"disk_bw": float(f"{1 / slope:.3g}"), "disk_latency": float(f"{max(0.0, intercept):.3g}"),

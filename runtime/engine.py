@@ -90,6 +90,22 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._rejected) or self.scheduler.has_work()
 
+    def declare(self, agent_id: str, prefix: str, adapter: str | None = None) -> None:
+        """Make an agent's memory objects (its adapter, its persona's prefix KV) known before
+        its first call, so the manager can prefetch them for it (and the ``infinite`` bound has
+        them from the start). Nothing is computed; an unusable persona or adapter is left to
+        fail the agent's first real request, with its error there.
+        """
+        request = Request(agent_id, "", prefix=prefix, adapter=adapter)
+        try:
+            prefix_ids, prompt_ids = self.executor.chat.encode(prefix, "")
+        except Exception:  # a tokenizer's own error type; the real request reports it
+            return
+        try:
+            self.admission.register(Sequence(request, prefix_ids, prompt_ids))
+        except RequestError:
+            return
+
     def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
         """Fail a queued or running request between iterations (its client went away).
 

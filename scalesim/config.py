@@ -65,6 +65,8 @@ class MemoryConfig(_Section):
     lookahead: int = Field(default=16, ge=0, description="nearest agents a prefetch considers")
     edge_delay: float = Field(default=0.0, ge=0, description="sim time a message takes to cause a call")
     belady_trace: str | None = Field(default=None, description="run dir of an earlier run (belady)")
+    declare_agents: bool = Field(default=True, description="register every agent's memory "
+                                 "objects at the start, so first calls can be prefetched")
 
 
 class ModeledConfig(_Section):

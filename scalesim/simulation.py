@@ -217,6 +217,10 @@ class Simulation:
             world = self.world_class(self.env, seed=self.config.sim.seed)
             self.world = world
             world.setup(**self.config.world.params)
+            declare = getattr(self.engine, "declare", None)  # an Engine's; optional
+            if self.config.runtime.memory.declare_agents and declare is not None:
+                for agent in world.agents.values():
+                    declare(agent.name, agent.persona, agent.adapter)
         self.setup_seconds = time.perf_counter() - start
         return world
 

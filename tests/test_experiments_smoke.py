@@ -104,6 +104,23 @@ def test_validate_modeled_replays_the_real_run_exactly(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.model
+def test_bench_memory_wall_quick_runs_every_policy_over_the_disk_tier():
+    cmd = [sys.executable, "experiments/bench_memory_wall.py", "--quick"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    headline = json.loads(out.strip().splitlines()[-1])
+    runs = headline["results"]
+    assert set(runs) == {"build", "build again", "lru", "scalesim", "belady", "infinite",
+                         "recompute"}
+    # The store is written by the first build and read by every later run; recompute reads none.
+    assert runs["build"]["disk_written_mb"] > 0 and runs["build again"]["persona_build_s"] < \
+        runs["build"]["persona_build_s"]
+    assert runs["lru"]["disk_read_mb"] > 0 and runs["infinite"]["hit_rate"] == 1.0
+    assert runs["recompute"]["persona_tokens"] > 0
+    assert headline["same_call_same_output"] is True
+
+
+@pytest.mark.slow
 def test_prediction_suite_quick_runs_every_policy_and_infinite_is_the_bound(tmp_path):
     env = {**os.environ, "SCALESIM_RESULTS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "experiments.prediction_suite", "--quick",

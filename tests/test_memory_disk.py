@@ -291,3 +291,17 @@ def test_random_workloads_through_disk_with_damage_keep_the_invariants(w, tmp_pa
     finally:
         mm.close()
     assert not list((run_dir / "scratch").glob("*.obj"))  # the run's scratch files are gone
+
+
+def test_read_buffers_are_reused_only_once_nothing_views_them(tmp_path) -> None:
+    a, b = torch.randn(300_000), torch.randn(300_000)
+    write_object(tmp_path / "a.obj", {"t": a})
+    write_object(tmp_path / "b.obj", {"t": b})
+    first = read_object(tmp_path / "a.obj")
+    second = read_object(tmp_path / "b.obj")  # must not land in the buffer `first` views
+    assert torch.equal(first["t"], a) and torch.equal(second["t"], b)
+    address = first["t"].data_ptr()
+    del first
+    again = read_object(tmp_path / "b.obj")  # the freed buffer is taken again
+    assert again["t"].data_ptr() == address and torch.equal(again["t"], b)
+    assert torch.equal(second["t"], b)

@@ -121,7 +121,8 @@ def test_random_workloads_keep_the_invariants(w, tmp_path) -> None:
             assert not mm.resident
     finally:
         mm.close()
-    assert all(r["op"] in {"load", "prefetch", "abort", "evict", "drop", "recompute"} for r in rows)
+    assert all(r["op"] in {"load", "prefetch", "abort", "evict", "drop", "recompute", "preload"}
+               for r in rows)
 
 
 def test_a_working_set_larger_than_the_device_fails_with_a_clear_error() -> None:

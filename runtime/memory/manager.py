@@ -328,13 +328,20 @@ class MemoryManager:
         if obj.device is not None:
             return
         start = time.perf_counter()
+        # Free under a model of the hardware; else from a copy (the host, the store) or the
+        # object's own origin when that can be read anywhere (an adapter file). What only the
+        # model can compute (a persona not in the store) loads on first use, as in `unlimited`.
         tensors, source = obj.preload(), "origin"
-        if tensors is None and obj.disk_path is not None:  # the persistent store has it
+        if tensors is None and obj.host is not None:
+            tensors, source = obj.host, "host"
+        if tensors is None and obj.disk_path is not None:
             try:
                 tensors, source = read_object(obj.disk_path, obj.identity), "disk"
             except (CorruptObjectFile, OSError):
                 self.totals.corrupt += 1
                 self.tiers.discard_disk(obj)
+        if tensors is None and obj.threadsafe:
+            tensors, source = obj.materialize(), obj.origin
         if tensors is None:
             return
         self._device.used += obj.nbytes

@@ -177,8 +177,10 @@ class Residency:
     def evict(self, obj: AgentMemory, cause: str, protect: Iterable[str] = frozenset()) -> None:
         """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
         distance = self.distance_of(obj)
-        # Read the contents before the engine frees them, unless a host copy already exists.
-        tensors = obj.device_tensors() if obj.host is None else {}
+        # Read the contents before the engine frees them, unless a copy below already exists
+        # (objects are immutable: a host or disk copy written earlier is still good).
+        wanted = obj.host is None and (obj.disk_path is None or self.tiers.host_bytes > 0)
+        tensors = obj.device_tensors() if wanted else {}
         obj.device = None
         obj.off_device()
         del self.resident[obj.key]

@@ -107,13 +107,15 @@ class Tiers:
         """
         if obj.host is not None:
             return "host"
-        if not tensors:  # nothing was computed yet: nothing to keep
-            return "none"
-        if self._make_host_room(obj.nbytes, held, rank, log):
+        if tensors and self._make_host_room(obj.nbytes, held, rank, log):
             obj.host = {k: self._to_host(v) for k, v in tensors.items()}
             self.host_used += obj.nbytes
             self.written["host"] += obj.nbytes
             return "host"
+        if obj.disk_path is not None and obj.origin == "recompute":
+            return "disk"  # written earlier; objects are immutable
+        if not tensors:  # nothing was computed yet: nothing to keep
+            return "none"
         if self._to_disk(obj, tensors):
             return "disk"
         return "none"
