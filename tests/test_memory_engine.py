@@ -73,7 +73,9 @@ def test_policies_move_adapters_but_not_outputs(hf, tmp_path) -> None:
         results[policy] = serve(engine, requests())
         one = manager.objects[f"adapter:{paths[0]}"]
         if policy == "infinite":
-            assert sum(r["op"] == "load" for r in rows) == 4
+            # Resident from the start: each adapter installed once, when first named; no load.
+            assert sum(r["op"] == "preload" for r in rows) == 4
+            assert not any(r["op"] == "load" for r in rows)
         else:
             assert all(len(manager.resident) <= 2 for _ in [0])
             assert sum(r["op"] in ("evict", "drop") for r in rows) >= 1, policy

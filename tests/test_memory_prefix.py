@@ -164,4 +164,6 @@ def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tm
     assert all(c.cached_tokens > 0 for c in got2)
     assert s2["tiers"]["disk"]["read_bytes"] >= 8 * prefix_object(second, "agent0").nbytes // 2
     # The infinite bound starts with every persona resident, read from the store.
-    assert sum(r["op"] == "preload" and r["tier_from"] == "disk" for r in rows3) == 4
+    assert sum(r["op"] == "preload" and r["tier_from"] == "disk" and r["kind"] == "prefix_kv"
+               for r in rows3) == 4
+    assert not [r for r in rows3 if r["op"] == "recompute"]  # (reclaim forces reloads)

@@ -201,7 +201,9 @@ def test_an_adapter_corrupted_mid_run_fails_only_its_calls(tmp_path, hf, smol_en
     cfg = {"world": {"class": "tests.fault_worlds:Adapted",
                      "params": {"adapter_dir": str(tmp_path / "adapters"), "rounds": 3,
                                 "corrupt_at": 0.5}},
-           "runtime": {"executor": executor}, "sim": {"until": 50}}
+           # Declared agents would have their adapters read at the start, before the damage.
+           "runtime": {"executor": executor, "memory": {"declare_agents": False}},
+           "sim": {"until": 50}}
     result = scalesim.simulate(cfg, out=tmp_path / "run", engine=engine)
     trace, summary = result.trace, result.summary
     assert summary["status"] == "completed"   # 3 of 6 calls failed: not more than half
