@@ -48,10 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.bench_policies import (AGENT_MEMORY, WORLDS, AdapterFeed, AdapterTown,  # noqa: E402,F401
-                                        long_persona, random_adapter)
+from experiments.bench_policies import (WORLDS, AdapterFeed, AdapterTown,  # noqa: E402,F401
+                                        give_out_agent_memory)
 from runtime import build_engine  # noqa: E402
-from runtime.lora import load_adapter  # noqa: E402
 from runtime.model.loader import load_hf_model  # noqa: E402
 from scalesim import simulate  # noqa: E402
 from scalesim.config import load_config  # noqa: E402
@@ -146,14 +145,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-memory-wall-"))
     store = Path(args.store) if args.store else work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    AGENT_MEMORY["adapters"] = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
-                                for i in range(args.agents)]
-    AGENT_MEMORY["persona_tokens"] = args.persona_tokens
-    one = load_adapter(AGENT_MEMORY["adapters"][0], ex.config, args.rank).nbytes
-    sample = long_persona("You are @user0, a social network user. You are curious. Keep "
-                          "posts short, in the first person.", args.persona_tokens)
-    prefix_tokens = len(ex.chat.encode(sample, "Hi")[0])
-    prefix = ex.cache.blocks_for(prefix_tokens) * ex.cache.block_nbytes
+    one, prefix_tokens, prefix = give_out_agent_memory(
+        ex, work, args.agents, args.rank, args.persona_tokens,
+        "You are @user0, a social network user. You are curious. Keep posts short, in the "
+        "first person.")
     working_set = (one + prefix) * args.agents
     device_bytes = int(working_set * args.budget)
     args.kv_cache_tokens = args.agents * (prefix_tokens + 256) + 8192

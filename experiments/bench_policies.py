@@ -29,6 +29,7 @@ import json
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.step_timer import time_steps  # noqa: E402
 from runtime import build_engine  # noqa: E402
-from runtime.lora import module_shapes  # noqa: E402
+from runtime.lora import load_adapter, module_shapes  # noqa: E402
 from runtime.model.loader import load_hf_model  # noqa: E402
 from scalesim import simulate as run  # noqa: E402
 from scalesim.config import load_config  # noqa: E402
@@ -86,6 +87,18 @@ def give_agent_memory(world) -> None:
     for i, agent in enumerate(world.agents.values()):
         agent.adapter = adapters[i % len(adapters)]
         agent.persona = long_persona(agent.persona, AGENT_MEMORY["persona_tokens"])
+
+
+def give_out_agent_memory(ex: Any, work: Path, agents: int, rank: int, persona_tokens: int,
+                          sample: str) -> tuple[int, int, int]:
+    """Write one random adapter per agent under ``work`` and set :data:`AGENT_MEMORY`; return
+    the bytes of one adapter, and the tokens and KV bytes of a persona like ``sample``."""
+    AGENT_MEMORY["adapters"] = [random_adapter(work / f"adapter{i}", ex.config, rank, i)
+                                for i in range(agents)]
+    AGENT_MEMORY["persona_tokens"] = persona_tokens
+    adapter = load_adapter(AGENT_MEMORY["adapters"][0], ex.config, rank).nbytes
+    prefix_tokens = len(ex.chat.encode(long_persona(sample, persona_tokens), "Hi")[0])
+    return adapter, prefix_tokens, ex.cache.blocks_for(prefix_tokens) * ex.cache.block_nbytes
 
 
 class AdapterTown(Town):
@@ -136,14 +149,10 @@ def main() -> None:
     hf_model, tokenizer = load_hf_model("smollm2-135m")
     ex = build_engine("torch", hf_model=hf_model, tokenizer=tokenizer).executor
     work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
-    AGENT_MEMORY["adapters"] = [random_adapter(work / f"adapter{i}", ex.config, args.rank, i)
-                                for i in range(args.agents)]
-    AGENT_MEMORY["persona_tokens"] = args.persona_tokens
-    one = (Path(AGENT_MEMORY["adapters"][0]) / "adapter_model.safetensors").stat().st_size
-    sample = long_persona("You are Ada, 34, the baker of the village of Maple Hollow. You are "
-                          "cheerful. Answer briefly, in the first person.", args.persona_tokens)
-    prefix_tokens = len(ex.chat.encode(sample, "Hi")[0])
-    prefix = ex.cache.blocks_for(prefix_tokens) * ex.cache.block_nbytes
+    one, prefix_tokens, prefix = give_out_agent_memory(
+        ex, work, args.agents, args.rank, args.persona_tokens,
+        "You are Ada, 34, the baker of the village of Maple Hollow. You are cheerful. Answer "
+        "briefly, in the first person.")
     working_set = (one + prefix) * args.agents
     device_bytes = int(working_set * args.budget)
     if args.host_bytes is None:

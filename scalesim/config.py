@@ -227,6 +227,24 @@ class ServeRunConfig(_Section):
         return data
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty file: ``{}``); a one-line ConfigError else."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"config error in {path}{at}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    return data
+
+
 def load_serve_config(source: str | Path | dict[str, Any] | None,
                       overrides: dict[str, Any] | None = None) -> ServeRunConfig:
     """Read, override and validate a serve configuration (``None``: the defaults)."""
@@ -237,15 +255,7 @@ def load_serve_config(source: str | Path | dict[str, Any] | None,
         data = dict(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config error in {path}: {getattr(exc, 'problem', None) or exc}"
-                              ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+        data = read_yaml(path)
     data = apply_overrides(data, overrides or {})
     runtime = data.setdefault("runtime", {})
     if isinstance(runtime, dict):
@@ -315,19 +325,7 @@ def load_config(
         data, path = dict(source), None
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "malformed YAML"
-            raise ConfigError(f"config error in {path}{at}: {problem}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+        data = read_yaml(path)
     data = apply_overrides(data, overrides or {})
     try:
         config = RunConfig.model_validate(data)
