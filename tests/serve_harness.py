@@ -38,14 +38,16 @@ def running_server(config: dict[str, Any]) -> Iterator[Server]:
     thread = threading.Thread(target=server.serve, args=(sock,), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
+    last: object = None
     while True:
         try:
-            if httpx.get(f"{base_url(server)[:-3]}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+            last = httpx.get(f"{base_url(server)[:-3]}/health", timeout=2).status_code
+        except httpx.HTTPError as exc:  # not listening yet
+            last = exc
+        if last == 200:
+            break
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not come up")
+            raise RuntimeError(f"the test server did not come up (last answer: {last!r})")
         time.sleep(0.05)
     try:
         yield server
