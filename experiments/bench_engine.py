@@ -28,7 +28,6 @@ import torch
 
 from experiments.make_adapters import make_adapters
 from runtime import Engine, Request, SamplingParams, build_engine
-from runtime.model.llama import select_linear
 from runtime.model.profiles import PROFILES
 
 TRAITS = ["patient", "curious", "stubborn", "generous", "anxious", "witty", "careful", "bold"]
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch intra-op threads for both sides (0: torch's default); on a "
                              "machine shared with other jobs, 1 avoids stalled multi-thread GEMMs")
     parser.add_argument("--linear", choices=("auto", "torch", "onednn"), default="auto",
-                        help="the torch engine's GEMM (runtime.model.llama.select_linear); "
+                        help="the torch engine's GEMM (runtime.model.weights.select_gemm); "
                              "'torch' is F.linear (MKL), as transformers uses on the hf side")
     parser.add_argument("--hf-agents", type=int, default=0,
                         help="hf serves only the first K agents' calls (0: all)")
@@ -119,11 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     hf_agents = args.hf_agents or args.agents
     for name, options in (("hf", {}), ("torch", {"max_lora_rank": args.rank,
                                                   "max_num_seqs": max(args.agents, 1),
-                                                  "max_batch_tokens": args.max_batch_tokens})):
+                                                  "max_batch_tokens": args.max_batch_tokens,
+                                                  "linear": args.linear})):
         engine = build_engine(name, model=args.model, **options)
-        if name == "torch":
-            model = engine.executor.model
-            model.linear = select_linear(model.device, model.dtype, args.linear)
         agents = hf_agents if name == "hf" else args.agents
         texts, seconds, tokens = serve_all(engine, agents, args.calls, args.max_tokens, adapters)
         n_calls = agents * args.calls

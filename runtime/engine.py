@@ -147,7 +147,8 @@ class Engine:
     def _check_finished(self, seq: Sequence) -> None:
         params = seq.request.sampling
         output = seq.output_ids
-        eos_at = next((i for i, t in enumerate(output) if t in self.executor.eos_token_ids), None)
+        eos = () if params.ignore_eos else self.executor.eos_token_ids
+        eos_at = next((i for i, t in enumerate(output) if t in eos), None)
         if eos_at is not None:
             del output[eos_at + 1:]
             seq.text = self.executor.chat.decode(output[:eos_at])

@@ -28,6 +28,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: keep generating past end-of-sequence tokens up to ``max_tokens`` (fixed-length benchmarks)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 if TYPE_CHECKING:  # for annotations only: scalesim.world is imported when a world is loaded
     from scalesim.world import World
@@ -123,9 +123,18 @@ class RuntimeConfig(_Section):
     max_num_seqs: int = Field(default=64, ge=1, description="sequences running at once")
     max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
-    attention: Literal["auto", "torch", "flashinfer"] = "auto"
+    attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
+    quantization: Literal["none", "int8", "int4"] = Field(
+        default="none", description="weight-only int8/int4 projections (CPU; needs dtype bfloat16)")
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     modeled: ModeledConfig = Field(default_factory=ModeledConfig)
+
+    @model_validator(mode="after")
+    def _quantization_runs(self) -> "RuntimeConfig":
+        if self.quantization != "none" and self.executor == "torch" and self.dtype != "bfloat16":
+            raise ValueError(f"quantization {self.quantization} needs dtype bfloat16 (torch's CPU "
+                             f"int8/int4 kernels take bfloat16 activations), got {self.dtype}")
+        return self
 
     def engine_options(self) -> dict[str, Any]:
         """Executor-specific keyword arguments for :func:`runtime.build_engine` (the memory
@@ -146,7 +155,8 @@ class RuntimeConfig(_Section):
             return {}
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
-                "max_lora_rank": self.max_lora_rank, "attention": self.attention}
+                "max_lora_rank": self.max_lora_rank, "attention": self.attention,
+                "quantization": self.quantization}
 
 
 class SimConfig(_Section):

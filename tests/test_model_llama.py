@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from runtime.kv_cache import KVCache
-from runtime.model.attention import BatchLayout, TorchPagedAttention
-from runtime.model.llama import LlamaModel, select_linear
+from runtime.model.attention import BatchLayout, CpuPagedAttention, TorchPagedAttention
+from runtime.model.kernels import paged_attention_op
+from runtime.model.llama import LlamaModel
+from runtime.model.weights import select_gemm
 from runtime.model.profiles import PROFILES, from_hf_config, profile
 from runtime.model.sampling import filter_logits, sample
 from runtime.request import SamplingParams
@@ -30,12 +32,24 @@ def tiny_hf(kind: str):
     return model.eval()
 
 
+BACKENDS = ["torch", "cpu"]
+
+
+def make_attention(backend: str, cache: KVCache, c) -> TorchPagedAttention:
+    """The gathering reference or the in-place compiled kernel (which must build here)."""
+    if backend == "torch":
+        return TorchPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim)
+    kernel = paged_attention_op()
+    assert kernel is not None, "the paged-attention kernel did not build on this machine"
+    return CpuPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim, kernel)
+
+
 def paged_logits(model: LlamaModel, ids: list[int], chunks: list[int], block_size: int = 4,
-                 table: list[int] | None = None) -> torch.Tensor:
+                 table: list[int] | None = None, backend: str = "torch") -> torch.Tensor:
     """All-position logits of ``ids`` computed chunk by chunk through a scrambled block table."""
     c = model.config
-    cache = KVCache(c.num_layers, 64, block_size, c.num_kv_heads, c.head_dim)
-    attention = TorchPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim)
+    cache = KVCache(c.num_layers, 64, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+    attention = make_attention(backend, cache, c)
     table = table or [(7 * i + 3) % 64 for i in range(-(-len(ids) // block_size))]
     outs, start = [], 0
     for n in chunks:
@@ -48,8 +62,9 @@ def paged_logits(model: LlamaModel, ids: list[int], chunks: list[int], block_siz
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["llama3", "qwen2"])
-def test_paged_forward_matches_transformers_in_chunks_and_decodes(kind):
+def test_paged_forward_matches_transformers_in_chunks_and_decodes(kind, backend):
     hf = tiny_hf(kind)
     config = from_hf_config(hf.config)
     assert (config.rope_scaling is not None) == (kind == "llama3")
@@ -58,16 +73,51 @@ def test_paged_forward_matches_transformers_in_chunks_and_decodes(kind):
     ids = torch.randint(0, 97, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    got = paged_logits(model, ids, [9, 6, 1, 1, 6])
+    got = paged_logits(model, ids, [9, 6, 1, 1, 6], backend=backend)
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
-def test_batched_decodes_of_different_lengths_match_single_runs():
+def test_kernel_rows_and_long_chunks_mix_in_one_batch():
+    """Chunks longer than the kernel's row limit take SDPA beside rows of the kernel: a 40-token
+    chunk over cached context, a fresh 35-token prefill, a 3-token chunk and a decode, at once."""
+    hf = tiny_hf("qwen2")
+    model = LlamaModel.from_hf(hf, from_hf_config(hf.config))
+    c = model.config
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (50, 35, 13, 9)]
+    done = [10, 0, 10, 8]  # tokens computed before the mixed step
+    cache = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim)
+    attention = make_attention("cpu", cache, c)
+    assert CpuPagedAttention.ROW_LIMIT < 35
+    tables = [list(range(0, 13)), list(range(13, 22)), list(range(22, 26)), list(range(26, 29))]
+
+    def run(which: list[int], lens: list[int], starts: list[int]) -> torch.Tensor:
+        """One step over sequences ``which``; logits of each one's last token."""
+        ids, pos, slots, rows = [], [], [], []
+        for i, n, st in zip(which, lens, starts):
+            ids += seqs[i][st:st + n]
+            pos += range(st, st + n)
+            slots += [tables[i][p // 4] * 4 + p % 4 for p in range(st, st + n)]
+            rows.append(len(ids) - 1)
+        attention.plan(BatchLayout(lens, starts, [tables[i] for i in which]))
+        return model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache,
+                             attention, None, torch.tensor(rows))
+
+    run([0, 2, 3], [done[i] for i in (0, 2, 3)], [0, 0, 0])  # the cached context
+    got = run([0, 1, 2, 3], [len(s) - d for s, d in zip(seqs, done)], done)
+    for row, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([s])).logits[0, -1]
+        assert torch.allclose(got[row], ref, atol=1e-4), (row, (got[row] - ref).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_decodes_of_different_lengths_match_single_runs(backend):
     hf = tiny_hf("llama3")
     model = LlamaModel.from_hf(hf, from_hf_config(hf.config))
     c = model.config
     cache = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim)
-    attention = TorchPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim)
+    attention = make_attention(backend, cache, c)
     seqs = [list(range(5, 5 + n)) for n in (3, 10, 7)]
     tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
     # Prefill all but the last token of each, in one ragged batch, then decode all three at once.
@@ -120,8 +170,8 @@ def test_sampling_filters_and_seeds():
 
 def test_linear_backends_agree_and_bad_names_fail():
     x, w, b = torch.randn(7, 16), torch.randn(5, 16), torch.randn(5)
-    chosen = select_linear(torch.device("cpu"), torch.float32)
+    chosen = select_gemm(torch.device("cpu"), torch.float32)
     assert torch.allclose(chosen(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
-    assert select_linear(torch.device("cpu"), torch.float64) is torch.nn.functional.linear
+    assert select_gemm(torch.device("cpu"), torch.float64) is torch.nn.functional.linear
     with pytest.raises(ValueError, match="linear backend must be"):
-        select_linear(torch.device("cpu"), torch.float32, "blas")
+        select_gemm(torch.device("cpu"), torch.float32, "blas")

@@ -101,6 +101,7 @@ class HFExecutor:
         input_ids = torch.tensor([seq.input_ids], device=self.device)
         config = GenerationConfig(
             max_new_tokens=params.max_tokens,
+            min_new_tokens=params.max_tokens if params.ignore_eos else None,
             do_sample=not params.greedy,
             temperature=params.temperature if not params.greedy else 1.0,
             top_p=params.top_p,

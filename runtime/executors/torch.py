@@ -31,6 +31,7 @@ from runtime.model.attention import BatchLayout, select_attention
 from runtime.model.chat import ChatFormat
 from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
+from runtime.model.weights import check_quantization
 from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixCache, PrefixEntry
 from runtime.request import RequestError
@@ -54,26 +55,32 @@ class TorchExecutor:
                  dtype: str = "float32", block_size: int = 16, kv_cache_tokens: int = 32768,
                  max_num_seqs: int = 64, max_batch_tokens: int = 512, max_lora_rank: int = 16,
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
-                 hf_model: Any = None) -> None:
+                 hf_model: Any = None, quantization: str = "none", linear: str = "auto") -> None:
         torch_dtype = getattr(torch, dtype)
+        check_quantization(quantization, torch.device(device), torch_dtype)
         #: what the model's KV depends on, for the persistent store (None: nothing is stored)
         self._weights: str | None = None
         if random_weights:
             # Shape-only runs: a built-in profile with random weights; a tokenizer is optional.
             self.config: ModelConfig = profile(model)
-            self.model = LlamaModel.random(self.config, dtype=torch_dtype, device=device)
+            self.model = LlamaModel.random(self.config, dtype=torch_dtype, device=device,
+                                           quantization=quantization)
         else:
             if hf_model is None:  # else: share an already loaded transformers model (tests)
                 from runtime.model.loader import load_hf_model
 
-                hf_model, tokenizer = load_hf_model(model, dtype=dtype, device=device)
+                # A quantized model is quantized from the float32 weights, not rounded ones.
+                hf_model, tokenizer = load_hf_model(
+                    model, dtype="float32" if quantization != "none" else dtype, device=device)
             self.config = from_hf_config(hf_model.config)
-            self.model = LlamaModel.from_hf(hf_model, self.config)
+            self.model = LlamaModel.from_hf(hf_model, self.config, quantization=quantization,
+                                            linear=linear, dtype=torch_dtype)
             if memory.tiers.store is not None:
                 from runtime.model.loader import weights_fingerprint
 
                 self._weights = weights_fingerprint(hf_model)
         self.dtype = dtype
+        self.quantization = quantization
         self.tokenizer = tokenizer
         self.chat: ChatCodec = ChatFormat(tokenizer) if tokenizer is not None else NoTokenizer()
         self.eos_token_ids = set(self.config.eos_token_ids)
@@ -141,7 +148,8 @@ class TorchExecutor:
         adapter = None if entry.adapter is None else self._adapter_prints[entry.adapter]
         tokens = hashlib.sha256(array("i", entry.token_ids).tobytes()).hexdigest()
         return {"kind": "prefix_kv", "layout": "paged-kv-1", "weights": self._weights,
-                "adapter": adapter, "dtype": self.dtype, "block_size": self.cache.block_size,
+                "adapter": adapter, "dtype": self.dtype, "quantization": self.quantization,
+                "block_size": self.cache.block_size,
                 "num_tokens": entry.num_tokens, "tokens": tokens}
 
     def _pooled_prefix(self, seq: Sequence) -> PooledPrefix:

@@ -8,14 +8,19 @@ keys and values into the pool. The queries of a step are ragged: sequence ``i`` 
 
 :class:`TorchPagedAttention` is the reference (CPU and anywhere): decodes are batched into one
 padded SDPA call over their gathered blocks, prefill chunks go through SDPA one sequence at a time.
-:class:`FlashInferAttention` uses flashinfer's paged prefill kernel for the whole ragged batch on
-CUDA. :func:`select_attention` picks flashinfer only for a CUDA device where it imports, so CPU runs
-never import it.
+Gathering copies every decode's keys and values on every layer and step, as many bytes again as
+the attention itself reads. :class:`CpuPagedAttention` reads the pool in place instead: decodes
+and short chunks, of all sequences at once, are query rows of one compiled kernel call
+(:mod:`runtime.model.kernels`); long chunks, where a matrix-product SDPA pays, keep the reference
+path. :class:`FlashInferAttention` uses flashinfer's paged prefill kernel for the whole ragged
+batch on CUDA. :func:`select_attention` picks flashinfer only for a CUDA device where it imports,
+so CPU runs never import it, and the in-place kernel on CPU where it builds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +49,18 @@ class TorchPagedAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     def plan(self, layout: BatchLayout) -> None:
+        self._plan_gathered(layout, range(len(layout.q_lens)))
+
+    def _plan_gathered(self, layout: BatchLayout, seqs: range | list[int]) -> None:
+        """Plan the gathered path for the sequences ``seqs`` of ``layout`` (the others' rows are
+        left to a subclass)."""
         device = self.cache.k.device
         bs = self.cache.block_size
         offsets = [0]
         for n in layout.q_lens:
             offsets.append(offsets[-1] + n)
         self.num_tokens = offsets[-1]
-        decode = [i for i, n in enumerate(layout.q_lens) if n == 1]
+        decode = [i for i in seqs if layout.q_lens[i] == 1]
         self.decode_tokens: torch.Tensor | None = None
         if decode:
             decode_ctx = [layout.starts[i] + 1 for i in decode]
@@ -67,7 +77,8 @@ class TorchPagedAttention:
                                 < lens[:, None])[:, None, None, :]
             self.all_decode = len(decode) == len(layout.q_lens)
         self.prefills: list[tuple[int, int, int, torch.Tensor | None, torch.Tensor | None]] = []
-        for i, n in enumerate(layout.q_lens):
+        for i in seqs:
+            n = layout.q_lens[i]
             if n == 1:
                 continue
             start = layout.starts[i]
@@ -82,11 +93,16 @@ class TorchPagedAttention:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention output ``[tokens, heads * head_dim]`` for this layer's queries."""
-        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
         if self.decode_tokens is not None and self.all_decode:
             return self._decode(q, k_pool, v_pool)
-        out = q.new_empty(self.num_tokens, h * d)
+        out = q.new_empty(self.num_tokens, self.num_heads * self.head_dim)
+        self._forward_gathered(q, k, v, k_pool, v_pool, out)
+        return out
+
+    def _forward_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_pool: torch.Tensor, v_pool: torch.Tensor, out: torch.Tensor) -> None:
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.decode_tokens is not None:
             out[self.decode_tokens] = self._decode(q[self.decode_tokens], k_pool, v_pool)
         for s, e, ctx, blocks, mask in self.prefills:
@@ -100,7 +116,6 @@ class TorchPagedAttention:
                 vs = self._gather(v_pool, blocks).view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1).reshape(e - s, h * d)
-        return out
 
     @staticmethod
     def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -117,6 +132,62 @@ class TorchPagedAttention:
         o = F.scaled_dot_product_attention(q.reshape(b, h, 1, d), keys, values,
                                            attn_mask=self.decode_mask, enable_gqa=True)
         return o.reshape(b, h * d)
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Decodes and chunks of up to :attr:`ROW_LIMIT` tokens attend through the pool in place.
+
+    Each such token is a query row of ``torch.ops.scalesim.paged_attention`` with its own key count
+    (``start + j + 1`` for the ``j``-th token of a chunk, so chunks stay causal), all sequences in
+    one call; longer chunks go the reference way (one SDPA per chunk).
+    """
+
+    #: the longest chunk taken as rows; beyond it SDPA's blocked matrix products are faster
+    ROW_LIMIT = 32
+
+    def __init__(self, cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
+                 kernel: Callable[..., torch.Tensor]) -> None:
+        super().__init__(cache, num_heads, num_kv_heads, head_dim)
+        self.kernel = kernel
+        self.scale = head_dim ** -0.5
+
+    def plan(self, layout: BatchLayout) -> None:
+        rows = [i for i, n in enumerate(layout.q_lens) if n <= self.ROW_LIMIT]
+        rest = [i for i, n in enumerate(layout.q_lens) if n > self.ROW_LIMIT]
+        self._plan_gathered(layout, rest)
+        self.has_rows = bool(rows)
+        self.only_rows = not rest
+        if not rows:
+            return
+        device, bs = self.cache.k.device, self.cache.block_size
+        offsets = [0]
+        for n in layout.q_lens:
+            offsets.append(offsets[-1] + n)
+        width = max(-(-(layout.starts[i] + layout.q_lens[i]) // bs) for i in rows)
+        tables, row_seq, row_keys, tokens = [], [], [], []
+        for r, i in enumerate(rows):
+            n, start = layout.q_lens[i], layout.starts[i]
+            table = layout.block_tables[i][: -(-(start + n) // bs)]
+            tables.append(table + [0] * (width - len(table)))
+            row_seq += [r] * n
+            row_keys += range(start + 1, start + n + 1)
+            tokens += range(offsets[i], offsets[i] + n)
+        self.tables = torch.tensor(tables, dtype=torch.int32, device=device)
+        self.row_seq = torch.tensor(row_seq, dtype=torch.int32, device=device)
+        self.row_keys = torch.tensor(row_keys, dtype=torch.int32, device=device)
+        self.row_tokens = torch.tensor(tokens, device=device)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        if self.only_rows:  # rows are every token, in order
+            return self.kernel(q, k_pool, v_pool, self.tables, self.row_seq, self.row_keys,
+                               self.scale)
+        out = q.new_empty(self.num_tokens, self.num_heads * self.head_dim)
+        if self.has_rows:
+            out[self.row_tokens] = self.kernel(q[self.row_tokens], k_pool, v_pool, self.tables,
+                                               self.row_seq, self.row_keys, self.scale)
+        self._forward_gathered(q, k, v, k_pool, v_pool, out)
+        return out
 
 
 class FlashInferAttention:
@@ -163,10 +234,22 @@ class FlashInferAttention:
 
 def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
                      backend: str = "auto") -> TorchPagedAttention | FlashInferAttention:
-    """``auto``: flashinfer on CUDA when it imports, the torch reference otherwise."""
-    if backend not in ("auto", "torch", "flashinfer"):
-        raise ValueError(f"attention backend must be auto, torch or flashinfer, got {backend!r}")
+    """``auto``: flashinfer on CUDA when it imports, the in-place kernel on CPU when it builds,
+    the torch reference otherwise. ``cpu`` insists on the kernel, ``torch`` on the reference."""
+    if backend not in ("auto", "torch", "cpu", "flashinfer"):
+        raise ValueError(f"attention backend must be auto, torch, cpu or flashinfer, got {backend!r}")
     on_cuda = cache.k.device.type == "cuda"
+    if backend == "cpu" or (backend == "auto" and cache.k.device.type == "cpu"):
+        from runtime.model.kernels import paged_attention_op
+
+        if cache.k.device.type != "cpu":
+            raise ValueError("attention backend cpu needs a CPU device")
+        kernel = paged_attention_op() if cache.k.dtype in (torch.float32, torch.bfloat16) else None
+        if kernel is not None:
+            return CpuPagedAttention(cache, num_heads, num_kv_heads, head_dim, kernel)
+        if backend == "cpu":
+            raise ValueError("attention backend cpu: the compiled kernel is unavailable for "
+                             f"{cache.k.dtype} (see the warning above)")
     if backend == "flashinfer" or (backend == "auto" and on_cuda):
         if not on_cuda:
             raise ValueError("attention backend flashinfer needs a CUDA device")
