@@ -37,6 +37,35 @@ from runtime.model.profiles import profile
 
 
 
+def machine_peaks(seconds: float = 1.0) -> dict[str, float]:
+    """This machine's measured peaks with torch's threads: float32 and bfloat16 GEMM GFLOP/s
+    (2048-cube products) and memory GB/s (read + write of a 256 MiB copy), best of repeats."""
+    import torch
+
+    def best(run, work: float) -> float:
+        run()
+        rates, deadline = [], time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(rates) < 3:
+            start = time.perf_counter()
+            run()
+            rates.append(work / (time.perf_counter() - start))
+        return max(rates)
+
+    from runtime.model.weights import select_gemm
+
+    n = 2048
+    peaks = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        gemm = select_gemm(a.device, dtype)  # oneDNN for float32, as the engine uses
+        peaks[f"gflops_{name}"] = max(best(lambda: torch.mm(a, b), 2 * n ** 3),
+                                      best(lambda: gemm(a, b), 2 * n ** 3)) / 1e9
+    src = torch.empty(64 * 2 ** 20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    peaks["mem_gbps"] = best(lambda: dst.copy_(src), 2 * src.numel() * 4) / 1e9
+    return peaks
+
+
 def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
     """Run batches on the torch executor; return (work, seconds) for every timed step."""
     import torch
@@ -171,6 +200,10 @@ def main() -> None:
     if args.disk_only:
         print(json.dumps({"experiment": "calibrate", **disk}))
         return
+    peaks = machine_peaks()
+    print(f"peaks: float32 GEMM {peaks['gflops_float32']:.0f} GFLOP/s, bfloat16 GEMM "
+          f"{peaks['gflops_bfloat16']:.0f} GFLOP/s, memory copy {peaks['mem_gbps']:.1f} GB/s",
+          flush=True)
     t0 = time.perf_counter()
     samples = measure(args.quick)
     params, measured, pred = fit(samples)
@@ -209,7 +242,7 @@ def main() -> None:
     print(f"fitted cpu profile: {params}")
     print(f"fit error (modeled vs measured): mean {rel.mean():.1%}, max {rel.max():.1%}; "
           f"profile currently in runtime/cost_model.py: mean {table_err:.1%}")
-    print(json.dumps({"experiment": "calibrate", "steps": len(samples), **params,
+    print(json.dumps({"experiment": "calibrate", "steps": len(samples), **params, **peaks,
                       "mean_rel_error": round(float(rel.mean()), 4),
                       "max_rel_error": round(float(rel.max()), 4),
                       "table_mean_rel_error": round(table_err, 4), **disk}))

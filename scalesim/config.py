@@ -125,15 +125,17 @@ class RuntimeConfig(_Section):
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     quantization: Literal["none", "int8", "int4"] = Field(
-        default="none", description="weight-only int8/int4 projections (CPU; needs dtype bfloat16)")
+        default="none", description="int8 or int4 weights (CPU), see runtime/model/weights.py")
+    int4_int8_from: int = Field(
+        default=4, ge=0, description="with int4: steps of this many tokens or more use an int8 "
+        "copy of the weights (0: keep no copy)")
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     modeled: ModeledConfig = Field(default_factory=ModeledConfig)
 
     @model_validator(mode="after")
     def _quantization_runs(self) -> "RuntimeConfig":
-        if self.quantization != "none" and self.executor == "torch" and self.dtype != "bfloat16":
-            raise ValueError(f"quantization {self.quantization} needs dtype bfloat16 (torch's CPU "
-                             f"int8/int4 kernels take bfloat16 activations), got {self.dtype}")
+        if self.quantization != "none" and self.executor == "torch" and self.dtype == "float16":
+            raise ValueError(f"quantization {self.quantization} needs dtype float32 or bfloat16")
         return self
 
     def engine_options(self) -> dict[str, Any]:
@@ -156,7 +158,8 @@ class RuntimeConfig(_Section):
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
-                "quantization": self.quantization}
+                "quantization": self.quantization,
+                "int4_int8_from": self.int4_int8_from}
 
 
 class SimConfig(_Section):

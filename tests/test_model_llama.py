@@ -7,7 +7,7 @@ import torch
 
 from runtime.kv_cache import KVCache
 from runtime.model.attention import BatchLayout, CpuPagedAttention, TorchPagedAttention
-from runtime.model.kernels import paged_attention_op
+from runtime.model.kernels import cpu_op
 from runtime.model.llama import LlamaModel
 from runtime.model.weights import select_gemm
 from runtime.model.profiles import PROFILES, from_hf_config, profile
@@ -39,7 +39,7 @@ def make_attention(backend: str, cache: KVCache, c) -> TorchPagedAttention:
     """The gathering reference or the in-place compiled kernel (which must build here)."""
     if backend == "torch":
         return TorchPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim)
-    kernel = paged_attention_op()
+    kernel = cpu_op("paged_attention")
     assert kernel is not None, "the paged-attention kernel did not build on this machine"
     return CpuPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim, kernel)
 

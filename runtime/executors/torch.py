@@ -31,7 +31,7 @@ from runtime.model.attention import BatchLayout, select_attention
 from runtime.model.chat import ChatFormat
 from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
-from runtime.model.weights import check_quantization
+from runtime.model.weights import INT8_FROM, check_quantization
 from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixCache, PrefixEntry
 from runtime.request import RequestError
@@ -55,7 +55,8 @@ class TorchExecutor:
                  dtype: str = "float32", block_size: int = 16, kv_cache_tokens: int = 32768,
                  max_num_seqs: int = 64, max_batch_tokens: int = 512, max_lora_rank: int = 16,
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
-                 hf_model: Any = None, quantization: str = "none", linear: str = "auto") -> None:
+                 hf_model: Any = None, quantization: str = "none", linear: str = "auto",
+                 int4_int8_from: int = INT8_FROM) -> None:
         torch_dtype = getattr(torch, dtype)
         check_quantization(quantization, torch.device(device), torch_dtype)
         #: what the model's KV depends on, for the persistent store (None: nothing is stored)
@@ -74,7 +75,8 @@ class TorchExecutor:
                     model, dtype="float32" if quantization != "none" else dtype, device=device)
             self.config = from_hf_config(hf_model.config)
             self.model = LlamaModel.from_hf(hf_model, self.config, quantization=quantization,
-                                            linear=linear, dtype=torch_dtype)
+                                            linear=linear, dtype=torch_dtype,
+                                            int8_from=int4_int8_from)
             if memory.tiers.store is not None:
                 from runtime.model.loader import weights_fingerprint
 

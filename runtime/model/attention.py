@@ -240,11 +240,12 @@ def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim
         raise ValueError(f"attention backend must be auto, torch, cpu or flashinfer, got {backend!r}")
     on_cuda = cache.k.device.type == "cuda"
     if backend == "cpu" or (backend == "auto" and cache.k.device.type == "cpu"):
-        from runtime.model.kernels import paged_attention_op
+        from runtime.model.kernels import cpu_op
 
         if cache.k.device.type != "cpu":
             raise ValueError("attention backend cpu needs a CPU device")
-        kernel = paged_attention_op() if cache.k.dtype in (torch.float32, torch.bfloat16) else None
+        kernel = cpu_op("paged_attention") if cache.k.dtype in (torch.float32, torch.bfloat16) \
+            else None
         if kernel is not None:
             return CpuPagedAttention(cache, num_heads, num_kv_heads, head_dim, kernel)
         if backend == "cpu":

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from runtime.kv_cache import KVCache
 from runtime.model.profiles import ModelConfig
-from runtime.model.weights import (Projection, check_quantization, make_projection,
-                                   select_gemm)
+from runtime.model.weights import (INT8_FROM, Projection, check_quantization,
+                                   make_projection, select_gemm)
 
 
 @dataclass
@@ -71,8 +71,16 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One fused kernel; on float32 it gave the same bits as transformers' formula."""
+    """torch's RMSNorm; on float32 it gave the same bits as transformers' formula."""
     return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """``x += residual`` in place, then RMSNorm of ``x``: the plain-torch form of the compiled
+    ``scalesim::add_rms_norm``."""
+    x.add_(residual)
+    return rms_norm(x, weight, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,30 +96,39 @@ class LlamaModel:
 
     Built from dense checkpoint tensors (``layers``), which become projections stored as
     ``quantization`` computing in ``dtype`` (default: the tensors' own dtype); ``linear`` picks
-    the dense GEMM (:func:`~runtime.model.weights.select_gemm`).
+    the dense GEMM (:func:`~runtime.model.weights.select_gemm`); int4 projections use an int8
+    copy for steps of ``int8_from`` tokens or more (0: no copy).
     """
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DenseLayer],
                  norm: torch.Tensor, lm_head: torch.Tensor, linear: str = "auto",
-                 quantization: str = "none", dtype: torch.dtype | None = None) -> None:
+                 quantization: str = "none", dtype: torch.dtype | None = None,
+                 int8_from: int = INT8_FROM) -> None:
         dtype = dtype or embed.dtype
         check_quantization(quantization, embed.device, dtype)
         self.config, self.quantization = config, quantization
         gemm = select_gemm(embed.device, dtype, linear)
 
         def project(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Projection:
-            return make_projection(weight, bias, quantization, dtype, gemm)
+            return make_projection(weight, bias, quantization, dtype, gemm, int8_from)
 
         self.layers = [LayerWeights(layer.input_norm.to(dtype), project(layer.qkv, layer.qkv_bias),
                                     project(layer.o), layer.post_norm.to(dtype),
                                     project(layer.gate_up), project(layer.down))
                        for layer in layers]
         self.embed, self.norm = embed.to(dtype), norm.to(dtype)
-        # The vocabulary projection decides the token: never below int8 (GGUF files keep it at
-        # Q8_0 or better for the same reason).
+        # The vocabulary projection decides the token: never below int8.
         self.lm_head = make_projection(lm_head, None, "int8" if quantization == "int4" else
                                        quantization, dtype, gemm)
         self.inv_freq = rope_inv_freq(config).to(embed.device)
+        # The compiled norms where they exist (CPU, float32/bfloat16): one op instead of several.
+        self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
+        if embed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from runtime.model.kernels import cpu_op
+
+            fused, plain = cpu_op("add_rms_norm"), cpu_op("rms_norm")
+            if fused is not None and plain is not None:
+                self.rms_norm, self.add_rms_norm = plain, fused
 
     @property
     def device(self) -> torch.device:
@@ -121,15 +138,16 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes one forward pass streams from the projections (norms and embedding aside)."""
-        return self.lm_head.nbytes + sum(w.qkv.nbytes + w.o.nbytes + w.gate_up.nbytes + w.down.nbytes
-                                         for w in self.layers)
+    def step_weight_bytes(self, tokens: int, sampled: int) -> int:
+        """Projection bytes a step of ``tokens`` tokens, ``sampled`` of them sampled, reads
+        (norms and the embedding rows aside)."""
+        return self.lm_head.step_bytes(sampled) + sum(
+            p.step_bytes(tokens) for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down))
 
     @classmethod
     def from_hf(cls, hf_model: Any, config: ModelConfig, quantization: str = "none",
-                linear: str = "auto", dtype: torch.dtype | None = None) -> "LlamaModel":
+                linear: str = "auto", dtype: torch.dtype | None = None,
+                int8_from: int = INT8_FROM) -> "LlamaModel":
         """The weights of a transformers Llama/Qwen2 causal LM (dense ones shared; q/k/v and
         gate/up concatenated into fused copies)."""
         inner = hf_model.model
@@ -151,7 +169,7 @@ class LlamaModel:
                 ))
         return cls(config, inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
                    hf_model.lm_head.weight.detach(), linear=linear, quantization=quantization,
-                   dtype=dtype)
+                   dtype=dtype, int8_from=int8_from)
 
     @classmethod
     def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,
@@ -196,8 +214,10 @@ class LlamaModel:
         cos, sin = self.rope(positions)
         inter = c.intermediate_size
         eps = c.rms_norm_eps
+        norm, add_norm = self.rms_norm, self.add_rms_norm
+        down: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to x
         for li, w in enumerate(self.layers):
-            h = rms_norm(x, w.input_norm, eps)
+            h = norm(x, w.input_norm, eps) if down is None else add_norm(x, down, w.input_norm, eps)
             qkv = w.qkv(h)
             if lora is not None:
                 lora.apply(li, "q_proj", h, qkv[:, :q_size])
@@ -213,8 +233,7 @@ class LlamaModel:
             o = w.o(a)
             if lora is not None:
                 lora.apply(li, "o_proj", a, o)
-            x = x + o
-            h = rms_norm(x, w.post_norm, eps)
+            h = add_norm(x, o, w.post_norm, eps)
             gu = w.gate_up(h)
             if lora is not None:
                 lora.apply(li, "gate_proj", h, gu[:, :inter])
@@ -223,6 +242,6 @@ class LlamaModel:
             down = w.down(m)
             if lora is not None:
                 lora.apply(li, "down_proj", m, down)
-            x = x + down
-        x = rms_norm(x[sample_rows], self.norm, eps)
-        return self.lm_head(x).float()
+        assert down is not None
+        x = x[sample_rows].add_(down[sample_rows])
+        return self.lm_head(norm(x, self.norm, eps)).float()
