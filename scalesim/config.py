@@ -126,9 +126,11 @@ class RuntimeConfig(_Section):
     attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     quantization: Literal["none", "int8", "int4"] = Field(
         default="none", description="int8 or int4 weights (CPU), see runtime/model/weights.py")
-    int4_int8_from: int = Field(
-        default=4, ge=0, description="with int4: steps of this many tokens or more use an int8 "
-        "copy of the weights (0: keep no copy)")
+    threads: int = Field(default=0, ge=0, description="CPU threads of the torch engine "
+                         "(0: the cores this process may use)")
+    quantized_dense_from: int = Field(
+        default=16, ge=0, description="steps of this many tokens or more use a dense bfloat16 "
+        "copy of quantized weights (0: keep no copy)")
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     modeled: ModeledConfig = Field(default_factory=ModeledConfig)
 
@@ -159,7 +161,7 @@ class RuntimeConfig(_Section):
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
                 "quantization": self.quantization,
-                "int4_int8_from": self.int4_int8_from}
+                "quantized_dense_from": self.quantized_dense_from, "threads": self.threads or None}
 
 
 class SimConfig(_Section):

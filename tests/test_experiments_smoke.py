@@ -132,3 +132,18 @@ def test_prediction_suite_quick_runs_every_policy_and_infinite_is_the_bound(tmp_
     assert line["min_speedup_vs_lru"] > 0 and set(line["tau"]) == {"town", "outbreak"}
     assert (tmp_path / "quick" / "prediction_suite.csv").is_file()
     assert (tmp_path / "quick" / "prediction_suite.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_bench_peers_quick_runs_the_scalesim_side(tmp_path):
+    env = {**os.environ, "SCALESIM_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "experiments.bench_peers", "--quick", "--no-llama"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                         check=True).stdout
+    headline = json.loads(out.strip().splitlines()[-1])
+    assert headline["experiment"] == "bench_peers" and headline["quantization"] == "int4"
+    assert headline["scalesim_calls_per_s_1"] > 0 and headline["scalesim_calls_per_s_2"] > 0
+    assert headline["scalesim_decode_tok_s"] > 0 and headline["step2_gflops"] > 0
+    assert "vs_llamacpp_1" not in headline  # no llama-server was asked for
+    assert (tmp_path / "quick" / "bench_peers.json").is_file()

@@ -31,11 +31,12 @@ from runtime.model.attention import BatchLayout, select_attention
 from runtime.model.chat import ChatFormat
 from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
-from runtime.model.weights import INT8_FROM, check_quantization
+from runtime.model.weights import DENSE_FROM, check_quantization
 from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixCache, PrefixEntry
 from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
+from runtime.threads import configure as configure_threads
 
 
 class NoTokenizer:
@@ -56,8 +57,12 @@ class TorchExecutor:
                  max_num_seqs: int = 64, max_batch_tokens: int = 512, max_lora_rank: int = 16,
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
                  hf_model: Any = None, quantization: str = "none", linear: str = "auto",
-                 int4_int8_from: int = INT8_FROM) -> None:
+                 quantized_dense_from: int = DENSE_FROM, threads: int | None = None) -> None:
         torch_dtype = getattr(torch, dtype)
+        #: torch's CPU threads (None on an accelerator)
+        self.threads: int | None = None
+        if torch.device(device).type == "cpu":
+            self.threads = configure_threads(threads)
         check_quantization(quantization, torch.device(device), torch_dtype)
         #: what the model's KV depends on, for the persistent store (None: nothing is stored)
         self._weights: str | None = None
@@ -76,7 +81,7 @@ class TorchExecutor:
             self.config = from_hf_config(hf_model.config)
             self.model = LlamaModel.from_hf(hf_model, self.config, quantization=quantization,
                                             linear=linear, dtype=torch_dtype,
-                                            int8_from=int4_int8_from)
+                                            dense_from=quantized_dense_from)
             if memory.tiers.store is not None:
                 from runtime.model.loader import weights_fingerprint
 
@@ -131,7 +136,10 @@ class TorchExecutor:
         return 1  # a real model may end any token: the engine looks after each one
 
     def report(self) -> dict[str, Any]:
-        return {"engine": {"reprefill_tokens": self.reprefill_tokens}}
+        return {"engine": {"reprefill_tokens": self.reprefill_tokens, "dtype": self.dtype,
+                           "quantization": self.quantization,
+                           "attention": type(self.attention).__name__,
+                           "threads": self.threads}}
 
     def _pooled_adapter(self, path: str) -> PooledAdapter:
         pooled = self._adapters.get(path)

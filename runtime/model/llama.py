@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from runtime.kv_cache import KVCache
 from runtime.model.profiles import ModelConfig
-from runtime.model.weights import (INT8_FROM, Projection, check_quantization,
+from runtime.model.weights import (DENSE_FROM, Projection, check_quantization,
                                    make_projection, select_gemm)
 
 
@@ -83,6 +83,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return rms_norm(x, weight, eps)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused gate/up projection: ``silu(gate) * up``."""
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :half]) * gate_up[:, half:]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [tokens, heads, d]`` by half-split RoPE (the transformers convention), given
     the half-width ``cos``/``sin [tokens, 1, d / 2]``. Returns a new contiguous tensor."""
@@ -96,21 +102,21 @@ class LlamaModel:
 
     Built from dense checkpoint tensors (``layers``), which become projections stored as
     ``quantization`` computing in ``dtype`` (default: the tensors' own dtype); ``linear`` picks
-    the dense GEMM (:func:`~runtime.model.weights.select_gemm`); int4 projections use an int8
-    copy for steps of ``int8_from`` tokens or more (0: no copy).
+    the dense GEMM (:func:`~runtime.model.weights.select_gemm`); quantized projections use a dense
+    bfloat16 copy for steps of ``dense_from`` tokens or more (0: no copy).
     """
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DenseLayer],
                  norm: torch.Tensor, lm_head: torch.Tensor, linear: str = "auto",
                  quantization: str = "none", dtype: torch.dtype | None = None,
-                 int8_from: int = INT8_FROM) -> None:
+                 dense_from: int = DENSE_FROM) -> None:
         dtype = dtype or embed.dtype
         check_quantization(quantization, embed.device, dtype)
         self.config, self.quantization = config, quantization
         gemm = select_gemm(embed.device, dtype, linear)
 
         def project(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Projection:
-            return make_projection(weight, bias, quantization, dtype, gemm, int8_from)
+            return make_projection(weight, bias, quantization, dtype, gemm, dense_from)
 
         self.layers = [LayerWeights(layer.input_norm.to(dtype), project(layer.qkv, layer.qkv_bias),
                                     project(layer.o), layer.post_norm.to(dtype),
@@ -121,14 +127,14 @@ class LlamaModel:
         self.lm_head = make_projection(lm_head, None, "int8" if quantization == "int4" else
                                        quantization, dtype, gemm)
         self.inv_freq = rope_inv_freq(config).to(embed.device)
-        # The compiled norms where they exist (CPU, float32/bfloat16): one op instead of several.
-        self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
+        # The compiled kernels where they exist (CPU, float32/bfloat16): one op instead of several.
+        self.rms_norm, self.add_rms_norm, self.silu_mul = rms_norm, add_rms_norm, silu_mul
         if embed.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from runtime.model.kernels import cpu_op
 
-            fused, plain = cpu_op("add_rms_norm"), cpu_op("rms_norm")
-            if fused is not None and plain is not None:
-                self.rms_norm, self.add_rms_norm = plain, fused
+            fused = cpu_op("add_rms_norm"), cpu_op("rms_norm"), cpu_op("silu_mul")
+            if all(op is not None for op in fused):
+                self.add_rms_norm, self.rms_norm, self.silu_mul = fused  # type: ignore[assignment]
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +153,7 @@ class LlamaModel:
     @classmethod
     def from_hf(cls, hf_model: Any, config: ModelConfig, quantization: str = "none",
                 linear: str = "auto", dtype: torch.dtype | None = None,
-                int8_from: int = INT8_FROM) -> "LlamaModel":
+                dense_from: int = DENSE_FROM) -> "LlamaModel":
         """The weights of a transformers Llama/Qwen2 causal LM (dense ones shared; q/k/v and
         gate/up concatenated into fused copies)."""
         inner = hf_model.model
@@ -169,7 +175,7 @@ class LlamaModel:
                 ))
         return cls(config, inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
                    hf_model.lm_head.weight.detach(), linear=linear, quantization=quantization,
-                   dtype=dtype, int8_from=int8_from)
+                   dtype=dtype, dense_from=dense_from)
 
     @classmethod
     def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,
@@ -238,7 +244,7 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(li, "gate_proj", h, gu[:, :inter])
                 lora.apply(li, "up_proj", h, gu[:, inter:])
-            m = F.silu(gu[:, :inter]) * gu[:, inter:]
+            m = self.silu_mul(gu)
             down = w.down(m)
             if lora is not None:
                 lora.apply(li, "down_proj", m, down)

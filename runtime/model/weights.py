@@ -12,26 +12,32 @@ projection of :class:`~runtime.model.llama.LlamaModel` is therefore one of three
     about 235 on the same shapes; the two differ only in summation order (:func:`select_gemm`).
 ``int8``
     :class:`Int8Projection`: one signed byte per weight and one scale per output row (symmetric),
-    times activations quantized to int8 per step, in torch's quantized linear (int8 GEMMs). A
-    quarter of float32's bytes.
+    multiplied by torch's weight-only kernel ``_weight_int8pack_mm``. A quarter of float32's bytes.
 ``int4``
     :class:`Int4Projection`: four bits per weight in groups of 32 along the input, each group with
     its own scale and zero point; the layout of GGUF's ``Q4_1``, in which the built-in SmolLM2
     file ships, so re-quantizing its dequantized weights finds the file's own 4-bit codes again
     (up to the bfloat16 rounding of the group scales). Multiplied by
-    ``_weight_int4pack_mm_for_cpu`` (bfloat16 activations) in steps of a few tokens, where a step
-    is bound by weight bytes (an eighth of float32's); larger steps use an int8 copy.
+    ``_weight_int4pack_mm_for_cpu``. An eighth of float32's bytes.
 
-Under int8 and int4 the vocabulary projection is int8 (GGUF files keep it at ``Q8_0`` or better:
-it decides the token). Activations stay in the model's dtype (float32 or bfloat16) between the
-products. The float32 model without quantization is the reference every format is checked against
-(``tests/test_model_quantized.py``: logit error and greedy agreement).
+Both kernels take bfloat16 activations (their float32 paths are not vectorized); a float32 model
+converts around them. Under int8 and int4 the vocabulary projection is int8: it decides the token
+(GGUF files keep it at ``Q8_0`` or better for the same reason). The float32 model without
+quantization is the reference every format is checked against (``tests/test_model_quantized.py``:
+logit error and teacher-forced next-token agreement; on SmolLM2, int8 98%, int4 94%).
+
+Weight-only kernels unpack codes inside the product: that pays while a step is bound by weight
+bytes (decodes of a few sequences) and costs once it is bound by arithmetic (prefills, large decode
+batches). A quantized projection therefore also keeps the dense bfloat16 weight and uses it for
+steps of ``dense_from`` tokens or more; ``dense_from=0`` keeps only the packed weight (a quarter
+or an eighth of the memory, every step through the packed kernel). Quantizing activations too
+(torch's dynamic int8 linear, one scale per step) was measured faster for large steps and dropped:
+activation outliers took SmolLM2's next-token agreement with float32 to 59%.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -97,68 +103,64 @@ class DenseProjection:
         return _nbytes(self.weight, self.bias)
 
 
-def _quantized_engine() -> str | None:
-    """The quantized-op engine for int8 x int8 products on this CPU (fbgemm's successor ``x86``
-    on x86, ``qnnpack`` on ARM), or ``None``."""
-    engines = torch.backends.quantized.supported_engines
-    return next((e for e in ("x86", "fbgemm", "qnnpack") if e in engines), None)
+class _PackedProjection:
+    """What int8 and int4 share: the bias, and the dense weight for large steps."""
 
-
-class Int8Projection:
-    """int8 weights, symmetric per output row, times int8 activations quantized per step.
-
-    The product runs in torch's quantized linear (fbgemm / oneDNN int8 GEMMs, VNNI where the CPU
-    has it), the way llama.cpp multiplies ``Q8_0`` weights by activations it quantizes to
-    ``Q8_0``. The activation scale is one per step (per tensor), so a row's rounding depends on the
-    other rows of its batch: a run stays reproducible (the schedule is deterministic), but a
-    request may decode differently beside other requests. Where no quantized engine exists, the
-    weight-only kernel ``_weight_int8pack_mm`` (bfloat16 activations) is used instead.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight.float()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense_from: int) -> None:
         self.out_features = weight.shape[0]
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.bias = None if bias is None else bias.float()
-        self.nbytes = _nbytes(codes, scale, self.bias)
-        self.packed: Any = None
-        engine = _quantized_engine()
-        if engine is not None:
-            torch.backends.quantized.engine = engine
-            with warnings.catch_warnings():  # quantized tensors are deprecated, the op is not
-                warnings.simplefilter("ignore")
-                qweight = torch._make_per_channel_quantized_tensor(
-                    codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-                self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        else:
-            self.codes, self.scale = codes, scale.to(torch.bfloat16)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+        self.dense_from = dense_from
+        self.dense = weight.to(torch.bfloat16) if dense_from > 0 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
-        y = torch._weight_int8pack_mm(x.bfloat16(), self.codes, self.scale)
-        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
+        xb = x.to(torch.bfloat16)
+        if self.dense is not None and x.shape[0] >= self.dense_from:
+            y = F.linear(xb, self.dense, self.bias)
+        else:
+            y = self.packed_product(xb)
+            y = y if self.bias is None else y.add_(self.bias)
+        return y.to(x.dtype)
+
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_bytes(self) -> int:
+        raise NotImplementedError
 
     def step_bytes(self, tokens: int) -> int:
-        return self.nbytes
+        if self.dense is not None and tokens >= self.dense_from:
+            return _nbytes(self.dense, self.bias)
+        return self.packed_bytes()
 
 
-class Int4Projection:
-    """Asymmetric 4-bit codes in groups of :data:`INT4_GROUP` inputs:
-    ``weight ~= (code - 8) * scale + zero`` per group, the convention of torch's int4 kernel
-    (bfloat16 activations; others are converted around it).
+class Int8Projection(_PackedProjection):
+    """Symmetric int8 per output row, ``weight ~= codes * scale[row]``, times bfloat16
+    activations in torch's weight-only kernel ``_weight_int8pack_mm``."""
 
-    The kernel unpacks codes inside the product, which pays while a step is bound by weight bytes
-    (one or a few sequences decoding) and costs once it is bound by arithmetic: steps of
-    ``int8_from`` tokens or more go through an :class:`Int8Projection` of the same weight instead
-    (measured on the development machine, a batch-8 decode step of SmolLM2: 38 ms all int4, the
-    int8 products three times faster than int4 ones at 8 rows). ``int8_from=0`` keeps no int8 copy.
-    """
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dense_from: int = 0) -> None:
+        super().__init__(weight, bias, dense_from)
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int8_from: int) -> None:
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.codes, self.scale)
+
+    def packed_bytes(self) -> int:
+        return _nbytes(self.codes, self.scale, self.bias)
+
+
+class Int4Projection(_PackedProjection):
+    """Asymmetric 4-bit codes in groups of :data:`INT4_GROUP` inputs,
+    ``weight ~= (code - 8) * scale + zero`` per group (the convention of torch's int4 kernel),
+    times bfloat16 activations in ``_weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dense_from: int = 0) -> None:
+        super().__init__(weight, bias, dense_from)
         n, k = weight.shape
-        self.out_features = n
         groups = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
         low, high = groups.amin(dim=2), groups.amax(dim=2)
         scale = ((high - low) / 15).clamp(min=1e-12)
@@ -168,20 +170,12 @@ class Int4Projection:
             codes.reshape(n, k).to(torch.int32), 2)
         # [groups, out, 2]: the kernel's layout of (scale, zero)
         self.scale_zero = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
-        self.bias = None if bias is None else bias.to(torch.bfloat16)
-        self.int8_from = int8_from
-        self.large = Int8Projection(weight, bias) if int8_from > 0 else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.large is not None and x.shape[0] >= self.int8_from:
-            return self.large(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, INT4_GROUP,
-                                                       self.scale_zero)
-        return (y if self.bias is None else y.add_(self.bias)).to(x.dtype)
+    def packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP,
+                                                          self.scale_zero)
 
-    def step_bytes(self, tokens: int) -> int:
-        if self.large is not None and tokens >= self.int8_from:
-            return self.large.step_bytes(tokens)
+    def packed_bytes(self) -> int:
         return _nbytes(self.packed, self.scale_zero, self.bias)
 
 
@@ -204,16 +198,16 @@ def check_quantization(quantization: str, device: torch.device, dtype: torch.dty
                          f"bfloat16, got {dtype}")
 
 
-#: int4 projections: the step size from which the int8 copy is used (see Int4Projection)
-INT8_FROM = 4
+#: the step size from which quantized projections use their dense copy (see the module docstring)
+DENSE_FROM = 16
 
 
 def make_projection(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str,
-                    dtype: torch.dtype, gemm: Gemm, int8_from: int = INT8_FROM) -> Projection:
+                    dtype: torch.dtype, gemm: Gemm, dense_from: int = DENSE_FROM) -> Projection:
     """``weight [out, in]`` (any float dtype) stored as ``quantization`` for activations of
     ``dtype``. An int4 weight whose input size is not a multiple of the group falls back to int8."""
     if quantization == "int4" and weight.shape[1] % INT4_GROUP == 0:
-        return Int4Projection(weight, bias, int8_from)
+        return Int4Projection(weight, bias, dense_from)
     if quantization in ("int4", "int8"):
-        return Int8Projection(weight, bias)
+        return Int8Projection(weight, bias, dense_from)
     return DenseProjection(weight.to(dtype), None if bias is None else bias.to(dtype), gemm)

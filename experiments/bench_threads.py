@@ -1,0 +1,99 @@
+"""Single-stream decode speed by thread setting, alone and beside a process that takes one core.
+
+torch's CPU kernels run on an OpenMP pool (GNU libgomp in the PyPI wheels), and a decode step of
+a small model is a few hundred short parallel regions. When another process takes a core, a worker
+that waits at a region's barrier for a descheduled sibling either spins (burning the core the
+sibling needs) or sleeps; the run's speed then depends on the wait policy and the thread count.
+Each setting runs in its own process (the policy is read when libgomp loads), quiet and then with
+a busy-loop process beside it, alternating, several passes; the medians are printed with the
+slowdown each setting suffers from the neighbour:
+
+    python -m experiments.bench_threads [--passes 3] [--tokens 64]
+
+Ends with one JSON line (also ``results/bench_threads.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from experiments.results_dir import results_dir
+
+#: (name, environment, threads); "default" is what runtime.threads chooses by itself
+SETTINGS = [
+    ("default", {}, 0),
+    ("active-spin", {"OMP_WAIT_POLICY": "ACTIVE"}, 0),
+    ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    ("1-thread", {}, 1),
+]
+
+CHILD = """
+import sys, time
+from runtime import Request, SamplingParams, build_engine
+threads, tokens = int(sys.argv[1]), int(sys.argv[2])
+engine = build_engine("torch", dtype="bfloat16", quantization="int4", threads=threads or None)
+def run(n):
+    engine.submit(Request("a", "Tell me a story.", prefix="You are a storyteller.",
+                          sampling=SamplingParams(max_tokens=n, ignore_eos=True)))
+    done = None
+    while engine.has_work():
+        out = engine.step()
+        done = out[-1] if out else done
+    return (done.output_tokens - 1) / (done.finish_wall - done.first_token_wall)
+run(8)
+print(run(tokens))
+"""
+
+
+def decode_rate(env: dict[str, str], threads: int, tokens: int, busy: bool) -> float:
+    """Decode tokens/s of one child process, with a busy neighbour process if ``busy``."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        time.sleep(0.2 if busy else 0)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens)],
+                             env={**os.environ, **env}, capture_output=True, text=True,
+                             timeout=900, check=True).stdout
+        return float(out.strip().splitlines()[-1])
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="one pass of 8 tokens")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.passes, args.tokens = 1, 8
+    rates: dict[tuple[str, bool], list[float]] = {}
+    for p in range(args.passes):
+        for name, env, threads in SETTINGS:
+            for busy in (False, True) if p % 2 == 0 else (True, False):
+                rates.setdefault((name, busy), []).append(decode_rate(env, threads, args.tokens, busy))
+        print(f"pass {p + 1}: " + ", ".join(f"{n}{' busy' if b else ''} {v[-1]:.1f}"
+                                             for (n, b), v in rates.items()), flush=True)
+    headline: dict = {"experiment": "bench_threads", "cores": len(os.sched_getaffinity(0)),
+                      "passes": args.passes, "tokens": args.tokens}
+    print(f"\n{'setting':>12} {'quiet tok/s':>12} {'busy tok/s':>11} {'busy/quiet':>11}")
+    for name, _, _ in SETTINGS:
+        quiet = statistics.median(rates[name, False])
+        busy = statistics.median(rates[name, True])
+        print(f"{name:>12} {quiet:12.1f} {busy:11.1f} {busy / quiet:11.2f}")
+        headline[f"{name}_quiet_tok_s"] = round(quiet, 1)
+        headline[f"{name}_busy_tok_s"] = round(busy, 1)
+    print(json.dumps(headline))
+    (results_dir(args.quick) / "bench_threads.json").write_text(json.dumps(headline, indent=1) + "\n")
+    return headline
+
+
+if __name__ == "__main__":
+    main()

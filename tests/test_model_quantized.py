@@ -1,0 +1,117 @@
+"""Quantized projections (runtime/model/weights.py) against the float32 reference.
+
+On tiny random models: int4 finds exactly representable codes again, int8 and int4 logits stay
+close to float32's. On the real model (SmolLM2-135M, whose file is Q4_1): teacher-forced
+next-token agreement with float32 and the logit error, printed so a run reports them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.model.llama import LlamaModel
+from runtime.model.profiles import from_hf_config
+from runtime.model.weights import (INT4_GROUP, Int4Projection, Int8Projection, check_quantization,
+                                   make_projection, select_gemm)
+from tests.test_model_llama import paged_logits, tiny_hf
+
+
+def test_int4_recovers_codes_that_are_exactly_representable():
+    gen = torch.Generator().manual_seed(0)
+    n, k = 48, 4 * INT4_GROUP
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    codes[:, ::INT4_GROUP] = 0  # every group spans the full range, as a Q4_1 quantizer makes it
+    codes[:, 1::INT4_GROUP] = 15
+    # Scales and zero points that bfloat16 holds exactly, as the kernel keeps them.
+    scale = (torch.rand(n, k // INT4_GROUP, generator=gen) * 0.05 + 0.01).bfloat16().float()
+    low = (torch.randn(n, k // INT4_GROUP, generator=gen) * 0.1).bfloat16().float()
+    weight = (codes.float().view(n, -1, INT4_GROUP) * scale[..., None] + low[..., None]).view(n, k)
+    projection = Int4Projection(weight, None, dense_from=0)
+    x = torch.randn(5, k, generator=gen)
+    got = projection(x)
+    ref = x @ weight.T
+    # Only the bfloat16 activations and output round: no error from the weights themselves.
+    assert torch.allclose(got, ref, rtol=2e-2, atol=2e-2), (got - ref).abs().max()
+    dense = make_projection(weight, None, "none", torch.float32, select_gemm(x.device, x.dtype))
+    assert torch.allclose(dense(x), ref, atol=1e-5)
+
+
+def test_quantized_projections_use_their_dense_copy_for_large_steps_only():
+    weight, bias = torch.randn(64, 64), torch.randn(64)
+    for kind in (Int4Projection, Int8Projection):
+        projection = kind(weight, bias, dense_from=4)
+        assert projection.step_bytes(3) < projection.step_bytes(4)  # packed codes, then bf16
+        large = torch.randn(4, 64)
+        dense = torch.nn.functional.linear(large.bfloat16(), weight.bfloat16(), bias.bfloat16())
+        assert torch.equal(projection(large), dense.float())
+        for x in (torch.randn(3, 64), large):
+            ref = x @ weight.T + bias
+            assert (projection(x) - ref).abs().max() < 0.1 * ref.abs().max(), kind
+        assert kind(weight, None, dense_from=0).dense is None
+
+
+@pytest.mark.parametrize("quantization,dtype,bound", [
+    ("int8", torch.float32, 0.05), ("int8", torch.bfloat16, 0.05),
+    ("int4", torch.float32, 0.15), ("int4", torch.bfloat16, 0.15)])
+def test_quantized_logits_stay_close_to_float32(quantization, dtype, bound):
+    hf = tiny_hf("qwen2")
+    config = from_hf_config(hf.config)
+    reference = LlamaModel.from_hf(hf, config)
+    quantized = LlamaModel.from_hf(hf, config, quantization=quantization, dtype=dtype)
+    ids = torch.randint(0, 97, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    chunks = [9, 8, 1, 1, 1, 1]  # chunks and decodes (all below the dense copy's step size)
+    ref = paged_logits(reference, ids, chunks, backend="cpu")
+    got = paged_logits(quantized, ids, chunks, backend="cpu")
+    error = (got - ref).abs().max() / ref.abs().max()
+    assert error < bound, f"{quantization}/{dtype}: relative logit error {error:.3f}"
+
+
+def test_bad_quantization_settings_fail_with_the_setting_named():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="runtime.quantization must be one of"):
+        check_quantization("int3", cpu, torch.float32)
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        check_quantization("int4", torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        check_quantization("int8", cpu, torch.float16)
+    check_quantization("none", torch.device("cuda"), torch.float16)
+
+    from pydantic import ValidationError
+
+    from scalesim.config import RuntimeConfig
+
+    with pytest.raises(ValidationError, match="needs dtype float32 or bfloat16"):
+        RuntimeConfig(executor="torch", quantization="int4", dtype="float16")
+    options = RuntimeConfig(executor="torch", quantization="int4").engine_options()
+    assert options["quantization"] == "int4" and options["quantized_dense_from"] == 16
+
+
+@pytest.mark.model
+def test_real_model_quantized_next_token_agreement_and_logit_error(capsys):
+    from runtime.model.loader import load_hf_model
+
+    hf, tokenizer = load_hf_model("smollm2-135m")
+    config = from_hf_config(hf.config)
+    text = ("You are a baker in a small coastal town. Every morning you open the shop, light the "
+            "oven and greet the first customers. Today a storm is coming, and the mayor asks "
+            "you to bake bread for the people who lost their roofs. What do you do next?")
+    ids = tokenizer(text)["input_ids"]
+    chunks = [len(ids) - 8] + [1] * 8
+    reference = paged_logits(LlamaModel.from_hf(hf, config), ids, chunks, block_size=16,
+                             backend="cpu")
+    results = {}
+    for quantization, dtype in (("int8", torch.float32), ("int4", torch.bfloat16),
+                                ("none", torch.bfloat16)):
+        model = LlamaModel.from_hf(hf, config, quantization=quantization, dtype=dtype)
+        got = paged_logits(model, ids, chunks, block_size=16, backend="cpu")
+        agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        error = ((got - reference).abs().max(-1).values / reference.abs().max(-1).values).mean()
+        results[f"{quantization}/{str(dtype)[6:]}"] = (agree, float(error))
+    with capsys.disabled():
+        print("\nnext-token agreement with float32, mean relative logit error: " + "; ".join(
+            f"{k} {a:.1%}, {e:.3f}" for k, (a, e) in results.items()))
+    # Measured 2026-12-02: bfloat16 96%, int8 98%, int4 94% (chunks of 16+ tokens use bf16).
+    assert results["none/bfloat16"][0] >= 0.9
+    assert results["int8/float32"][0] >= 0.85
+    assert results["int4/bfloat16"][0] >= 0.9
