@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--linear", choices=("auto", "torch", "onednn"), default="auto",
                         help="the torch engine's GEMM (runtime.model.weights.select_gemm); "
                              "'torch' is F.linear (MKL), as transformers uses on the hf side")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the torch engine's dtype (the hf baseline stays float32)")
+    parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                        help="the torch engine's weights (runtime/model/weights.py)")
     parser.add_argument("--hf-agents", type=int, default=0,
                         help="hf serves only the first K agents' calls (0: all)")
     args = parser.parse_args(argv)
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, options in (("hf", {}), ("torch", {"max_lora_rank": args.rank,
                                                   "max_num_seqs": max(args.agents, 1),
                                                   "max_batch_tokens": args.max_batch_tokens,
-                                                  "linear": args.linear})):
+                                                  "linear": args.linear, "dtype": args.dtype,
+                                                  "quantization": args.quantization})):
         engine = build_engine(name, model=args.model, **options)
         agents = hf_agents if name == "hf" else args.agents
         texts, seconds, tokens = serve_all(engine, agents, args.calls, args.max_tokens, adapters)
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "identical": same, "calls": len(hf["texts"]), "agents": args.agents,
             "hf_agents": hf_agents, "calls_per_agent": args.calls, "max_tokens": args.max_tokens,
             "rank": args.rank, "threads": torch.get_num_threads(), "linear": args.linear,
+            "dtype": args.dtype, "quantization": args.quantization,
             "hf_calls_per_s": round(hf["calls_per_s"], 3),
             "torch_calls_per_s": round(tt["calls_per_s"], 3),
             "hf_tokens_per_s": round(hf["tokens_per_s"], 1),

@@ -25,18 +25,22 @@ import time
 
 from experiments.results_dir import results_dir
 
-#: (name, environment, threads); "default" is what runtime.threads chooses by itself
+#: (name, environment, threads); "default" is what runtime.threads chooses by itself (it sees
+#: the busy neighbour, which starts first); the others force all cores or one
 SETTINGS = [
     ("default", {}, 0),
-    ("active-spin", {"OMP_WAIT_POLICY": "ACTIVE"}, 0),
-    ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}, 0),
+    ("all-cores", {}, -1),
+    ("all-cores-spin", {"OMP_WAIT_POLICY": "ACTIVE"}, -1),
+    ("all-cores-passive", {"OMP_WAIT_POLICY": "PASSIVE"}, -1),
     ("1-thread", {}, 1),
 ]
 
 CHILD = """
 import sys, time
 from runtime import Request, SamplingParams, build_engine
+from runtime.threads import available_cores
 threads, tokens = int(sys.argv[1]), int(sys.argv[2])
+threads = available_cores() if threads < 0 else threads
 engine = build_engine("torch", dtype="bfloat16", quantization="int4", threads=threads or None)
 def run(n):
     engine.submit(Request("a", "Tell me a story.", prefix="You are a storyteller.",
@@ -55,7 +59,7 @@ def decode_rate(env: dict[str, str], threads: int, tokens: int, busy: bool) -> f
     """Decode tokens/s of one child process, with a busy neighbour process if ``busy``."""
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        time.sleep(0.2 if busy else 0)
+        time.sleep(0.5 if busy else 0)
         out = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens)],
                              env={**os.environ, **env}, capture_output=True, text=True,
                              timeout=900, check=True).stdout
@@ -83,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
                                              for (n, b), v in rates.items()), flush=True)
     headline: dict = {"experiment": "bench_threads", "cores": len(os.sched_getaffinity(0)),
                       "passes": args.passes, "tokens": args.tokens}
-    print(f"\n{'setting':>12} {'quiet tok/s':>12} {'busy tok/s':>11} {'busy/quiet':>11}")
+    print(f"\n{'setting':>18} {'quiet tok/s':>12} {'busy tok/s':>11} {'busy/quiet':>11}")
     for name, _, _ in SETTINGS:
         quiet = statistics.median(rates[name, False])
         busy = statistics.median(rates[name, True])
-        print(f"{name:>12} {quiet:12.1f} {busy:11.1f} {busy / quiet:11.2f}")
+        print(f"{name:>18} {quiet:12.1f} {busy:11.1f} {busy / quiet:11.2f}")
         headline[f"{name}_quiet_tok_s"] = round(quiet, 1)
         headline[f"{name}_busy_tok_s"] = round(busy, 1)
     print(json.dumps(headline))

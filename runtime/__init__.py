@@ -6,13 +6,6 @@ ask, :meth:`Engine.step` runs one iteration, and finished requests come back as
 it only through :class:`Request`, :class:`Completion` and the :class:`Engine` methods.
 """
 
-# ruff: noqa: E402
-
-# Before anything imports torch: the OpenMP wait policy is read when libgomp loads.
-from runtime.threads import set_wait_policy
-
-set_wait_policy()
-
 from runtime.request import Completion, MemoryStats, Request, RequestError, SamplingParams
 from runtime.engine import Engine, build_engine
 

@@ -164,7 +164,10 @@ class CpuPagedAttention(TorchPagedAttention):
         for n in layout.q_lens:
             offsets.append(offsets[-1] + n)
         width = max(-(-(layout.starts[i] + layout.q_lens[i]) // bs) for i in rows)
-        tables, row_seq, row_keys, tokens = [], [], [], []
+        tables: list[list[int]] = []
+        row_seq: list[int] = []
+        row_keys: list[int] = []
+        tokens: list[int] = []
         for r, i in enumerate(rows):
             n, start = layout.q_lens[i], layout.starts[i]
             table = layout.block_tables[i][: -(-(start + n) // bs)]
