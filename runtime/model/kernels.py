@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp")]
 
 # -ffast-math lets the compiler vectorize the dot products, the softmax sums and expf (glibc's
 # vector math). It is passed when compiling only: linked with it, gcc would add crtfastmath,
@@ -39,7 +40,8 @@ def _build(flags: list[str]) -> None:
 
     from runtime.model.loader import cache_dir
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()
+    files = sorted(CSRC.iterdir())  # the headers too: an edited one must rebuild
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + " ".join(flags).encode()
                             + torch.__version__.encode()).hexdigest()[:12]
     name = f"scalesim_kernels_{digest}"
     directory = cache_dir() / "kernels" / name

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "to_float.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,14 +26,7 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  // bfloat16 is the top half of a float32: a shift, which the compiler vectorizes.
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using scalesim::to_float;
 
 // Dot products of `group` query heads (float, contiguous, d each) with one key row of type T.
 template <typename T, int64_t D>

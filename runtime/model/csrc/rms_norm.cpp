@@ -10,19 +10,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "to_float.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using scalesim::to_float;
 
 template <typename T>
 void norm_rows(T* x, const T* residual, const T* weight, T* out, int64_t rows, int64_t h,
