@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,10 @@ def _build(flags: list[str]) -> None:
     name = f"scalesim_kernels_{digest}"
     directory = cache_dir() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
+    # torch looks for `ninja` on PATH; the one pip installed sits beside this interpreter.
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     # -fopenmp: ATen's parallel_for is OpenMP pragmas in the header (torch's own libgomp pool).
     load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
          build_directory=str(directory), is_python_module=False, verbose=False)
