@@ -304,9 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_llama and not args.llama_server:
         parser.error("--llama-server PATH (or LLAMA_SERVER) is needed unless --no-llama")
 
-    from runtime.model.loader import BUILTIN_GGUF, _builtin_gguf
+    from runtime.model.loader import BUILTIN_GGUF, builtin_gguf
 
-    gguf = _builtin_gguf(next(iter(BUILTIN_GGUF)))
+    gguf = builtin_gguf(next(iter(BUILTIN_GGUF)))
     engine = build_engine("torch", dtype=args.dtype, quantization=args.quantization,
                           max_num_seqs=max(counts), max_batch_tokens=512)
     chat = engine.executor.chat

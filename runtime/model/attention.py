@@ -59,6 +59,8 @@ class TorchPagedAttention:
         offsets = [0]
         for n in layout.q_lens:
             offsets.append(offsets[-1] + n)
+        #: where each sequence's tokens start in the flat batch (and their total, last)
+        self.offsets = offsets
         self.num_tokens = offsets[-1]
         decode = [i for i in seqs if layout.q_lens[i] == 1]
         self.decode_tokens: torch.Tensor | None = None
@@ -159,10 +161,7 @@ class CpuPagedAttention(TorchPagedAttention):
         self.only_rows = not rest
         if not rows:
             return
-        device, bs = self.cache.k.device, self.cache.block_size
-        offsets = [0]
-        for n in layout.q_lens:
-            offsets.append(offsets[-1] + n)
+        device, bs, offsets = self.cache.k.device, self.cache.block_size, self.offsets
         width = max(-(-(layout.starts[i] + layout.q_lens[i]) // bs) for i in rows)
         tables: list[list[int]] = []
         row_seq: list[int] = []

