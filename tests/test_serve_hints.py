@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import httpx
 import openai
@@ -185,4 +186,9 @@ def test_a_hint_prefetches_an_idle_agents_evicted_memory():
         r = httpx.post(f"{base_url(server)}/scalesim/hints", json={
             "session": "sim", "clock": 0.0, "seq": 1, "hints": [{"agent": "a", "eta": 5.0}]})
         assert r.json()["applied"] is True
+        # The engine thread prefetches after the commands it took in one batch; a query sent
+        # right behind the hint can run in that batch, before the prefetch. Wait for it a while.
+        deadline = time.monotonic() + 5
+        while "adapter:a" not in placed() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert "adapter:a" in placed()  # on its way back before a calls again
