@@ -17,7 +17,7 @@ agent type's templates live; a subclass overrides entries by name.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Generator, Sequence
+from typing import Any, ClassVar, Generator, Sequence, TypeVar
 
 import simpy
 
@@ -27,9 +27,14 @@ from scalesim import Agent, World
 
 Reply = Generator[simpy.Event, Any, str]
 
+W = TypeVar("W", bound=World)
 
-class LLMAgent(Agent):
-    """An :class:`~scalesim.Agent` that talks through prompt templates and remembers."""
+
+class LLMAgent(Agent[W]):
+    """An :class:`~scalesim.Agent` that talks through prompt templates and remembers.
+
+    As with :class:`~scalesim.Agent`, ``class Villager(LLMAgent["Town"])`` types ``self.world``.
+    """
 
     prompts: ClassVar[dict[str, str]] = {
         # {options}: "a, b, c"; {either}: "a, b or c". A tiny model rarely answers with a bare
@@ -55,7 +60,7 @@ class LLMAgent(Agent):
         self.reflections = 0
 
     def observe(self, text: str, importance: float | None = None) -> Observation:
-        return self.memory.add(self.now if self.world else 0.0, text, importance)
+        return self.memory.add(self.now if self.in_world else 0.0, text, importance)
 
     def recall(self, query: str | None = None, k: int = 3) -> str:
         """The ``k`` best memories as a prompt paragraph ('' when there are none)."""

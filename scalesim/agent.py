@@ -3,12 +3,16 @@
 A world author subclasses :class:`Agent` and writes :meth:`Agent.run` as a generator, yielding on
 what the agent waits for::
 
-    class Villager(Agent):
+    class Villager(Agent["Town"]):
         def run(self):
             while True:
                 yield self.wait(60)
                 reply = yield self.llm("What do you do now?", max_tokens=32)
-                self.send("Bob", reply.text)
+                self.send(self.world.mayor, reply.text)
+
+The world class in brackets is what :attr:`Agent.world` is typed as, so that a type checker
+knows the world's own attributes (``self.world.mayor``); a plain ``Agent`` works too, with the
+world untyped.
 
 ``llm()`` returns the :class:`~runtime.Completion` (text and token counts), ``wait()`` passes
 simulated time, ``wait_for()`` waits for an event for at most a given time, and ``send()``/``receive()`` exchange messages and record the interaction on the
@@ -22,7 +26,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar, cast
 
 import simpy
 
@@ -31,6 +35,9 @@ from scalesim.environment import LLMCall, SimEnvironment
 
 if TYPE_CHECKING:
     from scalesim.world import World
+
+#: The world class an agent lives in: ``class Villager(Agent["Town"])`` types ``self.world``.
+W = TypeVar("W", bound="World")
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,12 @@ class Message:
     time: float
 
 
-class Agent:
+class Agent(Generic[W]):
     """Base class of every simulated agent.
 
     ``persona`` is the agent's stable prefix (the system turn of every call it makes; its KV can be
-    kept between calls) and ``adapter`` the path of its own LoRA adapter, if any.
+    kept between calls) and ``adapter`` the path of its own LoRA adapter, if any. The type
+    parameter is the world class the agent lives in (see :attr:`world`).
     """
 
     def __init__(self, name: str, persona: str = "", adapter: str | None = None) -> None:
@@ -56,7 +64,7 @@ class Agent:
         self.name = name
         self.persona = persona
         self.adapter = adapter
-        self.world: World | None = None
+        self._world: W | None = None
         self.inbox: simpy.Store | None = None
         self.process: simpy.Process | None = None
 
@@ -65,14 +73,24 @@ class Agent:
 
     @property
     def env(self) -> SimEnvironment:
-        return self.home.env
+        return self.world.env
 
     @property
-    def home(self) -> World:
-        """The world the agent lives in."""
-        if self.world is None:
+    def world(self) -> W:
+        """The world the agent lives in, typed as the class in ``Agent[...]``."""
+        if self._world is None:
             raise RuntimeError(f"agent {self.name!r} is not part of a world yet (World.add)")
+        return self._world
+
+    @property
+    def home(self) -> W:
+        """The same as :attr:`world` (the older name)."""
         return self.world
+
+    @property
+    def in_world(self) -> bool:
+        """Whether :meth:`World.add` has put the agent into a world yet."""
+        return self._world is not None
 
     @property
     def now(self) -> float:
@@ -91,7 +109,9 @@ class Agent:
         yield  # pragma: no cover - makes this a generator function
 
     def _start(self, world: World) -> None:
-        self.world = world
+        # World.add takes any agent, so it cannot check W; ``Agent["Town"]`` is the author's word
+        # that this agent is only ever added to a Town.
+        self._world = cast(W, world)
         self.inbox = simpy.Store(world.env)
         self.process = world.env.process(self._live())
 
@@ -100,7 +120,7 @@ class Agent:
         try:
             yield from self.run()
         except RequestError as exc:
-            self.home.record_failure(self, exc)
+            self.world.record_failure(self, exc)
         finally:
             self.env.observer.on_exit(self.name)
 
@@ -117,7 +137,7 @@ class Agent:
     ) -> LLMCall:
         """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`."""
         if seed is None and temperature > 0:
-            seed = self.home.random.getrandbits(31)
+            seed = self.world.random.getrandbits(31)
         sampling = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=tuple(stop),
@@ -159,9 +179,9 @@ class Agent:
 
     def send(self, recipient: Agent | str, content: Any) -> Message:
         """Deliver ``content`` to another agent's inbox and record the interaction."""
-        other = self.home.agent(recipient) if isinstance(recipient, str) else recipient
+        other = self.world.agent(recipient) if isinstance(recipient, str) else recipient
         message = Message(self.name, other.name, content, self.now)
-        self.home.record_interaction(self.name, other.name)
+        self.world.record_interaction(self.name, other.name)
         other.mailbox.put(message)
         return message
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 import networkx as nx
 
 from scalesim.agent import Agent
 from scalesim.environment import SimEnvironment
+
+A = TypeVar("A", bound=Agent)
 
 
 class World:
@@ -41,14 +43,16 @@ class World:
     def now(self) -> float:
         return self.env.now
 
-    def setup(self, **params: Any) -> None:
+    # ``*args`` too: a type checker then accepts an override with any named parameters.
+    def setup(self, *args: Any, **params: Any) -> None:
         """Create the agents (override). Keyword arguments come from ``world.params``."""
 
     @classmethod
     def parameters(cls) -> dict[str, inspect.Parameter]:
         """The keyword parameters :meth:`setup` accepts, by name."""
         params = inspect.signature(cls.setup).parameters
-        return {n: p for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+        return {n: p for n, p in params.items()
+                if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     @classmethod
     def adapters(cls, **params: Any) -> Iterable[str]:
@@ -61,7 +65,7 @@ class World:
         """
         return ()
 
-    def add(self, agent: Agent) -> Agent:
+    def add(self, agent: A) -> A:
         """Put ``agent`` into the world and start its process."""
         if agent.name in self.agents:
             raise ValueError(f"an agent named {agent.name!r} already exists")

@@ -73,7 +73,7 @@ class Auction:
             self.full.succeed()
 
 
-class Trader(LLMAgent):
+class Trader(LLMAgent["Market"]):
     """Sleeps until its group's next auction; a headline wakes it earlier."""
 
     prompts = {
@@ -129,7 +129,7 @@ class Trader(LLMAgent):
         self.cash -= sign * price
 
 
-class Newswire(Agent):
+class Newswire(Agent["Market"]):
     """Sends a headline to a few random traders now and then; never asks the LLM."""
 
     def run(self):

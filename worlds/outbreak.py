@@ -59,7 +59,7 @@ class Visit:
     infectious: bool
 
 
-class Person(LLMAgent):
+class Person(LLMAgent["Outbreak"]):
     """Goes out once a day, is visited by its contacts, and thinks only when something is new."""
 
     prompts = {

@@ -25,7 +25,7 @@ SPEAKER_TAG = re.compile(r"^\w+:\s*")
 NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu"]
 
 
-class Player(LLMAgent):
+class Player(LLMAgent["RoundTable"]):
     """Speaks when the table gives it the floor and votes when the round ends."""
 
     prompts = {

@@ -51,7 +51,7 @@ class Post:
     kind: str            # "post", "repost", "reply" or "seed"
 
 
-class User(LLMAgent):
+class User(LLMAgent["SocialFeed"]):
     """A user wakes on its active steps, reads its feed and acts; a reply to it wakes it early."""
 
     prompts = {
@@ -131,17 +131,18 @@ class SocialFeed(World):
                 self.follows.add_edge(f"u{old}", f"u{new}")
         self.posts: list[Post] = []
         self._ids = itertools.count()
+        self.users: dict[str, User] = {}
         for i in range(users):
             interest = INTERESTS[i % len(INTERESTS)]
             style = self.random.choice(STYLES)
             persona = (f"You are user u{i} on a social network. You are {style} and you care "
                        f"about {interest}. Keep it short.")
             # Sampling, not greedy: a greedy 135M model answers every yes/no question the same.
-            self.add(User(f"u{i}", persona, interest, max_tokens=max_tokens,
-                          temperature=temperature))
-        hubs = sorted(self.agents, key=lambda n: -self.follows.in_degree(n))
+            self.users[f"u{i}"] = self.add(User(f"u{i}", persona, interest, max_tokens=max_tokens,
+                                                 temperature=temperature))
+        hubs = sorted(self.users, key=lambda n: -self.follows.in_degree(n))
         for i in range(seed_posts):
-            self.publish(self.agents[hubs[i % len(hubs)]], SEED_NEWS[i % len(SEED_NEWS)], "seed")
+            self.publish(self.users[hubs[i % len(hubs)]], SEED_NEWS[i % len(SEED_NEWS)], "seed")
 
     def next_active(self, now: float) -> float | None:
         """The start of the user's next active step after ``now`` (drawn here), or ``None``."""
@@ -159,7 +160,7 @@ class SocialFeed(World):
                     kind)
         self.posts.append(post)
         for follower in self.follows.predecessors(author.name):
-            self.agents[follower].feed.append(post)
+            self.users[follower].feed.append(post)
         if parent is not None and parent.author != author.name:
             self.record_interaction(author.name, parent.author)
             if kind == "reply":
@@ -169,7 +170,7 @@ class SocialFeed(World):
     def metrics(self) -> dict:
         kinds = Counter(p.kind for p in self.posts)
         cascades = Counter(p.root for p in self.posts)
-        activations = sum(a.activations for a in self.agents.values())
+        activations = sum(u.activations for u in self.users.values())
         steps = max(self.now / self.step_minutes, 1) * len(self.agents)
         return {**super().metrics(), "posts": kinds["post"], "reposts": kinds["repost"],
                 "replies": kinds["reply"], "largest_cascade": max(cascades.values(), default=0),

@@ -72,7 +72,7 @@ def clock(minutes: float) -> str:
     return f"{int(minutes // 60):02d}:{int(minutes % 60):02d}"
 
 
-class Villager(LLMAgent):
+class Villager(LLMAgent["Town"]):
     """A villager follows its schedule, and talks with whoever it meets or whoever invites it."""
 
     prompts = {
@@ -177,8 +177,9 @@ class Town(World):
         only when the invitee is sure to still be idling there.
         """
         invitee = self._unmet(villager, place)
-        until = invitee.idle_until_time if invitee is not None else None
-        if until is not None and until >= arrival:
+        if invitee is None or invitee.idle_until_time is None:
+            return
+        if invitee.idle_until_time >= arrival:
             self.hint(invitee, arrival - self.now)
 
     def someone_to_meet(self, me: Villager) -> Villager | None:

@@ -33,7 +33,7 @@ def blocks(a: Node, b: Node) -> str:
     return " and ".join(parts) or "here"
 
 
-class Vehicle(LLMAgent):
+class Vehicle(LLMAgent["Traffic"]):
     """Drives trip after trip, one LLM decision per intersection."""
 
     prompts = {
@@ -100,10 +100,12 @@ class Traffic(World):
             road["kmh"] = self.random.choice([30, 50, 50, 70])
             road["vehicles"] = 0
         nodes = list(self.roads.nodes)
+        self.vehicles: list[Vehicle] = []
         for i in range(vehicles):
             persona = f"You are a {self.random.choice(['calm', 'hurried'])} taxi driver in a grid city."
-            self.add(Vehicle(f"car{i}", persona, self.random.choice(nodes), trips, patience,
-                             choice_tokens=max_tokens))
+            self.vehicles.append(self.add(Vehicle(
+                f"car{i}", persona, self.random.choice(nodes), trips, patience,
+                choice_tokens=max_tokens)))
 
     def travel_minutes(self, road: dict) -> float:
         """Free-flow time of ``road``, stretched by ``congestion`` per other vehicle on it."""
@@ -120,7 +122,7 @@ class Traffic(World):
         return nx.shortest_path(self.roads, a, b)[1]
 
     def metrics(self) -> dict:
-        cars = list(self.agents.values())
+        cars = self.vehicles
         trips = [m for c in cars for m in c.trip_minutes]
         return {**super().metrics(), "trips": len(trips),
                 "mean_trip_minutes": round(sum(trips) / len(trips), 2) if trips else None,
