@@ -197,6 +197,3 @@ class SimEnvironment(simpy.Environment):
                 call.succeed(completion)
             else:
                 call.fail(RequestError(completion.error))
-
-    def pending_calls(self) -> int:
-        return len(self.in_flight)
