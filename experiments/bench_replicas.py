@@ -99,7 +99,7 @@ def _per_call(cluster: Cluster, calls_per_replica: int, replicas: int) -> dict[s
         steps = [r for r in results.values() if isinstance(r, ReplicaResult)]
         overhead += wall - max(r.busy_s for r in steps)
         iterations += 1
-        done += sum(len(r.completions) for r in steps)
+        done += sum(len(r.result.finished) for r in steps)
         batches = {i: ReplicaBatch(0.0) for i, r in results.items()
                    if isinstance(r, ReplicaResult) and r.has_work}
     calls = replicas * calls_per_replica

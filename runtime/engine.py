@@ -5,6 +5,8 @@ requests through the memory admission), the executor advances it, and the engine
 sequences are finished (end-of-sequence token, stop string or token limit). A request that cannot
 be served fails alone: its :class:`Completion` carries the error and the other requests go on.
 
+:class:`Engine` implements :class:`runtime.interface.EngineInterface`, the one interface every
+front end drives; nothing outside this package reaches its executor, scheduler or admission.
 :func:`build_engine` is the one place an engine is assembled, in the order data flows::
 
     MemoryManager -> executor -> MemoryAdmission -> scheduler -> Engine
@@ -16,34 +18,20 @@ one puts the manager on a virtual link and clock instead of a copy thread.
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable
 
 from runtime.admission import MemoryAdmission
 from runtime.executors.base import Executor
+from runtime.interface import EngineClock, EngineListener, StepResult, StepTimed
 from runtime.memory import DistanceSource, MemoryManager, Policy
+from runtime.model.profiles import ModelConfig
 from runtime.request import Completion, Request, RequestError
 from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.sequence import Batch, Sequence, SequenceStatus
 
 EXECUTORS = ("hf", "torch", "modeled")
-
-
-class EngineProtocol(Protocol):
-    """What a simulation drives: :class:`Engine`, and the tests' fake engine."""
-
-    #: the memory manager of the engine's agent memory (``None``: the engine has none)
-    memory: MemoryManager | None
-
-    def submit(self, request: Request) -> int: ...
-
-    def step(self) -> list[Completion]: ...
-
-    def has_work(self) -> bool: ...
-
-    def report(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 class Engine:
@@ -54,9 +42,51 @@ class Engine:
         self.executor = executor
         self.scheduler = scheduler
         self.admission = admission
-        self.memory: MemoryManager | None = admission.manager
+        #: the memory manager of the engine's agent memory (tests and runtime internals)
+        self.memory: MemoryManager = admission.manager
         self._ids = itertools.count()
         self._rejected: list[Sequence] = []
+        self._step_listeners: list[EngineListener] = []
+
+    # -- what the engine is --------------------------------------------------------------------
+
+    @property
+    def clock(self) -> EngineClock:
+        return self.executor.engine_clock
+
+    @property
+    def max_context(self) -> int:
+        return self.executor.max_context
+
+    @property
+    def policy_name(self) -> str:
+        return self.memory.policy.name
+
+    @property
+    def uses_distance(self) -> bool:
+        return self.memory.policy.uses_distance
+
+    def prompt_tokens(self, prefix: str, prompt: str) -> int:
+        prefix_ids, prompt_ids = self.executor.chat.encode(prefix, prompt)
+        return len(prefix_ids) + len(prompt_ids)
+
+    def architecture(self) -> ModelConfig | None:
+        return self.executor.architecture
+
+    # -- what goes in --------------------------------------------------------------------------
+
+    def use_distance(self, source: DistanceSource,
+                     clock: Callable[[], float] | None = None) -> None:
+        """Read invocation distances from ``source`` (one engine needs no ``clock``)."""
+        self.memory.use_distance(source)
+
+    def place(self, agent_id: str, replica: int) -> None:
+        """One engine has no replicas: every agent's home is here."""
+
+    def listen(self, listener: EngineListener) -> None:
+        """Call ``listener`` with every memory event and every timed step from now on."""
+        self.memory.listeners.append(listener)
+        self._step_listeners.append(listener)
 
     def submit(self, request: Request) -> int:
         """Queue ``request`` and return its request id (assigned here when unset)."""
@@ -115,17 +145,14 @@ class Engine:
         """
         return self.scheduler.cancel(request_id, reason)
 
-    def step(self) -> list[Completion]:
-        """Run one iteration and return the completions that finished in it."""
+    def step(self) -> StepResult:
+        """Run one iteration and return what finished in it."""
         finished = [seq.to_completion() for seq in self._rejected]
         self._rejected.clear()
         batch = self.scheduler.schedule()
+        modeled_before = self.clock.now() if self.clock.modeled else None
         if batch:
-            try:
-                self.executor.execute(batch)
-            except RequestError as exc:
-                for seq in batch:
-                    seq.fail(str(exc))
+            self._execute(batch)
             for seq in batch:
                 if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
                     self._check_finished(seq)
@@ -134,11 +161,41 @@ class Engine:
             self.admission.release(seq)
         finished += [seq.to_completion() for seq in done]
         self.admission.tick()  # between iterations: install finished copies, prefetch
-        return finished
+        running = self.scheduler.running
+        decode = self.executor.chat.decode
+        return StepResult(
+            finished, {s.request_id: decode(s.output_ids) for s in running
+                       if s.request.stream and s.output_ids},
+            batch=len(running) + len(done), waiting=len(self.scheduler.waiting),
+            running=len(running),
+            modeled_s=None if modeled_before is None else self.clock.now() - modeled_before)
+
+    def _execute(self, batch: Batch) -> None:
+        """The executor's forward pass over ``batch``, timed for the listeners."""
+        if self._step_listeners:
+            sequences = len(batch)
+            tokens = sum(s.chunk for s in batch) * batch.steps
+            prefill = sum(s.chunk for s in batch if s.num_computed < s.num_prompt_tokens)
+            modeled = self.clock.now() if self.clock.modeled else None
+            start = time.perf_counter()
+        try:
+            self.executor.execute(batch)
+        except RequestError as exc:
+            for seq in batch:
+                seq.fail(str(exc))
+        if self._step_listeners:
+            event = StepTimed(0, sequences, tokens, prefill, time.perf_counter() - start,
+                              None if modeled is None else self.clock.now() - modeled)
+            for listener in self._step_listeners:
+                listener(event)
+
+    def tick(self) -> None:
+        """While idle: the manager installs finished copies and prefetches."""
+        self.admission.tick()
 
     def report(self) -> dict[str, Any]:
         """The executor's sections and the memory totals, for ``summary.json``."""
-        return {**self.executor.report(), "memory": self.admission.manager.summary()}
+        return {**self.executor.report(), "memory": self.memory.summary()}
 
     def close(self) -> None:
         """Stop the memory manager's copy engine."""

@@ -136,6 +136,9 @@ class EngineInterface(Protocol):
         """Read invocation distances from ``source``; ``clock`` gives the current time on the
         source's scale where the engine needs it (engine replicas)."""
 
+    def place(self, agent_id: str, replica: int) -> None:
+        """Make engine replica ``replica`` the home of ``agent_id`` (one engine ignores it)."""
+
     def listen(self, listener: EngineListener) -> None:
         """Call ``listener`` with every :class:`EngineEvent` from now on."""
 

@@ -33,7 +33,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise RayUnavailable("runtime.cluster: ray needs Ray, which is not installed; "
+        raise RayUnavailable("ray needs Ray, which is not installed; "
                              "install the ray extra: pip install 'scalesim[ray]'") from None
     return ray
 
@@ -82,6 +82,13 @@ class RayCluster:
 
     def describe(self) -> list[dict[str, Any]]:
         return list(self._described)
+
+    def listen(self) -> None:
+        self.ray.get([actor.listen.remote() for actor in self.actors])
+
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int:
+        count: int = self.ray.get(self.actors[replica].prompt_tokens.remote(prefix, prompt))
+        return count
 
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         ray = self.ray

@@ -1,8 +1,8 @@
 """Engine replicas behind the engine protocol: the driver loop, affinity, faults, the summary.
 
-A :class:`ReplicaSet` is what a simulation drives when ``runtime.replicas`` is more than one (or
-``runtime.cluster`` is ``ray``). It is an :class:`~runtime.engine.EngineProtocol`: the
-environment submits requests and steps it exactly as it would one engine. Behind it, each
+A :class:`ReplicaSet` is what a simulation or a server drives when ``runtime.replicas`` is more
+than one (or ``runtime.cluster`` is ``ray``). It is an :class:`~runtime.interface.EngineInterface`:
+front ends submit, cancel, declare, listen and step it exactly as they would one engine. Behind it, each
 replica (:class:`~runtime.replica.EngineReplica`) owns an engine with its own memory manager and
 budgets; a *cluster* runs them, in-process (:class:`LocalCluster`) or as Ray actors
 (:class:`runtime.ray_replica.RayCluster`).
@@ -11,8 +11,9 @@ budgets; a *cluster* runs them, in-process (:class:`LocalCluster`) or as Ray act
 for the agent's home replica (:class:`~runtime.affinity.Affinity`).
 
 **Driver loop.** One :meth:`ReplicaSet.step` is one iteration: every replica with work or new
-requests gets one batched call (its new requests, the driver's clock and the distance changes
-of its agents as arrays, from the :class:`~runtime.replica_distances.DistanceFeed`); the calls
+requests gets one batched call (its new requests, declarations and cancellations, the driver's
+clock and the distance changes of its agents as arrays, from the
+:class:`~runtime.replica_distances.DistanceFeed`); the calls
 run concurrently on Ray; the completions of all replicas are returned in request-id order, so a
 seeded run is deterministic and, with greedy decoding, gives every call the reply one engine
 would.
@@ -42,8 +43,9 @@ from typing import Any, Callable, Literal, Protocol
 
 from runtime.affinity import Affinity
 from runtime.engine import Engine
-from runtime.memory import MemoryManager
+from runtime.interface import EngineClock, EngineListener, StepResult, WallClock
 from runtime.memory.distance import DistanceSource, OrderedDistanceSource
+from runtime.model.profiles import ModelConfig
 from runtime.replica import EngineReplica, ReplicaBatch, ReplicaDied, ReplicaResult
 from runtime.replica_distances import DistanceFeed
 from runtime.request import Completion, Request
@@ -69,8 +71,13 @@ class Cluster(Protocol):
 
     def describe(self) -> list[dict[str, Any]]: ...
 
+    def listen(self) -> None:
+        """Make every replica return its engine's events with its results."""
+
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         """Send each replica its batch; return its result, or :class:`ReplicaDied`."""
+
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int: ...
 
     def report(self, replica: int) -> dict[str, Any]: ...
 
@@ -91,8 +98,15 @@ class LocalCluster:
     def describe(self) -> list[dict[str, Any]]:
         return [replica.describe() for replica in self.replicas]
 
+    def listen(self) -> None:
+        for replica in self.replicas:
+            replica.listen()
+
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         return {i: self.replicas[i].step(batch) for i, batch in batches.items()}
+
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int:
+        return self.replicas[replica].prompt_tokens(prefix, prompt)
 
     def report(self, replica: int) -> dict[str, Any]:
         return self.replicas[replica].report()
@@ -107,6 +121,8 @@ class _ReplicaState:
 
     def __init__(self) -> None:
         self.outbox: list[Request] = []
+        self.declares: list[tuple[str, str, str | None]] = []
+        self.cancels: list[tuple[int, str]] = []
         self.in_flight: dict[int, Request] = {}
         self.has_work = False
         self.dead: str | None = None
@@ -119,12 +135,30 @@ class _ReplicaState:
         self.busy_s = 0.0
         self.agents: set[str] = set()
 
+    def has_news(self) -> bool:
+        """Whether the replica has something to be told or to do."""
+        return self.dead is None and bool(self.outbox or self.has_work or self.declares
+                                          or self.cancels)
+
+
+class _LockstepClock:
+    """A replica set's clock: the modeled makespan of its lockstep iterations, or wall time."""
+
+    def __init__(self, replicas: "ReplicaSet", modeled: bool) -> None:
+        self._replicas = replicas
+        self.modeled = modeled
+        self._wall = WallClock()
+
+    def now(self) -> float:
+        return self._replicas.modeled_makespan_s if self.modeled else self._wall.now()
+
+    def wait_until(self, t: float) -> None:
+        if self.modeled:
+            self._replicas.modeled_makespan_s = max(self._replicas.modeled_makespan_s, t)
+
 
 class ReplicaSet:
     """Several engine replicas driven as one engine (see the module docstring)."""
-
-    #: a replica set has no single memory manager: each replica has its own
-    memory: MemoryManager | None = None
 
     def __init__(self, cluster: Cluster, *, on_failure: OnFailure = "fail") -> None:
         if on_failure not in ("fail", "continue"):
@@ -136,43 +170,87 @@ class ReplicaSet:
         self._ids = itertools.count()
         #: the distance changes waiting for each replica (``None``: no policy reads distances)
         self.feed: DistanceFeed | None = None
-        self._clock: Callable[[], float] = lambda: 0.0
-        self._uses_distance = any(d["uses_distance"] for d in cluster.describe())
+        self._source_clock: Callable[[], float] = lambda: 0.0
+        described = cluster.describe()
+        self._described = described[0]
+        self._uses_distance = any(d["uses_distance"] for d in described)
+        self._modeled = bool(self._described["modeled"])
+        self._clock = _LockstepClock(self, self._modeled)
+        self._listeners: list[EngineListener] = []
+        #: requests failed by the driver itself (cancelled before they reached their replica)
+        self._failed: list[Completion] = []
+        #: requests failed by a replica that died while the set was idle (:meth:`tick`)
+        self._died: list[Completion] = []
         self.iterations = 0
         self.driver_s = 0.0
         #: agent distances sent to the replicas, over the run
         self.distance_updates = 0
         #: the modeled makespan of the set: per iteration, the slowest replica's modeled step
         self.modeled_makespan_s = 0.0
-        self._modeled = False
+
+    # -- what the engine is --------------------------------------------------------------------
 
     @property
     def replicas(self) -> int:
         return len(self._state)
 
+    @property
+    def clock(self) -> EngineClock:
+        return self._clock
+
+    @property
+    def max_context(self) -> int:
+        return int(self._described["max_context"])
+
+    @property
+    def policy_name(self) -> str:
+        return str(self._described["policy"])
+
+    @property
+    def uses_distance(self) -> bool:
+        return self._uses_distance
+
+    def architecture(self) -> ModelConfig | None:
+        found: ModelConfig | None = self._described["architecture"]
+        return found
+
+    def prompt_tokens(self, prefix: str, prompt: str) -> int:
+        """Counted by the first live replica (every replica has the same model)."""
+        live = next((i for i, s in enumerate(self._state) if s.dead is None), 0)
+        return self.cluster.prompt_tokens(live, prefix, prompt)
+
+    # -- what goes in --------------------------------------------------------------------------
+
     def place(self, agent_id: str, replica: int) -> None:
         """Make ``replica`` the home of ``agent_id`` (see :class:`~runtime.affinity.Affinity`)."""
         self.affinity.place(agent_id, replica)
 
-    def local_managers(self) -> list[MemoryManager]:
-        """The memory managers of in-process replicas (a Ray cluster's are out of reach)."""
-        if not isinstance(self.cluster, LocalCluster):
-            return []
-        return [r.engine.memory for r in self.cluster.replicas if r.engine.memory is not None]
-
     def home(self, agent_id: str) -> int:
         return self.affinity.home(agent_id)
 
-    def use_distance(self, source: DistanceSource, clock: Callable[[], float]) -> None:
+    def use_distance(self, source: DistanceSource,
+                     clock: Callable[[], float] | None = None) -> None:
         """Feed each replica the distances of its agents from ``source``; ``clock`` gives the
         current time on the source's scale (the simulation's ``now``)."""
-        self._clock = clock
+        if clock is not None:
+            self._source_clock = clock
         if not self._uses_distance:
             return
         if not isinstance(source, OrderedDistanceSource):
             raise ValueError("engine replicas need a watchable distance source "
                              "(runtime.memory.OrderedDistanceSource) for a distance policy")
         self.feed = DistanceFeed(source, self.affinity.home, self.replicas)
+
+    def listen(self, listener: EngineListener) -> None:
+        """Call ``listener`` with every replica's events (after each iteration that made them;
+        a :class:`~runtime.interface.StepTimed` names its replica)."""
+        if not self._listeners:
+            self.cluster.listen()
+        self._listeners.append(listener)
+
+    def declare(self, agent_id: str, prefix: str, adapter: str | None = None) -> None:
+        """Declare ``agent_id`` to its home replica (sent with that replica's next call)."""
+        self._state[self.affinity.home(agent_id)].declares.append((agent_id, prefix, adapter))
 
     def submit(self, request: Request) -> int:
         """Give ``request`` a run-wide id and queue it for its agent's home replica."""
@@ -184,43 +262,78 @@ class ReplicaSet:
         state.agents.add(request.agent_id)
         return request.request_id
 
-    def has_work(self) -> bool:
-        return any(s.outbox or s.has_work for s in self._state if s.dead is None)
+    def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
+        """Fail a request: at once if it has not left the driver, else on its replica."""
+        for state in self._state:
+            request = state.in_flight.get(request_id)
+            if request is None or state.dead is not None:
+                continue
+            if request in state.outbox:
+                state.outbox.remove(request)
+                del state.in_flight[request_id]
+                now = time.perf_counter()
+                self._failed.append(Completion(request_id, request.agent_id, "", 0, 0, 0,
+                                               "error", now, None, now, error=reason))
+            else:
+                state.cancels.append((request_id, reason))
+            return True
+        return False
 
-    def step(self) -> list[Completion]:
-        """One iteration of every replica with something to do (see the module docstring)."""
-        start = time.perf_counter()
-        now = self._clock()
+    def has_work(self) -> bool:
+        return bool(self._failed or self._died) or any(s.outbox or s.has_work for s in self._state
+                                         if s.dead is None)
+
+    # -- iterations ----------------------------------------------------------------------------
+
+    def _batches(self, *, step: bool) -> dict[int, ReplicaBatch]:
+        now = self._source_clock()
         batches: dict[int, ReplicaBatch] = {}
         for i, state in enumerate(self._state):
-            if state.dead is not None or not (state.outbox or state.has_work):
+            if state.dead is not None or (step and not state.has_news()):
                 continue
             agents, keys = self.feed.take(i) if self.feed is not None else ([], None)
             self.distance_updates += len(agents)
             batch = ReplicaBatch(now, state.outbox, agents,
-                                 modeled_now=self.modeled_makespan_s if self._modeled else None)
+                                 modeled_now=self.modeled_makespan_s if self._modeled else None,
+                                 declares=state.declares, cancels=state.cancels, step=step)
             if keys is not None:
                 batch.keys = keys
             batches[i] = batch
-            state.outbox = []
-        results = self.cluster.dispatch(batches)
-        completions: list[Completion] = []
-        failed: list[Completion] = []
+            state.outbox, state.declares, state.cancels = [], [], []
+        return batches
+
+    def tick(self) -> None:
+        """While idle: every live replica takes its news and does its memory housekeeping."""
+        results = self.cluster.dispatch(self._batches(step=False))
+        for i, result in sorted(results.items()):
+            if isinstance(result, ReplicaDied):
+                self._died += self._fail_replica(i, str(result))
+            else:
+                self._state[i].has_work = result.has_work
+                self._emit(result)
+
+    def step(self) -> StepResult:
+        """One iteration of every replica with something to do (see the module docstring)."""
+        start = time.perf_counter()
+        results = self.cluster.dispatch(self._batches(step=True))
+        out = StepResult()
+        failed, self._failed = self._failed, []
+        died, self._died = self._died, []
         slowest_modeled = 0.0
         busiest = 0.0
         for i, result in sorted(results.items()):
             state = self._state[i]
             if isinstance(result, ReplicaDied):
-                failed += self._fail_replica(i, str(result))
+                died += self._fail_replica(i, str(result))
                 continue
+            step = result.result
             state.has_work = result.has_work
             state.iterations += 1
             state.busy_s += result.busy_s
             busiest = max(busiest, result.busy_s)
-            if result.modeled_s is not None:
-                self._modeled = True
-                slowest_modeled = max(slowest_modeled, result.modeled_s)
-            for completion in result.completions:
+            if step.modeled_s is not None:
+                slowest_modeled = max(slowest_modeled, step.modeled_s)
+            for completion in step.finished:
                 state.in_flight.pop(completion.request_id, None)
                 state.calls += 1
                 stats = completion.memory
@@ -228,25 +341,37 @@ class ReplicaSet:
                 state.misses += sum(stats.misses.values())
                 state.bytes_loaded += stats.bytes_loaded
                 state.stall_s += stats.stall_s
-            completions += result.completions
+            out.finished += step.finished
+            out.partial.update(step.partial)
+            out.batch += step.batch
+            out.waiting += step.waiting
+            out.running += step.running
+            self._emit(result)
         self.iterations += 1
         self.modeled_makespan_s += slowest_modeled
-        completions += failed
-        completions.sort(key=lambda c: c.request_id)
+        if self._modeled:
+            out.modeled_s = slowest_modeled
+        out.finished += failed + died
+        out.finished.sort(key=lambda c: c.request_id)
         # On Ray the replicas step concurrently: the driver's own share is what the slowest
         # replica's step does not cover (in-process, the steps add up instead).
         spent = time.perf_counter() - start
         self.driver_s += spent - (busiest if self.cluster.name == "ray" else
                                   sum(r.busy_s for r in results.values()
                                       if isinstance(r, ReplicaResult)))
-        if failed and (self.on_failure == "fail" or not self.affinity.live):
+        if died and (self.on_failure == "fail" or not self.affinity.live):
             dead = [i for i, s in enumerate(self._state) if s.dead is not None]
             reason = next(s.dead for s in self._state if s.dead is not None)
             raise ReplicaFailure(
-                f"{reason}; {len(failed)} requests in flight there failed "
+                f"{reason}; {len(died)} requests in flight there failed "
                 f"(runtime.on_replica_failure={self.on_failure}, dead replicas: {dead})",
-                completions)
-        return completions
+                out.finished)
+        return out
+
+    def _emit(self, result: ReplicaResult) -> None:
+        for event in result.events:
+            for listener in self._listeners:
+                listener(event)
 
     def _fail_replica(self, replica: int, reason: str) -> list[Completion]:
         """Replica ``replica`` died: fail its requests in flight; move its agents (continue)."""

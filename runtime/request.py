@@ -62,6 +62,8 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
     request_id: int = -1
+    #: report the text generated so far after every engine iteration (``StepResult.partial``)
+    stream: bool = False
 
 
 @dataclass

@@ -37,6 +37,13 @@ MANAGED_KINDS: tuple[ManagedKind, ...] = ("adapter", "prefix_kv")
 class ConfigError(ValueError):
     """A run configuration is invalid; the message is one line for the user."""
 
+    @classmethod
+    def at(cls, source: Path | None, key: str, message: str) -> "ConfigError":
+        """The error for ``key`` (dotted, e.g. ``runtime.model``) of the configuration read
+        from ``source`` (``None``: built in Python)."""
+        where = f" in {source}" if source else ""
+        return cls(f"config error{where}: {key}: {message}")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -283,10 +290,6 @@ def load_serve_config(source: str | Path | dict[str, Any] | None,
     return config
 
 
-def _where(source: Path | None) -> str:
-    return f" in {source}" if source else ""
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """Split ``dotted.key=value``; the value is read as YAML (numbers, booleans, lists...)."""
     key, sep, raw = item.partition("=")
@@ -324,7 +327,7 @@ def _validation_message(exc: ValidationError, source: Path | None) -> str:
         if "input" in err and not isinstance(err["input"], (dict, list)):
             what += f" (got {err['input']!r})"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"config error{_where(source)}: {key}: {what}{more}"
+    return str(ConfigError.at(source, key, f"{what}{more}"))
 
 
 def load_config(
@@ -354,11 +357,11 @@ def import_world_class(config: RunConfig) -> type[World]:
     """Import ``world.class``; a module next to the YAML file is found too."""
     from scalesim.world import World
 
-    where = _where(config.source)
+    source = config.source
     module_name, sep, class_name = config.world.cls.partition(":")
     if not sep or not module_name or not class_name:
-        raise ConfigError(f"config error{where}: world.class: expected 'module:Class', "
-                          f"got {config.world.cls!r}")
+        raise ConfigError.at(source, "world.class",
+                             f"expected 'module:Class', got {config.world.cls!r}")
     if config.source is not None:
         for base in (config.source.parent, config.source.parent.parent):
             if str(base.resolve()) not in sys.path:
@@ -373,26 +376,25 @@ def import_world_class(config: RunConfig) -> type[World]:
         else:
             module = importlib.import_module(module_name)
     except (ImportError, FileNotFoundError) as exc:
-        raise ConfigError(f"config error{where}: world.class: cannot import {module_name!r}: "
-                          f"{exc}") from None
+        raise ConfigError.at(source, "world.class",
+                             f"cannot import {module_name!r}: {exc}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, World)):
-        raise ConfigError(f"config error{where}: world.class: {module_name} has no World "
-                          f"subclass named {class_name!r}")
+        raise ConfigError.at(source, "world.class",
+                             f"{module_name} has no World subclass named {class_name!r}")
     accepted = cls.parameters()
     for name in config.world.params:
         if name not in accepted:
-            raise ConfigError(f"config error{where}: world.params.{name}: {cls.__name__}.setup "
-                              f"takes no such parameter (it takes: {', '.join(accepted) or 'none'})")
+            raise ConfigError.at(source, f"world.params.{name}", f"{cls.__name__}.setup takes "
+                                 f"no such parameter (it takes: {', '.join(accepted) or 'none'})")
     for name, param in accepted.items():
         if param.default is param.empty and name not in config.world.params:
-            raise ConfigError(f"config error{where}: world.params.{name}: required parameter "
-                              "is missing")
-    _check_param_types(cls, config, where)
+            raise ConfigError.at(source, f"world.params.{name}", "required parameter is missing")
+    _check_param_types(cls, config)
     return cls
 
 
-def _check_param_types(cls: type[World], config: RunConfig, where: str) -> None:
+def _check_param_types(cls: type[World], config: RunConfig) -> None:
     """Validate ``world.params`` against the type hints of ``setup``, converting in place."""
     try:
         hints = typing.get_type_hints(cls.setup)
@@ -404,5 +406,5 @@ def _check_param_types(cls: type[World], config: RunConfig, where: str) -> None:
         try:
             config.world.params[name] = TypeAdapter(hints[name]).validate_python(value)
         except ValidationError as exc:
-            raise ConfigError(f"config error{where}: world.params.{name}: "
-                              f"{exc.errors()[0]['msg']} (got {value!r})") from None
+            raise ConfigError.at(config.source, f"world.params.{name}",
+                                 f"{exc.errors()[0]['msg']} (got {value!r})") from None

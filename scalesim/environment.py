@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 import simpy
 
 from runtime import Completion, Request, RequestError
-from runtime.engine import EngineProtocol
+from runtime.interface import EngineInterface
 from runtime.replicas import ReplicaFailure
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class SimEnvironment(simpy.Environment):
     ``lambda env: DistanceOracle(env)``); by default nothing is observed.
     """
 
-    def __init__(self, engine: EngineProtocol, initial_time: float = 0, *,
+    def __init__(self, engine: EngineInterface, initial_time: float = 0, *,
                  observer: Callable[["SimEnvironment"], SimObserver] | None = None) -> None:
         super().__init__(initial_time)
         self.engine = engine
@@ -181,7 +181,7 @@ class SimEnvironment(simpy.Environment):
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
         try:
-            completions = self.engine.step()
+            completions = self.engine.step().finished
         except ReplicaFailure as failure:  # the requests of a dead replica fail, then the run
             self._complete(failure.completions)
             raise

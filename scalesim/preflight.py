@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from scalesim.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
-    from runtime.engine import EngineProtocol
+    from runtime.interface import EngineInterface
     from runtime.model.profiles import ModelConfig
     from scalesim.world import World
 
@@ -31,14 +31,11 @@ if TYPE_CHECKING:
 _MAX_HEADER = 100 * 2**20
 
 
-def _where(config: RunConfig) -> str:
-    return f" in {config.source}" if config.source else ""
-
-
 def _fail(config: RunConfig, problems: list[str]) -> None:
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"config error{_where(config)}: {problems[0]}{more}")
+        key, _, message = problems[0].partition(": ")
+        raise ConfigError.at(config.source, key, f"{message}{more}")
 
 
 def writable_dir_problem(path: Path) -> str | None:
@@ -68,7 +65,7 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> None:
 
 
 def check_config(config: RunConfig, world_class: type[World], *,
-                 engine: EngineProtocol | None = None, needs_belady_trace: bool = True) -> None:
+                 engine: EngineInterface | None = None, needs_belady_trace: bool = True) -> None:
     """Raise :class:`ConfigError` for the first problem with a path the configuration names.
 
     ``engine``: the run's already built engine (its model is then the one adapters are checked
@@ -131,25 +128,17 @@ def declared_adapters(config: RunConfig, world_class: type[World]) -> list[str]:
         declared: Iterable[str] = world_class.adapters(**{**defaults, **config.world.params})
         return list(dict.fromkeys(str(path) for path in declared))
     except Exception as exc:  # the world's own code: whatever it raises is a problem of params
-        raise ConfigError(f"config error{_where(config)}: world.params: "
-                          f"{world_class.__name__}.adapters failed: {type(exc).__name__}: "
-                          f"{exc}") from None
+        raise ConfigError.at(config.source, "world.params",
+                             f"{world_class.__name__}.adapters failed: {type(exc).__name__}: "
+                             f"{exc}") from None
 
 
-def model_architecture(model: str, engine: EngineProtocol | None = None) -> ModelConfig | None:
+def model_architecture(model: str, engine: EngineInterface | None = None) -> ModelConfig | None:
     """The shapes of the run's model where known without loading it; None where not."""
-    from runtime.model.profiles import PROFILES, ModelConfig, from_hf_config
+    from runtime.model.profiles import PROFILES, from_hf_config
 
     if engine is not None:
-        executor = getattr(engine, "executor", None)
-        found = getattr(executor, "config", None)
-        if isinstance(found, ModelConfig):
-            return found
-        hf_config = getattr(getattr(executor, "base", None), "config", None)
-        try:
-            return from_hf_config(hf_config) if hf_config is not None else None
-        except (ValueError, AttributeError, TypeError):
-            return None
+        return engine.architecture()
     if model in PROFILES:
         return PROFILES[model]
     config_file = Path(model).expanduser() / "config.json"

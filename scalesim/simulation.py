@@ -4,7 +4,7 @@ Whatever starts a run — ``python -m scalesim.run``, :func:`simulate` from Pyth
 experiment harness — goes through :class:`Simulation`, which assembles it in the order data
 flows::
 
-    config -> engine (runtime.build_engine) -> SimEnvironment + DistanceOracle
+    config -> engine (scalesim.assembly) -> SimEnvironment + DistanceOracle
            -> the memory manager's distance source -> world -> clock -> run directory
 
 The distance source is the oracle itself, or for ``belady`` the call order of an earlier run of
@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.engine import EngineProtocol
+from runtime.interface import EngineEvent, EngineInterface
 from runtime.memory import DistanceSource, FutureSequence, Policy
-from runtime.replicas import ReplicaSet
+from runtime.memory.events import MemoryEvent
+from scalesim.assembly import assemble_engine
 from scalesim.config import ConfigError, RunConfig, import_world_class, load_config
 from scalesim.distance import DistanceOracle
 from scalesim.environment import LLMCall, SimEnvironment, relaxed_gc
@@ -39,73 +40,22 @@ from scalesim.trace import RecordError, RunResult, TraceRecorder, error_counts
 from scalesim.world import World
 
 
-def memory_options(config: RunConfig, policy: Policy | None = None) -> dict[str, Any]:
-    """The memory keywords of :func:`runtime.build_engine` from ``runtime.memory``."""
-    mem = config.runtime.memory
-    return {"policy": policy or mem.policy, "device_bytes": mem.device_bytes,
-            "host_bytes": mem.host_bytes, "disk_dir": mem.disk_dir, "kv_store": mem.kv_store,
-            "kv_store_bytes": mem.kv_store_bytes, "link_gbps": mem.link_gbps,
-            "link_latency_us": mem.link_latency_us, "lookahead": mem.lookahead}
-
-
 def build_engine_for(config: RunConfig, policy: Policy | None = None,
-                     **options: Any) -> EngineProtocol:
-    """The engine the ``runtime`` section asks for (``policy`` replaces the named one;
-    ``options`` add executor keywords, e.g. an already loaded ``hf_model`` and ``tokenizer``)."""
-    from runtime import build_engine
-    from runtime.model.loader import ModelNotFoundError
-
-    rt = config.runtime
-    where = f" in {config.source}" if config.source else ""
-    if rt.executor == "modeled":
-        from runtime.model.profiles import PROFILES
-
-        if rt.model not in PROFILES:
-            raise ConfigError(f"config error{where}: runtime.model: the modeled executor needs a "
-                              f"model profile, one of {', '.join(PROFILES)}; got {rt.model!r}")
-    keywords = dict(model=rt.model, device=rt.device, dtype=rt.dtype,
-                    **memory_options(config, policy), **rt.engine_options(), **options)
-    try:
-        if rt.replicas > 1 or rt.cluster == "ray":
-            return build_replica_set(config, keywords)
-        return build_engine(rt.executor, **keywords)
-    except ModelNotFoundError as exc:
-        raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
-
-
-def build_replica_set(config: RunConfig, keywords: dict[str, Any]) -> ReplicaSet:
-    """``runtime.replicas`` engines on ``runtime.cluster``, each built with ``keywords``."""
-    from runtime.ray_replica import RayUnavailable
-    from runtime.replicas import build_replicas, engine_builder
-
-    rt = config.runtime
-    where = f" in {config.source}" if config.source else ""
-    if rt.executor == "modeled":
-        # A modeled replica's decode run would take steps during which another replica's
-        # completions wake agents with calls for it: step one by one, as the lockstep does.
-        keywords = {**keywords, "decode_runs": False}
-    try:
-        return build_replicas(rt.replicas, engine_builder(rt.executor, **keywords),
-                              cluster=rt.cluster, on_failure=rt.on_replica_failure,
-                              ray_address=rt.ray.address,
-                              num_cpus_per_replica=rt.ray.num_cpus_per_replica,
-                              num_gpus_per_replica=rt.ray.num_gpus_per_replica,
-                              placement_strategy=rt.ray.placement_strategy)
-    except RayUnavailable as exc:
-        raise ConfigError(f"config error{where}: {exc}") from None
+                     **options: Any) -> EngineInterface:
+    """The engine of ``config``'s ``runtime`` section (:func:`scalesim.assembly.assemble_engine`)."""
+    return assemble_engine(config.runtime, source=config.source, policy=policy, **options)
 
 
 def recorded_order(config: RunConfig) -> list[str]:
     """The call order of the run ``runtime.memory.belady_trace`` names (policy ``belady``)."""
     mem = config.runtime.memory
-    where = f" in {config.source}" if config.source else ""
     if not mem.belady_trace:
-        raise ConfigError(f"config error{where}: runtime.memory.belady_trace: policy belady "
-                          "needs the run directory of an earlier run of the same seed")
+        raise ConfigError.at(config.source, "runtime.memory.belady_trace", "policy belady needs "
+                             "the run directory of an earlier run of the same seed")
     path = Path(mem.belady_trace)
     path = path / "trace.parquet" if path.is_dir() else path
     if not path.is_file():
-        raise ConfigError(f"config error{where}: runtime.memory.belady_trace: no trace at {path}")
+        raise ConfigError.at(config.source, "runtime.memory.belady_trace", f"no trace at {path}")
     import pandas as pd
 
     calls = pd.read_parquet(path, columns=["request_id", "agent"]).sort_values("request_id")
@@ -122,7 +72,7 @@ class Simulation:
     keeps no trace (large modeled experiments).
     """
 
-    def __init__(self, config: RunConfig, *, engine: EngineProtocol | None = None,
+    def __init__(self, config: RunConfig, *, engine: EngineInterface | None = None,
                  policy: Policy | None = None,
                  distance: Callable[[DistanceOracle], DistanceSource] | None = None,
                  order: list[str] | None = None, record: bool = True) -> None:
@@ -151,27 +101,17 @@ class Simulation:
         self._stoppable: bool = False
         self.env.submit_listeners.append(self.calls.append)
         self.env.completion_listeners.append(self._completed)
-        manager = self.engine.memory
-        replicas = self.engine if isinstance(self.engine, ReplicaSet) else None
-        if manager is not None or replicas is not None:
-            source: DistanceSource = distance(self.oracle) if distance else self.oracle
-            clock: Callable[[], float] = lambda: float(self.env.now)
-            if (manager.policy.name if manager is not None else mem.policy) == "belady":
-                future = FutureSequence(order if order is not None else recorded_order(config))
-                self.env.submit_listeners.append(future.on_submit)
-                self.env.completion_listeners.append(
-                    lambda call, done: future.on_finish(call.agent_id))
-                source, clock = future, lambda: float(future.cursor)
-            managers: list[Any] = []
-            if replicas is not None:  # each replica is fed its own agents' distances
-                replicas.use_distance(source, clock)
-                managers = replicas.local_managers()
-            elif manager is not None:
-                manager.use_distance(source)
-                managers = [manager]
-            if self.recorder is not None:
-                for each in managers:
-                    each.listeners.append(self._memory_row)
+        source: DistanceSource = distance(self.oracle) if distance else self.oracle
+        clock: Callable[[], float] = lambda: float(self.env.now)
+        if self.engine.policy_name == "belady":
+            future = FutureSequence(order if order is not None else recorded_order(config))
+            self.env.submit_listeners.append(future.on_submit)
+            self.env.completion_listeners.append(
+                lambda call, done: future.on_finish(call.agent_id))
+            source, clock = future, lambda: float(future.cursor)
+        self.engine.use_distance(source, clock)
+        if self.recorder is not None:
+            self.engine.listen(self._engine_event)
         self.world: World | None = None
         self.setup_seconds: float = 0.0
         self.run_seconds: float = 0.0
@@ -189,10 +129,12 @@ class Simulation:
             except RecordError as exc:  # inside an engine iteration: stop after it, not in it
                 self.request_stop(exc)
 
-    def _memory_row(self, row: dict[str, Any]) -> None:
+    def _engine_event(self, event: EngineEvent) -> None:
+        if not isinstance(event, MemoryEvent):
+            return
         assert self.recorder is not None
         try:
-            self.recorder.record_memory(sim_time=float(self.env.now), **row)
+            self.recorder.record_memory(sim_time=float(self.env.now), **event.row())
         except RecordError as exc:
             self.request_stop(exc)
 
@@ -217,10 +159,9 @@ class Simulation:
             world = self.world_class(self.env, seed=self.config.sim.seed)
             self.world = world
             world.setup(**self.config.world.params)
-            declare = getattr(self.engine, "declare", None)  # an Engine's; optional
-            if self.config.runtime.memory.declare_agents and declare is not None:
+            if self.config.runtime.memory.declare_agents:
                 for agent in world.agents.values():
-                    declare(agent.name, agent.persona, agent.adapter)
+                    self.engine.declare(agent.name, agent.persona, agent.adapter)
         self.setup_seconds = time.perf_counter() - start
         return world
 
@@ -322,7 +263,7 @@ def default_run_dir(config: RunConfig) -> Path:
 
 
 def simulate(source: str | Path | dict[str, Any] | RunConfig, *, out: str | Path | None = None,
-             progress: bool = False, engine: EngineProtocol | None = None,
+             progress: bool = False, engine: EngineInterface | None = None,
              **overrides: Any) -> RunResult:
     """Run a world and return its trace, memory log and summary.
 

@@ -7,6 +7,7 @@ import pytest
 from typing import Any
 
 from runtime import Engine, RequestError, build_engine
+from runtime.interface import WallClock
 from runtime.sequence import Batch, Sequence
 
 EOS = 0
@@ -36,6 +37,8 @@ class EchoExecutor:
         self.chat = CharChat()
         self.batches: list[list[int]] = []
         self.validated: list[int] = []
+        self.engine_clock = WallClock()
+        self.architecture = None
 
     def validate(self, seq: Sequence) -> None:
         """Rejects prompts that ask for it; records every request it saw."""

@@ -1,7 +1,7 @@
 """A deterministic stand-in for :class:`runtime.Engine`, for fast tests of world logic.
 
-It speaks the three methods :class:`scalesim.SimEnvironment` uses (``submit``, ``step``,
-``has_work``) and answers each request with a canned reply: ``reply(request)`` when a function is
+It implements :class:`runtime.interface.EngineInterface` with no model and no agent memory, and
+answers each request with a canned reply: ``reply(request)`` when a function is
 given, else the next string of a cycling list. Every request is kept in :attr:`requests`, and
 the simulated time it was submitted at in :attr:`times` (once :attr:`env` is set).
 """
@@ -13,15 +13,17 @@ import time
 from typing import Any, Callable, Iterable
 
 from runtime import Completion, Request
+from runtime.interface import EngineListener, StepResult, WallClock
+from runtime.memory import DistanceSource
 from scalesim import SimEnvironment
 
 
 class FakeEngine:
     """Finishes every submitted request at the next :meth:`step`."""
 
-    #: No executor and no agent memory behind it.
-    executor = None
-    memory = None
+    max_context = 1 << 20
+    policy_name = "none"
+    uses_distance = False
 
     def __init__(self, reply: Callable[[Request], str] | Iterable[str] = ("ok",)) -> None:
         if callable(reply):
@@ -35,6 +37,35 @@ class FakeEngine:
         self.times: list[float] = []
         self.env: SimEnvironment | None = None
         self.closed = False
+        self.clock = WallClock()
+        #: what was declared, in order: ``(agent_id, prefix, adapter)``
+        self.declared: list[tuple[str, str, str | None]] = []
+        self.distance: DistanceSource | None = None
+
+    def prompt_tokens(self, prefix: str, prompt: str) -> int:
+        return len(prefix.split()) + len(prompt.split())
+
+    def architecture(self) -> None:
+        return None
+
+    def declare(self, agent_id: str, prefix: str, adapter: str | None = None) -> None:
+        self.declared.append((agent_id, prefix, adapter))
+
+    def use_distance(self, source: DistanceSource,
+                     clock: Callable[[], float] | None = None) -> None:
+        self.distance = source
+
+    def place(self, agent_id: str, replica: int) -> None:
+        pass
+
+    def listen(self, listener: EngineListener) -> None:
+        pass
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
+        return False
+
+    def tick(self) -> None:
+        pass
 
     def submit(self, request: Request) -> int:
         request.request_id = next(self._ids)
@@ -53,11 +84,12 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
-    def step(self) -> list[Completion]:
+    def step(self) -> StepResult:
         done, self._queue = self._queue, []
         now = time.perf_counter()
-        return [Completion(r.request_id, r.agent_id, self._reply(r), len(r.prompt.split()), 0,
-                           1, "stop", now, now, now) for r in done]
+        return StepResult([Completion(r.request_id, r.agent_id, self._reply(r),
+                                      len(r.prompt.split()), 0, 1, "stop", now, now, now)
+                           for r in done], batch=len(done))
 
 
 def run_world(world_cls: type, params: dict[str, Any], until: float | None,

@@ -14,7 +14,7 @@ def test_an_executor_rejection_fails_only_that_request_and_each_is_validated_onc
            for a, p in [("ann", "hi"), ("bob", "REJECT this"), ("cy", "yo")]]
     done = {}
     while engine.has_work():
-        done.update({c.request_id: c for c in engine.step()})
+        done.update({c.request_id: c for c in engine.step().finished})
     assert executor.validated == ids
     assert done[ids[1]].finish_reason == "error" and "rejects it" in done[ids[1]].error
     assert done[ids[0]].text == "ann:hi" and done[ids[2]].text == "cy:yo"

@@ -35,7 +35,7 @@ def serve(eng: Engine, *requests: Request) -> list:
     ids = [eng.submit(r) for r in requests]
     done = {}
     while eng.has_work():
-        for completion in eng.step():
+        for completion in eng.step().finished:
             done[completion.request_id] = completion
     return [done[i] for i in ids]
 

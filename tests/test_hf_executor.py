@@ -16,7 +16,7 @@ def serve(engine, *requests: Request) -> dict:
         engine.submit(r)
     done = {}
     while engine.has_work():
-        for completion in engine.step():
+        for completion in engine.step().finished:
             done[completion.agent_id] = completion
     return done
 

@@ -47,7 +47,7 @@ def serve(engine, requests: list[Request]) -> dict[str, tuple[str, dict]]:
         engine.submit(r)
     out = {}
     while engine.has_work():
-        for done in engine.step():
+        for done in engine.step().finished:
             assert done.ok, done.error
             out[done.agent_id] = (done.text, dict(done.memory.misses))
     return out
@@ -74,11 +74,11 @@ def test_policies_move_adapters_but_not_outputs(hf, tmp_path) -> None:
         one = manager.objects[f"adapter:{paths[0]}"]
         if policy == "infinite":
             # Resident from the start: each adapter installed once, when first named; no load.
-            assert sum(r["op"] == "preload" for r in rows) == 4
-            assert not any(r["op"] == "load" for r in rows)
+            assert sum(r.op == "preload" for r in rows) == 4
+            assert not any(r.op == "load" for r in rows)
         else:
             assert all(len(manager.resident) <= 2 for _ in [0])
-            assert sum(r["op"] in ("evict", "drop") for r in rows) >= 1, policy
+            assert sum(r.op in ("evict", "drop") for r in rows) >= 1, policy
         manager.check()
         manager.close()
     texts = {p: {a: t for a, (t, _) in r.items()} for p, r in results.items()}
@@ -93,6 +93,6 @@ def test_an_adapter_larger_than_the_device_fails_the_request(hf, tmp_path) -> No
     engine.submit(Request("big", "Hi", sampling=SamplingParams(max_tokens=2), adapter=path))
     done = []
     while engine.has_work():
-        done += engine.step()
+        done += engine.step().finished
     assert len(done) == 1 and "device budget" in done[0].error
     manager.close()

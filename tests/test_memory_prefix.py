@@ -9,6 +9,7 @@ import torch
 from experiments.make_adapters import make_adapters
 from runtime import Request, SamplingParams
 from runtime.engine import Engine, build_engine
+from runtime.memory import MemoryEvent
 from runtime.model.profiles import PROFILES
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]  # minutes on a shared 2-core CPU
@@ -51,7 +52,7 @@ def serve(eng: Engine, requests: list[Request], check=None) -> dict[int, object]
     ids = [eng.submit(r) for r in requests]
     done = {}
     while eng.has_work():
-        for c in eng.step():
+        for c in eng.step().finished:
             assert c.ok, c.error
             done[c.request_id] = c
         if check is not None:
@@ -121,7 +122,7 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
                 assert device_bytes_in_use(eng) <= budget
 
         texts[policy] = [c.text for c in serve(eng, calls(adapters, rounds=3), check)]
-        moved = {(r["kind"], r["op"]) for r in rows}
+        moved = {(r.kind, r.op) for r in rows}
         if policy == "infinite":
             assert not any(op in ("evict", "drop") for _, op in moved)
         else:
@@ -143,7 +144,7 @@ def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tm
     runs = []
     for policy in ("lru", "lru", "infinite"):
         eng = make_engine(hf, policy, device_bytes=budget, host_bytes=0, kv_store=store)
-        rows: list[dict] = []
+        rows: list[MemoryEvent] = []
         eng.memory.listeners.append(rows.append)
         got = []
         for r in calls(adapters):
@@ -159,11 +160,11 @@ def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tm
     assert first.executor.reprefill_tokens == 0
     assert s1["tiers"]["disk"]["written_bytes"] > 0 and s1["kv_store"]["entries_written"] == 4
     # Run 2 computes none: every persona is found in the store and read from disk.
-    assert not [r for r in rows2 if r["kind"] == "prefix_kv" and r["op"] == "recompute"]
-    assert sum(r["op"] == "found" for r in rows2) == 4
+    assert not [r for r in rows2 if r.kind == "prefix_kv" and r.op == "recompute"]
+    assert sum(r.op == "found" for r in rows2) == 4
     assert all(c.cached_tokens > 0 for c in got2)
     assert s2["tiers"]["disk"]["read_bytes"] >= 8 * prefix_object(second, "agent0").nbytes // 2
     # The infinite bound starts with every persona resident, read from the store.
-    assert sum(r["op"] == "preload" and r["tier_from"] == "disk" and r["kind"] == "prefix_kv"
+    assert sum(r.op == "preload" and r.tier_from == "disk" and r.kind == "prefix_kv"
                for r in rows3) == 4
-    assert not [r for r in rows3 if r["op"] == "recompute"]  # (reclaim forces reloads)
+    assert not [r for r in rows3 if r.op == "recompute"]  # (reclaim forces reloads)

@@ -18,7 +18,7 @@ def request(agent: str) -> Request:
 def drain(engine) -> list:
     done = []
     while engine.has_work():
-        done += engine.step()
+        done += engine.step().finished
     return done
 
 

@@ -60,7 +60,7 @@ def test_reply_matches_the_engine_and_streaming_matches_plain(client, hf):
     engine.submit(Request("ada", "What do you bake?", PERSONA, SamplingParams(max_tokens=16)))
     done = []
     while engine.has_work():
-        done += engine.step()
+        done += engine.step().finished
     engine.close()
     assert [c.text for c in done] == [text]
 

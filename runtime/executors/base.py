@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from runtime.interface import EngineClock
 from runtime.memory import AgentMemory
+from runtime.model.profiles import ModelConfig
 from runtime.sequence import Batch, Sequence
 
 
@@ -41,6 +43,14 @@ class Executor(Protocol):
     @property
     def max_num_seqs(self) -> int:
         """Sequences that may run at once."""
+
+    @property
+    def engine_clock(self) -> EngineClock:
+        """The engine's time: a :class:`~runtime.interface.WallClock`, or the modeled clock."""
+
+    @property
+    def architecture(self) -> ModelConfig | None:
+        """The model's shapes, where the executor knows them."""
 
     def validate(self, seq: Sequence) -> None:
         """Raise :class:`~runtime.request.RequestError` if ``seq`` can never run here."""

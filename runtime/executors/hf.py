@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from runtime.interface import WallClock
 from runtime.model.chat import ChatFormat
 from runtime.model.loader import load_hf_model
+from runtime.model.profiles import ModelConfig, from_hf_config
 from runtime.request import RequestError
 from runtime.memory import AgentMemory
 from runtime.sequence import Batch, Sequence
@@ -48,7 +50,15 @@ class HFExecutor:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 2048))
         self._peft: Any = None
+        self.engine_clock = WallClock()
         self._adapter_names: dict[str, str] = {}
+
+    @property
+    def architecture(self) -> ModelConfig | None:
+        try:
+            return from_hf_config(self.base.config)
+        except (ValueError, AttributeError, TypeError):  # not a Llama-family config
+            return None
 
     def validate(self, seq: Sequence) -> None:
         """Nothing to check ahead: a bad adapter fails its request when it runs."""

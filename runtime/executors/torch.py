@@ -28,6 +28,7 @@ from runtime.memory import AgentMemory, MemoryManager
 from runtime.executors.base import ChatCodec
 from runtime.executors.torch_memory import PooledAdapter, PooledPrefix
 from runtime.model.attention import BatchLayout, select_attention
+from runtime.interface import WallClock
 from runtime.model.chat import ChatFormat
 from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
@@ -92,6 +93,8 @@ class TorchExecutor:
         self.chat: ChatCodec = ChatFormat(tokenizer) if tokenizer is not None else NoTokenizer()
         self.eos_token_ids = set(self.config.eos_token_ids)
         self.max_context = self.config.max_position_embeddings
+        self.engine_clock = WallClock()
+        self.architecture: ModelConfig | None = self.config
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.device = torch.device(device)

@@ -131,7 +131,10 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        text = loop.metrics.render(loop.engine.memory, loop.distance)
+        # The engine belongs to its thread: its report is taken there, between iterations.
+        report = await asyncio.wrap_future(loop.call(loop.engine.report)) if loop.healthy \
+            else {}
+        text = loop.metrics.render(report.get("memory"), loop.distance)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def _model_card(model_id: str) -> dict[str, Any]:

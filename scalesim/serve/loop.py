@@ -1,9 +1,10 @@
-"""The single engine loop: one thread owns the Engine, every HTTP request goes through it.
+"""The single engine loop: one thread owns the engine, every HTTP request goes through it.
 
-The engine is not thread-safe and should not be: :class:`EngineLoop` runs it on one thread and
+The engine (an :class:`~runtime.interface.EngineInterface`: one engine or a replica set) is not
+thread-safe and should not be: :class:`EngineLoop` runs it on one thread and
 the HTTP handlers (on the asyncio event loop) talk to it through a command queue. Between two
 iterations the thread takes every queued command (submit a request, cancel one, apply hints),
-then runs one :meth:`~runtime.engine.Engine.step`; requests that arrive while others decode
+then runs one :meth:`~runtime.interface.EngineInterface.step`; requests that arrive while others decode
 join the running batch at the next step, so concurrent HTTP clients are batched together
 (continuous batching). Each request's events (``accepted`` once it is in the engine, or an
 error if it cannot be; text deltas for streaming; then its final
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from runtime import Completion, Request, SamplingParams
-from runtime.engine import Engine
+from runtime.interface import EngineInterface
 from scalesim.serve.errors import APIError, bad_request
 from scalesim.serve.hints import HintedDistance
 from scalesim.serve.metrics import ServeMetrics
@@ -65,7 +66,7 @@ class Job:
 class EngineLoop:
     """Runs one Engine on its own thread (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, distance: HintedDistance | None = None,
+    def __init__(self, engine: EngineInterface, *, distance: HintedDistance | None = None,
                  max_pending: int = 256, default_max_tokens: int = 256,
                  recorder: ServeRecorder | None = None, pace: float = 0.0) -> None:
         self.engine = engine
@@ -163,7 +164,7 @@ class EngineLoop:
                 pass
             if ran and self.healthy and not self.engine.has_work():
                 # Idle, but hints may have arrived: prefetch for them now, not at the next call.
-                self.engine.admission.tick()
+                self.engine.tick()
             if self.healthy and self.engine.has_work():
                 try:
                     self._step()
@@ -176,14 +177,13 @@ class EngineLoop:
     def _submit(self, job: Job) -> None:
         request = job.request
         try:
-            chat = self.engine.executor.chat
-            prefix_ids, prompt_ids = chat.encode(request.prefix, request.prompt)
-            prompt_tokens = len(prefix_ids) + len(prompt_ids)
-            room = self.engine.executor.max_context - prompt_tokens
+            prompt_tokens = self.engine.prompt_tokens(request.prefix, request.prompt)
+            context = self.engine.max_context
+            room = context - prompt_tokens
             if room < 1:
                 field = "messages" if job.endpoint == "chat" else "prompt"
                 raise bad_request(field, f"{field}: the prompt has {prompt_tokens} tokens; the "
-                                  f"model context is {self.engine.executor.max_context}")
+                                  f"model context is {context}")
             wanted = job.max_tokens or self.default_max_tokens
             s = request.sampling
             request.sampling = SamplingParams(max_tokens=min(wanted, room),
@@ -196,6 +196,7 @@ class EngineLoop:
             self._finish_early(job, bad_request("messages", f"could not tokenize: {exc}"))
             return
         job.submit_time = self.recorder.now() if self.recorder else time.perf_counter()
+        request.stream = job.stream
         self._jobs[request.request_id] = job
         if self.distance is not None:
             self.distance.on_submit(request.agent_id)
@@ -209,19 +210,15 @@ class EngineLoop:
             self.metrics.cancelled += 1
 
     def _step(self) -> None:
-        before = getattr(self.engine.executor, "now", None)
-        finished = self.engine.step()
-        if self.pace > 0 and before is not None:  # modeled: take the modeled time in wall time
-            time.sleep(max(0.0, getattr(self.engine.executor, "now") - before) * self.pace)
-        scheduler = self.engine.scheduler
-        # The iteration's sequences: those still running after it plus those it finished.
-        self.metrics.iteration(len(scheduler.running) + len(finished), len(scheduler.waiting),
-                               len(scheduler.running))
-        for seq in scheduler.running:
-            job = self._jobs.get(seq.request_id)
-            if job is not None and job.stream and seq.output_ids:
-                self._stream(job, self.engine.executor.chat.decode(seq.output_ids))
-        for completion in finished:
+        result = self.engine.step()
+        if self.pace > 0 and result.modeled_s is not None:  # take the modeled time in wall time
+            time.sleep(result.modeled_s * self.pace)
+        self.metrics.iteration(result.batch, result.waiting, result.running)
+        for request_id, text in result.partial.items():
+            job = self._jobs.get(request_id)
+            if job is not None:
+                self._stream(job, text)
+        for completion in result.finished:
             self._complete(completion)
 
     def _stream(self, job: Job, text: str) -> None:

@@ -1,9 +1,9 @@
 """The server's counters, and their Prometheus text exposition for ``GET /metrics``.
 
 The engine loop updates a :class:`ServeMetrics` after every iteration and every finished
-request (one writer); the HTTP side only reads it. Memory numbers come from the engine's
-:class:`~runtime.memory.MemoryManager` at scrape time: hits and misses by kind, bytes loaded,
-stall seconds, and bytes resident per tier.
+request (one writer); the HTTP side only reads it. Hits and misses by kind, bytes loaded and
+stall seconds come from the finished requests; bytes and objects resident per tier from the
+``memory`` section of the engine's report, taken on the engine thread at scrape time.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ServeMetrics:
             out[kind] = round(self.hits[kind] / total, 4) if total else None
         return out
 
-    def render(self, memory: Any = None, hints: Any = None) -> str:
+    def render(self, memory: dict[str, Any] | None = None, hints: Any = None) -> str:
         """Prometheus text format, version 0.0.4."""
         lines: list[str] = []
 
@@ -104,12 +104,14 @@ class ServeMetrics:
                [("", self.bytes_loaded)])
         metric("memory_stall_seconds_total", "counter", "Seconds requests waited on loads.",
                [("", round(self.stall_s, 6))])
-        if memory is not None:
+        occupancy = (memory or {}).get("occupancy")
+        if occupancy is not None:
             metric("memory_bytes", "gauge", "Agent-memory bytes resident per tier.",
-                   [('{tier="device"}', memory.device_used), ('{tier="host"}', memory.host_used)])
+                   [('{tier="device"}', occupancy["device_bytes"]),
+                    ('{tier="host"}', occupancy["host_bytes"])])
             metric("memory_objects", "gauge", "Agent-memory objects, registered and resident.",
-                   [('{state="registered"}', len(memory.objects)),
-                    ('{state="resident"}', len(memory.resident))])
+                   [('{state="registered"}', occupancy["objects"]),
+                    ('{state="resident"}', occupancy["resident"])])
         if hints is not None:
             metric("hints_total", "counter", "Distance hints by outcome.",
                    [('{outcome="applied"}', hints.applied), ('{outcome="stale_seq"}', hints.stale),

@@ -2,8 +2,11 @@
 
 :func:`build_server` is the one place a server is put together, in the order data flows::
 
-    ServeRunConfig -> HintedDistance -> Engine (runtime.build_engine) -> EngineLoop
+    ServeRunConfig -> HintedDistance -> engine (scalesim.assembly) -> EngineLoop
                    -> ServeRecorder (--trace) -> FastAPI app
+
+The engine is the one a simulation run of the same ``runtime:`` section would get (memory tiers,
+persistent store and replicas included).
 
 :class:`Server` owns the result. :meth:`Server.serve` runs uvicorn on a socket bound here (so
 port 0 gives a free port whose number is known before the first request); uvicorn turns
@@ -16,12 +19,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import uvicorn
 
-from runtime import build_engine
-from runtime.engine import Engine
+from runtime.interface import EngineEvent, EngineInterface
+from runtime.memory.events import MemoryEvent
+from scalesim.assembly import assemble_engine
 from scalesim.config import ConfigError, ServeRunConfig
 from scalesim.serve.app import ServeState, create_app
 from scalesim.serve.hints import HintedDistance
@@ -35,29 +40,17 @@ log = logging.getLogger("scalesim.serve")
 SERVE_EXECUTORS = ("torch", "modeled")
 
 
-def engine_for(config: ServeRunConfig, distance: HintedDistance) -> Engine:
-    """The engine the ``runtime`` section asks for, reading distances from ``distance``."""
-    rt, mem = config.runtime, config.runtime.memory
-    where = f" in {config.source}" if config.source else ""
+def engine_for(config: ServeRunConfig, distance: HintedDistance,
+               clock: Callable[[], float]) -> EngineInterface:
+    """The engine the ``runtime`` section asks for, reading distances from ``distance`` whose
+    order keys are times on ``clock``."""
+    rt = config.runtime
     if rt.executor not in SERVE_EXECUTORS:
-        raise ConfigError(f"config error{where}: runtime.executor: the server drives "
-                          f"{' or '.join(SERVE_EXECUTORS)}, got {rt.executor!r}")
-    if rt.executor == "modeled":
-        from runtime.model.profiles import PROFILES
-
-        if rt.model not in PROFILES:
-            raise ConfigError(f"config error{where}: runtime.model: the modeled executor needs "
-                              f"a model profile, one of {', '.join(PROFILES)}; got {rt.model!r}")
-    from runtime.model.loader import ModelNotFoundError
-
-    try:
-        return build_engine(rt.executor, model=rt.model, device=rt.device, dtype=rt.dtype,
-                            policy=mem.policy, device_bytes=mem.device_bytes,
-                            host_bytes=mem.host_bytes, disk_dir=mem.disk_dir,
-                            link_gbps=mem.link_gbps, link_latency_us=mem.link_latency_us,
-                            lookahead=mem.lookahead, distance=distance, **rt.engine_options())
-    except ModelNotFoundError as exc:
-        raise ConfigError(f"config error{where}: runtime.model: {exc}") from None
+        raise ConfigError.at(config.source, "runtime.executor", "the server drives "
+                             f"{' or '.join(SERVE_EXECUTORS)}, got {rt.executor!r}")
+    engine = assemble_engine(rt, source=config.source)
+    engine.use_distance(distance, clock)
+    return engine
 
 
 class Server:
@@ -66,21 +59,21 @@ class Server:
     def __init__(self, config: ServeRunConfig) -> None:
         self.config = config
         serve = config.serve
-        where = f" in {config.source}" if config.source else ""
         try:
             self.registry = AdapterRegistry(
                 [serve.served_model_name or config.runtime.model, config.runtime.model],
                 serve.adapters)
         except FileNotFoundError as exc:
-            raise ConfigError(f"config error{where}: serve.adapters: {exc}") from None
-        self.distance = HintedDistance()
-        self.engine = engine_for(config, self.distance)
+            raise ConfigError.at(config.source, "serve.adapters", str(exc)) from None
+        start = time.monotonic()
+        clock: Callable[[], float] = lambda: time.monotonic() - start  # server time
+        self.distance = HintedDistance(clock)
+        self.engine = engine_for(config, self.distance, clock)
         self.recorder: ServeRecorder | None = None
         if serve.trace:
             self.recorder = ServeRecorder(serve.trace, {"config": config.echo(),
                                                         "mode": "serve"})
-            assert self.engine.memory is not None
-            self.engine.memory.listeners.append(self.recorder.memory_row)
+            self.engine.listen(self._record_event)
         self.loop = EngineLoop(self.engine, distance=self.distance,
                                max_pending=serve.max_pending,
                                default_max_tokens=serve.default_max_tokens,
@@ -92,6 +85,10 @@ class Server:
         self.port: int | None = None
         self._shut = threading.Lock()
         self._done = False
+
+    def _record_event(self, event: EngineEvent) -> None:
+        if self.recorder is not None and isinstance(event, MemoryEvent):
+            self.recorder.memory_row(event)
 
     def bind(self) -> socket.socket:
         """A listening socket on ``serve.host:serve.port``; sets :attr:`port`."""
@@ -132,8 +129,7 @@ class Server:
         status = "completed" if drained and self.loop.healthy else "interrupted"
         if self.recorder is not None:
             try:
-                self.recorder.write(status, memory=self.engine.memory.summary()
-                                    if self.engine.memory else None,
+                self.recorder.write(status, **self.engine.report(),
                                     serve_metrics={"hit_rate": self.loop.metrics.hit_rates(),
                                                    "cancelled": self.loop.metrics.cancelled,
                                                    "rejected_queue_full":

@@ -37,6 +37,25 @@ from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
 
 
+class ModeledEngineClock:
+    """The engine's clock of a modeled executor: its virtual clock, in modeled seconds."""
+
+    modeled = True
+
+    def __init__(self, clock: VirtualClock, link: ModeledCopyEngine) -> None:
+        self._clock, self._link = clock, link
+
+    def now(self) -> float:
+        return self._clock.now
+
+    def wait_until(self, t: float) -> None:
+        """Idle until modeled time ``t`` (engine replicas wait for the slowest one at the end
+        of each iteration); the link goes on copying meanwhile."""
+        if t > self._clock.now:
+            self._clock.now = t
+            self._link.advance(t)
+
+
 class ModeledExecutor:
     """An executor with no tensors: see the module docstring.
 
@@ -65,6 +84,7 @@ class ModeledExecutor:
             raise ValueError(f"output_tokens must be >= 1, got {output_tokens}")
         self.memory, self.link, self.config, self.cost = memory, link, config, cost
         self.clock: VirtualClock = link.clock
+        self.engine_clock = ModeledEngineClock(self.clock, link)
         self.model_name, self.hardware_name = model, cost.hw.name
         self.chat: LengthChat | ReplayChat = chat or LengthChat(
             chars_per_token, prefix_tokens, vocab_size=config.vocab_size, replies=replies)
@@ -98,12 +118,9 @@ class ModeledExecutor:
         """The modeled makespan so far (seconds)."""
         return self.clock.now
 
-    def wait_until(self, seconds: float) -> None:
-        """Idle until modeled time ``seconds`` (engine replicas wait for the slowest one at the
-        end of each iteration); the link goes on copying meanwhile."""
-        if seconds > self.clock.now:
-            self.clock.now = seconds
-            self.link.advance(seconds)
+    @property
+    def architecture(self) -> ModelConfig:
+        return self.config
 
     # -- the executor protocol ----------------------------------------------------------------
 
