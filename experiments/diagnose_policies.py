@@ -24,7 +24,6 @@ from typing import Any
 
 from experiments import modeled_sim
 from runtime.memory.manager import MemoryManager
-from runtime.memory.residency import Residency
 
 SOURCES = ("pend", "timer", "recv", "graph", "hint", "turn", "eta")
 
@@ -37,7 +36,7 @@ class Recorder:
         self.accesses: list[tuple[int, str]] = []  # (call number, object key)
         self.evictions: list[tuple[int, str, list[str], dict[str, Any], float]] = []
         self.installs: list[tuple[int, str, str]] = []
-        self._originals = (MemoryManager.acquire, Residency.evict, MemoryManager._installed)
+        self._originals = (MemoryManager.acquire, MemoryManager._evict, MemoryManager._installed)
 
     def __enter__(self) -> "Recorder":
         acquire, evict, installed = self._originals
@@ -50,7 +49,7 @@ class Recorder:
                 rec.accesses += [(rec.calls, o.key) for o in objects]
             return state
 
-        def _evict(manager: Residency, obj, cause, protect=frozenset()):
+        def _evict(manager: MemoryManager, obj, cause, protect=frozenset()):
             candidates = [k for k, o in manager.resident.items() if o.pins == 0 and k != obj.key]
             views = {k: (manager.distance_of(manager.resident[k]), oracle_view(manager, k))
                      for k in candidates}
@@ -63,16 +62,16 @@ class Recorder:
             rec.installs.append((rec.calls + 1, obj.key, op))
             return installed(manager, obj, op, tier_from, cause, distance, seconds)
 
-        MemoryManager.acquire, Residency.evict, MemoryManager._installed = (  # type: ignore[method-assign]
+        MemoryManager.acquire, MemoryManager._evict, MemoryManager._installed = (  # type: ignore[method-assign]
             _acquire, _evict, _installed)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        MemoryManager.acquire, Residency.evict, MemoryManager._installed = (  # type: ignore[method-assign]
+        MemoryManager.acquire, MemoryManager._evict, MemoryManager._installed = (  # type: ignore[method-assign]
             self._originals)
 
 
-def oracle_view(manager: Residency, key: str) -> dict[str, float]:
+def oracle_view(manager: MemoryManager, key: str) -> dict[str, float]:
     """What the distance oracle knows about the agent owning ``key`` (empty without one)."""
     source, agent = manager.distance, key.split(":", 1)[1]
     source = getattr(source, "source", source)  # through NoisyDistance

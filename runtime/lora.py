@@ -65,7 +65,6 @@ class LoraAdapter:
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     slot: int | None = None
-    last_used: int = 0
 
     @property
     def resident(self) -> bool:
@@ -177,11 +176,6 @@ class LoraPool:
                 self.a[layer, module], self.b[layer, module] = a, b
         self._owners += [None] * (slots - self.num_slots)
         self.num_slots = slots
-
-    @property
-    def slot_nbytes(self) -> int:
-        per_rank = sum(i + o for i, o in self.shapes.values()) * self.config.num_layers
-        return per_rank * self.max_rank * torch.empty((), dtype=self.dtype).element_size()
 
     def get(self, path: str) -> tuple[LoraAdapter, bool]:
         """The adapter at ``path``, made resident; the flag says whether it already was."""

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from runtime.memory import (POLICIES, CorruptObjectFile, KVStore, MemoryManager, TensorMemory,
-                            WorkingSetTooLarge)
+from runtime.memory import (POLICIES, CorruptObjectFile, KVStore, MemoryEvent, MemoryManager,
+                            TensorMemory, WorkingSetTooLarge)
 from runtime.memory.kv_store import SUFFIX
 from runtime.memory.object_file import read_header, read_object, read_safetensors, write_object
 
@@ -127,7 +127,7 @@ def test_a_second_manager_finds_what_the_first_computed(tmp_path) -> None:
         mm = MemoryManager("lru", device_bytes=2 * objs[0].nbytes, host_bytes=0,
                            kv_store=tmp_path / "store")
         rows: list[dict] = []
-        mm.listeners.append(rows.append)
+        mm.listeners.append(lambda event: rows.append(event.row()))
         for step, i in enumerate([0, 1, 2, 3, 0, 2]):
             mm.acquire(step, [objs[i]])
             assert_identical(objs[i])
@@ -157,12 +157,12 @@ def test_a_damaged_store_entry_is_rebuilt_never_used(tmp_path) -> None:
     write_object(store.path_of(obj.identity), {"k": torch.zeros(500), "v": torch.zeros(500)},
                  {"kind": "test", "seed": 4})
     mm = MemoryManager("lru", device_bytes=10 * obj.nbytes, kv_store=store)
-    rows: list[dict] = []
-    mm.listeners.append(rows.append)
+    events: list[MemoryEvent] = []
+    mm.listeners.append(events.append)
     mm.acquire(0, [obj])
     assert_identical(obj)
     assert obj.builds == 1 and mm.totals.corrupt == 1
-    assert [r["op"] for r in rows][:3] == ["found", "corrupt", "load"]
+    assert [e.op for e in events][:3] == ["found", "corrupt", "load"]
     mm.release(0)
     mm.close()
     assert read_object(store.path_of(obj.identity), obj.identity)  # rewritten at close, right

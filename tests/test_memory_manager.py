@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from runtime.memory import (POLICIES, AgentMemory, FutureSequence, AdapterFile, MemoryManager,
-                            TensorMemory, WorkingSetTooLarge)
+from runtime.memory import (POLICIES, AgentMemory, FutureSequence, AdapterFile, MemoryEvent,
+                            MemoryManager, TensorMemory, WorkingSetTooLarge)
 from runtime.request import RequestError
 
 
@@ -75,8 +75,8 @@ def test_random_workloads_keep_the_invariants(w, tmp_path) -> None:
     mm = MemoryManager(w["policy"], device_bytes=w["device_objects"] * unit, host_bytes=host,
                        disk_dir=tmp_path / "disk" if w["disk"] else None, distance=source,
                        lookahead=4)
-    rows = []
-    mm.listeners.append(rows.append)
+    events: list[MemoryEvent] = []
+    mm.listeners.append(events.append)
     for i, o in enumerate(objs):
         mm.register(o, users=[agents[i], agents[(i + 1) % len(objs)]])  # every object shared
     try:
@@ -121,8 +121,8 @@ def test_random_workloads_keep_the_invariants(w, tmp_path) -> None:
             assert not mm.resident
     finally:
         mm.close()
-    assert all(r["op"] in {"load", "prefetch", "abort", "evict", "drop", "recompute", "preload"}
-               for r in rows)
+    assert all(e.op in {"load", "prefetch", "abort", "evict", "drop", "recompute", "preload"}
+               for e in events)
 
 
 def test_a_working_set_larger_than_the_device_fails_with_a_clear_error() -> None:
@@ -151,14 +151,14 @@ def test_evicted_objects_come_back_bit_identical_from_host_and_disk(tmp_path) ->
     objs = [synthetic(f"o{i}", 256, seed=i) for i in range(4)]
     unit = objs[0].nbytes
     mm = MemoryManager("fifo", device_bytes=unit, host_bytes=unit, disk_dir=tmp_path)
-    rows = []
-    mm.listeners.append(rows.append)
+    events: list[MemoryEvent] = []
+    mm.listeners.append(events.append)
     for step, i in enumerate([0, 1, 0, 2, 1, 3, 0]):
         mm.acquire(step, [objs[i]])
         assert_identical(objs[i])
         mm.release(step)
         mm.check()
-    tiers = {(r["op"], r["tier_from"], r["tier_to"]) for r in rows}
+    tiers = {(e.op, e.tier_from, e.tier_to) for e in events}
     assert ("evict", "device", "host") in tiers
     assert ("evict", "device", "disk") in tiers or ("evict", "host", "disk") in tiers
     assert ("load", "disk", "device") in tiers and ("load", "host", "device") in tiers
@@ -250,8 +250,8 @@ def test_an_urgent_load_preempts_a_running_prefetch() -> None:
     src.d = {"f": 5}
     mm = MemoryManager("scalesim", device_bytes=far.nbytes + near.nbytes, distance=src,
                        link_gbps=0.001, chunk_bytes=4096)
-    rows = []
-    mm.listeners.append(rows.append)
+    events: list[MemoryEvent] = []
+    mm.listeners.append(events.append)
     mm.register(far, users=["f"])
     mm.tick()
     started.wait(5)
@@ -261,7 +261,7 @@ def test_an_urgent_load_preempts_a_running_prefetch() -> None:
     if far_transfer is not None:
         far_transfer.done.wait(5)
         mm.poll()
-    assert [r["op"] for r in rows if r["object"] == "far"] == ["abort"]
+    assert [e.op for e in events if e.object == "far"] == ["abort"]
     assert far.device is None
     mm.check()
     mm.close()

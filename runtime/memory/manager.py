@@ -13,27 +13,36 @@ the request waits — that wait is its *stall*. If the device budget is full of 
 other running requests it returns ``None`` and the request waits for a later iteration; if the
 request's own objects can never fit, it raises :class:`WorkingSetTooLarge`.
 
-Space is made by evicting unpinned objects in the policy's order, kept in an
-:class:`~runtime.memory.eviction_index.EvictionIndex` (O(log n) per eviction). Ranks change on
-access, load, pin and release, which the manager sees, and with distances, which it learns from an
-:class:`~runtime.memory.distance.OrderedDistanceSource` it watches; for a source that cannot be
-watched the index is rebuilt before each eviction. An evicted object keeps a host copy when the
-host budget allows, else a disk copy, else it is dropped and later rebuilt from its origin
-(:mod:`runtime.memory.tiers`). Copies run on a :class:`~runtime.memory.copy_engine.CopyLink`,
-whose clock also measures stalls. With a distance-driven policy, :meth:`MemoryManager.tick`
-prefetches the objects of the agents nearest to calling and never evicts an object nearer than
-the one it brings in, nor one that only a recompute could bring back (a dropped prefix KV): a
-prefetch hides one copy, a wrong guess there would cost a whole prefill.
+Each piece of state has one owner, and the manager is the one that acts on them. The
+:class:`~runtime.memory.residency.Residency` owns the device budget, the resident set, the pins
+and the :class:`~runtime.memory.eviction_index.EvictionIndex` of unpinned objects in the policy's
+order (O(log n) per eviction); when room is short it returns an
+:class:`~runtime.memory.residency.EvictionPlan`, which the manager carries out. Ranks change on
+access, load, pin and release, which the residency sees, and with distances, which the manager
+learns from an :class:`~runtime.memory.distance.OrderedDistanceSource` it watches; for a source
+that cannot be watched the index is rebuilt before each eviction. The
+:class:`~runtime.memory.tiers.Tiers` own the host budget and the disk copies: an evicted object
+keeps a host copy when the host budget allows, else a disk copy, else it is dropped and later
+rebuilt from its origin. The :class:`~runtime.memory.transfers.Transfers` own the loads under
+way, which run on a :class:`~runtime.memory.copy_engine.CopyLink`, whose clock also measures
+stalls. The manager owns the registry of objects, who holds them, and the
+:class:`~runtime.memory.totals.MemoryTotals`.
+
+With a distance-driven policy, :meth:`MemoryManager.tick` prefetches the objects of the agents
+nearest to calling and never evicts an object nearer than the one it brings in, nor one that
+only a recompute could bring back (a dropped prefix KV): a prefetch hides one copy, a wrong
+guess there would cost a whole prefill.
 
 Every load, prefetch, abort, eviction, drop and recompute is reported to :attr:`listeners` as one
-row (the columns of the run's ``memory.parquet`` except ``sim_time``, which the simulation adds).
+:class:`~runtime.memory.events.MemoryEvent` (a row of the run's ``memory.parquet`` but for
+``sim_time``, which the front end adds).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
@@ -42,12 +51,13 @@ import torch
 
 from runtime.memory.copy_engine import CopyEngine, CopyLink, Transfer
 from runtime.memory.distance import DistanceSource, OrderedDistanceSource
+from runtime.memory.events import MemoryEvent
 from runtime.memory.kv_store import KVStore
 from runtime.memory.object_file import CorruptObjectFile, read_object
-from runtime.memory.residency import Residency
 from runtime.memory.objects import AgentMemory, Tensors
 from runtime.memory.policies import Policy, make_policy
-from runtime.memory.tiers import Tiers
+from runtime.memory.residency import EvictionPlan, Residency
+from runtime.memory.tiers import Moved, Tiers
 from runtime.memory.totals import MemoryTotals
 from runtime.memory.transfers import Transfers
 from runtime.request import MemoryStats, RequestError
@@ -116,14 +126,14 @@ class MemoryManager:
         self.copy: CopyLink = copy if copy is not None else CopyEngine(
             self.device, link_gbps=link_gbps, link_latency_us=link_latency_us,
             chunk_bytes=chunk_bytes)
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: called with every :class:`MemoryEvent` as it happens
+        self.listeners: list[Callable[[MemoryEvent], None]] = []
         self.totals = MemoryTotals()
         self._objects: dict[str, AgentMemory] = {}
         self._by_agent: dict[str, list[str]] = defaultdict(list)
         self._owners: dict[Hashable, list[AgentMemory]] = {}
         self._transfers = Transfers(self.copy, self.tiers)
-        self._device = Residency(self.policy, self.device_bytes, self.tiers, self._transfers,
-                                 self.totals, self._log, self._with_host_copy, self._finish)
+        self._device = Residency(self.policy, self.device_bytes)
         self.use_distance(distance)
 
     # -- what others may read -----------------------------------------------------------------
@@ -182,8 +192,8 @@ class MemoryManager:
         known = self._objects.get(obj.key)
         if known is None:
             known = self._objects[obj.key] = obj
-            self._device.index.learn(obj)
-            self.tiers.adopt(obj, **self._device.host_room())
+            self._device.learn(obj)
+            self._report(self.tiers.adopt(obj, **self._host_room()))
             if self.policy.resident_from_start:
                 self._preload(obj)
         for user in users:
@@ -201,7 +211,7 @@ class MemoryManager:
         if obj.pins or obj.key in self._transfers:
             raise RuntimeError(f"memory object {obj.key!r} is in use; it cannot be forgotten")
         if obj.device is not None:
-            self._device.evict(obj, cause="replaced")
+            self._evict(obj, cause="replaced")
         self.tiers.forget(obj)
         for user in obj.users:
             if obj.key in self._by_agent.get(user, ()):
@@ -234,12 +244,16 @@ class MemoryManager:
             self._device.pin(o)
         # Make room for every miss before loading any, so a failure leaves nothing half-loaded.
         need = sum(o.nbytes for o in misses if o.key not in self._transfers)
-        if need and not self._device.make_room(need, protect=keys, urgent=True):
-            for o in hits:
-                self._device.unpin(o)
-            return None
+        if need:  # an urgent load may abort prefetches for its room
+            plan = self._device.plan_room(need, protect=keys,
+                                          abortable=self._transfers.prefetches(keys))
+            if plan is None:
+                for o in hits:
+                    self._device.unpin(o)
+                return None
+            self._carry_out(plan, keys)
         for o in misses:
-            o.pins += 1
+            self._device.pin(o)
         start = self.copy.now()
         try:
             pending = [self._urgent_load(o) for o in misses]
@@ -266,11 +280,8 @@ class MemoryManager:
     def release(self, owner: Hashable) -> None:
         """Unpin ``owner``'s objects (the ``none`` policy drops them from the device here)."""
         for o in self._owners.pop(owner, ()):
-            if o.pins == 1 and not self.policy.keep_between_calls and o.device is not None:
-                o.pins = 0
-                self._device.evict(o, cause="policy none")
-            else:
-                self._device.unpin(o)
+            if self._device.release(o):
+                self._evict(o, cause="policy none")
 
     def tick(self) -> None:
         """Between iterations: install finished transfers, then prefetch by distance."""
@@ -286,7 +297,10 @@ class MemoryManager:
         The engine calls this when a pool the objects live in (the KV pool) runs short for
         running sequences, so the budget is not the only reason to let an object go.
         """
-        return self._device.reclaim(nbytes, kind)
+        plan = self._device.plan_reclaim(nbytes, kind)
+        for obj in plan.victims:
+            self._evict(obj, cause="pool")
+        return sum(obj.nbytes for obj in plan.victims)
 
     def tensors(self, obj: AgentMemory) -> Tensors:
         """The device tensors of a pinned object."""
@@ -320,7 +334,7 @@ class MemoryManager:
     def _issue(self, obj: AgentMemory, *, urgent: bool, distance: float) -> Transfer | None:
         transfer = self._transfers.start(obj, urgent=urgent, distance=distance)
         if transfer is not None:
-            self._device.used += obj.nbytes  # reserved now, so the budget holds while it copies
+            self._device.reserve(obj)
         return transfer
 
     def _preload(self, obj: AgentMemory) -> None:
@@ -344,7 +358,7 @@ class MemoryManager:
             tensors, source = obj.materialize(), obj.origin
         if tensors is None:
             return
-        self._device.used += obj.nbytes
+        self._device.reserve(obj)
         obj.device = obj.on_device({k: v.to(self.device) for k, v in tensors.items()})
         self._device.install(obj)
         self.totals.read_bytes[source] += obj.nbytes
@@ -359,7 +373,7 @@ class MemoryManager:
             return transfer
         transfer = self._issue(obj, urgent=True, distance=0.0)
         if transfer is None:  # only the model's thread can rebuild it: do it now
-            self._device.used += obj.nbytes
+            self._device.reserve(obj)
             start = self.copy.now()
             tensors = obj.materialize()
             obj.device = obj.on_device({k: v.to(self.device, copy=True)
@@ -392,7 +406,7 @@ class MemoryManager:
         if not self._transfers.take(transfer):
             return
         if transfer.aborted or transfer.error is not None or transfer.result is None:
-            self._device.used -= obj.nbytes
+            self._device.unreserve(obj)
             op = "abort" if transfer.aborted else "error"
             if _disk_copy_failed(transfer):
                 op = "corrupt"  # never used; the object is rebuilt from its origin
@@ -428,9 +442,6 @@ class MemoryManager:
         for key in self._by_agent.get(agent, ()):
             self._device.rerank(self._objects[key])
 
-    def _with_host_copy(self) -> Iterable[AgentMemory]:
-        return (o for o in self._objects.values() if o.host is not None)
-
     # -- prefetching --------------------------------------------------------------------------
 
     def _prefetch(self, source: DistanceSource) -> None:
@@ -445,10 +456,47 @@ class MemoryManager:
                 if not Tiers.copyable(obj):
                     continue  # only the model's thread can rebuild it; done on demand
                 distance = self.distance_of(obj)
-                if not self._device.make_room(obj.nbytes, protect={key}, urgent=False,
-                                              farther_than=distance):
+                plan = self._device.plan_room(obj.nbytes, protect={key}, farther_than=distance)
+                if plan is None:
                     return  # everything resident is nearer than what is left to fetch
+                self._carry_out(plan, {key})
                 self._issue(obj, urgent=False, distance=distance)
+
+    # -- evicting -----------------------------------------------------------------------------
+
+    def _carry_out(self, plan: EvictionPlan, protect: set[str]) -> None:
+        """Evict the plan's victims, then abort its prefetches (the host copies in ``protect``
+        stay while the tiers make host room)."""
+        for obj in plan.victims:
+            self._evict(obj, cause="budget", protect=protect)
+        for t in plan.aborts:
+            self._transfers.abort(t)
+            self._finish(t)
+            if t.obj.device is not None:  # it finished before the abort reached it
+                self._evict(t.obj, cause="budget", protect=protect)
+
+    def _evict(self, obj: AgentMemory, cause: str, protect: Iterable[str] = frozenset()) -> None:
+        """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
+        distance = self.distance_of(obj)
+        # Read the contents before the engine frees them, unless a copy below already exists
+        # (objects are immutable: a host or disk copy written earlier is still good).
+        wanted = obj.host is None and (obj.disk_path is None or self.tiers.host_bytes > 0)
+        tensors = obj.device_tensors() if wanted else {}
+        obj.device = None
+        obj.off_device()
+        self._device.remove(obj)
+        self.totals.evictions += 1
+        tier, moved = self.tiers.keep(obj, tensors, **self._host_room(protect))
+        self._report(moved)
+        self._log(obj, "drop" if tier == "none" else "evict", "device", tier, cause, distance)
+
+    def _host_room(self, protect: Iterable[str] = frozenset()) -> dict[str, Any]:
+        """What the tiers need to make host room: the host copies not in ``protect`` that may
+        go, and the policy's rank of them."""
+        protected = set(protect)
+        return {"held": (o for o in self._objects.values()
+                         if o.host is not None and o.key not in protected),
+                "rank": lambda o: self.policy.eviction_rank(o, self.distance_of)}
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -456,23 +504,31 @@ class MemoryManager:
              distance: float) -> None:
         if not self.listeners:
             return
-        row = {"wall": time.perf_counter(), "object": obj.key, "kind": obj.kind, "op": op,
-               "bytes": obj.nbytes, "tier_from": tier_from, "tier_to": tier_to, "cause": cause,
-               "distance": float(distance)}
+        event = MemoryEvent(wall=time.perf_counter(), object=obj.key, kind=obj.kind, op=op,
+                            bytes=obj.nbytes, tier_from=tier_from, tier_to=tier_to, cause=cause,
+                            distance=float(distance))
         for listener in self.listeners:
-            listener(row)
+            listener(event)
+
+    def _report(self, moved: list[Moved]) -> None:
+        """Report what the tiers moved."""
+        for m in moved:
+            self._log(m.obj, m.op, m.tier_from, m.tier_to, m.cause, self.distance_of(m.obj))
 
     def check(self) -> None:
         """Assert the manager's invariants (tests call this after every operation)."""
+        self._device.check()  # the budget, the reservations, the index
         resident = self._device.resident
-        reserved = sum(t.obj.nbytes for t in self._transfers)
-        used = sum(o.nbytes for o in resident.values()) + reserved
-        assert used == self._device.used, (used, self._device.used)
+        assert self._device.reserved.keys() == {t.obj.key for t in self._transfers}, \
+            "a load under way without its bytes reserved, or a reservation without a load"
         on_device = [o for o in self._objects.values() if o.device is not None]
         assert len(on_device) == len(resident)
         assert self.tiers.host_used <= self.tiers.host_bytes
         assert self.tiers.host_used == sum(o.nbytes for o in self._objects.values()
                                            if o.host is not None), "host copies uncounted"
+        holders: Counter[str] = Counter()
         for owner, objs in self._owners.items():
             assert all(o.device is not None for o in objs), owner
-        self._device.check()
+            holders.update(o.key for o in objs)
+        for obj in self._objects.values():
+            assert obj.pins == holders[obj.key], (obj.key, obj.pins, holders[obj.key])

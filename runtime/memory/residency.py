@@ -1,10 +1,17 @@
-"""The device tier: which memory objects are resident within the byte budget, and making room.
+"""The device tier: the one owner of the device budget, the resident set, the pins and the index.
 
-:class:`Residency` keeps the resident objects, the device bytes they use (plus those reserved by
-transfers under way) and the :class:`~runtime.memory.eviction_index.EvictionIndex` of the
-unpinned ones in the policy's order. :meth:`Residency.make_room` frees budget by evicting from
-the index (and, for an urgent load, by aborting prefetches); :meth:`Residency.evict` takes one
-object off the device and lets the :class:`~runtime.memory.tiers.Tiers` keep its contents.
+:class:`Residency` is the only writer of four pieces of state: the device bytes in use (those of
+the resident objects plus those *reserved* for loads under way), which objects are resident, the
+pin count of every object, and the :class:`~runtime.memory.eviction_index.EvictionIndex` that
+keeps the resident, unpinned objects in the policy's order.
+
+It moves no data and reports nothing. When the budget is short it answers with an
+:class:`EvictionPlan` — which objects leave the device and which prefetches are aborted for the
+room — and the :class:`~runtime.memory.MemoryManager` carries the plan out: it asks the
+:class:`~runtime.memory.tiers.Tiers` where each object's contents go, aborts the transfers and
+reports every step, telling the residency as each object leaves (:meth:`Residency.remove`) or
+arrives (:meth:`Residency.install`). Nothing here calls back into the manager.
+
 Ranks by distance read the source's time-invariant ``order_key`` when it has one, so an entry
 stays valid as time passes; without one the index is rebuilt before each eviction.
 """
@@ -12,6 +19,7 @@ stays valid as time passes; without one the index is rebuilt before each evictio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from runtime.memory.copy_engine import Transfer
@@ -21,26 +29,27 @@ from runtime.memory.lazy_heap import Entry
 from runtime.memory.objects import AgentMemory
 from runtime.memory.policies import Policy
 from runtime.memory.tiers import Tiers
-from runtime.memory.totals import MemoryTotals
-from runtime.memory.transfers import Transfers
 
-#: ``log(obj, op, tier_from, tier_to, cause, distance)``: the manager's row writer.
-Log = Callable[[AgentMemory, str, str, str, str, float], None]
+
+@dataclass
+class EvictionPlan:
+    """What must leave the device to make room, in the order the manager carries it out."""
+
+    #: resident, unpinned objects to take off the device, in the policy's order
+    victims: list[AgentMemory] = field(default_factory=list)
+    #: prefetches under way to abort (farthest first); their reserved bytes come back
+    aborts: list[Transfer] = field(default_factory=list)
 
 
 class Residency:
     """Resident objects under ``device_bytes`` (``inf``: no limit); see the module docstring."""
 
-    def __init__(self, policy: Policy, device_bytes: float, tiers: Tiers, transfers: Transfers,
-                 totals: MemoryTotals, log: Log,
-                 with_host_copy: Callable[[], Iterable[AgentMemory]],
-                 finish: Callable[[Transfer], None]) -> None:
+    def __init__(self, policy: Policy, device_bytes: float) -> None:
         self.policy, self.device_bytes = policy, device_bytes
-        self.tiers, self.transfers, self.totals = tiers, transfers, totals
-        #: ``finish(transfer)`` installs or discards a done transfer (the manager's)
-        self._log, self._with_host_copy, self._finish = log, with_host_copy, finish
         self.resident: dict[str, AgentMemory] = {}
-        #: device bytes of resident objects plus those reserved by in-flight transfers
+        #: the bytes held for each load under way, by object key
+        self.reserved: dict[str, int] = {}
+        #: device bytes of resident objects plus those reserved for loads under way
         self.used = 0
         self.index = EvictionIndex(self._rank, Tiers.copyable)
         self.distance: DistanceSource | None = None
@@ -67,16 +76,39 @@ class Residency:
                 return source.distance(user)
         return min(source.distance(u) for u in obj.users)
 
-    # -- resident objects ---------------------------------------------------------------------
+    def learn(self, obj: AgentMemory) -> None:
+        """A newly registered object: give it its tie-breaking place in the index."""
+        self.index.learn(obj)
+
+    # -- the budget and the resident set ------------------------------------------------------
+
+    def reserve(self, obj: AgentMemory) -> None:
+        """A load of ``obj`` begins: hold its bytes now, so the budget holds while it copies."""
+        self.reserved[obj.key] = obj.nbytes
+        self.used += obj.nbytes
+
+    def unreserve(self, obj: AgentMemory) -> None:
+        """``obj``'s load was aborted or failed: give its bytes back."""
+        self.used -= self.reserved.pop(obj.key)
 
     def install(self, obj: AgentMemory) -> None:
-        """``obj`` arrived on the device (its bytes were reserved when its load began)."""
+        """``obj`` arrived on the device: its reserved bytes now count as resident."""
+        del self.reserved[obj.key]
         self.resident[obj.key] = obj
         self.policy.on_load(obj)
         if obj.pins == 0:
             self.index.add(obj)
 
+    def remove(self, obj: AgentMemory) -> None:
+        """``obj`` left the device (the manager evicted it)."""
+        del self.resident[obj.key]
+        self.index.remove(obj.key)
+        self.used -= obj.nbytes
+
+    # -- pins ---------------------------------------------------------------------------------
+
     def pin(self, obj: AgentMemory) -> None:
+        """A request holds ``obj`` (resident, or about to be loaded for it)."""
         obj.pins += 1
         self.index.remove(obj.key)  # pinned: out of the eviction index
 
@@ -84,6 +116,17 @@ class Residency:
         obj.pins -= 1
         if obj.pins == 0 and obj.device is not None:
             self.index.add(obj)
+
+    def release(self, obj: AgentMemory) -> bool:
+        """A finished request lets go of ``obj``; ``True`` when it must now leave the device
+        (the ``none`` policy keeps nothing between calls), which the caller does."""
+        if obj.pins == 1 and not self.policy.keep_between_calls and obj.device is not None:
+            obj.pins = 0  # not indexed: it is evicted at once
+            return True
+        self.unpin(obj)
+        return False
+
+    # -- the index ----------------------------------------------------------------------------
 
     def rerank(self, obj: AgentMemory) -> None:
         """``obj``'s distance changed: re-enter it if it is an eviction candidate."""
@@ -93,20 +136,22 @@ class Residency:
     def rebuild_index(self) -> None:
         self.index.rebuild(o for o in self.resident.values() if o.pins == 0)
 
-    # -- making room --------------------------------------------------------------------------
+    # -- plans --------------------------------------------------------------------------------
 
-    def make_room(self, nbytes: int, *, protect: set[str], urgent: bool,
-                  farther_than: float | None = None) -> bool:
-        """Free ``nbytes`` of device budget by evicting (and, if urgent, aborting prefetches).
+    def plan_room(self, nbytes: int, *, protect: set[str], abortable: Iterable[Transfer] = (),
+                  farther_than: float | None = None) -> EvictionPlan | None:
+        """How to free ``nbytes`` of device budget: evictions, then aborts of ``abortable``
+        prefetches (an urgent load passes them); ``None`` if not enough can be freed.
 
-        Victims come off the eviction index in the policy's order. A prefetch (``farther_than``
-        set) may only evict objects strictly farther than itself; under a distance policy the
-        index pops in distance order, so the first nearer one ends the search. Nothing is
-        evicted unless enough can be freed.
+        Victims come off the eviction index in the policy's order, never one in ``protect``. A
+        prefetch (``farther_than`` set) may only evict objects strictly farther than itself;
+        under a distance policy the index pops in distance order, so the first nearer one ends
+        the search. The plan must be carried out before the index is used again: its victims
+        are off the index until they leave the device.
         """
         short = self.used + nbytes - self.device_bytes
         if short <= 0:
-            return True
+            return EvictionPlan()
         if not self._indexed:
             self.rebuild_index()
         heap = self.index.main if farther_than is None else self.index.copies
@@ -135,32 +180,25 @@ class Residency:
                     continue
             victims.append(entry)
             freed += obj.nbytes
-        prefetches: list[Transfer] = []
-        if freed < short and urgent:
-            for t in self.transfers.prefetches(protect):
+        aborts: list[Transfer] = []
+        if freed < short:
+            for t in abortable:
                 if freed >= short:
                     break
-                prefetches.append(t)
+                aborts.append(t)
                 freed += t.obj.nbytes
         heap.restore(aside)
         if freed < short:
             heap.restore(victims)
-            return False
-        for entry in victims:
-            self.evict(self.resident[entry[3]], cause="budget", protect=protect)
-        for t in prefetches:
-            self.transfers.abort(t)
-            self._finish(t)
-            if t.obj.device is not None:  # it finished before the abort reached it
-                self.evict(t.obj, cause="budget", protect=protect)
-        return True
+            return None
+        return EvictionPlan([self.resident[entry[3]] for entry in victims], aborts)
 
-    def reclaim(self, nbytes: int, kind: str | None = None) -> int:
-        """Evict unpinned resident objects (of ``kind``) in the policy's order until ``nbytes``
-        are freed or none is left; return the bytes freed."""
+    def plan_reclaim(self, nbytes: int, kind: str | None = None) -> EvictionPlan:
+        """Unpinned resident objects (of ``kind``) in the policy's order, until ``nbytes`` or
+        none is left (the plan may free less)."""
         if not self._indexed:
             self.rebuild_index()
-        freed, aside = 0, []
+        plan, freed, aside = EvictionPlan(), 0, []
         while freed < nbytes:
             entry = self.index.main.pop()
             if entry is None:
@@ -169,35 +207,10 @@ class Residency:
             if kind is not None and obj.kind != kind:
                 aside.append(entry)
                 continue
-            self.evict(obj, cause="pool")
+            plan.victims.append(obj)
             freed += obj.nbytes
         self.index.main.restore(aside)
-        return freed
-
-    def evict(self, obj: AgentMemory, cause: str, protect: Iterable[str] = frozenset()) -> None:
-        """Take ``obj`` off the device, keeping a host or disk copy where one is worth keeping."""
-        distance = self.distance_of(obj)
-        # Read the contents before the engine frees them, unless a copy below already exists
-        # (objects are immutable: a host or disk copy written earlier is still good).
-        wanted = obj.host is None and (obj.disk_path is None or self.tiers.host_bytes > 0)
-        tensors = obj.device_tensors() if wanted else {}
-        obj.device = None
-        obj.off_device()
-        del self.resident[obj.key]
-        self.index.remove(obj.key)
-        self.used -= obj.nbytes
-        self.totals.evictions += 1
-        tier = self.tiers.keep(obj, tensors, **self.host_room(protect))
-        self._log(obj, "drop" if tier == "none" else "evict", "device", tier, cause, distance)
-
-    def host_room(self, protect: Iterable[str] = frozenset()) -> dict[str, Any]:
-        """What the tiers need to make host room: the host copies not in ``protect`` that may
-        go, the policy's rank of them, and the row writer."""
-        protected = set(protect)
-        return {"held": (o for o in self._with_host_copy() if o.key not in protected),
-                "rank": lambda o: self.policy.eviction_rank(o, self.distance_of),
-                "log": lambda o, op, frm, to, why: self._log(o, op, frm, to, why,
-                                                             self.distance_of(o))}
+        return plan
 
     # -- ranks --------------------------------------------------------------------------------
 
@@ -216,9 +229,13 @@ class Residency:
         return min((order_key(u) for u in users), default=math.inf)
 
     def check(self) -> None:
-        """Assert the budget and the index (the manager's :meth:`check` calls this)."""
+        """Assert the budget, the reservations and the index (the manager's :meth:`check`)."""
+        assert self.used == sum(o.nbytes for o in self.resident.values()) + \
+            sum(self.reserved.values()), (self.used, "resident and reserved bytes disagree")
         assert self.used <= self.device_bytes, (self.used, self.device_bytes)
+        assert not self.reserved.keys() & self.resident.keys(), "reserved a resident object"
         assert all(o.device is not None for o in self.resident.values())
+        assert all(o.pins >= 0 for o in self.resident.values())
         if not self._indexed:
             self.rebuild_index()
         self.index.check(self.resident)

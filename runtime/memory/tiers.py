@@ -12,8 +12,9 @@ are :mod:`~runtime.memory.object_file` files: direct I/O, checksummed.
 The host budget counts every host copy, including those an object arrives with (an adapter's
 weights, read when it is first named): :meth:`Tiers.adopt` places them under the budget or lets
 them go. Making room on the host moves the host copies that the policy ranks first down to disk,
-or drops them. :meth:`Tiers.source_of` says where a load can read an object from off the model's
-thread; :attr:`Tiers.written` counts the bytes each tier received.
+or drops them. Such moves are returned as :class:`Moved` records, which the manager reports
+(the tiers report nothing themselves). :meth:`Tiers.source_of` says where a load can read an
+object from off the model's thread; :attr:`Tiers.written` counts the bytes each tier received.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hashlib
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -33,8 +34,16 @@ from runtime.memory.objects import AgentMemory, Tensors
 #: Where the disk copies of a modeled run "are": nothing is written there.
 VIRTUAL_DISK = Path("<modeled disk>")
 
-#: ``log(obj, op, tier_from, tier_to, cause)``: the manager's row writer.
-Log = Callable[[AgentMemory, str, str, str, str], None]
+
+class Moved(NamedTuple):
+    """A copy the tiers moved or let go (or found in the store), for the manager to report."""
+
+    obj: AgentMemory
+    #: ``found``, ``evict`` (to disk) or ``drop``
+    op: str
+    tier_from: str
+    tier_to: str
+    cause: str
 
 
 class Tiers:
@@ -79,54 +88,57 @@ class Tiers:
         return None
 
     def adopt(self, obj: AgentMemory, *, held: Iterable[AgentMemory],
-              rank: Callable[[AgentMemory], Any], log: Log) -> None:
+              rank: Callable[[AgentMemory], Any]) -> list[Moved]:
         """A newly registered object: find it in the store, and budget the host copy it came with.
 
         A host copy that does not fit moves to disk where a computed object's copies go, else
-        it is let go (the object is re-read from its origin, or rebuilt).
+        it is let go (the object is re-read from its origin, or rebuilt). Returns what moved.
         """
+        moved: list[Moved] = []
         if self.store is not None and obj.identity is not None and obj.disk_path is None:
             obj.disk_path = self.store.find(obj.identity)
             if obj.disk_path is not None:
-                log(obj, "found", "store", "disk", "persistent store")
+                moved.append(Moved(obj, "found", "store", "disk", "persistent store"))
         if obj.host is None:
-            return
-        if self._make_host_room(obj.nbytes, held, rank, log):
+            return moved
+        if self._make_host_room(obj.nbytes, held, rank, moved):
             self.host_used += obj.nbytes
-            return
+            return moved
         tensors, obj.host = obj.host, None
-        to = "disk" if self._to_disk(obj, tensors) else "none"
-        log(obj, "evict" if to == "disk" else "drop", "host", to, "host budget")
+        moved.append(self._off_host(obj, tensors))
+        return moved
 
     def keep(self, obj: AgentMemory, tensors: Tensors, *, held: Iterable[AgentMemory],
-             rank: Callable[[AgentMemory], Any], log: Log) -> str:
-        """Store the contents of ``obj``, which leaves the device; return the tier (or "none").
+             rank: Callable[[AgentMemory], Any]) -> tuple[str, list[Moved]]:
+        """Store the contents of ``obj``, which leaves the device; return the tier it went to
+        (or "none") and the host copies moved to make room for it.
 
         ``held`` are the objects whose host copies may make room, in any order; ``rank`` orders
         them (smallest first out).
         """
+        moved: list[Moved] = []
         if obj.host is not None:
-            return "host"
-        if tensors and self._make_host_room(obj.nbytes, held, rank, log):
+            return "host", moved
+        if tensors and self._make_host_room(obj.nbytes, held, rank, moved):
             obj.host = {k: self._to_host(v) for k, v in tensors.items()}
             self.host_used += obj.nbytes
             self.written["host"] += obj.nbytes
-            return "host"
+            return "host", moved
         if obj.disk_path is not None and obj.origin == "recompute":
-            return "disk"  # written earlier; objects are immutable
+            return "disk", moved  # written earlier; objects are immutable
         if not tensors:  # nothing was computed yet: nothing to keep
-            return "none"
+            return "none", moved
         if self._to_disk(obj, tensors):
-            return "disk"
-        return "none"
+            return "disk", moved
+        return "none", moved
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         copy = tensor.to("cpu", copy=True)
         return copy.pin_memory() if self._pin else copy
 
     def _make_host_room(self, nbytes: int, held: Iterable[AgentMemory],
-                        rank: Callable[[AgentMemory], Any], log: Log) -> bool:
-        """Free host budget by moving host copies to disk or dropping them."""
+                        rank: Callable[[AgentMemory], Any], moved: list[Moved]) -> bool:
+        """Free host budget by moving host copies to disk or dropping them (into ``moved``)."""
         if nbytes > self.host_bytes:
             return False
         short = self.host_used + nbytes - self.host_bytes
@@ -141,9 +153,13 @@ class Tiers:
                 break
             tensors = self.take_host(o)
             short -= o.nbytes
-            to = "disk" if self._to_disk(o, tensors) else "none"
-            log(o, "evict" if to == "disk" else "drop", "host", to, "host budget")
+            moved.append(self._off_host(o, tensors))
         return True
+
+    def _off_host(self, obj: AgentMemory, tensors: Tensors) -> Moved:
+        """``obj``'s host copy ``tensors`` went for want of host room: to disk, or nowhere."""
+        to = "disk" if self._to_disk(obj, tensors) else "none"
+        return Moved(obj, "evict" if to == "disk" else "drop", "host", to, "host budget")
 
     def take_host(self, obj: AgentMemory) -> Tensors:
         """Remove ``obj``'s host copy and return it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -19,6 +19,8 @@ class MemoryTotals:
     bytes_on_demand: int = 0
     bytes_prefetched: int = 0
     bytes_recomputed: int = 0
+    #: seconds the loads of installed objects took, recomputes on the model's thread included
+    #: (``copy_busy_s`` in the summary is the link's busy time, aborted copies included)
     copy_s: float = 0.0
     evictions: int = 0
     #: bytes installed on the device, by where they came from (host, disk, an origin, recompute)
@@ -29,9 +31,6 @@ class MemoryTotals:
     corrupt: int = 0
     #: seconds spent installing objects resident from the start (the ``infinite`` bound)
     preload_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def summary(self, policy: str, device_bytes: float, copy_busy_s: float,
                 written: Counter[str]) -> dict[str, Any]:
@@ -44,8 +43,9 @@ class MemoryTotals:
                 "hit_rate": round(self.hits / accesses, 4) if accesses else None,
                 "bytes_loaded": int(self.bytes_loaded),
                 "bytes_prefetched": int(self.bytes_prefetched),
+                "bytes_recomputed": int(self.bytes_recomputed),
                 "stall_s": round(self.stall_s, 4), "evictions": int(self.evictions),
-                "copy_busy_s": round(copy_busy_s, 4),
+                "copy_s": round(self.copy_s, 4), "copy_busy_s": round(copy_busy_s, 4),
                 "tiers": {tier: {"read_bytes": int(self.read_bytes.get(tier, 0)),
                                  "written_bytes": int(written.get(tier, 0)),
                                  "stall_s": round(self.stall_by_source.get(tier, 0.0), 4)}

@@ -3,8 +3,8 @@
 :class:`Transfers` starts a load of an object from wherever the
 :class:`~runtime.memory.tiers.Tiers` say a copy can be read (host, disk, its own file), keeps it
 until the manager installs or discards it, promotes a prefetch that a request now waits for, and
-aborts prefetches when an urgent load needs their room. The manager reserves the device bytes of
-every transfer here, so the budget holds while the copy runs.
+aborts prefetches when an urgent load needs their room. The device bytes of every transfer here
+are reserved in the :class:`~runtime.memory.residency.Residency` while the copy runs.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ class Transfers:
         del self._by_key[transfer.obj.key]
         return True
 
-    def prefetches(self, protect: set[str]) -> list[Transfer]:
-        """Queued or running prefetches not in ``protect``, farthest first."""
-        return sorted((t for t in self._by_key.values()
-                       if not t.urgent and t.obj.key not in protect),
-                      key=lambda t: t.distance, reverse=True)
+    def prefetches(self, protect: set[str]) -> Iterator[Transfer]:
+        """Queued or running prefetches not in ``protect``, farthest first (sorted when first
+        read: an urgent load needs them only if evictions alone cannot make its room)."""
+        yield from sorted((t for t in self._by_key.values()
+                           if not t.urgent and t.obj.key not in protect),
+                          key=lambda t: t.distance, reverse=True)
 
     def abort(self, transfer: Transfer) -> None:
         """Cancel a prefetch and wait until it has stopped."""

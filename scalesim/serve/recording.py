@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runtime import Completion, Request
+from runtime.memory.events import MemoryEvent
 from scalesim.trace import RunResult, TraceRecorder
 
 REQUESTS_FILE = "requests.parquet"
@@ -53,8 +54,8 @@ class ServeRecorder:
     def now(self) -> float:
         return time.perf_counter() - self.trace.started_wall
 
-    def memory_row(self, row: dict[str, Any]) -> None:
-        self.trace.record_memory(sim_time=self.now(), **row)
+    def memory_row(self, event: MemoryEvent) -> None:
+        self.trace.record_memory(sim_time=self.now(), **event.row())
 
     def call(self, request: Request, submit_time: float, completion: Completion,
              info: dict[str, Any]) -> None:

@@ -62,7 +62,6 @@ class ModeledCopyEngine:
         self._end = 0.0          # when the current job finishes
         self._free_at = 0.0      # when the link became (or becomes) idle
         self.busy_s = 0.0
-        self.aborted_bytes = 0
 
     def now(self) -> float:
         return self.clock.now
@@ -117,7 +116,6 @@ class ModeledCopyEngine:
         assert job is not None
         done_s = self.clock.now - job.started_at
         self.busy_s += done_s
-        self.aborted_bytes += job.obj.nbytes
         self._free_at = self.clock.now
         job.aborted = True
         job.done.set()
@@ -157,6 +155,3 @@ class ModeledCopyEngine:
                 self.clock.stall += self._end - self.clock.now
                 self.clock.now = self._end
             self.advance(self.clock.now)
-
-    def next_completion(self) -> float | None:
-        return self._end if self.current is not None else None

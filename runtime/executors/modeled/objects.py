@@ -12,7 +12,8 @@ class ModeledMemory(AgentMemory):
 
     ``origin="host"`` objects (adapters) always have a host copy; ``origin="recompute"`` objects
     (prefix KV) must be computed by the model the first time (``threadsafe = False`` makes the
-    manager do that inline; :attr:`recomputes` counts it so the executor charges the prefill).
+    manager do that inline; :attr:`fresh` marks it so the next step that uses it charges the
+    prefill).
     Once computed, an evicted prefix KV goes to the host tier when the manager has room there
     (``host_bytes``), and a later miss copies it back instead of recomputing it.
     """
@@ -22,12 +23,10 @@ class ModeledMemory(AgentMemory):
         self.kind = kind  # type: ignore[misc]
         self.origin = origin  # type: ignore[misc]
         self.threadsafe = origin != "recompute"  # type: ignore[misc]
-        self.recomputes = 0
         self.fresh = False
 
     def materialize(self) -> Tensors:
         if self.origin == "recompute":
-            self.recomputes += 1
             self.fresh = True  # the next step that uses it computes it (a prefill)
         return {}
 
