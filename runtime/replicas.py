@@ -253,8 +253,10 @@ class ReplicaSet:
         self._state[self.affinity.home(agent_id)].declares.append((agent_id, prefix, adapter))
 
     def submit(self, request: Request) -> int:
-        """Give ``request`` a run-wide id and queue it for its agent's home replica."""
-        request.request_id = next(self._ids)
+        """Queue ``request`` for its agent's home replica; a request without an id gets a
+        run-wide one."""
+        if request.request_id < 0:
+            request.request_id = next(self._ids)
         home = self.affinity.home(request.agent_id)
         state = self._state[home]
         state.outbox.append(request)

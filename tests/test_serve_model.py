@@ -9,6 +9,7 @@ agents are served in shared batches.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -96,3 +97,23 @@ def test_concurrent_agents_share_batches(server):
     texts = asyncio.run(main())
     assert all(texts)
     assert server.loop.metrics.max_batch >= 2
+
+
+def test_the_server_keeps_personas_in_the_persistent_store(tmp_path, hf):
+    """``runtime.memory.kv_store`` reaches the server's engine: a persona computed by one
+    server is found in the store by the next one (it was once dropped on the way)."""
+    store = tmp_path / "store"
+    config = {"runtime": {"executor": "torch", "model": "smollm2-135m", "kv_cache_tokens": 2048,
+                          "memory": {"policy": "lru", "kv_store": str(store)}},
+              "serve": {"port": 0, "default_max_tokens": 4}}
+    summaries = []
+    for run in ("first", "second"):
+        trace = tmp_path / run
+        with running_server({**config, "serve": {**config["serve"], "trace": str(trace)}}) as s:
+            ask(openai.OpenAI(base_url=base_url(s), api_key="-", max_retries=0), "Hello.")
+        summaries.append(json.loads((trace / "summary.json").read_text()))
+        assert any(store.rglob("*")), "nothing was written to the store"
+    first, second = (s["memory"]["kv_store"] for s in summaries)
+    assert first["dir"] == second["dir"] == str(store)
+    assert first["entries_found"] == 0
+    assert second["entries_found"] >= 1

@@ -322,9 +322,12 @@ class MemoryManager:
             self.tiers.close()
 
     def summary(self) -> dict[str, Any]:
-        """The run's memory totals for ``summary.json``."""
+        """The run's memory totals for ``summary.json``, and what is held now (objects
+        registered and resident, bytes used on the device and the host)."""
         out = self.totals.summary(self.policy.name, self.device_bytes, self.copy.busy_s,
                                   self.tiers.written)
+        out.update(objects=len(self._objects), resident_objects=len(self._device.resident),
+                   device_used_bytes=self.device_used, host_used_bytes=self.host_used)
         if self.tiers.store is not None:
             out["kv_store"] = self.tiers.store.summary()
         return out

@@ -104,14 +104,13 @@ class ServeMetrics:
                [("", self.bytes_loaded)])
         metric("memory_stall_seconds_total", "counter", "Seconds requests waited on loads.",
                [("", round(self.stall_s, 6))])
-        occupancy = (memory or {}).get("occupancy")
-        if occupancy is not None:
+        if memory is not None:
             metric("memory_bytes", "gauge", "Agent-memory bytes resident per tier.",
-                   [('{tier="device"}', occupancy["device_bytes"]),
-                    ('{tier="host"}', occupancy["host_bytes"])])
+                   [('{tier="device"}', memory["device_used_bytes"]),
+                    ('{tier="host"}', memory["host_used_bytes"])])
             metric("memory_objects", "gauge", "Agent-memory objects, registered and resident.",
-                   [('{state="registered"}', occupancy["objects"]),
-                    ('{state="resident"}', occupancy["resident"])])
+                   [('{state="registered"}', memory["objects"]),
+                    ('{state="resident"}', memory["resident_objects"])])
         if hints is not None:
             metric("hints_total", "counter", "Distance hints by outcome.",
                    [('{outcome="applied"}', hints.applied), ('{outcome="stale_seq"}', hints.stale),
