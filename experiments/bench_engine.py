@@ -18,7 +18,6 @@ then measured on those calls and outputs are compared on those calls. The printo
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -26,33 +25,11 @@ from pathlib import Path
 
 import torch
 
+from experiments.agent_memory import persona
+from experiments.harness import headline, serve_in_turn
 from experiments.make_adapters import make_adapters
 from runtime import Engine, Request, SamplingParams, build_engine
 from runtime.model.profiles import PROFILES
-
-TRAITS = ["patient", "curious", "stubborn", "generous", "anxious", "witty", "careful", "bold"]
-JOBS = ["baker", "smith", "teacher", "fisher", "weaver", "farmer", "scribe", "healer"]
-PLACES = ["the bakery", "the market", "the harbour", "the library", "the mill", "the tavern"]
-
-
-def persona(i: int) -> str:
-    """About 200 tokens of stable persona text for agent ``i``."""
-    job, trait = JOBS[i % len(JOBS)], TRAITS[(i // len(JOBS)) % len(TRAITS)]
-    place = PLACES[i % len(PLACES)]
-    lines = [
-        f"You are villager number {i}, a {trait} {job} who has lived in the small coastal town of "
-        f"Maple Hollow for all of your life. You work most days near {place}.",
-        "Your mornings start early: you open the shutters, greet the neighbours, and plan the "
-        "day's work while the kettle boils. You remember the names of everyone who visits.",
-        f"People describe you as {trait}. You care about your family, your craft as a {job}, and "
-        "the traditions of the town, such as the spring fair and the autumn lantern walk.",
-        "You speak plainly and warmly, in one or two short sentences, and you never break "
-        "character. When asked about your plans you answer with concrete actions, places and "
-        "people from the town. You keep a small notebook of promises you made to friends.",
-        "Recent events: a storm damaged the pier, the mayor announced a new market day, and a "
-        "travelling musician has been playing in the square every evening this week.",
-    ]
-    return " ".join(lines)
 
 
 def prompt(call: int) -> str:
@@ -67,21 +44,12 @@ def serve_all(engine: Engine, agents: int, calls: int, max_tokens: int,
         return Request(f"agent{agent}", prompt(call), prefix=persona(agent),
                        adapter=adapters[agent], sampling=SamplingParams(max_tokens=max_tokens))
 
-    which: dict[int, tuple[int, int]] = {}
     texts: dict[tuple[int, int], str] = {}
     tokens = 0
     start = time.perf_counter()
-    for agent in range(agents):
-        which[engine.submit(request(agent, 0))] = (agent, 0)
-    while engine.has_work():
-        for done in engine.step():
-            agent, call = which.pop(done.request_id)
-            if done.error:
-                raise RuntimeError(f"agent {agent} call {call} failed: {done.error}")
-            texts[agent, call] = done.text
-            tokens += done.output_tokens
-            if call + 1 < calls:
-                which[engine.submit(request(agent, call + 1))] = (agent, call + 1)
+    for agent, call, done in serve_in_turn(engine, agents, calls, request):
+        texts[agent, call] = done.text
+        tokens += done.output_tokens
     return texts, time.perf_counter() - start, tokens
 
 
@@ -133,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "tokens_per_s": tokens / seconds}
         print(f"{name:>6}: {n_calls} calls in {seconds:7.1f} s  {n_calls / seconds:7.2f} calls/s  "
               f"{tokens / seconds:8.1f} tokens/s")
-        del engine
+        engine.close()
     hf, tt = results["hf"], results["torch"]
     same = sum(hf["texts"][k] == tt["texts"][k] for k in hf["texts"])
     ratio = tt["calls_per_s"] / hf["calls_per_s"]
@@ -149,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_calls_per_s": round(tt["calls_per_s"], 3),
             "hf_tokens_per_s": round(hf["tokens_per_s"], 1),
             "torch_tokens_per_s": round(tt["tokens_per_s"], 1)}
-    print(json.dumps(line))
-    return line
+    return headline(line)
 
 
 if __name__ == "__main__":

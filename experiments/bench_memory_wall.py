@@ -19,7 +19,8 @@ In one run, with one loaded model and the same world and seed:
 4. ``recompute``: ``lru`` with no disk tier and no store, what a user without this project gets.
 
 Printed per run: makespan, compute (inside forward passes), stall (waiting for loads), the
-persona build time (forward-pass time apportioned to persona tokens by token count), hit rate,
+persona build time (forward-pass time apportioned to persona tokens by token count, the tokens
+known from the memory events of persona KV recomputed: :class:`PersonaBuild`), hit rate,
 bytes read from disk, and a final JSON headline with ``speedup_vs_lru``, ``slowdown_vs_infinite``,
 ``speedup_vs_recompute`` (of ``scalesim``), ``persona_build_ratio`` (build / build again) and
 whether the same calls got the same greedy completions under the four policies that read
@@ -40,7 +41,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,70 +48,72 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.bench_policies import (WORLDS, AdapterFeed, AdapterTown,  # noqa: E402,F401
-                                        give_out_agent_memory)
+from experiments.agent_memory import WORLDS, AgentOutfit  # noqa: E402
+from experiments.harness import headline, measured_run  # noqa: E402
 from runtime import build_engine  # noqa: E402
+from runtime.interface import EngineEvent, StepTimed  # noqa: E402
+from runtime.memory.events import MemoryEvent  # noqa: E402
 from runtime.model.loader import load_hf_model  # noqa: E402
-from scalesim import simulate  # noqa: E402
-from scalesim.config import load_config  # noqa: E402
-from scalesim.simulation import build_engine_for  # noqa: E402
 
 QUICK = {"agents": 8, "persona_tokens": 300, "until": 660.0}
+#: bytes of one number of the runs' KV (float32: ``runtime.dtype``'s default)
+KV_DTYPE_BYTES = 4
 
 
-class StepClock:
-    """Forward-pass seconds of an executor, and the share spent computing persona tokens."""
+class PersonaBuild:
+    """Forward-pass seconds spent computing personas, apportioned by token count.
 
-    def __init__(self, executor: Any) -> None:
+    A call whose persona must be computed makes the memory manager report the persona's KV
+    object recomputed (a ``recompute`` :class:`MemoryEvent`, as the call is admitted); the
+    persona's tokens are then the first its call computes. So while persona tokens are pending,
+    a timed step's prefill tokens count as persona tokens, and the step's seconds are shared
+    between its tokens by count. Pending tokens come from the KV object's bytes, i.e. rounded up
+    to whole KV blocks; when several calls prefill in one step, one's prompt tokens may count
+    for another's persona, which then counts as prompt: the total is what the personas took.
+    """
+
+    def __init__(self, kv_bytes_per_token: int) -> None:
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.seconds = 0.0
-        self.persona_s = 0.0
-        self.persona_tokens = 0
-        self.steps = 0
-        execute = executor.execute
+        self.tokens = 0
+        self._pending = 0
 
-        def timed(batch: Any) -> None:
-            tokens = sum(s.chunk for s in batch.seqs)
-            persona = sum(max(0, min(s.num_computed + s.chunk, len(s.prefix_ids)) - s.num_computed)
-                          for s in batch.seqs)
-            start = time.perf_counter()
-            try:
-                execute(batch)
-            finally:
-                seconds = time.perf_counter() - start
-                self.seconds += seconds
-                self.steps += 1
-                self.persona_tokens += persona
-                self.persona_s += seconds * persona / max(1, tokens)
-
-        executor.execute = timed
+    def __call__(self, event: EngineEvent) -> None:
+        if isinstance(event, MemoryEvent):
+            if event.kind == "prefix_kv" and event.op == "recompute":
+                self._pending += event.bytes // self.kv_bytes_per_token
+        elif isinstance(event, StepTimed) and self._pending and event.tokens:
+            persona = min(self._pending, event.prefill_tokens)
+            self._pending -= persona
+            self.tokens += persona
+            self.seconds += event.wall_s * persona / event.tokens
 
 
 def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Namespace,
-            work: Path, hf: tuple[Any, Any]) -> dict[str, Any]:
+            outfit: AgentOutfit, work: Path, hf: tuple[Any, Any],
+            kv_bytes_per_token: int) -> dict[str, Any]:
     world_class, size_param, _ = WORLDS[args.world]
-    params = {size_param: args.agents, "max_tokens": args.max_tokens}
+    params = {size_param: args.agents, "max_tokens": args.max_tokens, **outfit.params()}
     if args.world == "social_feed":
         params["active_rate"] = args.active_rate
-    config = {"world": {"class": f"__main__:{world_class}", "params": params},
+    config = {"world": {"class": world_class, "params": params},
               "runtime": {"executor": "torch", "memory": {"policy": policy, **memory},
                           "max_num_seqs": 64, "kv_cache_tokens": args.kv_cache_tokens},
               "sim": {"until": args.until, "seed": 0}}
-    engine = build_engine_for(load_config(config), hf_model=hf[0], tokenizer=hf[1])
-    clock = StepClock(engine.executor)
-    start = time.perf_counter()
-    result = simulate(config, out=work / f"run-{name}", engine=engine)
-    makespan = time.perf_counter() - start
+    persona = PersonaBuild(kv_bytes_per_token)
+    run = measured_run(config, work / f"run-{name}", [persona], hf_model=hf[0], tokenizer=hf[1])
+    result, makespan = run.result, run.makespan_s
     mem = result.summary["memory"]
     disk = mem.get("tiers", {}).get("disk", {})
     if policy == "infinite":
         makespan -= mem["preload_s"]  # the bound: resident from the start
-    row = {"makespan_s": round(makespan, 2), "compute_s": round(clock.seconds, 2),
-           "stall_s": mem["stall_s"], "persona_build_s": round(clock.persona_s, 2),
-           "persona_tokens": clock.persona_tokens, "hit_rate": mem["hit_rate"],
+    row = {"makespan_s": round(makespan, 2), "compute_s": round(run.steps.seconds, 2),
+           "stall_s": mem["stall_s"], "persona_build_s": round(persona.seconds, 2),
+           "persona_tokens": persona.tokens, "hit_rate": mem["hit_rate"],
            "disk_read_mb": round(disk.get("read_bytes", 0) / 1e6, 1),
            "disk_written_mb": round(disk.get("written_bytes", 0) / 1e6, 1),
            "preload_s": mem["preload_s"], "calls": result.summary["calls"],
-           "iterations": clock.steps}
+           "iterations": run.steps.steps}
     print(f"{name:>12}: " + json.dumps(row), flush=True)
     calls = result.trace
     row["new_prompt_tokens"] = round(float((calls.prompt_tokens - calls.cached_tokens).mean()), 1)
@@ -141,36 +143,43 @@ def main() -> None:
             setattr(args, key, value)
 
     hf = load_hf_model("smollm2-135m")
-    ex = build_engine("torch", hf_model=hf[0], tokenizer=hf[1]).executor
+    probe = build_engine("torch", hf_model=hf[0], tokenizer=hf[1])
+    architecture = probe.architecture()
+    assert architecture is not None  # the torch engine knows its model's shapes
     work = Path(tempfile.mkdtemp(prefix="bench-memory-wall-"))
     store = Path(args.store) if args.store else work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    one, prefix_tokens, prefix = give_out_agent_memory(
-        ex, work, args.agents, args.rank, args.persona_tokens,
-        "You are @user0, a social network user. You are curious. Keep posts short, in the "
-        "first person.")
-    working_set = (one + prefix) * args.agents
+    outfit = AgentOutfit.write(work, architecture, args.agents, args.rank, args.persona_tokens)
+    sizes = outfit.measure(probe, "You are @user0, a social network user. You are curious. Keep "
+                                  "posts short, in the first person.")
+    probe.close()
+    prefix_tokens = sizes.persona_tokens
+    working_set = sizes.working_set(args.agents)
     device_bytes = int(working_set * args.budget)
     args.kv_cache_tokens = args.agents * (prefix_tokens + 256) + 8192
-    print(f"{args.world}: {args.agents} agents, adapter {one / 2**20:.1f} MiB, persona "
-          f"~{prefix_tokens} tokens = {prefix / 2**20:.1f} MiB of KV, working set "
-          f"{working_set / 2**20:.0f} MiB, device budget {device_bytes / 2**20:.0f} MiB "
-          f"({args.budget:.0%}); no host tier; store {store}", flush=True)
+    print(f"{args.world}: {args.agents} agents, adapter {sizes.adapter_bytes / 2**20:.1f} MiB, "
+          f"persona ~{prefix_tokens} tokens = {sizes.persona_bytes / 2**20:.1f} MiB of KV, "
+          f"working set {working_set / 2**20:.0f} MiB, device budget "
+          f"{device_bytes / 2**20:.0f} MiB ({args.budget:.0%}); no host tier; store {store}",
+          flush=True)
 
     disk = {"device_bytes": device_bytes, "host_bytes": 0, "kv_store": str(store),
             "disk_dir": str(work / "scratch")}
+    kv_bytes_per_token = architecture.kv_bytes_per_token(KV_DTYPE_BYTES)
+
+    def run(name: str, policy: str, memory: dict[str, Any]) -> dict[str, Any]:
+        return run_one(name, policy, memory, args, outfit, work, hf, kv_bytes_per_token)
+
     runs: dict[str, dict[str, Any]] = {}
-    runs["build"] = run_one("build", "scalesim", disk, args, work, hf)
-    runs["build again"] = run_one("build again", "scalesim", disk, args, work, hf)
+    runs["build"] = run("build", "scalesim", disk)
+    runs["build again"] = run("build again", "scalesim", disk)
     # The measured policies run with the store complete (a run whose calls differ from the
     # build's may need a persona the build never computed; the second build stored it).
-    runs["lru"] = run_one("lru", "lru", disk, args, work, hf)
-    runs["scalesim"] = run_one("scalesim", "scalesim", disk, args, work, hf)
-    runs["belady"] = run_one("belady", "belady",
-                             {**disk, "belady_trace": str(work / "run-lru")}, args, work, hf)
-    runs["infinite"] = run_one("infinite", "infinite", disk, args, work, hf)
-    runs["recompute"] = run_one("recompute", "lru", {"device_bytes": device_bytes,
-                                                     "host_bytes": 0}, args, work, hf)
+    runs["lru"] = run("lru", "lru", disk)
+    runs["scalesim"] = run("scalesim", "scalesim", disk)
+    runs["belady"] = run("belady", "belady", {**disk, "belady_trace": str(work / "run-lru")})
+    runs["infinite"] = run("infinite", "infinite", disk)
+    runs["recompute"] = run("recompute", "lru", {"device_bytes": device_bytes, "host_bytes": 0})
 
     # The same call (agent, sim time, prompt) must get the same greedy completion under every
     # policy; whether the runs make the same calls at all is reported apart (in social_feed a
@@ -186,19 +195,18 @@ def main() -> None:
                                 for k in o.keys() & reference.keys())
     shared_calls = min(len(o.keys() & reference.keys()) for o in outputs.values())
     m = {name: r["makespan_s"] for name, r in runs.items()}
-    headline = {"experiment": "bench_memory_wall", "world": args.world, "agents": args.agents,
-                "persona_tokens": prefix_tokens, "budget": args.budget,
-                "speedup_vs_lru": round(m["lru"] / m["scalesim"], 3),
-                "slowdown_vs_infinite": round(m["scalesim"] / m["infinite"], 3),
-                "lru_vs_infinite": round(m["lru"] / m["infinite"], 3),
-                "speedup_vs_recompute": round(m["recompute"] / m["scalesim"], 3),
-                "persona_build_ratio": round(runs["build"]["persona_build_s"]
-                                             / max(1e-9, runs["build again"]["persona_build_s"]), 1),
-                "second_run_wall_ratio": round(m["build"] / m["build again"], 3),
-                "calls_identical": identical, "same_call_same_output": same_call_same_output,
-                "calls_compared": shared_calls,
-                "results": runs}
-    print(json.dumps(headline))
+    headline({"experiment": "bench_memory_wall", "world": args.world, "agents": args.agents,
+              "persona_tokens": prefix_tokens, "budget": args.budget,
+              "speedup_vs_lru": round(m["lru"] / m["scalesim"], 3),
+              "slowdown_vs_infinite": round(m["scalesim"] / m["infinite"], 3),
+              "lru_vs_infinite": round(m["lru"] / m["infinite"], 3),
+              "speedup_vs_recompute": round(m["recompute"] / m["scalesim"], 3),
+              "persona_build_ratio": round(runs["build"]["persona_build_s"]
+                                           / max(1e-9, runs["build again"]["persona_build_s"]), 1),
+              "second_run_wall_ratio": round(m["build"] / m["build again"], 3),
+              "calls_identical": identical, "same_call_same_output": same_call_same_output,
+              "calls_compared": shared_calls,
+              "results": runs})
     if args.keep:
         print(f"run directories kept in {work}")
     else:

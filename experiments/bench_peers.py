@@ -33,14 +33,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import torch
 
-from experiments.bench_engine import persona
-from experiments.calibrate import machine_peaks
+from experiments.agent_memory import persona
+from experiments.harness import alternating, headline, machine_peaks, serve_in_turn
 from experiments.results_dir import results_dir
 from runtime import Engine, Request, SamplingParams, build_engine
+from runtime.executors.torch import TorchExecutor
+from runtime.interface import EngineEvent, StepTimed
 
 CALL_PROMPTS = [
     "It is 7:00. What do you do first this morning, and why? Answer in two sentences.",
@@ -95,78 +98,89 @@ def scalesim_pass(engine: Engine, work: list[list[tuple[str, str]]], max_tokens:
     """Serve every agent's calls, each agent's next call right after its previous one."""
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
-    def submit(agent: int, call: int) -> int:
+    def request(agent: int, call: int) -> Request:
         prefix, prompt = work[agent][call]
-        return engine.submit(Request(f"{tag}-{agent}", prompt, prefix=prefix, sampling=sampling))
+        return Request(f"{tag}-{agent}", prompt, prefix=prefix, sampling=sampling)
 
-    which: dict[int, tuple[int, int]] = {}
     done: list[Call] = []
     start = time.perf_counter()
-    for agent in range(len(work)):
-        which[submit(agent, 0)] = (agent, 0)
-    while engine.has_work():
-        for completion in engine.step():
-            agent, call = which.pop(completion.request_id)
-            if completion.error:
-                raise RuntimeError(f"ScaleSim: agent {agent} call {call}: {completion.error}")
-            first = completion.first_token_wall or completion.finish_wall
-            done.append(Call(agent, completion.finish_wall - completion.submit_wall,
-                             first - completion.submit_wall))
-            if call + 1 < len(work[agent]):
-                which[submit(agent, call + 1)] = (agent, call + 1)
+    for agent, _, completion in serve_in_turn(engine, len(work), len(work[0]), request):
+        first = completion.first_token_wall or completion.finish_wall
+        done.append(Call(agent, completion.finish_wall - completion.submit_wall,
+                         first - completion.submit_wall))
     return Pass("scalesim", len(work), time.perf_counter() - start, done)
 
 
 def scalesim_single(engine: Engine, prefix: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """Prefill and decode tokens/s of one request alone."""
-    engine.submit(Request("single", prompt, prefix=prefix,
-                          sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
-    completion = None
-    while engine.has_work():
-        finished = engine.step()
-        completion = finished[-1] if finished else completion
-    assert completion is not None and completion.first_token_wall is not None
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    (_, _, completion), = serve_in_turn(engine, 1, 1, lambda agent, call: Request(
+        "single", prompt, prefix=prefix, sampling=sampling))
+    assert completion.first_token_wall is not None
     prefill_s = completion.first_token_wall - completion.submit_wall
     decode_s = completion.finish_wall - completion.first_token_wall
     return (completion.prompt_tokens / prefill_s, (completion.output_tokens - 1) / decode_s,
             completion.prompt_tokens)
 
 
-def decode_step_rates(engine: Engine, batch: int, max_tokens: int = 48) -> dict[str, float]:
-    """Time steps while ``batch`` sequences decode together; achieved GFLOP/s and GB/s."""
-    ex = engine.executor
-    model, config = ex.model, ex.config
+def decode_step_rates(engine: Engine, batch: int, kv_dtype_bytes: int,
+                      weight_bytes: Callable[[int, int], int],
+                      max_tokens: int = 48) -> dict[str, float]:
+    """Time forward passes while ``batch`` sequences decode together; achieved GFLOP/s and GB/s.
+
+    Each sequence decodes one token a step, EOS ignored, from its prefill to its
+    ``max_tokens``-th token; the steps in which all ``batch`` decode are timed (up to 12). The
+    KV a timed step reads, the sequences' tokens before it, follows from their prompt lengths
+    and the step each one finished in. ``weight_bytes(tokens, sampled)`` is what the model's
+    projections read in a step of ``tokens`` tokens.
+    """
+    config = engine.architecture()
+    assert config is not None
+    timed_steps: list[StepTimed] = []
+
+    def note(event: EngineEvent) -> None:
+        if isinstance(event, StepTimed):
+            timed_steps.append(event)
+
+    engine.listen(note)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    prompt_tokens: dict[int, int] = {}
     for a in range(batch):
-        engine.submit(Request(f"step-{a}", CALL_PROMPTS[0], prefix=agent_persona(10_000 + a),
-                              sampling=sampling))
-    while any(s.num_computed < s.num_prompt_tokens for s in engine.scheduler.running) \
-            or engine.scheduler.waiting:
-        engine.step()
-    times, contexts = [], []
-    for _ in range(12):
-        running = [s for s in engine.scheduler.running]
-        if len(running) != batch:
-            break
-        contexts.append(sum(s.num_tokens for s in running))
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
+        prefix = agent_persona(10_000 + a)
+        request_id = engine.submit(Request(f"step-{a}", CALL_PROMPTS[0], prefix=prefix,
+                                           sampling=sampling))
+        prompt_tokens[request_id] = engine.prompt_tokens(prefix, CALL_PROMPTS[0])
+    timed: list[tuple[int, float]] = []  # (iteration, forward-pass seconds)
+    finished_in: dict[int, int] = {}
+    iteration = 0
     while engine.has_work():
-        engine.step()
-    step_s = statistics.median(times)
-    context = statistics.median(contexts)
-    params = sum(config.num_layers * n for n in (
-        config.hidden_size * (config.q_size + 2 * config.kv_size),
-        config.q_size * config.hidden_size, 2 * config.hidden_size * config.intermediate_size,
-        config.intermediate_size * config.hidden_size)) + config.vocab_size * config.hidden_size
-    attention_flops = 4 * context * config.num_heads * config.head_dim * config.num_layers
-    kv_bytes = 2 * context * config.kv_size * config.num_layers * ex.cache.k.element_size()
-    weight_bytes = model.step_weight_bytes(batch, batch)
+        before = len(timed_steps)
+        result = engine.step()
+        iteration += 1
+        ran = timed_steps[before:]
+        if (ran and ran[0].sequences == batch and ran[0].prefill_tokens == 0
+                and not finished_in and len(timed) < 12):
+            timed.append((iteration, ran[0].wall_s))
+        for done in result.finished:
+            finished_in[done.request_id] = iteration
+    step_s = statistics.median(s for _, s in timed)
+    # Before iteration i a sequence that finished in iteration f holds max_tokens - 1 - (f - i)
+    # of its output tokens.
+    context = statistics.median(
+        sum(prompt_tokens[r] + max_tokens - 1 - (f - i) for r, f in finished_in.items())
+        for i, _ in timed)
+    c = config
+    params = sum(c.num_layers * n for n in (
+        c.hidden_size * (c.q_size + 2 * c.kv_size), c.q_size * c.hidden_size,
+        2 * c.hidden_size * c.intermediate_size, c.intermediate_size * c.hidden_size)
+    ) + c.vocab_size * c.hidden_size
+    attention_flops = 4 * context * c.num_heads * c.head_dim * c.num_layers
+    kv_bytes = context * c.kv_bytes_per_token(kv_dtype_bytes)
+    weights = weight_bytes(batch, batch)
     return {"step_ms": step_s * 1e3, "batch": batch, "context_tokens": context,
             "gflops": (2 * params * batch + attention_flops) / step_s / 1e9,
-            "gbps": (weight_bytes + kv_bytes) / step_s / 1e9,
-            "weight_mb": weight_bytes / 1e6, "kv_mb": kv_bytes / 1e6}
+            "gbps": (weights + kv_bytes) / step_s / 1e9,
+            "weight_mb": weights / 1e6, "kv_mb": kv_bytes / 1e6}
 
 
 # -- llama-server -----------------------------------------------------------------------------
@@ -309,7 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
     gguf = builtin_gguf(next(iter(BUILTIN_GGUF)))
     engine = build_engine("torch", dtype=args.dtype, quantization=args.quantization,
                           max_num_seqs=max(counts), max_batch_tokens=512)
-    chat = engine.executor.chat
+    # What this benchmark needs of the torch engine beyond its interface, taken in this one
+    # place: its chat codec, because llama-server must get the very token ids ScaleSim computes
+    # on, and its model's count of the weight bytes a step reads (quantized codes, or the dense
+    # copy a large step uses), for the achieved GB/s of a decode step.
+    executor = engine.executor
+    assert isinstance(executor, TorchExecutor)
+    chat, model = executor.chat, executor.model
     print(f"model {gguf.name}; ScaleSim torch engine {args.dtype}, quantization "
           f"{args.quantization}; {threads} threads each; {args.calls} calls x {args.max_tokens} "
           f"tokens per agent, EOS ignored; {args.passes} alternating passes", flush=True)
@@ -325,10 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                 ids = sum(chat.encode(*workload(1, 95_000, 1)[0][0]), [])
                 server.complete(ids, 4)  # warm-up
             runs: dict[str, list[Pass]] = {"scalesim": [], "llama-server": []}
-            for p in range(args.passes):
+            for p, order in enumerate(alternating(args.passes, ["scalesim", "llama-server"])):
                 work = workload(n, next_agent, args.calls)
                 next_agent += n
-                order = ["scalesim", "llama-server"] if p % 2 == 0 else ["llama-server", "scalesim"]
                 for name in order:
                     if name == "scalesim":
                         runs[name].append(scalesim_pass(engine, work, args.max_tokens, f"p{p}"))
@@ -336,9 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
                         work_ids = [[sum(chat.encode(prefix, prompt), []) for prefix, prompt in agent]
                                     for agent in work]
                         runs[name].append(llama_pass(server, work_ids, args.max_tokens))
-                line = "  ".join(f"{r[-1].engine} {r[-1].calls_per_s:.3f} calls/s"
-                                 for r in runs.values() if r)
-                print(f"  {n} agents, pass {p + 1}: {line}", flush=True)
+                rates = "  ".join(f"{r[-1].engine} {r[-1].calls_per_s:.3f} calls/s"
+                                  for r in runs.values() if r)
+                print(f"  {n} agents, pass {p + 1}: {rates}", flush=True)
             rows[n] = {name: summarize(r, args.max_tokens) for name, r in runs.items() if r}
         finally:
             if server is not None:
@@ -349,21 +368,25 @@ def main(argv: list[str] | None = None) -> dict:
     single: dict[str, list[tuple[float, float]]] = {"scalesim": [], "llama-server": []}
     server = None if args.no_llama else LlamaServer(args.llama_server, gguf, 1, 1024, threads)
     try:
-        for p in range(args.passes):
+        for p, order in enumerate(alternating(args.passes, ["scalesim", "llama-server"])):
             prefix = f"{single_prefix} (take {p})"
-            prefill, decode, _ = scalesim_single(engine, prefix, single_prompt, 4 * args.max_tokens)
-            single["scalesim"].append((prefill, decode))
-            if server is not None:
-                ids = sum(chat.encode(prefix, single_prompt), [])
-                _, last = server.complete(ids, 4 * args.max_tokens)
-                timing = last.get("timings", {})
-                single["llama-server"].append((timing.get("prompt_per_second", float("nan")),
-                                               timing.get("predicted_per_second", float("nan"))))
+            for name in order:
+                if name == "scalesim":
+                    prefill, decode, _ = scalesim_single(engine, prefix, single_prompt,
+                                                         4 * args.max_tokens)
+                    single[name].append((prefill, decode))
+                elif server is not None:
+                    ids = sum(chat.encode(prefix, single_prompt), [])
+                    _, last = server.complete(ids, 4 * args.max_tokens)
+                    timing = last.get("timings", {})
+                    single[name].append((timing.get("prompt_per_second", float("nan")),
+                                         timing.get("predicted_per_second", float("nan"))))
     finally:
         if server is not None:
             server.close()
 
-    step = decode_step_rates(engine, min(32, max(counts)))
+    kv_dtype_bytes = {"float32": 4, "bfloat16": 2}[args.dtype]
+    step = decode_step_rates(engine, min(32, max(counts)), kv_dtype_bytes, model.step_weight_bytes)
     peaks = machine_peaks()
     engine.close()
 
@@ -385,29 +408,27 @@ def main(argv: list[str] | None = None) -> dict:
           f"GB/s of {peaks['mem_gbps']:.1f} copy peak ({step['gbps'] / peaks['mem_gbps']:.0%}); "
           f"weights {step['weight_mb']:.0f} MB + KV {step['kv_mb']:.0f} MB per step")
 
-    headline: dict = {"experiment": "bench_peers", "dtype": args.dtype,
-                      "quantization": args.quantization, "threads": threads,
-                      "passes": args.passes, "calls_per_agent": args.calls,
-                      "max_tokens": args.max_tokens}
+    line: dict = {"experiment": "bench_peers", "dtype": args.dtype,
+                  "quantization": args.quantization, "threads": threads,
+                  "passes": args.passes, "calls_per_agent": args.calls,
+                  "max_tokens": args.max_tokens}
     for n, by in rows.items():
-        headline[f"scalesim_calls_per_s_{n}"] = round(by["scalesim"]["calls_per_s"], 3)
+        line[f"scalesim_calls_per_s_{n}"] = round(by["scalesim"]["calls_per_s"], 3)
         if "llama-server" in by:
-            headline[f"llamacpp_calls_per_s_{n}"] = round(by["llama-server"]["calls_per_s"], 3)
-            headline[f"vs_llamacpp_{n}"] = round(
+            line[f"llamacpp_calls_per_s_{n}"] = round(by["llama-server"]["calls_per_s"], 3)
+            line[f"vs_llamacpp_{n}"] = round(
                 by["scalesim"]["calls_per_s"] / by["llama-server"]["calls_per_s"], 3)
-    headline["scalesim_prefill_tok_s"], headline["scalesim_decode_tok_s"] = (
+    line["scalesim_prefill_tok_s"], line["scalesim_decode_tok_s"] = (
         round(x, 1) for x in medians["scalesim"])
     if "llama-server" in medians:
-        headline["llamacpp_prefill_tok_s"], headline["llamacpp_decode_tok_s"] = (
+        line["llamacpp_prefill_tok_s"], line["llamacpp_decode_tok_s"] = (
             round(x, 1) for x in medians["llama-server"])
-        headline["decode_vs_llamacpp"] = round(medians["scalesim"][1] / medians["llama-server"][1], 3)
-        headline["prefill_vs_llamacpp"] = round(medians["scalesim"][0] / medians["llama-server"][0], 3)
-    headline.update({f"step{step['batch']}_{k}": round(v, 2) for k, v in step.items()
-                     if k not in ("batch",)})
-    headline.update({f"peak_{k}": round(v, 1) for k, v in peaks.items()})
-    print(json.dumps(headline))
-    (results_dir(args.quick) / "bench_peers.json").write_text(json.dumps(headline, indent=1) + "\n")
-    return headline
+        line["decode_vs_llamacpp"] = round(medians["scalesim"][1] / medians["llama-server"][1], 3)
+        line["prefill_vs_llamacpp"] = round(medians["scalesim"][0] / medians["llama-server"][0], 3)
+    line.update({f"step{step['batch']}_{k}": round(v, 2) for k, v in step.items()
+                 if k not in ("batch",)})
+    line.update({f"peak_{k}": round(v, 1) for k, v in peaks.items()})
+    return headline(line, keep_as="bench_peers", quick=args.quick)
 
 
 if __name__ == "__main__":

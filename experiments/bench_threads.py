@@ -16,14 +16,13 @@ Ends with one JSON line (also ``results/bench_threads.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-from experiments.results_dir import results_dir
+from experiments.harness import alternating, headline
 
 #: (name, environment, threads); "default" is what runtime.threads chooses by itself (it sees
 #: the busy neighbour, which starts first); the others force all cores or one
@@ -47,8 +46,8 @@ def run(n):
                           sampling=SamplingParams(max_tokens=n, ignore_eos=True)))
     done = None
     while engine.has_work():
-        out = engine.step()
-        done = out[-1] if out else done
+        finished = engine.step().finished
+        done = finished[-1] if finished else done
     return (done.output_tokens - 1) / (done.finish_wall - done.first_token_wall)
 run(8)
 print(run(tokens))
@@ -79,24 +78,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.passes, args.tokens = 1, 8
     rates: dict[tuple[str, bool], list[float]] = {}
-    for p in range(args.passes):
+    for p, order in enumerate(alternating(args.passes, (False, True))):
         for name, env, threads in SETTINGS:
-            for busy in (False, True) if p % 2 == 0 else (True, False):
-                rates.setdefault((name, busy), []).append(decode_rate(env, threads, args.tokens, busy))
+            for neighbour in order:
+                rates.setdefault((name, neighbour), []).append(
+                    decode_rate(env, threads, args.tokens, neighbour))
         print(f"pass {p + 1}: " + ", ".join(f"{n}{' busy' if b else ''} {v[-1]:.1f}"
                                              for (n, b), v in rates.items()), flush=True)
-    headline: dict = {"experiment": "bench_threads", "cores": len(os.sched_getaffinity(0)),
-                      "passes": args.passes, "tokens": args.tokens}
+    line: dict = {"experiment": "bench_threads", "cores": len(os.sched_getaffinity(0)),
+                  "passes": args.passes, "tokens": args.tokens}
     print(f"\n{'setting':>18} {'quiet tok/s':>12} {'busy tok/s':>11} {'busy/quiet':>11}")
     for name, _, _ in SETTINGS:
-        quiet = statistics.median(rates[name, False])
-        busy = statistics.median(rates[name, True])
+        quiet, busy = (statistics.median(rates[name, b]) for b in (False, True))
         print(f"{name:>18} {quiet:12.1f} {busy:11.1f} {busy / quiet:11.2f}")
-        headline[f"{name}_quiet_tok_s"] = round(quiet, 1)
-        headline[f"{name}_busy_tok_s"] = round(busy, 1)
-    print(json.dumps(headline))
-    (results_dir(args.quick) / "bench_threads.json").write_text(json.dumps(headline, indent=1) + "\n")
-    return headline
+        line[f"{name}_quiet_tok_s"] = round(quiet, 1)
+        line[f"{name}_busy_tok_s"] = round(busy, 1)
+    return headline(line, keep_as="bench_threads", quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Fit the ``cpu`` hardware profile of the cost model to measured steps of the torch executor.
 
 The torch executor (SmolLM2-135M, float32, this machine) serves batches of a range of shapes:
-single prefills of growing length, decode batches of growing size and context, and mixes. Every
-``execute`` call is timed and its work (new tokens and context per sequence) recorded. The fit
+single prefills of growing length, decode batches of growing size and context, and mixes. Calls
+come in groups of like calls that prefill in one step and decode in lockstep (:class:`Group`), so
+each step's work (new tokens and context per sequence) is known from the groups in it; its
+forward pass is timed by the engine (:class:`runtime.interface.StepTimed`, through
+``engine.listen``), which also reports its counts of sequences and tokens, checked against the
+groups. The fit
 searches the compute and memory efficiencies on a log grid and solves the per-step and
 per-sequence overheads by least squares on relative error; it reports the fitted profile and the
 fit error (mean and max relative error, measured vs modeled), writes
@@ -22,91 +26,146 @@ Other processes on the machine make the measurements noisy; the fit error says h
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from experiments.harness import headline, machine_peaks
 from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, SeqWork, hardware
 from runtime.model.profiles import profile
 
 
 
-def machine_peaks(seconds: float = 1.0) -> dict[str, float]:
-    """This machine's measured peaks with torch's threads: float32 and bfloat16 GEMM GFLOP/s
-    (2048-cube products) and memory GB/s (read + write of a 256 MiB copy), best of repeats."""
-    import torch
+#: tokens one engine iteration may compute: every group's prefill fits one step (see Group)
+MAX_BATCH_TOKENS = 8192
+WORD = "the village square is busy today and "
 
-    def best(run, work: float) -> float:
-        run()
-        rates, deadline = [], time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(rates) < 3:
-            start = time.perf_counter()
-            run()
-            rates.append(work / (time.perf_counter() - start))
-        return max(rates)
 
-    from runtime.model.weights import select_gemm
+@dataclass(frozen=True)
+class Group:
+    """``n`` like calls served together: ``words`` words of prompt after a persona of ``persona``
+    words, ``max_tokens`` output tokens each (EOS ignored).
 
-    n = 2048
-    peaks = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        gemm = select_gemm(a.device, dtype)  # oneDNN for float32, as the engine uses
-        peaks[f"gflops_{name}"] = max(best(lambda: torch.mm(a, b), 2 * n ** 3),
-                                      best(lambda: gemm(a, b), 2 * n ** 3)) / 1e9
-    src = torch.empty(64 * 2 ** 20, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    peaks["mem_gbps"] = best(lambda: dst.copy_(src), 2 * src.numel() * 4) / 1e9
-    return peaks
+    Their prompts have one length and the whole group's prefill fits one iteration, so they
+    prefill in one step and then decode in lockstep, one token each a step: the shape of every
+    step is known from the group alone. ``after`` submits the group that many iterations into
+    its serve, so that its prefill runs in one step with the others' decodes (a mix).
+    """
+
+    n: int
+    words: int
+    max_tokens: int
+    persona: int = 0
+    after: int = 0
+
+
+@dataclass
+class _Running:
+    group: Group
+    prompt_tokens: int
+    #: decode steps done (-1: not prefilled yet)
+    decoded: int = -1
+
+
+def serve(engine: Any, steps: list[Any], groups: list[Group],
+          samples: list[tuple[list[SeqWork], float]]) -> None:
+    """Serve ``groups`` (agents ``cal<g>-<i>``, so a persona group served again finds its
+    personas cached) and add every timed step's work and forward-pass seconds to ``samples``;
+    ``steps`` is where the engine's listener puts its :class:`~runtime.interface.StepTimed`.
+
+    The work of a step follows from the groups in it: a prefilling group's sequences each
+    compute the step's prefill tokens shared among them, after the persona tokens found cached;
+    a decoding group's compute one token after their prompt and the tokens decoded so far. Each
+    step's counts are checked against what the engine reports.
+    """
+    from runtime.request import Request, SamplingParams
+
+    due = sorted(enumerate(groups), key=lambda item: item[1].after)
+    running: list[_Running] = []
+    iteration = 0
+    while due or engine.has_work():
+        while due and due[0][1].after <= iteration:
+            g, group = due.pop(0)
+            prefix, prompt = WORD * group.persona, WORD * group.words
+            length = engine.prompt_tokens(prefix, prompt)
+            if group.n * length > MAX_BATCH_TOKENS:
+                raise ValueError(f"{group} needs {group.n * length} tokens in one step, more than "
+                                 f"{MAX_BATCH_TOKENS}")
+            for i in range(group.n):
+                engine.submit(Request(f"cal{g}-{i}", prompt, prefix=prefix, sampling=SamplingParams(
+                    max_tokens=group.max_tokens, ignore_eos=True)))
+            running.append(_Running(group, length))
+        before = len(steps)
+        engine.step()
+        iteration += 1
+        if len(steps) == before:
+            continue
+        step = steps[before]
+        prefilling = [r for r in running if r.decoded < 0]
+        decoding = [r for r in running if r.decoded >= 0]
+        prefill_seqs = sum(r.group.n for r in prefilling)
+        decode_seqs = sum(r.group.n for r in decoding)
+        shared = (step.prefill_tokens % prefill_seqs == 0 if prefill_seqs
+                  else step.prefill_tokens == 0)
+        if (len(prefilling) > 1 or not shared or step.sequences != prefill_seqs + decode_seqs
+                or step.tokens - step.prefill_tokens != decode_seqs):
+            raise RuntimeError(f"iteration {iteration} ran {step}, not the lockstep groups "
+                               f"{[r.group for r in running]}: the scheduler no longer serves "
+                               "them as calibrate assumes")
+        work = [SeqWork(new=1, past=r.prompt_tokens + r.decoded) for r in decoding
+                for _ in range(r.group.n)]
+        for r in prefilling:
+            new = step.prefill_tokens // prefill_seqs
+            work += [SeqWork(new=new, past=r.prompt_tokens - new)] * r.group.n
+        samples.append((work, step.wall_s))
+        for r in running:
+            r.decoded += 1
+        running = [r for r in running if r.decoded < r.group.max_tokens - 1]
 
 
 def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
-    """Run batches on the torch executor; return (work, seconds) for every timed step."""
+    """Serve calls of many shapes on the torch executor; return (work, seconds) for every timed
+    step (the warm-up's aside)."""
     import torch
 
     from runtime.engine import build_engine
-    from runtime.request import Request, SamplingParams
+    from runtime.interface import EngineEvent, StepTimed
 
     torch.set_num_threads(2)
-    engine = build_engine("torch", model="smollm2-135m", max_num_seqs=64, max_batch_tokens=1024)
-    ex = engine.executor
+    engine = build_engine("torch", model="smollm2-135m", max_num_seqs=64,
+                          max_batch_tokens=MAX_BATCH_TOKENS)
+    steps: list[StepTimed] = []
+
+    def note(event: EngineEvent) -> None:
+        if isinstance(event, StepTimed):
+            steps.append(event)
+
+    engine.listen(note)
     samples: list[tuple[list[SeqWork], float]] = []
-    execute = ex.execute
-
-    def timed(batch):
-        work = [SeqWork(new=s.chunk, past=s.num_computed,
-                        sampled=s.num_computed + s.chunk >= s.num_tokens) for s in batch]
-        start = time.perf_counter()
-        execute(batch)
-        samples.append((work, time.perf_counter() - start))
-
-    ex.execute = timed
-    word = "the village square is busy today and "
-
-    def serve(n: int, words: int, max_tokens: int, persona: int = 0) -> None:
-        for i in range(n):
-            engine.submit(Request(f"cal{i}", word * words + f" #{i}", prefix=word * persona,
-                                  sampling=SamplingParams(max_tokens=max_tokens)))
-        while engine.has_work():
-            engine.step()
-
-    serve(1, 4, 2)  # warm-up, not kept
-    samples.clear()
-    shapes = [(1, w, 2) for w in (4, 16, 48, 96)] + [(b, 4, 12) for b in (2, 8, 24)]
-    shapes += [(b, 40, 8) for b in (4, 16)]
-    # Agents with a persona prefix, served twice: the second time the prefix KV is cached and
-    # the prompt is prefilled after it (long-context prefills, as in a debate's transcript).
-    shapes += [(b, 60, 4, 120) for b in (1, 4)] * 2
+    serve(engine, steps, [Group(1, 4, 2)], [])  # warm-up, not kept
+    # Single prefills of growing length; decode batches of growing size and context; agents
+    # with a persona prefix, served twice: the second time the persona's KV is cached and the
+    # prompt is prefilled after it (long-context prefills, as in a debate's transcript); and
+    # mixes, one group's prefill in the steps of another's decodes.
+    shapes = [[Group(1, w, 2)] for w in (4, 16, 48, 96)] + [[Group(b, 4, 12)] for b in (2, 8, 24)]
+    shapes += [[Group(b, 40, 8)] for b in (4, 16)]
+    shapes += [[Group(b, 60, 4, 120)] for b in (1, 4)] * 2
+    shapes += [[Group(8, 4, 12), Group(1, 48, 2, after=3)],
+               [Group(16, 4, 12), Group(2, 40, 2, after=4)]]
+    shapes += [[Group(4, 4, 12), Group(2, 60, 4, 120, after=2)]] * 2
     if quick:
-        shapes = [(1, 4, 2), (1, 48, 2), (4, 4, 3), (2, 40, 2), (2, 20, 2, 60), (2, 20, 2, 60)]
-    for shape in shapes:
-        serve(*shape)
+        shapes = [[Group(1, 4, 2)], [Group(1, 48, 2)], [Group(4, 4, 3)], [Group(2, 40, 2)],
+                  [Group(2, 20, 2, 60)], [Group(2, 20, 2, 60)],
+                  [Group(2, 4, 4), Group(1, 20, 2, after=1)]]
+    for groups in shapes:
+        serve(engine, steps, groups, samples)
+    engine.close()
     return samples
 
 
@@ -173,6 +232,7 @@ def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, n
             err = float(np.mean(np.abs(pred - measured) / measured))
             if best is None or err < best[0]:
                 best = (err, ec, em, coef, pred)
+    assert best is not None
     err, ec, em, coef, pred = best
     params = {"eff_compute": round(float(ec), 4), "eff_memory": round(float(em), 4),
               "step_overhead": float(f"{coef[0]:.3g}"), "seq_overhead": float(f"{coef[1]:.3g}")}
@@ -198,7 +258,7 @@ def main() -> None:
           f"{disk['disk_write_bw'] / 1e9:.2f} GB/s; fit error mean "
           f"{disk['disk_mean_rel_error']:.1%}", flush=True)
     if args.disk_only:
-        print(json.dumps({"experiment": "calibrate", **disk}))
+        headline({"experiment": "calibrate", **disk})
         return
     peaks = machine_peaks()
     print(f"peaks: float32 GEMM {peaks['gflops_float32']:.0f} GFLOP/s, bfloat16 GEMM "
@@ -242,10 +302,10 @@ def main() -> None:
     print(f"fitted cpu profile: {params}")
     print(f"fit error (modeled vs measured): mean {rel.mean():.1%}, max {rel.max():.1%}; "
           f"profile currently in runtime/cost_model.py: mean {table_err:.1%}")
-    print(json.dumps({"experiment": "calibrate", "steps": len(samples), **params, **peaks,
-                      "mean_rel_error": round(float(rel.mean()), 4),
-                      "max_rel_error": round(float(rel.max()), 4),
-                      "table_mean_rel_error": round(table_err, 4), **disk}))
+    headline({"experiment": "calibrate", "steps": len(samples), **params, **peaks,
+              "mean_rel_error": round(float(rel.mean()), 4),
+              "max_rel_error": round(float(rel.max()), 4),
+              "table_mean_rel_error": round(table_err, 4), **disk})
 
 
 if __name__ == "__main__":
