@@ -14,7 +14,7 @@ from runtime.engine import Engine, build_engine
 from runtime.executors import torch as torch_executor
 from runtime.model.profiles import PROFILES, profile
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]  # every test loads the real model
 
 
 @pytest.fixture(scope="module")

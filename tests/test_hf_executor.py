@@ -21,6 +21,7 @@ def serve(engine, *requests: Request) -> dict:
     return done
 
 
+@pytest.mark.slow
 def test_greedy_output_equals_plain_transformers_generate(smol_engine):
     ex = smol_engine.executor
     prefix_ids, prompt_ids = ex.chat.encode("You are Ada, a baker.", "What do you bake?")
@@ -36,6 +37,7 @@ def test_greedy_output_equals_plain_transformers_generate(smol_engine):
     assert got.first_token_wall is not None and got.submit_wall <= got.first_token_wall
 
 
+@pytest.mark.slow
 def test_prefix_tokens_are_a_token_prefix_of_the_full_input(smol_engine):
     chat = smol_engine.executor.chat
     prefix_ids, prompt_ids = chat.encode("You are Bo.", "Hello")
@@ -46,6 +48,7 @@ def test_prefix_tokens_are_a_token_prefix_of_the_full_input(smol_engine):
     assert prefix_ids == chat.encode("You are Bo.", "Something else entirely")[0]
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text(smol_engine):
     got = serve(smol_engine, Request("bo", "Count from one to ten.",
                                      sampling=SamplingParams(max_tokens=40, stop=("5",))))["bo"]
@@ -53,6 +56,7 @@ def test_stop_strings_cut_the_text(smol_engine):
     assert "5" not in got.text and "4" in got.text
 
 
+@pytest.mark.slow
 def test_bad_requests_fail_alone(smol_engine, tmp_path):
     done = serve(
         smol_engine,
@@ -66,6 +70,7 @@ def test_bad_requests_fail_alone(smol_engine, tmp_path):
     assert done["fine"].ok and done["fine"].output_tokens == 4
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(smol_engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
     a = serve(smol_engine, Request("a", "Tell me a word.", sampling=params))["a"]

@@ -87,6 +87,7 @@ def test_bad_quantization_settings_fail_with_the_setting_named():
     assert options["quantization"] == "int4" and options["quantized_dense_from"] == 16
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_real_model_quantized_next_token_agreement_and_logit_error(capsys):
     from runtime.model.loader import load_hf_model

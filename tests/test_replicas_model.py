@@ -6,7 +6,7 @@ import pytest
 
 import scalesim
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 TINY = {"world__params__villagers": 2, "world__params__max_tokens": 4,
         "world__params__reflect_every": 0, "sim__until": 800}
