@@ -93,9 +93,10 @@ def measured_run(config: dict[str, Any] | RunConfig, out: Path, listeners: Seque
     """
     from scalesim import simulate
     from scalesim.config import load_config
-    from scalesim.simulation import build_engine_for
+    from scalesim.assembly import assemble_engine
 
-    engine = build_engine_for(load_config(config), **engine_options)
+    loaded = load_config(config)
+    engine = assemble_engine(loaded.runtime, source=loaded.source, **engine_options)
     steps = StepTimes.of(engine)
     for listener in listeners:
         engine.listen(listener)

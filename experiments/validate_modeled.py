@@ -38,7 +38,7 @@ from runtime.executors.modeled import ReplayChat
 from runtime.model.chat import ChatFormat
 from scalesim import simulate as run
 from scalesim.config import ConfigError, load_config, parse_override
-from scalesim.simulation import build_engine_for
+from scalesim.assembly import assemble_engine
 
 WORLDS = ("worlds/town.yaml", "worlds/social_feed.yaml", "worlds/round_table.yaml")
 
@@ -71,8 +71,8 @@ def validate(world: str, overrides: dict[str, Any], work: Path,
     recorded, compute, wall = real.result, real.steps, real.makespan_s
 
     replay = load_config(world, {**overrides, **MODELED})
-    modeled = build_engine_for(replay, chat=ReplayChat(chat_format(config.runtime.model),
-                                                       recorded.trace))
+    modeled = assemble_engine(replay.runtime, source=replay.source,
+                              chat=ReplayChat(chat_format(config.runtime.model), recorded.trace))
     replayed = run(replay, out=work / f"{Path(world).stem}-modeled", engine=modeled)
     model = replayed.summary["modeled"]
     makespan, modeled_stall = model["modeled_makespan_s"], model["modeled_stall_s"]

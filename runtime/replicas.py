@@ -1,4 +1,4 @@
-"""Engine replicas behind the engine protocol: the driver loop, affinity, faults, the summary.
+"""Engine replicas behind the engine interface: the driver loop, affinity, faults, the summary.
 
 A :class:`ReplicaSet` is what a simulation or a server drives when ``runtime.replicas`` is more
 than one (or ``runtime.cluster`` is ``ray``). It is an :class:`~runtime.interface.EngineInterface`:

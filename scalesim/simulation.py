@@ -40,12 +40,6 @@ from scalesim.trace import RecordError, RunResult, TraceRecorder, error_counts
 from scalesim.world import World
 
 
-def build_engine_for(config: RunConfig, policy: Policy | None = None,
-                     **options: Any) -> EngineInterface:
-    """The engine of ``config``'s ``runtime`` section (:func:`scalesim.assembly.assemble_engine`)."""
-    return assemble_engine(config.runtime, source=config.source, policy=policy, **options)
-
-
 def recorded_order(config: RunConfig) -> list[str]:
     """The call order of the run ``runtime.memory.belady_trace`` names (policy ``belady``)."""
     mem = config.runtime.memory
@@ -80,7 +74,8 @@ class Simulation:
         self.world_class = import_world_class(config)
         check_config(config, self.world_class, engine=engine,
                      needs_belady_trace=order is None and policy is None)
-        self.engine = engine if engine is not None else build_engine_for(config, policy)
+        self.engine = engine if engine is not None else assemble_engine(
+            config.runtime, source=config.source, policy=policy)
         mem = config.runtime.memory
         self.oracle: DistanceOracle | None = None
 

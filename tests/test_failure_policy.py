@@ -65,8 +65,8 @@ def test_fail_fast_stops_at_the_first_failed_call(tmp_path):
 
 
 def test_the_cli_exits_1_and_names_the_most_common_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(simulation, "build_engine_for",
-                        lambda config, policy=None: build_engine(EchoExecutor()))
+    monkeypatch.setattr(simulation, "assemble_engine",
+                        lambda runtime, **keywords: build_engine(EchoExecutor()))
     monkeypatch.setenv("COLUMNS", "200")
     world = tmp_path / "failing.yaml"
     world.write_text("world: {class: tests.fault_worlds:Failing, params: {rejected: 3}}\n"

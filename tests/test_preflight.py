@@ -48,7 +48,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise ModelLoaded("an engine was built: the checks passed")
 
-    monkeypatch.setattr(simulation, "build_engine_for", refuse)
+    monkeypatch.setattr(simulation, "assemble_engine", refuse)
 
 
 def config(adapter_dir: Path | str, executor: str = "torch", world: str = "Adapted",

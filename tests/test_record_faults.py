@@ -175,8 +175,8 @@ def test_a_failed_flush_stops_the_run_even_if_the_disk_recovers(tmp_path, monkey
 
 
 def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(simulation, "build_engine_for",
-                        lambda config, policy=None: build_engine(EchoExecutor()))
+    monkeypatch.setattr(simulation, "assemble_engine",
+                        lambda runtime, **keywords: build_engine(EchoExecutor()))
     full_disk(monkeypatch)
     world = tmp_path / "w.yaml"
     world.write_text("world: {class: tests.tiny_world:Pingers}\nsim: {until: 50}\n")

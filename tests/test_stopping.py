@@ -63,7 +63,7 @@ def test_a_signal_while_the_model_loads_writes_nothing(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the load")
 
-    monkeypatch.setattr(simulation, "build_engine_for", load)
+    monkeypatch.setattr(simulation, "assemble_engine", load)
     with pytest.raises(RunInterrupted) as info:
         scalesim.simulate(signalled(), out=tmp_path / "run")
     assert info.value.result is None and not (tmp_path / "run").exists()
