@@ -13,6 +13,8 @@ call of the iteration. On the replica, :class:`ReplicaDistances` applies them an
 * ``distance(a)``: 0 for a request in flight, else ``max(0, key - now)`` with the driver's clock;
 * ``nearest(k)``: requests in flight first (in the order they arrived), then the smallest keys,
   from a lazy heap: O(k log n).
+
+The requests in flight are kept by :class:`~runtime.memory.distance.CallTrackingSource`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.memory.distance import OrderedDistanceSource
+from runtime.memory.distance import CallTrackingSource, OrderedDistanceSource
 from runtime.memory.lazy_heap import LazyHeap
 
 
@@ -60,15 +62,18 @@ class DistanceFeed:
             self._on_change(agent)
 
 
-class ReplicaDistances:
-    """The distances one replica's memory manager reads (replica side; see the module doc)."""
+class ReplicaDistances(CallTrackingSource):
+    """The distances one replica's memory manager reads (replica side; see the module doc).
+
+    Its pending calls are the requests in flight on this replica; what it predicts is the
+    driver's keys.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
         self.now = 0.0
         self._keys: dict[str, float] = {}
-        self._in_flight: dict[str, int] = {}
         self._heap: LazyHeap[str] = LazyHeap()
-        self._watchers: list[Callable[[str], None]] = []
 
     def update(self, now: float, agents: Sequence[str], keys: np.ndarray) -> None:
         """Apply the driver's clock and the changed keys of ``agents``."""
@@ -81,43 +86,16 @@ class ReplicaDistances:
             else:
                 self._keys[agent] = key
                 heap.push((key, versions.stamp(agent), agent))
-            self._notify(agent)
+            self._changed(agent)
 
-    def on_submit(self, agent_id: str) -> None:
-        """A request of ``agent_id`` arrived at this replica."""
-        self._in_flight[agent_id] = self._in_flight.get(agent_id, 0) + 1
-        self._notify(agent_id)
-
-    def on_finish(self, agent_id: str) -> None:
-        """A request of ``agent_id`` finished here."""
-        left = self._in_flight.get(agent_id, 0) - 1
-        if left > 0:
-            self._in_flight[agent_id] = left
-        else:
-            self._in_flight.pop(agent_id, None)
-        self._notify(agent_id)
-
-    def _notify(self, agent_id: str) -> None:
-        for callback in self._watchers:
-            callback(agent_id)
-
-    def watch(self, callback: Callable[[str], None]) -> None:
-        self._watchers.append(callback)
-
-    def order_key(self, agent_id: str) -> float:
-        if agent_id in self._in_flight:
-            return -math.inf
+    def _predicted_key(self, agent_id: str) -> float:
         return self._keys.get(agent_id, math.inf)
 
-    def distance(self, agent_id: str) -> float:
-        if agent_id in self._in_flight:
-            return 0.0
+    def _predicted_distance(self, agent_id: str) -> float:
         return max(0.0, self._keys.get(agent_id, math.inf) - self.now)
 
-    def nearest(self, k: int) -> list[str]:
-        out = list(self._in_flight)[:k]
-        if len(out) < k:
-            taken = self._heap.smallest(k + len(out))
-            seen = set(out)
-            out += [e[-1] for e in taken if e[-1] not in seen][:k - len(out)]
-        return out
+    def _nearest_predicted(self, k: int) -> list[str]:
+        # The heap holds agents in flight too (their keys keep arriving): look past them.
+        pending = self._pending
+        taken = self._heap.smallest(k + len(pending))
+        return [e[-1] for e in taken if e[-1] not in pending][:k]

@@ -39,8 +39,9 @@ nothing re-sorts all agents (a change of trust re-estimates each agent once).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from runtime.memory.distance import CallTrackingSource
 from runtime.memory.lazy_heap import LazyHeap
 from scalesim.call_rates import CallRates
 from scalesim.prediction_quality import PredictionQuality
@@ -68,11 +69,17 @@ class Block:
         self.kind, self.site, self.until = kind, site, until
 
 
-class DistanceOracle:
-    """Estimated next-call times of every agent; implements ``runtime.memory.DistanceSource``."""
+class DistanceOracle(CallTrackingSource):
+    """Estimated next-call times of every agent; an ``OrderedDistanceSource``.
+
+    The pending calls and the watchers are kept by the base class. A pending call stays in the
+    oracle's estimate too, at the time it was submitted (when a neighbour called is what the
+    graph source reads), so :meth:`order_key` and :meth:`nearest` read the estimates alone.
+    """
 
     def __init__(self, env: SimEnvironment, graph: Any = None, *, edge_delay: float = 0.0,
                  turn_delay: float = 1e-6, window: int = 64) -> None:
+        super().__init__()
         self.env = env
         self.graph = graph
         self.edge_delay = edge_delay
@@ -80,7 +87,7 @@ class DistanceOracle:
         self.window = window
         self.rates = CallRates()
         self.prediction = PredictionQuality(window)
-        self._pending: dict[str, float] = {}
+        self._called_at: dict[str, float] = {}  # agent with a pending call -> when it called
         self._block: dict[str, Block] = {}
         self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
         self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
@@ -91,7 +98,6 @@ class DistanceOracle:
         self._raw: dict[str, float] = {}  # the estimate if every source were trusted
         self._heap: LazyHeap[str] = LazyHeap()
         self._raw_heap: LazyHeap[str] = LazyHeap()
-        self._watchers: list[Callable[[str], None]] = []
         self.calls = 0
 
     # -- hooks: what agents and the environment report ----------------------------------------
@@ -104,19 +110,21 @@ class DistanceOracle:
         self._wake(agent)
         self.rates.called(agent, self.env.now)
         self._active.pop(agent, None)
-        self._pending[agent] = self.env.now
+        self._start_call(agent)
+        self._called_at[agent] = self.env.now
         self._hint.pop(agent, None)
-        self._changed(agent, before)
+        self._moved(agent, before)
         return rank
 
     def on_finish(self, agent: str) -> None:
         """``agent``'s call returned; until it blocks again it is acting now."""
         before = self._acts_at(agent)
-        self._pending.pop(agent, None)
+        if self._end_call(agent):
+            del self._called_at[agent]
         self._active[agent] = self.env.now
         # A returned call is a wake-up too: how soon the agent calls again is learned alike.
         self.rates.woke(agent, AFTER_CALL, self.env.now, wakeup=False)
-        self._changed(agent, before)
+        self._moved(agent, before)
 
     def on_wait(self, agent: str, until: float, site: str = "wait") -> None:
         """``agent`` sleeps until exactly ``until`` (a wait issued at ``site``)."""
@@ -129,16 +137,16 @@ class DistanceOracle:
     def on_exit(self, agent: str) -> None:
         before = self._acts_at(agent)
         self.rates.forget(agent)
-        for table in (self._pending, self._block, self._active, self._arrival, self._hint,
-                      self._turn):
+        for table in (self._pending, self._called_at, self._block, self._active, self._arrival,
+                      self._hint, self._turn):
             table.pop(agent, None)
-        self._changed(agent, before)
+        self._moved(agent, before)
 
     def hint(self, agent: str, eta: float) -> None:
         """The world says ``agent`` will call at about sim time ``eta`` (absolute)."""
         before = self._acts_at(agent)
         self._hint[agent] = eta
-        self._changed(agent, before)
+        self._moved(agent, before)
 
     def use_graph(self, graph: Any) -> None:
         """Estimate receive-blocked agents from their in-neighbours on ``graph``."""
@@ -172,14 +180,15 @@ class DistanceOracle:
     def _block_on(self, agent: str, block: Block) -> None:
         before = self._acts_at(agent)
         self._wake(agent)
-        self._pending.pop(agent, None)
+        self._pending.pop(agent, None)  # blocked: whatever it called has returned
+        self._called_at.pop(agent, None)
         self._active.pop(agent, None)
         self._block[agent] = block
         if block.kind == "receive":
             self._arrival[agent] = self._graph_arrival(agent)
         else:
             self._arrival.pop(agent, None)
-        self._changed(agent, before)
+        self._moved(agent, before)
 
     def _wake(self, agent: str) -> None:
         """``agent`` reports again: if it was blocked, it woke now, at its block's site."""
@@ -199,7 +208,8 @@ class DistanceOracle:
         # alike (the daily outing against a neighbour's news): they are learned apart.
         return block.site, cause
 
-    def _changed(self, agent: str, acted_before: float) -> None:
+    def _moved(self, agent: str, acted_before: float) -> None:
+        """Re-estimate ``agent`` after it reported; its receivers too if it acts at another time."""
         self._update(agent)
         if self._acts_at(agent) != acted_before:
             self._tell_receivers(agent)
@@ -210,25 +220,27 @@ class DistanceOracle:
         """Estimated sim time of ``agent``'s next call (``inf``: unknown)."""
         return self._eta.get(agent, math.inf)
 
-    def order_key(self, agent: str) -> float:
-        """The estimated call time: orders agents as :meth:`distance` does, without drifting."""
-        return self._eta.get(agent, math.inf)
+    def order_key(self, agent_id: str) -> float:
+        """The estimated call time: orders agents as :meth:`distance` does, without drifting.
+
+        A pending call's key is the time it was submitted: not after now, where every other
+        estimate lies (an estimate behind the clock is re-estimated).
+        """
+        return self._eta.get(agent_id, math.inf)
+
+    def _predicted_distance(self, agent_id: str) -> float:
+        return max(0.0, self._eta.get(agent_id, math.inf) - self.env.now)
 
     def source_of(self, agent: str) -> str | None:
         """Which source gave ``agent``'s estimate (``None``: unknown)."""
         return self._source.get(agent) if agent in self._eta else None
 
-    def watch(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(agent)`` whenever an agent's estimate changes (the memory manager)."""
-        self._watchers.append(callback)
-
-    def distance(self, agent_id: str) -> float:
-        if agent_id in self._pending:
-            return 0.0
-        return max(0.0, self.eta(agent_id) - self.env.now)
-
     def nearest(self, k: int) -> list[str]:
-        """The ``k`` agents with the smallest estimate, nearest first: O(k log n)."""
+        """The ``k`` agents with the smallest estimate, nearest first: O(k log n).
+
+        Pending calls are among them at their submission time, so one submitted now may come
+        after a prediction of now: both are distance 0.
+        """
         self._refresh_turns()
         return [entry[-1] for entry in self._heap.smallest(k)]
 
@@ -275,10 +287,26 @@ class DistanceOracle:
                 out["fallback"] = now + interval
         return out
 
+    def explain(self, agent: str) -> dict[str, float]:
+        """Why :meth:`eta` is what it is: the estimates it takes the earliest of, by source.
+
+        That is ``pending`` (when the pending call was made), or every trusted source's
+        estimate, with the learned lag while that is trusted; empty when nothing is known. They
+        are read now, while :meth:`eta` was set when the agent last changed: a learned lag that
+        moved since (other agents' calls move its prior) shows as a small difference.
+        Diagnostics only: the oracle itself never builds this dict.
+        """
+        if agent in self._pending:
+            return {"pending": self._called_at[agent]}
+        trusted = self.prediction.trusted
+        candidates = self.estimates(agent, lagged=trusted("learned"))
+        return {name: eta for name, eta in candidates.items() if trusted(name)}
+
     def _estimate(self, agent: str, with_turn: bool = True) -> tuple[float, float, str | None]:
         """(trusted estimate, estimate over every source, the trusted estimate's source)."""
         if agent in self._pending:
-            return self._pending[agent], self._pending[agent], "pending"
+            called = self._called_at[agent]
+            return called, called, "pending"
         candidates = self.estimates(agent, with_turn)
         if not candidates:
             return math.inf, math.inf, None
@@ -300,8 +328,7 @@ class DistanceOracle:
         self._source[agent] = source or ""
         self._place(self._raw_heap, self._raw, agent, raw)
         if self._place(self._heap, self._eta, agent, eta):
-            for callback in self._watchers:
-                callback(agent)
+            self._changed(agent)
 
     @staticmethod
     def _place(heap: LazyHeap[str], etas: dict[str, float], agent: str, eta: float) -> bool:
@@ -324,7 +351,7 @@ class DistanceOracle:
     def _acts_at(self, agent: str) -> float:
         """When ``agent`` next acts by what it alone knows (not by its own neighbours)."""
         if agent in self._pending:
-            return self._pending[agent]
+            return self._called_at[agent]
         if agent in self._active:
             return self._active[agent]
         block = self._block.get(agent)
@@ -391,11 +418,11 @@ class DistanceOracle:
                 previous = own if exact else min(own, guess)
         for member in set(self._turn) - set(fresh):
             del self._turn[member]
-            self._changed(member, math.nan)
+            self._moved(member, math.nan)
         for member, eta in fresh.items():
             if self._turn.get(member) != eta:
                 self._turn[member] = eta
-                self._changed(member, math.nan)
+                self._moved(member, math.nan)
 
     # -- prediction quality -------------------------------------------------------------------
 

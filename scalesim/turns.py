@@ -15,9 +15,10 @@ simpy primitive::
 
 Because the order is explicit, who calls the LLM next is known *exactly*: the current speaker
 first, then the others in order. :meth:`TurnOrder.upcoming` returns that list and
-:meth:`TurnOrder.positions` each member's place in it (0 = speaking now). A distance oracle reads
-the orders registered on a :class:`~scalesim.environment.SimEnvironment` (:func:`orders_of`) and
-ranks a member with :func:`position_of`.
+:meth:`TurnOrder.positions` each member's place in it (0 = speaking now). An order created on a
+:class:`~scalesim.environment.SimEnvironment` registers itself there; the distance oracle reads
+the open ones (``env.open_turn_orders()``) and estimates each member from its place in
+:meth:`TurnOrder.upcoming`.
 
 Rounds: when the last member finishes, the round ends and its :meth:`TurnOrder.round_over` event
 fires with the round number. With ``pause_between_rounds=True`` the next round waits for
@@ -44,7 +45,7 @@ class TurnOrder:
     """Members speak one at a time, in a fixed cyclic order, round after round.
 
     ``members`` are agents or agent names; the order is the order given. An agent may belong to
-    several orders (a table and a side conversation); :func:`position_of` takes the nearest.
+    several orders (a table and a side conversation); the oracle takes its nearest turn.
     """
 
     def __init__(self, env: simpy.Environment, members: Iterable[Any], *,
@@ -184,13 +185,3 @@ class TurnOrder:
         if waiting is not None:
             waiting.succeed(True)
 
-
-def orders_of(env: simpy.Environment) -> list[TurnOrder]:
-    """Every open :class:`TurnOrder` created on ``env`` (a plain simpy environment keeps none)."""
-    return env.open_turn_orders() if isinstance(env, SimEnvironment) else []
-
-
-def position_of(env: simpy.Environment, member: Any) -> int | None:
-    """The smallest turn position of ``member`` over all open orders of ``env`` (``None``: none)."""
-    found = [p for o in orders_of(env) if (p := o.position(member)) is not None]
-    return min(found) if found else None

@@ -120,6 +120,16 @@ def test_turn_orders_and_hints() -> None:
     assert oracle.nearest(1) == ["late"]
 
 
+def test_a_member_of_several_turn_orders_is_estimated_by_its_nearest_turn() -> None:
+    env, oracle = make_env()
+    TurnOrder(env, ["a", "b", "c"], name="table")  # c speaks third here
+    TurnOrder(env, ["x", "c"], name="chat")  # and second here
+    oracle.checkpoint()
+    assert oracle.estimates("c")["turn"] == env.now + oracle.turn_delay
+    assert oracle.estimates("a")["turn"] == env.now
+    assert "turn" not in oracle.estimates("nobody")
+
+
 def test_predicted_ranks_reach_the_call_and_a_perfect_timer_world_scores_tau_1() -> None:
     env, oracle = make_env()
     world = Sleepy(env)
@@ -131,6 +141,21 @@ def test_predicted_ranks_reach_the_call_and_a_perfect_timer_world_scores_tau_1()
     assert [c.predicted_rank for c in first][1:] == [0, 1, 2, 3, 4]
     quality = oracle.quality()
     assert quality["kendall_tau"] == 1.0 and quality["snapshots"] >= 1
+
+
+def test_explain_gives_the_estimates_the_eta_is_the_earliest_of() -> None:
+    env, oracle = make_env()
+    world = Sleepy(env)
+    world.setup({"a": [3, 5], "b": [4], "c": [1, 1, 1]})
+    env.run(until=2.5)
+    assert set(oracle.explain("a")) == {"timer"}
+    for agent in "abc":
+        explained = oracle.explain(agent)
+        assert min(explained.values(), default=math.inf) == oracle.eta(agent)
+        assert oracle.source_of(agent) == min(explained, key=explained.__getitem__)
+    assert oracle.explain("nobody") == {}
+    oracle.on_submit("a")  # a call out of turn
+    assert oracle.explain("a") == {"pending": env.now} and oracle.source_of("a") == "pending"
 
 
 def test_kendall_tau_b() -> None:

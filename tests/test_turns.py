@@ -3,7 +3,7 @@
 import pytest
 from fake_engine import FakeEngine
 
-from scalesim import SimEnvironment, turns
+from scalesim import SimEnvironment
 from scalesim.turns import TurnOrder
 
 
@@ -93,22 +93,13 @@ def test_close_wakes_everyone_with_false_and_unregisters():
     env = SimEnvironment(FakeEngine())
     order = TurnOrder(env, ["a", "b"])
     waiting = order.my_turn("b")
-    assert turns.orders_of(env) == [order]
+    assert env.open_turn_orders() == [order]
     order.close()
     env.run()
     assert waiting.value is False
     assert order.upcoming() == [] and order.speaker is None
-    assert turns.orders_of(env) == []
+    assert env.open_turn_orders() == []
     assert order.my_turn("a").value is False
-
-
-def test_position_of_takes_the_nearest_order():
-    env = SimEnvironment(FakeEngine())
-    TurnOrder(env, ["a", "b", "c"], name="table")
-    TurnOrder(env, ["x", "c"], name="chat")
-    assert turns.position_of(env, "c") == 1
-    assert turns.position_of(env, "a") == 0
-    assert turns.position_of(env, "nobody") is None
 
 
 def test_bad_members_are_rejected():

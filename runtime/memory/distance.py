@@ -1,4 +1,5 @@
-"""Where distances come from: the protocol the memory manager reads, and a recorded future.
+"""Where distances come from: the protocol the memory manager reads, a base for sources, and a
+recorded future.
 
 The *invocation distance* of an agent is how soon it will issue its next LLM request. The runtime
 never computes it; a :class:`DistanceSource` supplies it. ``scalesim.distance.DistanceOracle``
@@ -16,6 +17,13 @@ rather than the time *until* it), and a callback for every agent whose key chang
 manager then keeps its eviction index current at O(log n) per change instead of re-sorting all
 resident objects at each eviction. A key must be consistent with :meth:`distance`: ``order_key(a)
 < order_key(b)`` implies ``distance(a) <= distance(b)`` at any moment.
+
+Every source knows one thing for certain: an agent with a call queued or running calls now
+(distance 0). :class:`CallTrackingSource` keeps those pending calls and the watchers, and answers
+the three questions for them; a subclass adds only what it predicts about the other agents,
+through three hooks (:meth:`~CallTrackingSource._predicted_key`,
+:meth:`~CallTrackingSource._predicted_distance`, :meth:`~CallTrackingSource._nearest_predicted`).
+Without a subclass it is the source that predicts nothing but pending calls.
 """
 
 from __future__ import annotations
@@ -48,7 +56,116 @@ class OrderedDistanceSource(DistanceSource, Protocol):
         """Call ``callback(agent_id)`` whenever that agent's :meth:`order_key` may change."""
 
 
-class FutureSequence:
+class CallTrackingSource:
+    """An :class:`OrderedDistanceSource` that knows the pending calls; subclasses predict the rest.
+
+    A call is *pending* from :meth:`on_submit` to :meth:`on_finish` (queued or running); an agent
+    may have several. A pending agent has distance 0 and the key :attr:`PENDING_KEY`, before
+    every prediction, and :meth:`nearest` lists the pending agents first, in the order they were
+    submitted (the order the engine admits them), then the predicted ones. Watchers hear an agent
+    whenever its key may have changed: here, when it starts or stops having a pending call; a
+    subclass calls :meth:`_changed` for what it learns. A subclass whose own order already holds
+    the pending calls (the oracle's heap, at the time each was made) answers :meth:`order_key`
+    and :meth:`nearest` from it instead.
+    """
+
+    #: The order key of an agent with a pending call: below every predicted key.
+    PENDING_KEY = -math.inf
+
+    def __init__(self) -> None:
+        #: agent -> its pending calls; the dict keeps the order of submission
+        self._pending: dict[str, int] = {}
+        self._watchers: list[Callable[[str], None]] = []
+
+    # -- pending calls ------------------------------------------------------------------------
+
+    def on_submit(self, agent_id: str) -> int | None:
+        """A call of ``agent_id`` was submitted: it is queued or running until it finishes.
+
+        A source that scores its own predictions returns the rank it had given this call (the
+        simulation writes it to the trace); this one predicts nothing and returns ``None``.
+        """
+        if self._start_call(agent_id):
+            self._changed(agent_id)
+        return None
+
+    def on_finish(self, agent_id: str) -> None:
+        """A call of ``agent_id`` finished (or failed)."""
+        if self._end_call(agent_id):
+            self._changed(agent_id)
+
+    def pending(self, agent_id: str) -> int:
+        """How many calls of ``agent_id`` are queued or running."""
+        return self._pending.get(agent_id, 0)
+
+    def _start_call(self, agent_id: str) -> bool:
+        """Count a submitted call; ``True`` if the agent had none pending (its key changed)."""
+        pending = self._pending
+        calls = pending.get(agent_id, 0)
+        pending[agent_id] = calls + 1
+        return not calls
+
+    def _end_call(self, agent_id: str) -> bool:
+        """Count a finished call; ``True`` if it was the agent's last pending one."""
+        pending = self._pending
+        calls = pending.get(agent_id, 0)
+        if calls > 1:
+            pending[agent_id] = calls - 1
+            return False
+        if not calls:
+            return False  # not ours (e.g. submitted before this source was attached)
+        # Leave the dict, so that its order stays the order of submission (first come, first
+        # served): an agent that calls again queues behind those already waiting.
+        del pending[agent_id]
+        return True
+
+    # -- watchers -----------------------------------------------------------------------------
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(agent_id)`` whenever that agent's :meth:`order_key` may change."""
+        self._watchers.append(callback)
+
+    def _changed(self, agent_id: str) -> None:
+        for callback in self._watchers:
+            callback(agent_id)
+
+    # -- the distance protocol ----------------------------------------------------------------
+
+    def distance(self, agent_id: str) -> float:
+        """How soon ``agent_id`` calls: 0 with a pending call, else the prediction."""
+        if agent_id in self._pending:
+            return 0.0
+        return self._predicted_distance(agent_id)
+
+    def order_key(self, agent_id: str) -> float:
+        """:attr:`PENDING_KEY` with a pending call, else the predicted key."""
+        if agent_id in self._pending:
+            return self.PENDING_KEY
+        return self._predicted_key(agent_id)
+
+    def nearest(self, k: int) -> list[str]:
+        """The pending agents in order of submission, then the nearest predicted ones."""
+        out = list(itertools.islice(self._pending, k))
+        if len(out) < k:
+            out += self._nearest_predicted(k - len(out))
+        return out
+
+    # -- what a subclass predicts about agents without a pending call -------------------------
+
+    def _predicted_key(self, agent_id: str) -> float:
+        """The order key of ``agent_id``, which has no pending call (``inf``: unknown)."""
+        return math.inf
+
+    def _predicted_distance(self, agent_id: str) -> float:
+        """The distance of ``agent_id``, which has no pending call (``inf``: unknown)."""
+        return math.inf
+
+    def _nearest_predicted(self, k: int) -> list[str]:
+        """Up to ``k`` agents without a pending call, nearest first."""
+        return []
+
+
+class FutureSequence(CallTrackingSource):
     """Exact distances from the recorded order of calls (``agents[i]`` made the i-th call).
 
     :meth:`on_submit` advances the cursor; the distance of an agent is the number of calls
@@ -57,49 +174,34 @@ class FutureSequence:
     recorded occurrence is consumed.
     """
 
+    #: before every recorded position (they count from 0)
+    PENDING_KEY = -1.0
+
     def __init__(self, agents: Iterable[str]) -> None:
+        super().__init__()
         self.sequence = list(agents)
         self._positions: dict[str, deque[int]] = defaultdict(deque)
         for i, agent in enumerate(self.sequence):
             self._positions[agent].append(i)
         self.cursor = 0
-        self._pending: dict[str, int] = defaultdict(int)
-        self._watchers: list[Callable[[str], None]] = []
-
-    def watch(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(agent)`` whenever ``order_key(agent)`` may have changed."""
-        self._watchers.append(callback)
-
-    def _changed(self, agent_id: str) -> None:
-        for callback in self._watchers:
-            callback(agent_id)
 
     def on_submit(self, agent_id: str) -> None:
         positions = self._positions.get(agent_id)
         old = self.cursor
         if positions:
             self.cursor = max(self.cursor, positions.popleft() + 1)
-        self._pending[agent_id] += 1
-        self._changed(agent_id)
+        super().on_submit(agent_id)
         if self._watchers:
             # Agents whose next recorded call the cursor just passed now have a later one.
             for agent in set(self.sequence[old:self.cursor]) - {agent_id}:
                 self._changed(agent)
 
-    def on_finish(self, agent_id: str) -> None:
-        if self._pending.get(agent_id):
-            self._pending[agent_id] -= 1
-            if not self._pending[agent_id]:
-                # Leave the dict, so that its order stays the order of submission (FIFO
-                # admission): nearest() lists waiting agents in the order they will run.
-                del self._pending[agent_id]
-            self._changed(agent_id)
-
-    def order_key(self, agent_id: str) -> float:
-        """The position of the agent's next recorded call (-1 while a call is pending)."""
-        if self._pending.get(agent_id):
-            return -1.0
+    def _predicted_key(self, agent_id: str) -> float:
+        """The position of the agent's next recorded call."""
         return float(self._next(agent_id) + self.cursor)
+
+    def _predicted_distance(self, agent_id: str) -> float:
+        return float(self._next(agent_id))
 
     def _next(self, agent_id: str) -> float:
         positions = self._positions.get(agent_id)
@@ -107,14 +209,9 @@ class FutureSequence:
             positions.popleft()  # the live run skipped past it
         return positions[0] - self.cursor if positions else math.inf
 
-    def distance(self, agent_id: str) -> float:
-        if self._pending.get(agent_id):
-            return 0.0
-        return float(self._next(agent_id))
-
-    def nearest(self, k: int) -> list[str]:
-        out = list(itertools.islice(self._pending, k))  # in order of submission
-        seen = set(out)
+    def _nearest_predicted(self, k: int) -> list[str]:
+        out: list[str] = []
+        seen = set(self._pending)
         for i in range(self.cursor, len(self.sequence)):
             if len(out) >= k:
                 break

@@ -6,7 +6,8 @@
 of an agent is the estimated *server* time (seconds since the server started) of the agent's
 next call:
 
-* a call queued or running: ``-1`` (distance 0), nearest first in order of submission;
+* a call queued or running: ``-1`` (distance 0), nearest first in order of submission (kept by
+  :class:`~runtime.memory.distance.CallTrackingSource`);
 * a hint: a session reports its own ``clock`` and an absolute ``eta`` on it; the hint lands at
   ``now + (eta - clock)``, one unit of a session's clock read as one second. ``"never"`` (the
   agent is done) orders after everything, so its objects are evicted first; ``None`` drops the
@@ -27,68 +28,48 @@ import math
 import time
 from typing import Callable, Iterable
 
+from runtime.memory.distance import CallTrackingSource
 from scalesim.serve.protocol import AgentHint, Eta
 
 #: The order key of an agent about which nothing is known: after every hint, before "never".
 UNKNOWN = 1e300
-PENDING = -1.0
 
 
-class HintedDistance:
+class HintedDistance(CallTrackingSource):
     """A watchable distance source fed by client hints (see the module docstring)."""
 
+    #: before every hint (a hint's key is a server time, never negative)
+    PENDING_KEY = -1.0
+
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        super().__init__()
         start = time.monotonic()
         self._now = clock or (lambda: time.monotonic() - start)
-        self._pending: dict[str, int] = {}  # agent -> calls in flight, in order of submission
         self._hinted: dict[str, float] = {}  # agent -> order key of its hint
         self._kinds: dict[str, str] = {}
         self._expiry: list[tuple[float, str]] = []  # (key, agent), lazily deleted
         self._seq: dict[str, int] = {}
-        self._watchers: list[Callable[[str], None]] = []
         #: hints applied, dropped as stale (seq), and expired, for /metrics
         self.applied = self.stale = self.expired = 0
 
-    # -- the distance protocol ----------------------------------------------------------------
+    # -- what the hints predict ---------------------------------------------------------------
 
-    def watch(self, callback: Callable[[str], None]) -> None:
-        self._watchers.append(callback)
-
-    def order_key(self, agent_id: str) -> float:
-        if agent_id in self._pending:
-            return PENDING
+    def _predicted_key(self, agent_id: str) -> float:
         return self._hinted.get(agent_id, UNKNOWN)
 
-    def distance(self, agent_id: str) -> float:
-        key = self.order_key(agent_id)
-        if key == PENDING:
-            return 0.0
+    def _predicted_distance(self, agent_id: str) -> float:
+        key = self._hinted.get(agent_id, UNKNOWN)
         if key >= UNKNOWN:
             return math.inf
         return max(0.0, key - self._now())
 
-    def nearest(self, k: int) -> list[str]:
-        out = list(self._pending)[:k]
-        if len(out) < k:
-            now = self._now()
-            ahead = ((key, agent) for agent, key in self._hinted.items()
-                     if now <= key < UNKNOWN and agent not in self._pending)
-            out += [agent for _, agent in heapq.nsmallest(k - len(out), ahead)]
-        return out
+    def _nearest_predicted(self, k: int) -> list[str]:
+        now, pending = self._now(), self._pending
+        ahead = ((key, agent) for agent, key in self._hinted.items()
+                 if now <= key < UNKNOWN and agent not in pending)
+        return [agent for _, agent in heapq.nsmallest(k, ahead)]
 
     # -- what the engine loop reports ---------------------------------------------------------
-
-    def on_submit(self, agent: str) -> None:
-        self._pending[agent] = self._pending.get(agent, 0) + 1
-        self._changed(agent)
-
-    def on_finish(self, agent: str) -> None:
-        left = self._pending.get(agent, 0) - 1
-        if left > 0:
-            self._pending[agent] = left
-            return
-        self._pending.pop(agent, None)
-        self._changed(agent)
 
     def expire(self) -> int:
         """Drop hints whose moment has passed without a call; how many were dropped."""
@@ -146,7 +127,3 @@ class HintedDistance:
     @property
     def hinted(self) -> int:
         return len(self._hinted)
-
-    def _changed(self, agent: str) -> None:
-        for callback in self._watchers:
-            callback(agent)
