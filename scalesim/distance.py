@@ -416,7 +416,8 @@ class DistanceOracle(CallTrackingSource):
                 block = self._block.get(member)
                 exact = member in self._pending or (block is not None and block.kind == "timer")
                 previous = own if exact else min(own, guess)
-        for member in set(self._turn) - set(fresh):
+        # Dict order, not set order: a set of strings iterates by hash, which changes per process.
+        for member in [m for m in self._turn if m not in fresh]:
             del self._turn[member]
             self._moved(member, math.nan)
         for member, eta in fresh.items():
@@ -465,7 +466,7 @@ class DistanceOracle(CallTrackingSource):
         """Some sources' trust changed: re-estimate every agent once."""
         if not changed:
             return
-        for agent in list(set(self._raw) | set(self._eta)):
+        for agent in list(dict.fromkeys([*self._raw, *self._eta])):  # dict order: reproducible
             self._update(agent)
 
     def quality(self) -> dict[str, Any]:

@@ -224,3 +224,64 @@ def test_continue_moves_the_dead_replicas_agents_and_fails_when_none_is_left(tmp
     with pytest.raises(ReplicaFailure, match="died"):
         scalesim.simulate(CALLERS, out=tmp_path / "none", engine=everyone)
     assert json.loads((tmp_path / "none" / "summary.json").read_text())["status"] == "failed"
+
+
+# -- the replica set is the whole engine interface -----------------------------------------------
+
+def _modeled_set(replicas: int = 2) -> ReplicaSet:
+    return build_replicas(replicas, lambda: build_engine(
+        "modeled", model="smollm2-135m", policy="lru", lora_rank=8, output_tokens=4,
+        replies=("hi there",)))
+
+
+def test_a_replica_set_cancels_queued_and_running_requests():
+    from runtime import Request, SamplingParams
+
+    engine = _modeled_set()
+    queued = engine.submit(Request("ann", "hello", prefix="You are Ann."))
+    running = engine.submit(Request("bob", "hello", prefix="You are Bob.",
+                                    sampling=SamplingParams(max_tokens=4)))
+    assert engine.cancel(queued, "client left")  # still on the driver: failed at once
+    first = engine.step()
+    assert [(c.request_id, c.error) for c in first.finished] == [(queued, "client left")]
+    assert first.running == 1
+    assert engine.cancel(running, "gone too") and not engine.cancel(999)
+    done = engine.step().finished
+    assert [(c.request_id, c.error) for c in done] == [(running, "gone too")]
+    assert not engine.has_work()
+    engine.close()
+
+
+def test_a_replica_set_declares_agents_on_their_home_and_reports_events():
+    from runtime.interface import StepTimed
+    from runtime.memory.events import MemoryEvent
+    from runtime import Request
+
+    engine = _modeled_set()
+    assert isinstance(engine.cluster, LocalCluster)
+    events: list = []
+    engine.listen(events.append)
+    agents = [f"agent{i}" for i in range(6)]
+    for agent in agents:
+        engine.declare(agent, f"You are {agent}, a long-winded baker of the town.")
+    engine.tick()
+    for agent in agents:
+        home = engine.cluster.replicas[engine.home(agent)].engine
+        assert f"prefix_kv:{agent}" in home.memory.objects
+        others = [r.engine for r in engine.cluster.replicas if r.engine is not home]
+        assert all(f"prefix_kv:{agent}" not in o.memory.objects for o in others)
+    request = Request("agent0", "What now?", prefix="You are agent0.", stream=True)
+    rid = engine.submit(request)
+    partial = {}
+    while engine.has_work():
+        result = engine.step()
+        partial.update(result.partial)
+        assert result.modeled_s is not None and result.modeled_s >= 0
+    assert rid in partial and partial[rid]
+    steps = [e for e in events if isinstance(e, StepTimed)]
+    assert steps and {e.replica for e in steps} == {engine.home("agent0")}
+    assert any(isinstance(e, MemoryEvent) and e.object == "prefix_kv:agent0" for e in events)
+    assert engine.policy_name == "lru" and not engine.uses_distance
+    assert engine.clock.modeled and engine.clock.now() > 0
+    assert engine.prompt_tokens("You are agent0.", "What now?") > 0
+    engine.close()

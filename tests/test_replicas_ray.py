@@ -42,6 +42,10 @@ def test_ray_replicas_serve_as_the_in_process_ones(ray_instance, tmp_path):
                                           local.summary["replicas"]["per_replica"]]
     assert remote.summary["modeled"]["modeled_makespan_s"] == pytest.approx(
         local.summary["modeled"]["modeled_makespan_s"])
+    # The actors' memory events travel back with their results: the same memory log.
+    ops = ["object", "op", "tier_from", "tier_to", "cause"]
+    assert len(remote.memory) == len(local.memory) > 0
+    assert remote.memory[ops].equals(local.memory[ops])
     assert not ray_instance.util.list_named_actors()  # nothing left behind
 
 

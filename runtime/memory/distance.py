@@ -193,7 +193,10 @@ class FutureSequence(CallTrackingSource):
         super().on_submit(agent_id)
         if self._watchers:
             # Agents whose next recorded call the cursor just passed now have a later one.
-            for agent in set(self.sequence[old:self.cursor]) - {agent_id}:
+            # dict.fromkeys keeps the recorded order (a set's would change per process)
+            for agent in dict.fromkeys(self.sequence[old:self.cursor]):
+                if agent == agent_id:
+                    continue
                 self._changed(agent)
 
     def _predicted_key(self, agent_id: str) -> float:
