@@ -270,8 +270,10 @@ class ReplicaSet:
             request = state.in_flight.get(request_id)
             if request is None or state.dead is not None:
                 continue
-            if request in state.outbox:
-                state.outbox.remove(request)
+            # By identity: requests are dataclasses, and two alike would compare equal.
+            queued = next((i for i, r in enumerate(state.outbox) if r is request), None)
+            if queued is not None:
+                del state.outbox[queued]
                 del state.in_flight[request_id]
                 now = time.perf_counter()
                 self._failed.append(Completion(request_id, request.agent_id, "", 0, 0, 0,

@@ -41,6 +41,11 @@ class FakeEngine:
         #: what was declared, in order: ``(agent_id, prefix, adapter)``
         self.declared: list[tuple[str, str, str | None]] = []
         self.distance: DistanceSource | None = None
+        #: what the front end asked of it: homes given by ``place``, listeners, idle ticks
+        self.placed: dict[str, int] = {}
+        self.listeners: list[EngineListener] = []
+        self.ticks = 0
+        self._cancelled: list[Completion] = []
 
     def prompt_tokens(self, prefix: str, prompt: str) -> int:
         return len(prefix.split()) + len(prompt.split())
@@ -56,16 +61,24 @@ class FakeEngine:
         self.distance = source
 
     def place(self, agent_id: str, replica: int) -> None:
-        pass
+        self.placed[agent_id] = replica
 
     def listen(self, listener: EngineListener) -> None:
-        pass
+        self.listeners.append(listener)
 
     def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
+        """Fail a queued request at the next :meth:`step`."""
+        for request in self._queue:
+            if request.request_id == request_id:
+                self._queue.remove(request)
+                now = time.perf_counter()
+                self._cancelled.append(Completion(request_id, request.agent_id, "", 0, 0, 0,
+                                                  "error", now, None, now, error=reason))
+                return True
         return False
 
     def tick(self) -> None:
-        pass
+        self.ticks += 1
 
     def submit(self, request: Request) -> int:
         request.request_id = next(self._ids)
@@ -76,7 +89,7 @@ class FakeEngine:
         return request.request_id
 
     def has_work(self) -> bool:
-        return bool(self._queue)
+        return bool(self._queue or self._cancelled)
 
     def report(self) -> dict[str, Any]:
         return {}
@@ -86,10 +99,11 @@ class FakeEngine:
 
     def step(self) -> StepResult:
         done, self._queue = self._queue, []
+        cancelled, self._cancelled = self._cancelled, []
         now = time.perf_counter()
-        return StepResult([Completion(r.request_id, r.agent_id, self._reply(r),
-                                      len(r.prompt.split()), 0, 1, "stop", now, now, now)
-                           for r in done], batch=len(done))
+        return StepResult(cancelled + [Completion(r.request_id, r.agent_id, self._reply(r),
+                                                  len(r.prompt.split()), 0, 1, "stop", now, now,
+                                                  now) for r in done], batch=len(done))
 
 
 def run_world(world_cls: type, params: dict[str, Any], until: float | None,

@@ -201,3 +201,41 @@ def _record_threshold(env, seen):
 
     seen.append(gc.get_threshold()[0])
     yield env.timeout(1)
+
+
+def test_the_front_end_uses_the_engine_interface_only():
+    """A run declares its agents, feeds the memory manager the oracle, listens when it records,
+    and a world's placement and a cancelled call go through the interface."""
+    from fake_engine import FakeEngine
+    from runtime import Request
+    from scalesim.config import load_config
+    from scalesim.distance import DistanceOracle
+    from scalesim.simulation import Simulation
+
+    engine = FakeEngine()
+    config = load_config({"world": {"class": "tests.tiny_world:Pingers",
+                                    "params": {"agents": 2, "rounds": 1}}, "sim": {"until": 5}})
+    sim = Simulation(config, engine=engine)
+    world = sim.build_world()
+    assert [d[0] for d in engine.declared] == ["p0", "p1"]
+    assert isinstance(engine.distance, DistanceOracle)
+    assert len(engine.listeners) == 1  # the recorder's memory log
+    world.place("p1", 3)
+    assert engine.placed == {"p1": 3}
+
+    env = SimEnvironment(FakeEngine())
+    request_ids = []
+
+    def asker(env):
+        call = env.submit("ann", Request("ann", "hi"))
+        request_ids.append(max(env.in_flight))
+        with pytest.raises(RequestError, match="called off"):
+            yield call
+
+    env.process(asker(env))
+    while not env.in_flight:
+        env.step()  # the process starts and submits
+    assert env.engine.cancel(request_ids[0], "called off")
+    assert not env.engine.cancel(12345)
+    env.run()
+    assert not env.in_flight
