@@ -68,6 +68,10 @@ class KVCache:
             if self._refs[b] == 0:
                 self._free.append(b)
 
+    def refs(self, block: int) -> int:
+        """How many holders ``block`` has (0: free)."""
+        return self._refs[block]
+
     def copy_block(self, src: int, dst: int) -> None:
         self.k[:, dst].copy_(self.k[:, src])
         self.v[:, dst].copy_(self.v[:, src])

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Callable, Protocol
 
 from runtime.kv_cache import KVCache, OutOfBlocks
-from runtime.prefix_cache import PrefixCache
+from runtime.prefix_cache import PrefixTree
 from runtime.sequence import Batch, Sequence, SequenceStatus
 
 
@@ -100,10 +100,12 @@ class BatchScheduler(Scheduler):
     Each iteration spends at most ``max_batch_tokens`` tokens: first one token for every running
     sequence that is decoding, then prefill chunks of running sequences, then newly admitted
     waiting sequences (at most ``max_num_seqs`` run at once). A sequence from a new agent call
-    is admitted (its memory pinned) and then looks up its agent's cached prefix KV in
-    ``prefixes`` (when the executor keeps prefix KV in the pool); on a hit it starts after it.
+    is admitted (its memory pinned, the cached segments of its prefix among it) and then starts
+    after the longest prefix of its tokens cached in ``prefixes`` (the
+    :class:`~runtime.prefix_cache.PrefixTree` of the pool). What a sequence computes goes into
+    the tree once its prompt is computed, and again when it finishes.
 
-    When the pool lacks blocks, ``reclaim(blocks)`` is asked to let cached prefixes go (the
+    When the pool lacks blocks, ``reclaim(blocks)`` is asked to let cached segments go (the
     memory manager evicts in its policy's order); if that is not enough, the most recently
     admitted running sequence is preempted: its blocks are freed and it waits at the head of
     the queue to be recomputed. A waiting sequence that does not fit yet simply waits; the
@@ -116,7 +118,7 @@ class BatchScheduler(Scheduler):
     """
 
     def __init__(self, cache: KVCache, max_num_seqs: int, max_batch_tokens: int,
-                 admission: Admission, *, prefixes: PrefixCache | None = None,
+                 admission: Admission, *, prefixes: PrefixTree | None = None,
                  reclaim: Callable[[int], bool] | None = None,
                  decode_horizon: Callable[[Sequence], int] | None = None) -> None:
         super().__init__(max_num_seqs, admission)
@@ -165,23 +167,20 @@ class BatchScheduler(Scheduler):
         return Batch(batch, self._decode_run(batch))
 
     def _attach_prefix(self, seq: Sequence) -> None:
-        if not seq.prefix_ids or self.prefixes is None:
+        """Start a newly admitted ``seq`` after the longest cached prefix of its tokens."""
+        if self.prefixes is None:
             return
-        entry = self.prefixes.lookup(seq.request.agent_id, seq.request.adapter, seq.prefix_ids)
-        if entry is not None:
-            try:
-                seq.block_table = self.prefixes.attach(entry)
-            except OutOfBlocks:
-                entry = None
-        if seq.prefix_hit is None:  # the first lookup decides the call's prefix hit or miss
-            seq.prefix_hit = entry is not None
-        if entry is None:
-            return
-        # Keep at least one token to compute: its logits give the first output token.
-        seq.num_computed = min(entry.num_tokens, seq.num_tokens - 1)
-        seq.prefix_cached = True
+        self.prefixes.attach(seq)
+        reused = len(seq.block_table) * self.cache.block_size
+        persona = len(seq.prefix_ids) // self.cache.block_size * self.cache.block_size
+        acquired = any(o.kind == "prefix_kv" for o in seq.memory_objects)
+        if seq.prefix_hit is None and (reused or persona or acquired):
+            # The first lookup decides the call's hit (all of the persona's full blocks reused)
+            # or miss; a call with nothing cacheable before its prompt has neither.
+            seq.prefix_hit = reused > 0 and reused >= persona
+        seq.num_computed = reused
         if seq.cached_tokens == 0:
-            seq.cached_tokens = seq.num_computed
+            seq.cached_tokens = reused
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` blocks for ``num_tokens`` tokens, dropping cached prefixes if needed."""
@@ -229,11 +228,21 @@ class BatchScheduler(Scheduler):
         self.cache.release(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0
-        seq.prefix_cached = False
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _cache_computed(self) -> None:
+        """Insert into the prefix cache what running sequences computed: a prompt once it is
+        computed, everything when the sequence finishes."""
+        assert self.prefixes is not None
+        for seq in self.running:
+            finished = seq.status is SequenceStatus.FINISHED
+            if finished or (not seq.prompt_cached and seq.num_computed >= seq.num_prompt_tokens):
+                seq.prompt_cached = True
+                if seq.block_table:
+                    self.prefixes.insert(seq)
 
     def _release_blocks(self, seq: Sequence) -> None:
         """A waiting sequence may hold blocks (an attached prefix, or a failed grow): free them."""
@@ -242,6 +251,8 @@ class BatchScheduler(Scheduler):
             seq.block_table = []
 
     def remove_finished(self) -> list[Sequence]:
+        if self.prefixes is not None:
+            self._cache_computed()
         done = [s for s in self.running if s.status is SequenceStatus.FINISHED]
         if done:
             self.running = [s for s in self.running if s.status is not SequenceStatus.FINISHED]

@@ -47,13 +47,14 @@ class Sequence:
     error: str | None = None
     #: The agent memory objects the request holds while it runs (named once, at submission).
     memory_objects: list[Any] = field(default_factory=list)
-    #: Whether the first prefix lookup reused the cached prefix KV (``None``: not looked up).
+    #: Whether the first prefix lookup reused cached KV (``None``: not looked up).
     prefix_hit: bool | None = None
     #: Paged-engine state (unused by the hf executor).
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     chunk: int = 0
-    prefix_cached: bool = False
+    #: Whether the computed prompt has gone into the prefix cache.
+    prompt_cached: bool = False
     generator: Any = None
 
     @property

@@ -138,6 +138,9 @@ class RuntimeConfig(_Section):
     quantized_dense_from: int = Field(
         default=16, ge=0, description="steps of this many tokens or more use a dense bfloat16 "
         "copy of quantized weights (0: keep no copy)")
+    prefix_cache: Literal["tokens", "persona"] = Field(
+        default="tokens", description="what the prefix cache keeps: every computed prefix "
+        "(tokens) or only each agent's persona (persona: the reuse before token-level caching)")
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     modeled: ModeledConfig = Field(default_factory=ModeledConfig)
 
@@ -157,7 +160,7 @@ class RuntimeConfig(_Section):
                 "managed": tuple(m.managed), "prefix_tokens": m.prefix_tokens,
                 "output_tokens": m.output_tokens, "chars_per_token": m.chars_per_token,
                 "preempt_prefetch": m.preempt_prefetch, "replies": tuple(m.replies),
-                "block_size": self.block_size,
+                "block_size": self.block_size, "prefix_cache": self.prefix_cache,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens}
             if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile
                 options["kv_cache_tokens"] = self.kv_cache_tokens
@@ -167,6 +170,7 @@ class RuntimeConfig(_Section):
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
+                "prefix_cache": self.prefix_cache,
                 "quantization": self.quantization,
                 "quantized_dense_from": self.quantized_dense_from, "threads": self.threads or None}
 

@@ -137,8 +137,8 @@ def test_small_pool_preempts_and_still_finishes_every_request(hf):
                        for i in range(6)])
     assert [c.text for c in got] == expected
     assert eng.scheduler.num_preemptions > 0
-    assert eng.executor.cache.num_free == eng.executor.cache.num_blocks - sum(
-        len(e.blocks) for e in eng.executor.prefixes.entries.values())
+    assert eng.executor.cache.num_free == eng.executor.cache.num_blocks - len(
+        {b for seg in eng.executor.prefixes.segments() for b in seg.blocks})
 
 
 def test_bad_requests_fail_alone(hf, adapters, tmp_path):

@@ -1,5 +1,6 @@
-"""Prefix KV under the memory manager, in the real torch engine: one device budget with the
-adapters, host offload that reloads bit-identically, drop + re-prefill with the same outputs."""
+"""Prefix KV (the prefix cache's segments) under the memory manager, in the real torch engine:
+one device budget with the adapters, host offload that reloads bit-identically, drop +
+re-prefill with the same outputs, the persistent store across engines."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def device_bytes_in_use(eng: Engine) -> int:
     ex = eng.executor
     adapters = sum(o.nbytes for o in eng.memory.objects.values()
                    if o.kind == "adapter" and o.adapter.slot is not None)
-    blocks = sum(len(e.blocks) for e in ex.prefixes.entries.values())
+    blocks = len({b for seg in ex.prefixes.segments() for b in seg.blocks})
     return adapters + blocks * ex.cache.block_nbytes
 
 
@@ -61,7 +62,9 @@ def serve(eng: Engine, requests: list[Request], check=None) -> dict[int, object]
 
 
 def prefix_object(eng: Engine, agent: str):
-    return eng.memory.objects[f"prefix_kv:{agent}"]
+    """The segment that holds ``agent``'s persona (the tree's first segment on its path)."""
+    return next(o for o in eng.memory.objects.values()
+                if o.kind == "prefix_kv" and o.parent is None and agent in o.users)
 
 
 def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
@@ -70,9 +73,9 @@ def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
     serve(eng, calls(None, rounds=1)[:1])
     obj = prefix_object(eng, "agent0")
     before = obj.device_tensors()
-    assert before and obj.entry.blocks
+    assert before and obj.blocks
     assert manager.reclaim(10**12, kind="prefix_kv") >= obj.nbytes
-    assert obj.device is None and not obj.entry.blocks and obj.host is not None
+    assert obj.device is None and not obj.blocks and obj.host is not None
     assert all(torch.equal(obj.host[k], before[k]) for k in before)
     second = serve(eng, [Request("agent0", "Again?", prefix=PERSONAS[0],
                                  sampling=SamplingParams(max_tokens=2))])[0]
@@ -104,7 +107,9 @@ def test_dropped_prefix_is_recomputed_with_the_same_outputs(hf) -> None:
 def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, adapters) -> None:
     probe = make_engine(hf, "infinite")
     serve(probe, calls(adapters, rounds=1))
-    sizes = {o.kind: o.nbytes for o in probe.memory.objects.values()}
+    sizes = {"adapter": 0, "prefix_kv": 0}
+    for o in probe.memory.objects.values():
+        sizes[o.kind] += o.nbytes // len(PERSONAS)  # one agent's share
     probe.memory.close()
     # Room for two agents' adapter and prefix at once: four agents must take turns.
     budget = 2 * (sizes["adapter"] + sizes["prefix_kv"]) + sizes["prefix_kv"] // 2
@@ -128,8 +133,10 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
         else:
             assert moved & {("prefix_kv", "evict"), ("prefix_kv", "drop")}, policy
             assert moved & {("adapter", "evict"), ("adapter", "drop")}, policy
-        if policy in ("lru", "none"):
+        if policy == "lru":
             assert eng.executor.reprefill_tokens > 0, policy
+        if policy == "none":  # nothing kept between calls: nothing reused
+            assert eng.executor.reprefill_tokens == 0 and not eng.executor.prefixes.segments()
         manager.close()
     assert texts["lru"] == texts["infinite"] == texts["scalesim"] == texts["none"]
     assert len(set(texts["infinite"])) > 1
@@ -158,10 +165,11 @@ def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tm
     (first, rows1, got1, s1), (second, rows2, got2, s2), (bound, rows3, _, _) = runs
     # Run 1 computes each persona once; its evictions go to the store, and later calls read it.
     assert first.executor.reprefill_tokens == 0
-    assert s1["tiers"]["disk"]["written_bytes"] > 0 and s1["kv_store"]["entries_written"] == 4
+    assert s1["tiers"]["disk"]["written_bytes"] > 0 and s1["kv_store"]["entries_written"] >= 4
     # Run 2 computes none: every persona is found in the store and read from disk.
     assert not [r for r in rows2 if r.kind == "prefix_kv" and r.op == "recompute"]
-    assert sum(r.op == "found" for r in rows2) == 4
+    personas = {prefix_object(second, f"agent{i}").key for i in range(len(PERSONAS))}
+    assert {r.object for r in rows2 if r.op == "found"} >= personas
     assert all(c.cached_tokens > 0 for c in got2)
     assert s2["tiers"]["disk"]["read_bytes"] >= 8 * prefix_object(second, "agent0").nbytes // 2
     # The infinite bound starts with every persona resident, read from the store.

@@ -14,7 +14,7 @@ world:
 runtime:
   executor: modeled
   model: qwen2.5-7b
-  modeled: {hardware: L4, lora_rank: 8, output_tokens: 3}
+  modeled: {hardware: L4, lora_rank: 8, output_tokens: 3, prefix_tokens: 40}
   memory: {policy: lru, device_bytes: 120000000}
 sim: {until: 10}
 """
@@ -89,7 +89,7 @@ def test_the_modeled_disk_tier_costs_disk_reads_and_writes_nothing(tmp_path):
     # 2,000-token personas: ~115 MB of KV each, a prefill that costs more than reading it back.
     path.write_text(TINY.replace("device_bytes: 120000000",
                                  "device_bytes: 400000000, host_bytes: 0")
-                    .replace("output_tokens: 3}", "output_tokens: 3, prefix_tokens: 2000}"))
+                    .replace("prefix_tokens: 40}", "prefix_tokens: 2000}"))
     disk = tmp_path / "disk-tier"
     runs = {}
     for name, extra in (("recompute", {}), ("disk", {"runtime__memory__disk_dir": str(disk)}),

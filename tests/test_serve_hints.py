@@ -109,7 +109,7 @@ def modeled(policy: str, device_bytes: int | None = None) -> dict:
 def call(client, agent: str, **extra) -> None:
     client.chat.completions.create(
         model="smollm2-135m", extra_headers={"X-ScaleSim-Agent": agent},
-        messages=[{"role": "system", "content": f"You are {agent}."},
+        messages=[{"role": "system", "content": f"{agent}: that is who you are."},
                   {"role": "user", "content": "What now?"}], **extra)
 
 
@@ -117,7 +117,9 @@ def resident_after(policy: str, hint_body: dict | None) -> set[str]:
     """Serve a, b (budget: two personas), send the hints, serve c: who stayed resident."""
     with running_server(modeled(policy)) as probe:
         call(openai.OpenAI(base_url=base_url(probe), api_key="-"), "a")
-        size = probe.engine.memory.objects["prefix_kv:a"].nbytes
+        # One call's cached KV: its persona's segment and what it computed after it.
+        size = sum(o.nbytes for o in probe.engine.memory.objects.values()
+                   if o.kind == "prefix_kv")
     with running_server(modeled(policy, device_bytes=2 * size + size // 2)) as server:
         client = openai.OpenAI(base_url=base_url(server), api_key="-", max_retries=0)
         call(client, "a")
@@ -126,7 +128,8 @@ def resident_after(policy: str, hint_body: dict | None) -> set[str]:
             r = httpx.post(f"{base_url(server)}/scalesim/hints", json=hint_body)
             assert r.json()["applied"] is True
         call(client, "c")
-        return {k.split(":", 1)[1] for k in server.engine.memory.resident}
+        return {user for o in server.engine.memory.resident.values()
+                if o.kind == "prefix_kv" and o.parent is None for user in o.users}
 
 
 def test_scalesim_policy_evicts_the_agent_hinted_done_not_the_oldest():

@@ -1,32 +1,31 @@
 """The real engine's executor: one paged forward pass per iteration over a mixed batch.
 
 :class:`TorchExecutor` owns the model weights (:class:`~runtime.model.llama.LlamaModel`), the
-paged KV pool, the per-agent prefix KV cache and the LoRA adapter pool. The
-:class:`~runtime.scheduler.BatchScheduler` decides which sequences run and how many tokens each
-computes; :meth:`TorchExecutor.execute` lays those tokens out flat, runs the model once, samples
-one token for every sequence whose chunk reached its end, and caches a sequence's prefix KV as
-soon as the prefix has been computed.
+paged KV pool, the prefix cache over it (:class:`~runtime.prefix_cache.PrefixTree`) and the LoRA
+adapter pool. The :class:`~runtime.scheduler.BatchScheduler` decides which sequences run, how
+many tokens each computes and what it reuses from the prefix cache;
+:meth:`TorchExecutor.execute` lays those tokens out flat, runs the model once and samples one
+token for every sequence whose chunk reached its end.
 
-Memory: a request's adapter and its agent's prefix KV are memory objects
-(:mod:`runtime.executors.torch_memory`) under the :class:`~runtime.memory.MemoryManager`'s one
-device budget; the engine's admission pins them before the scheduler looks up the prefix. A
-prefix KV the manager dropped is recomputed by the request's own prefill, and the executor then
-fills the entry; :attr:`TorchExecutor.reprefill_tokens` counts prefix tokens computed again.
+Memory: a request's adapter and the cached segments of its prefix are memory objects
+(:mod:`runtime.executors.torch_memory`, :mod:`runtime.prefix_cache`) under the
+:class:`~runtime.memory.MemoryManager`'s one device budget; the engine's admission pins them
+before the scheduler attaches the prefix. A segment the manager dropped is recomputed by the
+request's own prefill, which fills it again; the report's ``reprefill_tokens`` counts those
+tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from typing import Any
 
 import torch
 
-from runtime.kv_cache import KVCache, OutOfBlocks
+from runtime.kv_cache import KVCache
 from runtime.lora import LoraBatch, LoraPool, adapter_fingerprint, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
 from runtime.executors.base import ChatCodec
-from runtime.executors.torch_memory import PooledAdapter, PooledPrefix
+from runtime.executors.torch_memory import PooledAdapter
 from runtime.model.attention import BatchLayout, select_attention
 from runtime.interface import WallClock
 from runtime.model.chat import ChatFormat
@@ -34,7 +33,7 @@ from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
 from runtime.model.weights import DENSE_FROM, check_quantization
 from runtime.model.sampling import sample
-from runtime.prefix_cache import PrefixCache, PrefixEntry
+from runtime.prefix_cache import PrefixTree, Segment, token_digest
 from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
 from runtime.threads import configure as configure_threads
@@ -58,7 +57,8 @@ class TorchExecutor:
                  max_num_seqs: int = 64, max_batch_tokens: int = 512, max_lora_rank: int = 16,
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
                  hf_model: Any = None, quantization: str = "none", linear: str = "auto",
-                 quantized_dense_from: int = DENSE_FROM, threads: int | None = None) -> None:
+                 quantized_dense_from: int = DENSE_FROM, threads: int | None = None,
+                 prefix_cache: str = "tokens") -> None:
         torch_dtype = getattr(torch, dtype)
         #: torch's CPU threads (None on an accelerator)
         self.threads: int | None = None
@@ -101,16 +101,13 @@ class TorchExecutor:
         c = self.config
         self.cache = KVCache(c.num_layers, -(-kv_cache_tokens // block_size), block_size,
                              c.num_kv_heads, c.head_dim, dtype=torch_dtype, device=device)
-        self.prefixes = PrefixCache(self.cache)
+        self.prefixes = PrefixTree(self.cache, memory, identity=self._segment_identity,
+                                   scope=prefix_cache)
         self.loras = LoraPool(c, max_lora_rank, torch_dtype, device)
         self.max_lora_rank = max_lora_rank
         self.memory = memory
-        #: prefix tokens computed for a prefix that had been computed before (repairs, preemptions)
-        self.reprefill_tokens = 0
-        self._prefilled: set[tuple[str, str | None, int]] = set()
         self._adapters: dict[str, PooledAdapter] = {}
         self._adapter_prints: dict[str, str] = {}
-        self._prefix_objects: dict[str, PooledPrefix] = {}
         self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
                                           attention)
 
@@ -127,19 +124,20 @@ class TorchExecutor:
                 f"{self.cache.num_blocks}")
 
     def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
-        """The memory objects ``seq`` needs resident while it runs: adapter, then prefix KV."""
+        """The memory objects ``seq`` needs resident while it runs: its adapter, then the cached
+        segments of its prefix (in order)."""
         objects: list[AgentMemory] = []
         if seq.request.adapter is not None:
             objects.append(self._pooled_adapter(seq.request.adapter))
-        if seq.prefix_ids:
-            objects.append(self._pooled_prefix(seq))
+        objects += self.prefixes.path(seq)
         return objects
 
     def decode_horizon(self, seq: Sequence) -> int:
         return 1  # a real model may end any token: the engine looks after each one
 
     def report(self) -> dict[str, Any]:
-        return {"engine": {"reprefill_tokens": self.reprefill_tokens, "dtype": self.dtype,
+        return {"engine": {"reprefill_tokens": self.prefixes.recomputed_tokens,
+                           "dtype": self.dtype,
                            "quantization": self.quantization,
                            "attention": type(self.attention).__name__,
                            "threads": self.threads}}
@@ -154,35 +152,16 @@ class TorchExecutor:
             self._adapters[path] = pooled
         return pooled
 
-    def _prefix_identity(self, entry: PrefixEntry) -> dict[str, Any] | None:
-        """What a persona KV is computed from: the persistent store's key (None: not stored)."""
+    def _segment_identity(self, segment: Segment, token_ids: list[int]) -> dict[str, Any] | None:
+        """What a prefix segment's KV is computed from: the persistent store's key (None: not
+        stored). ``token_ids`` are the input from its start through the segment."""
         if self._weights is None:
             return None
-        adapter = None if entry.adapter is None else self._adapter_prints[entry.adapter]
-        tokens = hashlib.sha256(array("i", entry.token_ids).tobytes()).hexdigest()
-        return {"kind": "prefix_kv", "layout": "paged-kv-1", "weights": self._weights,
+        adapter = None if segment.adapter is None else self._adapter_prints[segment.adapter]
+        return {"kind": "prefix_kv", "layout": "paged-kv-2", "weights": self._weights,
                 "adapter": adapter, "dtype": self.dtype, "quantization": self.quantization,
-                "block_size": self.cache.block_size,
-                "num_tokens": entry.num_tokens, "tokens": tokens}
-
-    def _pooled_prefix(self, seq: Sequence) -> PooledPrefix:
-        """The agent's prefix KV object; a new one when its prefix or adapter changed."""
-        agent, adapter = seq.request.agent_id, seq.request.adapter
-        obj = self._prefix_objects.get(agent)
-        if obj is not None and not obj.entry.matches(adapter, seq.prefix_ids):
-            try:
-                self.memory.forget(obj)
-            except RuntimeError:
-                raise RequestError(f"request {seq.request_id} of agent {agent!r}: its prefix or "
-                                   "adapter changed while a call with the old one runs") from None
-            self.prefixes.entries.pop(agent, None)
-            obj = None
-        if obj is None:
-            entry = PrefixEntry(agent, adapter, tuple(seq.prefix_ids))
-            self.prefixes.entries[agent] = entry
-            obj = self._prefix_objects[agent] = PooledPrefix(self.prefixes, entry)
-            obj.identity = self._prefix_identity(entry)
-        return obj
+                "block_size": self.cache.block_size, "start": segment.start * self.cache.block_size,
+                "num_tokens": len(token_ids), "tokens": token_digest(token_ids)}
 
     def execute(self, batch: Batch) -> None:
         """Compute each sequence's ``chunk`` of tokens; sample where a chunk reaches the end."""
@@ -216,8 +195,6 @@ class TorchExecutor:
         for seq in seqs:
             seq.num_computed += seq.chunk
             seq.chunk = 0
-            if seq.prefix_ids and not seq.prefix_cached and seq.num_computed >= len(seq.prefix_ids):
-                self._cache_prefix(seq)
         if sampled:
             tokens = sample(logits, [s.request.sampling for s in sampled],
                             [self._generator(s) for s in sampled])
@@ -234,16 +211,3 @@ class TorchExecutor:
         if seed is not None and seq.generator is None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         return seq.generator
-
-    def _cache_prefix(self, seq: Sequence) -> None:
-        """The prefix of ``seq`` has just been computed: fill its agent's prefix entry."""
-        computed = (seq.request.agent_id, seq.request.adapter, hash(tuple(seq.prefix_ids)))
-        if computed in self._prefilled:
-            self.reprefill_tokens += len(seq.prefix_ids)
-        self._prefilled.add(computed)
-        try:
-            self.prefixes.fill(seq.request.agent_id, seq.request.adapter, seq.prefix_ids,
-                               seq.block_table)
-        except OutOfBlocks:
-            pass  # not cached this time; the next call of the agent computes it again
-        seq.prefix_cached = True

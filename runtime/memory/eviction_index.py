@@ -9,6 +9,7 @@ scanning past every dropped prefix KV in the main heap made each prefetch O(n). 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable
 
 from runtime.memory.lazy_heap import Entry, LazyHeap, Versions
@@ -16,7 +17,7 @@ from runtime.memory.objects import AgentMemory
 
 
 class EvictionIndex:
-    """Resident unpinned objects by ``rank(obj)``; ``copyable(obj)`` selects the copy heap."""
+    """Resident evictable objects by ``rank(obj)``; ``copyable(obj)`` selects the copy heap."""
 
     def __init__(self, rank: Callable[[AgentMemory], Any],
                  copyable: Callable[[AgentMemory], bool]) -> None:
@@ -25,10 +26,17 @@ class EvictionIndex:
         self.main: LazyHeap[str] = LazyHeap(self._versions)
         self.copies: LazyHeap[str] = LazyHeap(self._versions)
         self._serial: dict[str, int] = {}
+        self._serials = itertools.count()
 
     def learn(self, obj: AgentMemory) -> None:
         """Give a newly registered object its tie-breaking serial."""
-        self._serial.setdefault(obj.key, len(self._serial))
+        if obj.key not in self._serial:
+            self._serial[obj.key] = next(self._serials)
+
+    def forget(self, key: str) -> None:
+        """``key`` is gone for good (it is no candidate now either)."""
+        self._versions.drop(key)
+        self._serial.pop(key, None)
 
     def __contains__(self, key: object) -> bool:
         return key in self._versions
@@ -61,11 +69,12 @@ class EvictionIndex:
         self.main.reset(main)
         self.copies.reset(copies)
 
-    def check(self, resident: dict[str, AgentMemory]) -> None:
-        """Assert that the index holds exactly the resident unpinned objects at their rank."""
+    def check(self, resident: dict[str, AgentMemory],
+              evictable: Callable[[AgentMemory], bool]) -> None:
+        """Assert that the index holds exactly the ``evictable`` resident objects at their rank."""
         live = {e[3]: e for e in self.main.live()}
         assert set(live) == set(self._versions), "index versions without a live entry"
-        unpinned = {k for k, o in resident.items() if o.pins == 0}
+        unpinned = {k for k, o in resident.items() if evictable(o)}
         assert set(live) == unpinned, (sorted(live), sorted(unpinned))
         for key, entry in live.items():
             assert entry[0] == self._rank(resident[key]), (key, entry[0])

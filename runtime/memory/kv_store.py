@@ -54,6 +54,10 @@ class KVStore:
     def path_of(self, identity: dict[str, Any]) -> Path:
         return self.directory / identity_name(identity)
 
+    def has(self, identity: dict[str, Any]) -> bool:
+        """Whether the store has an entry of ``identity`` (nothing is refreshed)."""
+        return self.path_of(identity).is_file()
+
     def find(self, identity: dict[str, Any]) -> Path | None:
         """The entry of ``identity`` if the store has it (its use time is refreshed)."""
         path = self.path_of(identity)

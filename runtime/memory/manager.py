@@ -187,14 +187,16 @@ class MemoryManager:
 
     # -- objects ------------------------------------------------------------------------------
 
-    def register(self, obj: AgentMemory, users: Iterable[str] = ()) -> AgentMemory:
-        """Make ``obj`` known (once per key: a shared object is stored once) and add its users."""
+    def register(self, obj: AgentMemory, users: Iterable[str] = (), *,
+                 preload: bool = True) -> AgentMemory:
+        """Make ``obj`` known (once per key: a shared object is stored once) and add its users
+        (``preload=False``: not installed from the start even under ``infinite``)."""
         known = self._objects.get(obj.key)
         if known is None:
             known = self._objects[obj.key] = obj
             self._device.learn(obj)
             self._report(self.tiers.adopt(obj, **self._host_room()))
-            if self.policy.resident_from_start:
+            if self.policy.resident_from_start and preload:
                 self._preload(obj)
         for user in users:
             if user not in known.users:
@@ -218,6 +220,64 @@ class MemoryManager:
                 self._by_agent[user].remove(obj.key)
         if self._objects.get(obj.key) is obj:
             del self._objects[obj.key]
+            self.policy.forget(obj.key)
+            self._device.index.forget(obj.key)
+
+    def install_computed(self, obj: AgentMemory, users: Iterable[str] = (), *,
+                         protect: Iterable[str] = ()) -> bool:
+        """Make ``obj``, whose contents the engine has just computed in place (a prefix segment
+        of a request's KV), resident: register it, make room in the policy's order (never
+        evicting ``protect``) and install it at no copy cost. ``False`` if no room can be made
+        (nothing changes; the caller lets the contents go)."""
+        obj = self.register(obj, users, preload=False)
+        if obj.device is not None:
+            return True
+        if obj.key in self._transfers or obj.nbytes > self.device_bytes:
+            return False
+        plan = self._device.plan_room(obj.nbytes, protect={obj.key, *protect})
+        if plan is None:
+            return False
+        self._carry_out(plan, {obj.key})
+        self._device.reserve(obj)
+        obj.device = {}
+        self.policy.on_access(obj)
+        self._device.install(obj)
+        self.totals.bytes_cached += obj.nbytes
+        self._log(obj, "compute", "compute", "device", "cached", self.distance_of(obj))
+        return True
+
+    def replace(self, old: AgentMemory, parts: list[AgentMemory]) -> bool:
+        """Put ``parts`` in the place of ``old`` (a prefix segment split where two requests'
+        tokens part): the same users, pins, holders and residency; copies of ``old`` below the
+        device are let go (they hold the whole). The caller has already linked the parts
+        (``parent``, ``dependents``) and split the contents, and their bytes add up to
+        ``old``'s. ``False`` while ``old`` is being loaded (nothing changes)."""
+        if old.key in self._transfers:
+            return False
+        if self._objects.get(old.key) is not old:
+            raise RuntimeError(f"memory object {old.key!r} is not registered here")
+        if sum(p.nbytes for p in parts) != old.nbytes:
+            raise ValueError(f"the parts of {old.key!r} do not add up to its {old.nbytes} bytes")
+        self.tiers.forget(old)
+        for part in parts:
+            part.users = set(old.users)
+            part.pins = old.pins
+            part.device = None if old.device is None else {}
+            self._objects[part.key] = part
+            self.policy.inherit(old, part)
+        self._device.replace(old, parts)
+        del self._objects[old.key]
+        self.policy.forget(old.key)
+        keys = [p.key for p in parts]
+        for user in old.users:
+            held = self._by_agent[user]
+            at = held.index(old.key)
+            held[at:at + 1] = keys
+        for owner, objs in self._owners.items():
+            if old in objs:
+                at = objs.index(old)
+                objs[at:at + 1] = parts
+        return True
 
     # -- the three calls of a request ---------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
@@ -63,6 +63,14 @@ class AgentMemory:
         self.users: set[str] = set()
         self.pins = 0
         self.identity: dict[str, Any] | None = None
+        #: the object this one continues and is of no use without (a prefix segment's parent)
+        self.parent: AgentMemory | None = None
+
+    def dependents(self) -> Iterable[AgentMemory]:
+        """Objects that are of no use on the device without this one (a prefix segment's
+        continuations). While one of them is resident this object is not evicted: eviction is
+        leaf-first. None by default."""
+        return ()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key} {self.nbytes} B>"

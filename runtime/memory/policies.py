@@ -53,6 +53,17 @@ class Policy:
         self.clock += 1
         self.loaded_at[obj.key] = self.clock
 
+    def inherit(self, old: AgentMemory, new: AgentMemory) -> None:
+        """``new`` takes ``old``'s place (a split segment): it has ``old``'s history."""
+        for table in (self.last_access, self.loaded_at, self.count):
+            if old.key in table:
+                table[new.key] = table[old.key]
+
+    def forget(self, key: str) -> None:
+        """The object ``key`` is gone for good: drop its history."""
+        for table in (self.last_access, self.loaded_at, self.count):
+            table.pop(key, None)
+
     def eviction_rank(self, obj: AgentMemory, distance: Callable[[AgentMemory], float]) -> Any:
         """A sortable rank: the object with the smallest rank is evicted first.
 

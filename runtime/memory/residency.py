@@ -12,6 +12,9 @@ room — and the :class:`~runtime.memory.MemoryManager` carries the plan out: it
 reports every step, telling the residency as each object leaves (:meth:`Residency.remove`) or
 arrives (:meth:`Residency.install`). Nothing here calls back into the manager.
 
+Eviction is leaf-first: an object with a resident dependent (a prefix segment whose
+continuation is on the device) is no candidate, like a pinned one, until the dependent leaves.
+
 Ranks by distance read the source's time-invariant ``order_key`` when it has one, so an entry
 stays valid as time passes; without one the index is rebuilt before each eviction.
 """
@@ -52,6 +55,8 @@ class Residency:
         #: device bytes of resident objects plus those reserved for loads under way
         self.used = 0
         self.index = EvictionIndex(self._rank, Tiers.copyable)
+        #: resident objects with resident dependents: how many (leaf-first eviction)
+        self.held_up: dict[str, int] = {}
         self.distance: DistanceSource | None = None
         self._order_key: Callable[[str], float] | None = None
         self._indexed = True
@@ -94,16 +99,57 @@ class Residency:
     def install(self, obj: AgentMemory) -> None:
         """``obj`` arrived on the device: its reserved bytes now count as resident."""
         del self.reserved[obj.key]
-        self.resident[obj.key] = obj
+        self._enter(obj)
         self.policy.on_load(obj)
-        if obj.pins == 0:
+        if self.evictable(obj):
             self.index.add(obj)
 
     def remove(self, obj: AgentMemory) -> None:
         """``obj`` left the device (the manager evicted it)."""
+        self._leave(obj)
+        self.used -= obj.nbytes
+
+    def replace(self, old: AgentMemory, parts: list[AgentMemory]) -> None:
+        """``parts`` take the place of ``old`` (a prefix segment split in two): the same bytes,
+        residency and pins."""
+        for part in parts:
+            self.index.learn(part)
+        if old.device is None:
+            return
+        self._leave(old)
+        for part in parts:
+            self._enter(part)
+        for part in parts:
+            if self.evictable(part):
+                self.index.add(part)
+
+    def _enter(self, obj: AgentMemory) -> None:
+        self.resident[obj.key] = obj
+        held = sum(1 for d in obj.dependents() if d.key in self.resident)
+        if held:
+            self.held_up[obj.key] = held
+        parent = obj.parent
+        if parent is not None and parent.key in self.resident:
+            self.held_up[parent.key] = self.held_up.get(parent.key, 0) + 1
+            self.index.remove(parent.key)
+
+    def _leave(self, obj: AgentMemory) -> None:
         del self.resident[obj.key]
         self.index.remove(obj.key)
-        self.used -= obj.nbytes
+        self.held_up.pop(obj.key, None)
+        parent = obj.parent
+        if parent is not None and parent.key in self.resident:
+            left = self.held_up[parent.key] - 1
+            if left:
+                self.held_up[parent.key] = left
+            else:
+                del self.held_up[parent.key]
+                if parent.pins == 0:
+                    self.index.add(parent)
+
+    def evictable(self, obj: AgentMemory) -> bool:
+        """Whether resident ``obj`` is an eviction candidate: unpinned, no resident dependent."""
+        return obj.pins == 0 and obj.key not in self.held_up
 
     # -- pins ---------------------------------------------------------------------------------
 
@@ -114,7 +160,7 @@ class Residency:
 
     def unpin(self, obj: AgentMemory) -> None:
         obj.pins -= 1
-        if obj.pins == 0 and obj.device is not None:
+        if obj.device is not None and self.evictable(obj):
             self.index.add(obj)
 
     def release(self, obj: AgentMemory) -> bool:
@@ -130,11 +176,11 @@ class Residency:
 
     def rerank(self, obj: AgentMemory) -> None:
         """``obj``'s distance changed: re-enter it if it is an eviction candidate."""
-        if obj.device is not None and obj.pins == 0:
+        if obj.device is not None and self.evictable(obj):
             self.index.add(obj)
 
     def rebuild_index(self) -> None:
-        self.index.rebuild(o for o in self.resident.values() if o.pins == 0)
+        self.index.rebuild(o for o in self.resident.values() if self.evictable(o))
 
     # -- plans --------------------------------------------------------------------------------
 
@@ -157,6 +203,7 @@ class Residency:
         heap = self.index.main if farther_than is None else self.index.copies
         victims: list[Entry] = []
         aside: list[Entry] = []
+        opened: dict[str, int] = {}
         freed = 0
         while freed < short:
             entry = heap.pop()
@@ -180,6 +227,7 @@ class Residency:
                     continue
             victims.append(entry)
             freed += obj.nbytes
+            self._open_parent(obj, opened)
         aborts: list[Transfer] = []
         if freed < short:
             for t in abortable:
@@ -189,6 +237,7 @@ class Residency:
                 freed += t.obj.nbytes
         heap.restore(aside)
         if freed < short:
+            self._close_parents(opened)
             heap.restore(victims)
             return None
         return EvictionPlan([self.resident[entry[3]] for entry in victims], aborts)
@@ -199,6 +248,7 @@ class Residency:
         if not self._indexed:
             self.rebuild_index()
         plan, freed, aside = EvictionPlan(), 0, []
+        opened: dict[str, int] = {}
         while freed < nbytes:
             entry = self.index.main.pop()
             if entry is None:
@@ -209,8 +259,26 @@ class Residency:
                 continue
             plan.victims.append(obj)
             freed += obj.nbytes
+            self._open_parent(obj, opened)
         self.index.main.restore(aside)
         return plan
+
+    def _open_parent(self, victim: AgentMemory, opened: dict[str, int]) -> None:
+        """A plan takes ``victim``: its parent, once no resident dependent is left to it, is a
+        candidate of the same plan (leaf-first, a whole branch can go at once). ``opened``
+        counts the dependents planned away per parent."""
+        parent = victim.parent
+        if parent is None or parent.key not in self.held_up:
+            return
+        opened[parent.key] = opened.get(parent.key, 0) + 1
+        if opened[parent.key] == self.held_up[parent.key] and parent.pins == 0:
+            self.index.add(parent)
+
+    def _close_parents(self, opened: dict[str, int]) -> None:
+        """A plan that failed: the parents it opened are no candidates after all."""
+        for key, n in opened.items():
+            if n == self.held_up.get(key):
+                self.index.remove(key)
 
     # -- ranks --------------------------------------------------------------------------------
 
@@ -238,4 +306,7 @@ class Residency:
         assert all(o.pins >= 0 for o in self.resident.values())
         if not self._indexed:
             self.rebuild_index()
-        self.index.check(self.resident)
+        for key, held in self.held_up.items():
+            obj = self.resident[key]
+            assert held == sum(1 for d in obj.dependents() if d.key in self.resident), key
+        self.index.check(self.resident, self.evictable)

@@ -19,6 +19,8 @@ class MemoryTotals:
     bytes_on_demand: int = 0
     bytes_prefetched: int = 0
     bytes_recomputed: int = 0
+    #: bytes of newly computed KV the engine cached (prefix segments), at no copy cost
+    bytes_cached: int = 0
     #: seconds the loads of installed objects took, recomputes on the model's thread included
     #: (``copy_busy_s`` in the summary is the link's busy time, aborted copies included)
     copy_s: float = 0.0
@@ -44,6 +46,7 @@ class MemoryTotals:
                 "bytes_loaded": int(self.bytes_loaded),
                 "bytes_prefetched": int(self.bytes_prefetched),
                 "bytes_recomputed": int(self.bytes_recomputed),
+                "bytes_cached": int(self.bytes_cached),
                 "stall_s": round(self.stall_s, 4), "evictions": int(self.evictions),
                 "copy_s": round(self.copy_s, 4), "copy_busy_s": round(copy_busy_s, 4),
                 "tiers": {tier: {"read_bytes": int(self.read_bytes.get(tier, 0)),

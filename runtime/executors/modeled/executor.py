@@ -13,12 +13,15 @@ The *modeled makespan* (:attr:`ModeledExecutor.now`) is the modeled serving time
 the sum of step times plus the stalls that compute did not hide. LLM calls still take zero
 simulated time in the world; the two clocks are separate on purpose.
 
-The prefix KV of an agent is computed (prefilled) the first time and whenever no copy of it is left
-(policy ``none``, or no host tier: ``host_bytes=0``); with a host tier an evicted prefix moves
-there, a miss loads it over the link and the step skips those tokens. Adapters always have a host
-copy. The KV blocks of the running sequences are accounted by the scheduler's
-:class:`~runtime.kv_cache.KVCache` (a sizing-only pool); a resident prefix object and the blocks
-of a sequence that reuses it are counted separately (a small overestimate of KV use).
+Prefix KV is the real engine's prefix cache (:class:`~runtime.prefix_cache.PrefixTree`) over a
+sizing-only :class:`~runtime.kv_cache.KVCache`: the same matching, insertion, splitting and
+leaf-first eviction, with segments that are sizes (:class:`~runtime.prefix_cache.SizedSegment`,
+``kv_bytes_per_token`` of the model profile per token). A request computes only the tokens after
+its match, and the step is charged for those; an evicted segment moves to the host tier when the
+manager has room there (``host_bytes``), and a later miss copies it back over the link instead of
+recomputing it. Adapters always have a host copy. The pool holds the running sequences' blocks
+and the cached segments' (a block shared by both is counted once), so it is sized from the device
+memory left after the weights, the agent-memory budget included.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from runtime.executors.modeled.link import ModeledCopyEngine, VirtualClock
 from runtime.executors.modeled.objects import ModeledMemory
 from runtime.kv_cache import KVCache
 from runtime.memory import AgentMemory, MemoryManager
+from runtime.prefix_cache import PrefixTree, SizedSegment
 from runtime.model.profiles import ModelConfig
 from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
@@ -66,7 +70,8 @@ class ModeledExecutor:
     (``adapter``, ``prefix_kv``), ``output_tokens`` how many tokens each call generates (at most
     its ``max_tokens``). ``kv_cache_tokens=None`` sizes the KV pool from the device memory left
     after weights and the agent-memory budget. ``chat`` replaces the placeholder replies with a
-    :class:`ReplayChat`.
+    :class:`ReplayChat`. ``prefix_cache`` is the prefix cache's scope
+    (:data:`runtime.prefix_cache.SCOPES`).
     """
 
     def __init__(self, memory: MemoryManager, link: ModeledCopyEngine, model: str,
@@ -76,7 +81,7 @@ class ModeledExecutor:
                  chars_per_token: float = 4.0, max_num_seqs: int = 256,
                  max_batch_tokens: int = 8192, block_size: int = 16,
                  kv_cache_tokens: int | None = None, replies: tuple[str, ...] = ("ok",),
-                 chat: ReplayChat | None = None) -> None:
+                 chat: ReplayChat | None = None, prefix_cache: str = "tokens") -> None:
         for kind in managed:
             if kind not in ("adapter", "prefix_kv"):
                 raise ValueError(f"managed memory kind {kind!r}: choose adapter, prefix_kv")
@@ -103,12 +108,17 @@ class ModeledExecutor:
             budget = 0.0 if math.isinf(memory.device_bytes) else memory.device_bytes
             spare = 0.9 * cost.hw.mem_bytes - cost.weight_bytes - budget
             spare = max(spare, 0.1 * cost.hw.mem_bytes)
+            if "prefix_kv" in managed:  # cached segments live in the pool, within the budget
+                spare += min(budget, 0.9 * cost.hw.mem_bytes)
             kv_cache_tokens = int(min(spare / cost.kv_bytes_per_token, 4_000_000))
         # A sizing-only pool: one float per (block, slot) so the block allocator runs unchanged.
         self.cache = KVCache(1, -(-kv_cache_tokens // block_size), block_size, 1, 1)
+        #: the prefix cache over the pool (None: prefix KV is not managed)
+        self.prefixes = PrefixTree(self.cache, memory, segment=SizedSegment,
+                                   block_nbytes=block_size * cost.kv_bytes_per_token,
+                                   scope=prefix_cache) \
+            if "prefix_kv" in managed else None
         self._objects: dict[str, ModeledMemory] = {}
-        #: tokens of each running request's prefix that a resident prefix KV saves computing
-        self._prefix_cached: dict[int, int] = {}
         self._stop_hits: dict[tuple[str, ...], bool] = {}
         self.steps = 0
         self.tokens_computed = 0
@@ -142,20 +152,8 @@ class ModeledExecutor:
                 obj = self._objects[key] = ModeledMemory(
                     key, self.cost.lora_bytes(self.lora_rank), "adapter", "host")
             out.append(obj)
-        if seq.prefix_ids and "prefix_kv" in self.managed:
-            key = f"prefix_kv:{agent}"
-            obj = self._objects.get(key)
-            nbytes = len(seq.prefix_ids) * self.cost.kv_bytes_per_token
-            if obj is not None and obj.nbytes != nbytes:
-                try:  # the persona changed length: the old KV is of no use any more
-                    self.memory.forget(obj)
-                except RuntimeError:
-                    raise RequestError(f"request {seq.request_id} of agent {agent!r}: its prefix "
-                                       "changed length while the old one is still in use") from None
-                obj = None
-            if obj is None:
-                obj = self._objects[key] = ModeledMemory(key, nbytes, "prefix_kv", "recompute")
-            out.append(obj)
+        if self.prefixes is not None:
+            out += self.prefixes.path(seq)
         return out
 
     def decode_horizon(self, seq: Sequence) -> int:
@@ -188,8 +186,7 @@ class ModeledExecutor:
         work: list[SeqWork] = []
         for seq in batch:
             start, n = seq.num_computed, seq.chunk
-            skip = min(max(self._prefix_skip(seq) - start, 0), n)
-            work.append(SeqWork(n - skip, start + skip, start + n >= seq.num_tokens,
+            work.append(SeqWork(n, start, start + n >= seq.num_tokens,
                                 seq.request.agent_id if lora else None, lora))
         seconds = (self.cost.decode_seconds(work, steps) if steps > 1
                    else self.cost.step_seconds(work))
@@ -206,25 +203,9 @@ class ModeledExecutor:
                 last = len(seq.output_ids) + steps >= limit
                 seq.append_tokens([filler] * (steps - 1) + [end if last else filler])
                 if last:
-                    self._prefix_cached.pop(seq.request_id, None)
                     del self._reply[seq.request_id]
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _prefix_skip(self, seq: Sequence) -> int:
-        """Prefix tokens the step need not compute: all of them unless the KV was just rebuilt."""
-        cached = self._prefix_cached.get(seq.request_id)
-        if cached is None:
-            cached = 0
-            if seq.prefix_ids and "prefix_kv" in self.managed:
-                obj = self._objects.get(f"prefix_kv:{seq.request.agent_id}")
-                if obj is not None and obj.fresh:
-                    obj.fresh = False  # this step computes it
-                else:
-                    cached = len(seq.prefix_ids)
-                    seq.cached_tokens = cached
-            self._prefix_cached[seq.request_id] = cached
-        return cached
 
     def _reply_of(self, seq: Sequence) -> tuple[int, int, int]:
         """The filler token, output length and last token of ``seq``'s reply (chosen at its first
