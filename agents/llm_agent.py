@@ -10,6 +10,13 @@ generators (use ``yield from``) and return plain values:
 * ``yield from self.maybe_reflect()`` — an LLM reflection over recent memories every
   ``reflect_every`` observations (none when 0).
 
+With ``history_turns > 0`` the agent keeps a running conversation with the model: every call
+sends the exchanges so far (:attr:`LLMAgent.history`, rendered as chat turns after the persona)
+and adds its own prompt and reply. The engine's prefix cache then finds each earlier call at
+the start of the next one and computes only what is new. When the conversation grows past
+``history_turns`` exchanges, its older half is folded into one summary turn (a rewrite: the
+next call reuses the persona and recomputes the rest, then reuse resumes).
+
 ``self.observe(text)`` adds to the memory stream and ``self.recall(query)`` renders the best
 memories for a prompt. Every prompt comes from :attr:`LLMAgent.prompts`, the one place where this
 agent type's templates live; a subclass overrides entries by name.
@@ -23,6 +30,7 @@ import simpy
 
 from agents.memory import MemoryStream, Observation
 from agents.parsing import first_line, pick
+from runtime.request import Completion
 from scalesim import Agent, World
 
 Reply = Generator[simpy.Event, Any, str]
@@ -43,11 +51,13 @@ class LLMAgent(Agent[W]):
         "reflect": ("These are things you noticed recently:\n{memories}\n"
                     "In one short sentence, what do you conclude from them?"),
         "memories": "You remember:\n{memories}\n\n",
+        "summary": "(Earlier in this conversation you said: {said})",
     }
 
     def __init__(self, name: str, persona: str = "", adapter: str | None = None, *,
                  max_tokens: int = 24, choice_tokens: int = 8, temperature: float = 0.0,
-                 reflect_every: int = 0, memory_capacity: int = 200) -> None:
+                 reflect_every: int = 0, memory_capacity: int = 200,
+                 history_turns: int = 0) -> None:
         super().__init__(name, persona=persona, adapter=adapter)
         self.max_tokens = max_tokens
         self.choice_tokens = choice_tokens
@@ -55,6 +65,12 @@ class LLMAgent(Agent[W]):
         #: so a run stays reproducible.
         self.temperature = temperature
         self.memory = MemoryStream(reflect_every=reflect_every, capacity=memory_capacity)
+        if history_turns < 0:
+            raise ValueError(f"agent {name!r}: history_turns must be >= 0, got {history_turns}")
+        #: Exchanges kept in the running conversation (0: every call stands alone).
+        self.history_turns = history_turns
+        #: The running conversation, oldest first: ``(role, content)`` turns.
+        self.history: list[tuple[str, str]] = []
         #: Replies that could not be parsed and were replaced by a default.
         self.parse_fallbacks = 0
         self.reflections = 0
@@ -71,13 +87,31 @@ class LLMAgent(Agent[W]):
 
     def say(self, prompt: str, max_tokens: int | None = None, default: str = "...") -> Reply:
         """One line of free text; an empty reply becomes ``default`` (counted as a fallback)."""
-        reply = yield self.llm(prompt, max_tokens=max_tokens or self.max_tokens, stop=("\n",),
-                               temperature=self.temperature)
+        reply = yield from self._one_line(prompt, max_tokens or self.max_tokens)
         line = first_line(reply.text)
         if not line:
             self.parse_fallbacks += 1
             return default
         return line
+
+    def _one_line(self, prompt: str, max_tokens: int) -> Generator[simpy.Event, Any, Completion]:
+        """One call of one line, with the running conversation when the agent keeps one."""
+        history = tuple(self.history) if self.history_turns else ()
+        reply = yield self.llm(prompt, max_tokens=max_tokens, stop=("\n",),
+                               temperature=self.temperature, history=history)
+        if self.history_turns:
+            self.history += [("user", prompt), ("assistant", first_line(reply.text))]
+            if len(self.history) > 2 * self.history_turns:
+                self._fold_history()
+        return reply
+
+    def _fold_history(self) -> None:
+        """Replace the older half of the conversation by one summary turn."""
+        keep = 2 * (self.history_turns // 2)
+        old, self.history = self.history[:-keep or None], self.history[-keep:] if keep else []
+        said = [text for role, text in old if role == "assistant" and text]
+        summary = self.prompts["summary"].format(said=" / ".join(said)[-600:] or "nothing")
+        self.history.insert(0, ("user", summary))
 
     def choose(self, question: str, options: Sequence[str], default: str | None = None) -> Reply:
         """One of ``options`` (``default``, else the first, when the reply names none)."""
@@ -87,8 +121,7 @@ class LLMAgent(Agent[W]):
             ", ".join(options[:-1]) + " or " + options[-1])
         prompt = self.prompts["choose"].format(question=question, options=", ".join(options),
                                                either=either)
-        reply = yield self.llm(prompt, max_tokens=self.choice_tokens, stop=("\n",),
-                               temperature=self.temperature)
+        reply = yield from self._one_line(prompt, self.choice_tokens)
         choice = pick(reply.text, options)
         if choice is None:
             self.parse_fallbacks += 1

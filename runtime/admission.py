@@ -52,6 +52,12 @@ class MemoryAdmission:
         self._stats[seq.request_id] = stats
         return True
 
+    def withdraw(self, seq: Sequence) -> None:
+        """``seq`` was admitted but could not start (no KV blocks): unpin its objects without
+        writing statistics; its next :meth:`admit` acquires them again."""
+        if self._stats.pop(seq.request_id, None) is not None:
+            self.manager.release(seq.request_id)
+
     def release(self, seq: Sequence) -> None:
         """Unpin a finished sequence's objects and write its memory statistics."""
         stats = self._stats.pop(seq.request_id, None)

@@ -30,6 +30,9 @@ class Admission(Protocol):
         """Pin ``seq``'s memory objects; ``False`` if they cannot be placed now or never (then
         ``seq`` has failed)."""
 
+    def withdraw(self, seq: Sequence) -> None:
+        """Unpin the objects of an admitted ``seq`` that goes back to waiting unstarted."""
+
 
 class Scheduler:
     """First-come first-served admission into a bounded running set."""
@@ -157,6 +160,7 @@ class BatchScheduler(Scheduler):
                 self._attach_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, seq.num_computed + n):
+                self._withdraw(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -232,6 +236,14 @@ class BatchScheduler(Scheduler):
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _withdraw(self, seq: Sequence) -> None:
+        """``seq`` cannot start for want of blocks: it lets go of what it was given (its reused
+        blocks, its pinned objects), so that waiting sequences never hold the pool between
+        them while nothing runs; it is admitted afresh when it gets its turn."""
+        self._release_blocks(seq)
+        seq.num_computed = 0
+        self.admission.withdraw(seq)
 
     def _cache_computed(self) -> None:
         """Insert into the prefix cache what running sequences computed: a prompt once it is

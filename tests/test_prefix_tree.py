@@ -85,11 +85,15 @@ class Rig:
         self.ids = 0
         self.done: list[Sequence] = []
 
-    def submit(self, agent: str, prefix: list[int], prompt: list[int], max_tokens: int) -> Sequence:
+    def submit(self, agent: str, prefix: list[int], prompt: list[int],
+               max_tokens: int) -> Sequence | None:
+        """Queue a call (``None``: it could never fit the pool; the engine rejects those)."""
         self.ids += 1
         request = Request(agent, "", sampling=SamplingParams(max_tokens=max_tokens),
                           request_id=self.ids)
         seq = Sequence(request, list(prefix), list(prompt))
+        if self.cache.blocks_for(seq.num_prompt_tokens + max_tokens) > self.cache.num_blocks:
+            return None
         self.admission.register(seq)
         self.scheduler.add(seq)
         return seq
@@ -163,7 +167,7 @@ def _run_workload(rig: Rig, rng: random.Random, batch: int) -> None:
     while pending or rig.scheduler.has_work():
         for agent, prefix, prompt, max_tokens in pending[:batch]:
             seq = rig.submit(agent, prefix, prompt, max_tokens)
-            if rng.random() < 0.1:
+            if seq is not None and rng.random() < 0.1:
                 rig.scheduler.cancel(seq.request_id, "gone")
         pending = pending[batch:]
         for _ in range(rng.randrange(1, 4)):

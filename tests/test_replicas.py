@@ -267,9 +267,9 @@ def test_a_replica_set_declares_agents_on_their_home_and_reports_events():
     engine.tick()
     for agent in agents:
         home = engine.cluster.replicas[engine.home(agent)].engine
-        assert f"prefix_kv:{agent}" in home.memory.objects
+        assert f"adapter:{agent}" in home.memory.objects
         others = [r.engine for r in engine.cluster.replicas if r.engine is not home]
-        assert all(f"prefix_kv:{agent}" not in o.memory.objects for o in others)
+        assert all(f"adapter:{agent}" not in o.memory.objects for o in others)
     request = Request("agent0", "What now?", prefix="You are agent0.", stream=True)
     rid = engine.submit(request)
     partial = {}
@@ -280,7 +280,8 @@ def test_a_replica_set_declares_agents_on_their_home_and_reports_events():
     assert rid in partial and partial[rid]
     steps = [e for e in events if isinstance(e, StepTimed)]
     assert steps and {e.replica for e in steps} == {engine.home("agent0")}
-    assert any(isinstance(e, MemoryEvent) and e.object == "prefix_kv:agent0" for e in events)
+    assert any(isinstance(e, MemoryEvent) and e.object.startswith("prefix_kv:agent0:")
+               for e in events)
     assert engine.policy_name == "lru" and not engine.uses_distance
     assert engine.clock.modeled and engine.clock.now() > 0
     assert engine.prompt_tokens("You are agent0.", "What now?") > 0

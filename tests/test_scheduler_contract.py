@@ -62,6 +62,7 @@ class ScriptedAdmission:
         self.refuse = dict(refuse or {})
         self.never = set(never)
         self.asked: list[int] = []
+        self.withdrawn: list[int] = []
 
     def admit(self, seq: Sequence) -> bool:
         self.asked.append(seq.request_id)
@@ -72,6 +73,9 @@ class ScriptedAdmission:
             self.refuse[seq.request_id] -= 1
             return False
         return True
+
+    def withdraw(self, seq: Sequence) -> None:
+        self.withdrawn.append(seq.request_id)
 
 
 class TapeExecutor:

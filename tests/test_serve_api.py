@@ -64,7 +64,8 @@ def test_same_persona_is_the_same_agent_and_reuses_its_prefix(client, server):
                                {"role": "user", "content": "one"}])
     assert other.headers["x-scalesim-agent"] != first.headers["x-scalesim-agent"]
     agent = first.headers["x-scalesim-agent"]
-    assert f"prefix_kv:{agent}" in server.engine.memory.objects
+    assert any(o.kind == "prefix_kv" and agent in o.users
+               for o in server.engine.memory.objects.values())
 
 
 @pytest.mark.parametrize("how, source, agent", [

@@ -1,0 +1,134 @@
+"""What the token-level prefix cache saves on a world of growing conversations, side by side.
+
+The salon world (``worlds/salon.py``): guests share long house rules, keep their own persona and
+send their whole conversation with every call. Five variants run the same world and seed:
+
+=============== ===============================================================================
+no reuse        policy ``none``: nothing is kept between calls, every prompt is computed in full
+persona only    ``runtime.prefix_cache: persona``: only each call's persona is cached (the reuse
+                the engine had before the token-level cache), ``lru``
+tokens + lru    the token-level cache, evicting least recently used segments (what SGLang does)
+tokens+scalesim the token-level cache under the distance policy (evict farthest, prefetch nearest)
+unbounded       the token-level cache with no budget: the ideal
+=============== ===============================================================================
+
+The budgeted variants get a quarter of the cached KV the unbounded run ends with (its working
+set) unless ``--budget-fraction`` says otherwise. For each: prompt tokens, prompt tokens
+computed (not reused), the share reused, and the makespan (modeled seconds on the cost model, or
+wall seconds on the real engine with ``--real``). Two modeled settings: ``rounds`` (every guest
+speaks every round: large batches, where prefill dominates) and ``continuous`` (exponential
+gaps: the engine sees one or two sequences at a time). The JSON headline holds the ratios.
+
+    python -m experiments.bench_prefix [--quick] [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.harness import headline
+from scalesim import simulate
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no reuse": {"runtime__memory__policy": "none"},
+    "persona only": {"runtime__prefix_cache": "persona", "runtime__memory__policy": "lru"},
+    "tokens + lru": {"runtime__memory__policy": "lru"},
+    "tokens + scalesim": {"runtime__memory__policy": "scalesim"},
+    "unbounded": {"runtime__memory__policy": "unlimited"},
+}
+BUDGETED = ("persona only", "tokens + lru", "tokens + scalesim")
+
+
+def run_variant(yaml: str, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One run; its token counts, makespan and memory totals."""
+    start = time.perf_counter()
+    result = simulate(yaml, out=out, **overrides)
+    wall = time.perf_counter() - start
+    s = result.summary
+    modeled = s.get("modeled", {})
+    prompt, cached = int(s["prompt_tokens"]), int(s["cached_tokens"])
+    return {"calls": int(s["calls"]), "prompt_tokens": prompt, "computed_tokens": prompt - cached,
+            "reused_share": round(cached / prompt, 4) if prompt else 0.0,
+            "makespan_s": round(modeled["modeled_makespan_s"], 3) if modeled else round(wall, 2),
+            "stall_s": round(modeled.get("modeled_stall_s", s["memory"].get("stall_s", 0.0)), 3),
+            "cached_kv_bytes": int(s["memory"].get("device_used_bytes") or 0),
+            "evictions": int(s["memory"].get("evictions", 0))}
+
+
+def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
+            host_bytes: int | None, work: Path) -> dict[str, Any]:
+    """Every variant on one setting; the unbounded run first, since it sizes the budget."""
+    rows: dict[str, dict[str, Any]] = {}
+    base = {f"world__params__{k}": v for k, v in params.items()}
+    rows["unbounded"] = run_variant(yaml, work / name / "unbounded",
+                                    {**base, **VARIANTS["unbounded"]})
+    budget = max(1, int(rows["unbounded"]["cached_kv_bytes"] * fraction))
+    for variant, overrides in VARIANTS.items():
+        if variant == "unbounded":
+            continue
+        extra = dict(overrides)
+        if variant in BUDGETED:
+            extra.update(runtime__memory__device_bytes=budget,
+                         runtime__memory__host_bytes=host_bytes)
+        rows[variant] = run_variant(yaml, work / name / variant.replace(" ", "_"),
+                                    {**base, **extra})
+    for variant, row in rows.items():
+        print(f"{name:22s} {variant:18s} calls {row['calls']:6d} prompt {row['prompt_tokens']:9d}"
+              f" computed {row['computed_tokens']:9d} reused {row['reused_share']:6.1%} "
+              f"makespan {row['makespan_s']:9.2f} s", flush=True)
+    span = {v: r["makespan_s"] for v, r in rows.items()}
+    computed = {v: r["computed_tokens"] for v, r in rows.items()}
+    return {"budget_bytes": budget, "working_set_bytes": rows["unbounded"]["cached_kv_bytes"],
+            "rows": rows,
+            "scalesim_vs_lru": round(span["tokens + lru"] / span["tokens + scalesim"], 3),
+            "scalesim_vs_persona_only": round(span["persona only"] / span["tokens + scalesim"],
+                                              3),
+            "scalesim_vs_no_reuse": round(span["no reuse"] / span["tokens + scalesim"], 3),
+            "computed_share_lru": round(computed["tokens + lru"] / rows["no reuse"]
+                                        ["prompt_tokens"], 4),
+            "computed_share_persona_only": round(computed["persona only"] / rows["no reuse"]
+                                                 ["prompt_tokens"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
+    parser.add_argument("--real", action="store_true",
+                        help="also the small world on the real model (CPU, minutes)")
+    parser.add_argument("--guests", type=int, default=200)
+    parser.add_argument("--budget-fraction", type=float, default=0.25)
+    args = parser.parse_args()
+    guests = 12 if args.quick else args.guests
+    line: dict[str, Any] = {"experiment": "bench_prefix", "world": "salon",
+                            "budget_fraction": args.budget_fraction}
+    with tempfile.TemporaryDirectory(prefix="bench_prefix_") as tmp:
+        work = Path(tmp)
+        modeled = {}
+        for name, params in (("rounds", {"guests": guests, "synchronous": True}),
+                             ("continuous", {"guests": guests})):
+            for tier, host in (("dropped", 0), ("host", None)):
+                label = f"{name}, evicted {tier}"
+                modeled[label] = compare(label, "worlds/salon_large.yaml",
+                                         {**params, "remarks": 4 if args.quick else 12},
+                                         args.budget_fraction, host, work)
+        line["modeled"] = {k: {key: v[key] for key in v if key != "rows"}
+                           for k, v in modeled.items()}
+        line["modeled_label"] = "modeled: qwen2.5-7b on H100, makespans in modeled seconds"
+        if args.real:
+            line["real"] = compare("real (smollm2, cpu)", "worlds/salon.yaml", {},
+                                   args.budget_fraction, 0, work)
+            line["real"].pop("rows")
+        out = Path("experiments/results") / ("quick" if args.quick else "")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_prefix_rows.json").write_text(json.dumps(
+            {k: v["rows"] for k, v in modeled.items()}, indent=1) + "\n")
+    headline(line, keep_as="bench_prefix", quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
