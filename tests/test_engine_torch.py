@@ -52,7 +52,11 @@ def capture_logits(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
-def call(agent: str, prompt: str, prefix: str = "You are Ada, a cheerful baker.",
+#: Long enough to fill a KV block with the template's markers (only full blocks are cached).
+ADA = "You are Ada, a cheerful baker who loves rye bread, early mornings and the smell of the oven."
+
+
+def call(agent: str, prompt: str, prefix: str = ADA,
          adapter: str | None = None, **sampling) -> Request:
     sampling.setdefault("max_tokens", 6)
     return Request(agent, prompt, prefix=prefix, adapter=adapter, sampling=SamplingParams(**sampling))
@@ -67,11 +71,14 @@ def test_logits_match_transformers_fresh_and_after_reused_prefix(hf, monkeypatch
     assert first.cached_tokens == 0 and first.memory.misses == {"prefix_kv": 1}
     assert second.cached_tokens > 0 and second.memory.hits == {"prefix_kv": 1}
     for logits, prompt in zip(seen, ["Good morning!", "What do you bake today?"]):
-        p, q = eng.executor.chat.encode("You are Ada, a cheerful baker.", prompt)
+        p, q = eng.executor.chat.encode(ADA, prompt)
         with torch.no_grad():
             ref = model(torch.tensor([p + q])).logits[0, -1]
         assert torch.allclose(logits[0], ref, atol=1e-3), (logits[0] - ref).abs().max()
-    assert second.cached_tokens == len(p)
+    # Reused: the full blocks the two inputs share (the persona and the user turn's marker).
+    first_ids = sum(eng.executor.chat.encode(ADA, "Good morning!"), [])
+    common = next(i for i, (a, b) in enumerate(zip(first_ids, p + q)) if a != b)
+    assert second.cached_tokens == common // 16 * 16 >= len(p) // 16 * 16 > 0
 
 
 def test_greedy_matches_transformers_generate_with_prefix_reuse(hf):
@@ -80,7 +87,7 @@ def test_greedy_matches_transformers_generate_with_prefix_reuse(hf):
     prompts = ["Hello!", "What is your favourite bread?"]
     got = [serve(eng, call("ada", p, max_tokens=10))[0] for p in prompts]
     for completion, prompt in zip(got, prompts):
-        p, q = eng.executor.chat.encode("You are Ada, a cheerful baker.", prompt)
+        p, q = eng.executor.chat.encode(ADA, prompt)
         with torch.inference_mode():
             ref = model.generate(torch.tensor([p + q]), max_new_tokens=10, do_sample=False)
         assert completion.text == tokenizer.decode(ref[0, len(p + q):], skip_special_tokens=True)
@@ -95,7 +102,7 @@ def test_lora_logits_match_peft(hf, adapters, monkeypatch):
     seen = capture_logits(monkeypatch)
     got = serve(eng, call("ada", "Who are you?", adapter=adapters[0], max_tokens=2))[0]
     assert got.memory.misses == {"prefix_kv": 1, "adapter": 1}
-    p, q = eng.executor.chat.encode("You are Ada, a cheerful baker.", "Who are you?")
+    p, q = eng.executor.chat.encode(ADA, "Who are you?")
     peft_model = PeftModel.from_pretrained(model, adapters[0]).eval()
     try:
         first = eng.executor.tokenizer.encode(got.text, add_special_tokens=False)[:1]

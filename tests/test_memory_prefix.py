@@ -130,7 +130,7 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
         moved = {(r.kind, r.op) for r in rows}
         if policy == "infinite":
             assert not any(op in ("evict", "drop") for _, op in moved)
-        else:
+        elif policy != "none":  # `none` caches no prefix KV at all
             assert moved & {("prefix_kv", "evict"), ("prefix_kv", "drop")}, policy
             assert moved & {("adapter", "evict"), ("adapter", "drop")}, policy
         if policy == "lru":
@@ -176,3 +176,41 @@ def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tm
     assert sum(r.op == "preload" and r.tier_from == "disk" and r.kind == "prefix_kv"
                for r in rows3) == 4
     assert not [r for r in rows3 if r.op == "recompute"]  # (reclaim forces reloads)
+
+
+def test_growing_histories_give_the_same_outputs_with_and_without_the_cache(hf) -> None:
+    """Greedy float32: three agents that share house rules send their growing conversations;
+    the token-level cache (unbounded, and under a budget that drops segments) changes nothing
+    in the outputs, and reuses most of the prompt tokens."""
+    rules = ("House rules: speak one short sentence at a time, stay courteous, and talk about "
+             "books, music or the weather. ")
+
+    def conversation(eng: Engine) -> list:
+        history: dict[int, list[dict[str, str]]] = {i: [] for i in range(3)}
+        out = []
+        for turn in range(3):
+            for i in range(3):
+                request = Request(f"agent{i}", f"Turn {turn}: what do you say next?",
+                                  prefix=rules + PERSONAS[i], history=tuple(history[i]),
+                                  sampling=SamplingParams(max_tokens=6))
+                (done,) = serve(eng, [request])
+                history[i] += [{"role": "user", "content": request.prompt},
+                               {"role": "assistant", "content": done.text}]
+                out.append(done)
+        return out
+
+    runs = {}
+    for name, policy, memory in (("none", "none", {}), ("unbounded", "unlimited", {}),
+                                 ("budget", "lru", {"device_bytes": 40 * 2**20,
+                                                    "host_bytes": 0})):
+        eng = make_engine(hf, policy, **memory)
+        runs[name] = conversation(eng)
+        eng.memory.check()
+        eng.executor.prefixes.check()
+        eng.memory.close()
+    texts = {name: [c.text for c in done] for name, done in runs.items()}
+    assert texts["none"] == texts["unbounded"] == texts["budget"]
+    assert all(c.cached_tokens == 0 for c in runs["none"])
+    prompt = sum(c.prompt_tokens for c in runs["unbounded"])
+    assert sum(c.cached_tokens for c in runs["unbounded"]) > 0.6 * prompt
+    assert sum(c.cached_tokens for c in runs["budget"]) > 0

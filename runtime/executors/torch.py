@@ -132,11 +132,16 @@ class TorchExecutor:
         objects += self.prefixes.path(seq)
         return objects
 
+    @property
+    def reprefill_tokens(self) -> int:
+        """Prompt tokens computed again after their KV had been cached and lost."""
+        return self.prefixes.recomputed_tokens
+
     def decode_horizon(self, seq: Sequence) -> int:
         return 1  # a real model may end any token: the engine looks after each one
 
     def report(self) -> dict[str, Any]:
-        return {"engine": {"reprefill_tokens": self.prefixes.recomputed_tokens,
+        return {"engine": {"reprefill_tokens": self.reprefill_tokens,
                            "dtype": self.dtype,
                            "quantization": self.quantization,
                            "attention": type(self.attention).__name__,
