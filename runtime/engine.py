@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import abc
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from runtime.executors.base import Executor
 from runtime.interface import EngineClock, EngineListener, StepResult, StepTimed
 from runtime.memory import DistanceSource, MemoryManager, Policy
 from runtime.model.profiles import ModelConfig
-from runtime.request import Completion, Request, RequestError
+from runtime.request import Completion, Request, RequestError, Turn
 from runtime.scheduler import Scheduler
 from runtime.sequence import Batch, Sequence, SequenceStatus
 
@@ -66,8 +67,8 @@ class Engine:
     def uses_distance(self) -> bool:
         return self.memory.policy.uses_distance
 
-    def prompt_tokens(self, prefix: str, prompt: str) -> int:
-        prefix_ids, prompt_ids = self.executor.chat.encode(prefix, prompt)
+    def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
+        prefix_ids, prompt_ids = self.executor.chat.encode(prefix, prompt, history)
         return len(prefix_ids) + len(prompt_ids)
 
     def architecture(self) -> ModelConfig | None:
@@ -93,7 +94,8 @@ class Engine:
         if request.request_id < 0:
             request.request_id = next(self._ids)
         try:
-            prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt)
+            prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt,
+                                                               request.history)
         except Exception as exc:  # tokenizers raise on odd input; the request alone fails
             return self._reject(Sequence(request, [], []),
                                 f"request {request.request_id}: could not tokenize: {exc}")
@@ -298,7 +300,9 @@ def _build_modeled(model: str, memory: dict[str, Any], *, hardware_profile: str 
     manager = MemoryManager(**memory, copy=link, virtual_disk=True)
     ex = ModeledExecutor(manager, link, model, config, cost, **options)
     admission = MemoryAdmission(manager, ex.memory_objects)
-    # Prefix KV is a sized object, not blocks of the pool: nothing there to reclaim or look up.
+    reclaim = None if ex.prefixes is None else \
+        admission.reclaim_prefix_blocks(ex.prefixes.block_nbytes)
     scheduler = BatchScheduler(ex.cache, ex.max_num_seqs, ex.max_batch_tokens, admission,
+                               prefixes=ex.prefixes, reclaim=reclaim,
                                decode_horizon=ex.decode_horizon if decode_runs else None)
     return Engine(ex, scheduler, admission)

@@ -18,13 +18,14 @@ modeled executor's virtual clock.
 from __future__ import annotations
 
 import time
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Union
 
 from runtime.memory.distance import DistanceSource
 from runtime.memory.events import MemoryEvent
 from runtime.model.profiles import ModelConfig
-from runtime.request import Completion, Request
+from runtime.request import Completion, Request, Turn
 
 
 @dataclass
@@ -114,9 +115,9 @@ class EngineInterface(Protocol):
     def uses_distance(self) -> bool:
         """Whether the memory policy reads invocation distances."""
 
-    def prompt_tokens(self, prefix: str, prompt: str) -> int:
-        """How many tokens ``prefix`` and ``prompt`` take as one request's input; raises what
-        the tokenizer raises for input it cannot take."""
+    def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
+        """How many tokens ``prefix``, ``history`` and ``prompt`` take as one request's input;
+        raises what the tokenizer raises for input it cannot take."""
 
     def architecture(self) -> ModelConfig | None:
         """The model's shapes (for checking adapters), where the engine knows them."""

@@ -15,10 +15,12 @@ naming it, when it is not installed.
 
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Callable
 
 from runtime.engine import Engine
 from runtime.replica import EngineReplica, ReplicaBatch, ReplicaDied, ReplicaResult
+from runtime.request import Turn
 
 #: seconds to wait for the placement group before saying the cluster is too small
 PLACEMENT_TIMEOUT_S = 120.0
@@ -86,8 +88,10 @@ class RayCluster:
     def listen(self) -> None:
         self.ray.get([actor.listen.remote() for actor in self.actors])
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int:
-        count: int = self.ray.get(self.actors[replica].prompt_tokens.remote(prefix, prompt))
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
+                      history: abc.Sequence[Turn] = ()) -> int:
+        count: int = self.ray.get(self.actors[replica].prompt_tokens.remote(prefix, prompt,
+                                                                            tuple(history)))
         return count
 
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ import numpy as np
 from runtime.engine import Engine
 from runtime.interface import EngineEvent, StepResult, StepTimed
 from runtime.replica_distances import ReplicaDistances
-from runtime.request import Request
+from runtime.request import Request, Turn
 
 
 @dataclass
@@ -125,8 +126,8 @@ class EngineReplica:
             events, self._events = self._events, []
         return ReplicaResult(result, engine.has_work(), time.perf_counter() - start, events)
 
-    def prompt_tokens(self, prefix: str, prompt: str) -> int:
-        return self.engine.prompt_tokens(prefix, prompt)
+    def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
+        return self.engine.prompt_tokens(prefix, prompt, history)
 
     def report(self) -> dict[str, Any]:
         """The engine's ``summary.json`` sections and the memory manager's hit and miss counts."""

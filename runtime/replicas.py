@@ -39,6 +39,7 @@ import copy
 import functools
 import itertools
 import time
+from collections import abc
 from typing import Any, Callable, Literal, Protocol
 
 from runtime.affinity import Affinity
@@ -48,7 +49,7 @@ from runtime.memory.distance import DistanceSource, OrderedDistanceSource
 from runtime.model.profiles import ModelConfig
 from runtime.replica import EngineReplica, ReplicaBatch, ReplicaDied, ReplicaResult
 from runtime.replica_distances import DistanceFeed
-from runtime.request import Completion, Request
+from runtime.request import Completion, Request, Turn
 
 OnFailure = Literal["fail", "continue"]
 CLUSTERS = ("local", "ray")
@@ -77,7 +78,8 @@ class Cluster(Protocol):
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         """Send each replica its batch; return its result, or :class:`ReplicaDied`."""
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int: ...
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
+                      history: abc.Sequence[Turn] = ()) -> int: ...
 
     def report(self, replica: int) -> dict[str, Any]: ...
 
@@ -105,8 +107,9 @@ class LocalCluster:
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         return {i: self.replicas[i].step(batch) for i, batch in batches.items()}
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str) -> int:
-        return self.replicas[replica].prompt_tokens(prefix, prompt)
+    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
+                      history: abc.Sequence[Turn] = ()) -> int:
+        return self.replicas[replica].prompt_tokens(prefix, prompt, history)
 
     def report(self, replica: int) -> dict[str, Any]:
         return self.replicas[replica].report()
@@ -214,10 +217,10 @@ class ReplicaSet:
         found: ModelConfig | None = self._described["architecture"]
         return found
 
-    def prompt_tokens(self, prefix: str, prompt: str) -> int:
+    def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
         """Counted by the first live replica (every replica has the same model)."""
         live = next((i for i, s in enumerate(self._state) if s.dead is None), 0)
-        return self.cluster.prompt_tokens(live, prefix, prompt)
+        return self.cluster.prompt_tokens(live, prefix, prompt, history)
 
     # -- what goes in --------------------------------------------------------------------------
 

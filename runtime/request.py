@@ -1,14 +1,22 @@
 """What goes into the engine and what comes out of it.
 
 A :class:`Request` is one LLM call of one agent: the agent's stable *prefix* (persona or system
-text, whose KV the engine may keep between calls), the new *prompt*, the sampling parameters and
-the agent's private memory objects (an adapter). A :class:`Completion` is the engine's answer,
+text, whose KV the engine may keep between calls), the earlier turns of its conversation (the
+*history*, if it keeps one), the new *prompt*, the sampling parameters and the agent's private
+memory objects (an adapter). A :class:`Completion` is the engine's answer,
 with the token counts and wall-clock times the trace records.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+
+#: One earlier chat turn, in the OpenAI message shape: ``role`` (``user``, ``assistant``, ``tool``)
+#: and ``content`` (text), and optionally ``name``, ``tool_calls`` and ``tool_call_id``.
+Turn = Mapping[str, Any]
 
 
 class RequestError(RuntimeError):
@@ -50,10 +58,13 @@ class SamplingParams:
 class Request:
     """One LLM call of one agent.
 
-    ``prefix`` is rendered as the system turn of the chat template and ``prompt`` as the user
-    turn; the engine guarantees that the prefix tokens are a token-prefix of the full input so
-    that their KV can be reused across calls of the same agent. ``adapter`` is the path of a
-    PEFT-format LoRA adapter directory, or ``None`` for the base model.
+    ``prefix`` is rendered as the system turn of the chat template, ``history`` as the turns
+    that follow it (each in its own role) and ``prompt`` as the last user turn, after which the
+    model answers as the assistant. The engine guarantees that the prefix tokens are a
+    token-prefix of the full input so that their KV can be reused across calls of the same
+    agent; an agent that sends its conversation so far as ``history``, its last reply included,
+    finds its previous request's tokens again at the start of the next one. ``adapter`` is the
+    path of a PEFT-format LoRA adapter directory, or ``None`` for the base model.
     """
 
     agent_id: str
@@ -64,6 +75,8 @@ class Request:
     request_id: int = -1
     #: report the text generated so far after every engine iteration (``StepResult.partial``)
     stream: bool = False
+    #: the earlier turns between the system turn and ``prompt``, oldest first (:data:`Turn`)
+    history: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass

@@ -25,8 +25,9 @@ import inspect
 import math
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar, Union, cast
 
 import simpy
 
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 
 #: The world class an agent lives in: ``class Villager(Agent["Town"])`` types ``self.world``.
 W = TypeVar("W", bound="World")
+
+#: An earlier turn of a conversation: ``(role, content)``, or a message dict with ``role`` and
+#: ``content`` (and optionally ``name``, ``tool_calls``, ``tool_call_id``).
+HistoryTurn = Union[tuple[str, str], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -134,16 +139,35 @@ class Agent(Generic[W]):
         top_k: int = 0,
         stop: tuple[str, ...] | list[str] = (),
         seed: int | None = None,
+        history: Iterable[HistoryTurn] = (),
     ) -> LLMCall:
-        """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`."""
+        """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`.
+
+        ``history`` is the conversation so far, oldest first, as ``(role, content)`` pairs
+        (roles ``user``, ``assistant``, ``tool``) or message dicts: it is rendered between the
+        persona's system turn and ``prompt`` with the model's chat template. An agent that
+        keeps a running conversation sends it whole every time, its last exchange included;
+        the engine then finds the tokens of its previous call at the start of this one and
+        reuses their KV instead of computing them again::
+
+            chat: list[tuple[str, str]] = []
+            for question in questions:
+                reply = yield self.llm(question, history=chat, max_tokens=48)
+                chat += [("user", question), ("assistant", reply.text)]
+
+        The trace records ``prompt`` (the new user turn) alone; ``prompt_tokens`` counts the
+        history too.
+        """
         if seed is None and temperature > 0:
             seed = self.world.random.getrandbits(31)
         sampling = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=tuple(stop),
         )
+        turns = tuple({"role": t[0], "content": t[1]} if isinstance(t, tuple) else dict(t)
+                      for t in history)
         request = Request(self.name, prompt, prefix=self.persona, sampling=sampling,
-                          adapter=self.adapter)
+                          adapter=self.adapter, history=turns)
         return self.env.submit(self.name, request)
 
     def wait(self, delay: float, *, label: str | None = None) -> simpy.Timeout:

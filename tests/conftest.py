@@ -14,10 +14,12 @@ EOS = 0
 
 
 class CharChat:
-    """Tokens are character codes; the prefix and the prompt are encoded separately."""
+    """Tokens are character codes; the prefix and the prompt are encoded separately (history
+    turns, one after the other, before the prompt)."""
 
-    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
-        return [ord(c) for c in prefix], [ord(c) for c in prompt]
+    def encode(self, prefix: str, prompt: str, history: Any = ()) -> tuple[list[int], list[int]]:
+        earlier = "".join(str(turn.get("content") or "") for turn in history)
+        return [ord(c) for c in prefix], [ord(c) for c in earlier + prompt]
 
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i != EOS)

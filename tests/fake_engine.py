@@ -47,8 +47,9 @@ class FakeEngine:
         self.ticks = 0
         self._cancelled: list[Completion] = []
 
-    def prompt_tokens(self, prefix: str, prompt: str) -> int:
-        return len(prefix.split()) + len(prompt.split())
+    def prompt_tokens(self, prefix: str, prompt: str, history: Any = ()) -> int:
+        return len(prefix.split()) + len(prompt.split()) + sum(
+            len(str(turn.get("content") or "").split()) for turn in history)
 
     def architecture(self) -> None:
         return None

@@ -119,20 +119,84 @@ def test_streaming_tool_call_is_sent_as_tool_call_deltas(server):
 def test_render_keeps_the_persona_and_tools_as_the_stable_prefix():
     messages = [Message(role="system", content="You are Ada."),
                 Message(role="user", content="hi")]
-    prefix, prompt = render(messages, [CREATE_POST])
+    prefix, history, prompt = render(messages, [CREATE_POST])
     assert prefix.startswith("You are Ada.") and "<tools>" in prefix and "create_post" in prefix
-    assert prompt == "hi"
-    again, _ = render(messages[:1] + [Message(role="user", content="other")], [CREATE_POST])
+    assert history == () and prompt == "hi"
+    again, _, _ = render(messages[:1] + [Message(role="user", content="other")], [CREATE_POST])
     assert again == prefix  # the same agent keeps the same prefix (its KV is reused)
 
 
-def test_render_flattens_a_history_with_speakers():
-    messages = [Message(role="user", name="Bob", content="Hi"),
-                Message(role="assistant", content="Hello"),
-                Message(role="tool", tool_call_id="c1", content="42")]
-    prefix, prompt = render(messages)
-    assert prefix == ""
-    assert prompt.splitlines() == ["Bob: Hi", "assistant: Hello", "tool (c1): 42", "assistant:"]
+OASIS_TURNS = [
+    Message(role="system", content="You're a Twitter user."),
+    Message(role="user", content="Pick your action."),
+    Message(role="assistant", content=None, tool_calls=[
+        {"id": "call_1", "type": "function",
+         "function": {"name": "create_post", "arguments": '{"content": "hi"}'}}]),
+    Message(role="tool", tool_call_id="call_1", content='{"success": true, "post_id": 7}'),
+    Message(role="assistant", content="Posted."),
+    Message(role="user", name="Bob", content="Anything else?"),
+]
+
+
+def test_render_keeps_each_turn_in_its_own_role():
+    prefix, history, prompt = render(OASIS_TURNS, [CREATE_POST])
+    assert prefix.startswith("You're a Twitter user.") and "<tools>" in prefix
+    assert [t["role"] for t in history] == ["user", "assistant", "user", "assistant"]
+    assert history[0]["content"] == "Pick your action."
+    # The assistant's call, written as the tools preamble asks the model to write calls.
+    assert history[1]["content"] == ('<tool_call>\n{"name": "create_post", "arguments": '
+                                     '{"content": "hi"}}\n</tool_call>')
+    # The tool result: a user turn in Hermes tags, named after the call it answers.
+    assert history[2]["content"] == ('<tool_response>\n{"name": "create_post", "content": '
+                                     '"{\\"success\\": true, \\"post_id\\": 7}"}\n'
+                                     '</tool_response>')
+    assert history[3]["content"] == "Posted."
+    assert prompt == "Bob: Anything else?"  # a named speaker keeps its name
+
+
+def test_render_ends_with_a_tool_result_or_an_assistant_turn():
+    _, history, prompt = render(OASIS_TURNS[:4])
+    assert prompt.startswith("<tool_response>\n") and len(history) == 2
+    _, history, prompt = render(OASIS_TURNS[:5])
+    assert prompt == "" and history[-1] == {"role": "assistant", "content": "Posted."}
+    _, history, prompt = render(OASIS_TURNS[:1])  # a system message alone
+    assert history == () and prompt == ""
+    _, history, _ = render([Message(role="user", content="a"),
+                            Message(role="system", content="Be brief."),
+                            Message(role="user", content="b")])
+    assert history == ({"role": "user", "content": "a"}, {"role": "system", "content": "Be brief."})
+
+
+def test_render_keeps_earlier_turns_stable_as_the_conversation_grows():
+    conversation = [Message(role="system", content="You are Ada.")]
+    renders = []
+    for i in range(4):
+        conversation.append(Message(role="user", name="Bob", content=f"question {i}"))
+        renders.append(render(conversation, [CREATE_POST]))
+        conversation.append(Message(role="assistant", content=f" answer {i}\n", tool_calls=[
+            {"id": f"c{i}", "function": {"name": "create_post", "arguments": {"n": i}}}]))
+        conversation.append(Message(role="tool", tool_call_id=f"c{i}", content="ok"))
+    for (prefix, history, prompt), (after, later, _) in zip(renders, renders[1:]):
+        assert after == prefix
+        assert later[:len(history) + 1] == history + ({"role": "user", "content": prompt},)
+
+
+def test_a_growing_conversation_counts_each_turn_once(server):
+    """The modeled engine counts ``5 + ceil(chars / 4)`` tokens a turn: the second request is
+    the first one plus the reply's turn and the new user turn."""
+    def turn(text: str) -> int:
+        return 5 + -(-len(text) // 4)
+
+    messages = [{"role": "system", "content": "You are Ada."},
+                {"role": "user", "content": "Who are you?"}]
+    first = chat(server, {"model": "smollm2-135m", "messages": messages}).json()
+    reply = first["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": reply},
+                 {"role": "user", "content": "And then?"}]
+    second = chat(server, {"model": "smollm2-135m", "messages": messages}).json()
+    assert first["usage"]["prompt_tokens"] == turn("You are Ada.") + turn("Who are you?")
+    assert second["usage"]["prompt_tokens"] == (first["usage"]["prompt_tokens"] + turn(reply)
+                                                + turn("And then?"))
 
 
 @pytest.mark.parametrize("text, content, names", [

@@ -9,19 +9,26 @@ baseline) and ``modeled`` (a cost model, no tensors).
 
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Protocol
 
 from runtime.interface import EngineClock
 from runtime.memory import AgentMemory
 from runtime.model.profiles import ModelConfig
+from runtime.request import Turn
 from runtime.sequence import Batch, Sequence
 
 
 class ChatCodec(Protocol):
-    """Turns a request's prefix and prompt into token ids, and output ids into text."""
+    """Turns a request's prefix, history and prompt into token ids, and output ids into text."""
 
-    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
-        """``(prefix_ids, prompt_ids)``; the prefix ids are a token-prefix of the whole input."""
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, prompt_ids)``: the system turn's ids, then those of the ``history``
+        turns and of the prompt's user turn (with the assistant's generation prompt). The prefix
+        ids are a token-prefix of the whole input, and (as far as the chat template allows) a
+        request's input is a token-prefix of that of a next request whose history adds the
+        request's own prompt and the turns that followed it."""
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated ``token_ids``."""

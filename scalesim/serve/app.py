@@ -165,7 +165,8 @@ def create_app(state: ServeState) -> FastAPI:
         loop.call(apply)  # best-effort: nothing waits on it, nothing fails because of it
 
     def _job(request: HTTPRequest, body: ChatCompletionBody | CompletionBody, endpoint: str,
-             prefix: str, prompt: str, stream: bool) -> Job:
+             prefix: str, prompt: str, stream: bool,
+             history: tuple[dict[str, Any], ...] = ()) -> Job:
         choice = registry.resolve(body.model)
         fields = body.scalesim
         identity = resolve_identity(
@@ -183,7 +184,8 @@ def create_app(state: ServeState) -> FastAPI:
                 "endpoint": endpoint, "model": body.model, "adapter": choice.adapter_name,
                 "session": fields.session if fields else None,
                 "session_clock": fields.clock if fields else None}
-        return Job(Request(identity.agent, prompt, prefix, sampling, choice.adapter_path),
+        return Job(Request(identity.agent, prompt, prefix, sampling, choice.adapter_path,
+                           history=history),
                    endpoint, asyncio.Queue(), asyncio.get_running_loop(),
                    body.requested_tokens(), stream, info)
 
@@ -251,8 +253,8 @@ def create_app(state: ServeState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest) -> Any:
         body = await _parse(request, ChatCompletionBody)
-        prefix, prompt = render(body.messages, body.tools)
-        job = _job(request, body, "chat", prefix, prompt, body.stream and not body.tools)
+        prefix, history, prompt = render(body.messages, body.tools)
+        job = _job(request, body, "chat", prefix, prompt, body.stream and not body.tools, history)
         _submit(job)
         rid = f"chatcmpl-{job.request.request_id}-{uuid.uuid4().hex[:8]}"
         created = int(time.time())

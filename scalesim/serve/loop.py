@@ -177,7 +177,8 @@ class EngineLoop:
     def _submit(self, job: Job) -> None:
         request = job.request
         try:
-            prompt_tokens = self.engine.prompt_tokens(request.prefix, request.prompt)
+            prompt_tokens = self.engine.prompt_tokens(request.prefix, request.prompt,
+                                                      request.history)
             context = self.engine.max_context
             room = context - prompt_tokens
             if room < 1:

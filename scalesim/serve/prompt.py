@@ -1,12 +1,33 @@
-"""From an OpenAI message list to the engine's (prefix, prompt), and tool calls back out.
+"""From an OpenAI message list to the engine's (prefix, history, prompt), and tool calls back out.
 
-The engine renders a request as two chat turns: the agent's stable *prefix* (the system turn,
-whose KV it keeps between the agent's calls) and the *prompt* (the user turn). The leading
-system / developer messages, plus the tool schemas when the request has any, become the
-prefix, so an agent that keeps its persona and tools keeps its prefix KV. The rest of the
-conversation becomes the prompt: one user message as it is, a longer history as one speaker
-line per message (``name`` or role, tool results and the assistant's earlier tool calls
-included), ending with ``assistant:`` so the model answers as the assistant.
+The engine renders a request with the model's chat template as the agent's stable *prefix*
+(the system turn, whose KV it keeps between the agent's calls), the *history* (the turns that
+follow, each in its own role) and the *prompt* (the last user turn), after which the model
+answers as the assistant. The conversation keeps its turns, so each request of an agent that
+sends its growing conversation starts with the tokens of its previous request (see
+:mod:`runtime.model.chat`), and the engine's prefix cache reuses them.
+
+* The leading system / developer messages, plus the tool schemas when the request has any,
+  become the prefix, so an agent that keeps its persona and tools keeps its prefix KV.
+* The last message is the prompt when it is a user message or a tool result; every message
+  between the two is a history turn. A trailing assistant (or system) message, a prefill this
+  server cannot continue, is a history turn too, and the prompt is then an empty user turn.
+* A user message with a ``name`` (several speakers in one conversation) is the turn
+  ``name: text``; an assistant message is its text alone, so the model's own turns look like
+  the replies it writes.
+* An assistant's earlier tool calls are written into its turn the way the tools preamble
+  asks the model to write them (a ``<tool_call>`` block per call, holding
+  ``{"name": ..., "arguments": ...}``) after its text: the SmolLM2 template renders a
+  message's content only. A tool result is a user turn holding a ``<tool_response>`` block of
+  ``{"name": ..., "content": ...}`` when the tool's name is known (from the message, or from
+  the call its ``tool_call_id`` answers), else of the bare result. That is the Hermes
+  convention of the preamble; Qwen2.5's own template also renders tool results as user turns
+  in ``<tool_response>`` tags. SmolLM2's template would print a ``tool`` role as it is, a role
+  the model was never trained on.
+
+A client that rewrites its history (a summary in place of old turns, a trimmed window) is served
+as well: its request shares tokens with the earlier ones up to the first turn that changed, and
+the cache reuses that much.
 
 Tools are described Hermes-style (schemas inside ``<tools>``, calls as
 ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``); :func:`parse_tool_calls` takes
@@ -21,7 +42,7 @@ import re
 import uuid
 from typing import Any
 
-from scalesim.serve.protocol import Message
+from scalesim.serve.protocol import Message, ToolCall
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -33,24 +54,44 @@ TOOLS_PREAMBLE = (
     "</tool_call>")
 
 
-def _speaker(message: Message) -> str:
-    if message.role == "tool":
-        return f"tool ({message.name or message.tool_call_id or 'result'})"
-    return message.name or message.role
+def _call_text(call: ToolCall) -> str:
+    args: Any = call.function.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            pass  # not JSON: kept as the string the client sent
+    return ("<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": args})
+            + "\n</tool_call>")
 
 
-def _line(message: Message) -> str:
-    text = message.text()
-    for call in message.tool_calls or ():
-        args = call.function.arguments
-        args_json = args if isinstance(args, str) else json.dumps(args)
-        text += (f"\n<tool_call>{{\"name\": {json.dumps(call.function.name)}, "
-                 f"\"arguments\": {args_json}}}</tool_call>")
-    return f"{_speaker(message)}: {text.strip()}"
+def _assistant_text(message: Message) -> str:
+    parts = [message.text()] if message.text() else []
+    parts += [_call_text(call) for call in message.tool_calls or ()]
+    return "\n".join(parts)
 
 
-def render(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> tuple[str, str]:
-    """``(prefix, prompt)`` of a chat request (see the module docstring)."""
+def _tool_result_text(message: Message, names: dict[str, str]) -> str:
+    name = message.name or names.get(message.tool_call_id or "")
+    body = json.dumps({"name": name, "content": message.text()}) if name else message.text()
+    return f"<tool_response>\n{body}\n</tool_response>"
+
+
+def _turn(message: Message, names: dict[str, str]) -> dict[str, Any]:
+    """One message as a chat turn of the engine's request (see the module docstring)."""
+    if message.role == "assistant":
+        return {"role": "assistant", "content": _assistant_text(message)}
+    if message.role in ("tool", "function"):
+        return {"role": "user", "content": _tool_result_text(message, names)}
+    if message.role == "user":
+        text = message.text()
+        return {"role": "user", "content": f"{message.name}: {text}" if message.name else text}
+    return {"role": "system", "content": message.text()}  # a system message mid-conversation
+
+
+def render(messages: list[Message], tools: list[dict[str, Any]] | None = None
+           ) -> tuple[str, tuple[dict[str, Any], ...], str]:
+    """``(prefix, history, prompt)`` of a chat request (see the module docstring)."""
     head = 0
     while head < len(messages) and messages[head].role in ("system", "developer"):
         head += 1
@@ -59,13 +100,12 @@ def render(messages: list[Message], tools: list[dict[str, Any]] | None = None) -
         schemas = "\n".join(json.dumps(t, sort_keys=True) for t in tools)
         system.append(TOOLS_PREAMBLE.format(tools=schemas))
     prefix = "\n\n".join(s for s in system if s)
-    rest = messages[head:]
-    if len(rest) == 1 and rest[0].role == "user" and not rest[0].name:
-        return prefix, rest[0].text()
-    lines = [_line(m) for m in rest]
-    if not rest or rest[-1].role != "assistant":
-        lines.append("assistant:")
-    return prefix, "\n".join(lines)
+    names = {call.id: call.function.name for m in messages for call in m.tool_calls or ()
+             if call.id}
+    turns = [_turn(m, names) for m in messages[head:]]
+    if turns and turns[-1]["role"] == "user":
+        return prefix, tuple(turns[:-1]), str(turns[-1]["content"])
+    return prefix, tuple(turns), ""
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:

@@ -1,32 +1,73 @@
-"""What the modeled executor says in place of a model: token counts and placeholder replies.
+"""What the modeled executor says in place of a model: token ids and placeholder replies.
 
-:class:`LengthChat` sizes prompts by their length (about four characters per token) and answers
-every call with one of a few placeholder replies, so a world's branches follow a fixed mix.
-:class:`ReplayChat` tokenizes with the real chat template and answers every call as a recorded
-run did, so a modeled replay of a real run makes the same calls.
+:class:`LengthChat` sizes prompts by their length (about four characters per token), gives each
+chunk of characters a token id of its own, and answers every call with one of a few placeholder
+replies, so a world's branches follow a fixed mix. :class:`ReplayChat` tokenizes with the real
+chat template and answers every call as a recorded run did, so a modeled replay of a real run
+makes the same calls.
 """
 
 from __future__ import annotations
 
+import array
+import hashlib
 import math
+import sys
+from collections import abc
 from typing import Any
 
-from runtime.request import RequestError
+import numpy as np
+
+from runtime.request import RequestError, Turn
 
 
 #: Output token ids start here: above every vocabulary, so a filler is never an end-of-sequence id.
 FILLER = 1 << 24
 
+#: At most this many chunk ids are kept for texts seen before (personas, turns, prompts).
+_CACHED_IDS = 1 << 20
+#: At most this many texts are remembered as seen once (a text is kept when seen again).
+_SEEN_TEXTS = 1 << 16
+#: An odd 64-bit multiplier (the golden ratio's), to spread the ids of a fixed-length persona.
+_MULTIPLIER = 0x9E3779B97F4A7C15
+
+
+def _digest_id(data: bytes, person: bytes) -> int:
+    """A signed 64-bit id hashed from ``data`` (BLAKE2b, the same in every process)."""
+    digest = hashlib.blake2b(data, digest_size=8, person=person).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
 
 class LengthChat:
-    """Tokenization by length only: ``ceil(chars / chars_per_token)`` placeholder ids per turn.
+    """Tokenization by length: ``template_tokens + ceil(chars / chars_per_token)`` ids per turn.
 
-    The ids of a text are all one value derived from the text, so equal texts give equal ids (a
-    stable prefix stays a token-prefix) at the cost of a list multiplication. ``prefix_tokens``
-    fixes the prefix length instead (to model long personas). ``template_tokens`` stands for the
-    chat template's role markers. Output is placeholder text: the executor emits filler token
-    ``FILLER + i`` for a call and :meth:`decode` turns it into ``replies[i]``, so a world can be fed a
-    deterministic mix of answers (``("post", "reply", "nothing")``) to keep its branches busy.
+    A turn's ids are one id per chunk of ``chars_per_token`` characters of its text (the last
+    chunk may be shorter), then ``template_tokens`` markers of its role (fixed ids standing for
+    the chat template's ``<|im_end|>`` and the next ``<|im_start|>role``; they close the turn,
+    so requests whose texts differ from their first character share no id). ``history`` turns
+    come between the system turn (the prefix) and the prompt's user turn, each sized and id'd
+    the same way, so an agent whose next request repeats this one's turns and adds its reply
+    finds all of this request's ids at the start of the next one. (The reply's own ids are
+    filler, below, not those of its text.)
+
+    A chunk's id depends on its characters alone and is the same in every process (not
+    Python's salted ``hash``): equal text prefixes give equal token-id prefixes, and texts part
+    where their chunks do. With four characters per token (the default) the id *is* the chunk:
+    its four UTF-16 code units read as one signed little-endian 64-bit number (the last chunk
+    padded with zeros), so distinct chunks never share an id. A chunk holding a character
+    outside the Basic Multilingual Plane (an emoji), and every chunk when ``chars_per_token`` is
+    another value (chunks cut at ``floor(k * chars_per_token)``), gets a 64-bit BLAKE2b hash
+    instead, computed chunk by chunk, slower. The ids are not the model's vocabulary
+    (``vocab_size`` is unused): ids drawn from a vocabulary-sized range would collide between
+    the personas of 100,000 agents, and a prefix cache would then share KV between them. Texts
+    seen before (personas, earlier turns, recurring prompts) are looked up, not cut again.
+
+    ``prefix_tokens`` fixes the prefix length instead (to model long personas): the system
+    turn's ids are then ids hashed from the whole text and their position, and its markers, so
+    only equal personas share them. Output is placeholder text: the executor emits filler token
+    ``FILLER + i`` for a call and :meth:`decode` turns it into ``replies[i]``, so a world can be
+    fed a deterministic mix of answers (``("post", "reply", "nothing")``) to keep its branches
+    busy.
     """
 
     def __init__(self, chars_per_token: float = 4.0, prefix_tokens: int | None = None,
@@ -41,19 +82,109 @@ class LengthChat:
         if not replies:
             raise ValueError("replies must name at least one placeholder answer")
         self.replies = tuple(replies)
-
-    def _ids(self, text: str, n: int) -> list[int]:
-        return [2 + hash(text) % (self.vocab_size - 2)] * n
+        self._markers: dict[str, list[int]] = {}
+        self._cache: dict[str, list[int]] = {}
+        self._seen: set[int] = set()
+        self._fixed: dict[str, list[int]] = {}
+        self._cached_ids = 0
+        self._positions = np.zeros(0, dtype=np.uint64)
 
     def count(self, text: str) -> int:
         return self.template_tokens + math.ceil(len(text) / self.chars_per_token)
 
-    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
-        prompt_ids = self._ids(prompt, self.count(prompt))
+    # -- ids -------------------------------------------------------------------------------------
+
+    def _word_ids(self, text: str) -> list[int]:
+        """Four characters per id: each chunk's UTF-16 code units as one 64-bit word."""
+        data = text.encode("utf-16-le", "surrogatepass")
+        if len(data) != 2 * len(text):  # astral characters took two code units each
+            return [self._chunk_id(text[k:k + 4]) for k in range(0, len(text), 4)]
+        words = array.array("q", data + bytes(-len(data) % 8))
+        if sys.byteorder == "big":
+            words.byteswap()
+        return words.tolist()
+
+    def _chunk_id(self, chunk: str) -> int:
+        """One chunk's id, one chunk at a time (the slow path)."""
+        data = chunk.encode("utf-16-le", "surrogatepass")
+        if self.chars_per_token == 4.0 and len(data) == 2 * len(chunk):
+            return int.from_bytes(data + bytes(8 - len(data)), "little", signed=True)
+        return _digest_id(chunk.encode("utf-8", "surrogatepass"), b"chunk")
+
+    def _text_ids(self, text: str) -> list[int]:
+        """The chunk ids of ``text``, ``ceil(len / chars_per_token)`` of them: cached from the
+        second time a text is seen (a one-off prompt would only push others out)."""
+        ids = self._cache.get(text)
+        if ids is None:
+            if self.chars_per_token == 4.0:
+                ids = self._word_ids(text)
+            else:
+                per = self.chars_per_token
+                bounds = [math.floor(k * per) for k in range(math.ceil(len(text) / per))]
+                ids = [self._chunk_id(text[a:b]) for a, b in zip(bounds, bounds[1:] + [len(text)])]
+            key = hash(text)  # within this process only: it decides caching, never an id
+            if key in self._seen:
+                self._keep(self._cache, text, ids)
+            else:
+                if len(self._seen) >= _SEEN_TEXTS:
+                    self._seen.clear()
+                self._seen.add(key)
+        return ids
+
+    def _keep(self, cache: dict[str, list[int]], text: str, ids: list[int]) -> None:
+        if self._cached_ids + len(ids) > _CACHED_IDS:
+            self._cache.clear()
+            self._fixed.clear()
+            self._cached_ids = 0
+        cache[text] = ids
+        self._cached_ids += len(ids)
+
+    def _fixed_prefix_ids(self, prefix: str, length: int) -> list[int]:
+        """``length`` ids for a system turn: ids hashed from the whole text and their position,
+        then its markers (cached)."""
+        ids = self._fixed.get(prefix)
+        if ids is None:
+            body = max(0, length - self.template_tokens)
+            if body > len(self._positions):
+                self._positions = np.arange(max(body, 2 * len(self._positions)),
+                                            dtype=np.uint64) * np.uint64(_MULTIPLIER)
+            seed = _digest_id(prefix.encode("utf-8", "surrogatepass"), b"persona") % (1 << 64)
+            hashed = self._positions[:body] ^ np.uint64(seed)
+            hashed *= np.uint64(_MULTIPLIER)  # wraps modulo 2**64
+            ids = (hashed.view(np.int64).tolist() + self._marker_ids("system"))[-length:] \
+                if length else []
+            self._keep(self._fixed, prefix, ids)
+        return ids
+
+    def _marker_ids(self, role: str) -> list[int]:
+        ids = self._markers.get(role)
+        if ids is None:
+            ids = self._markers[role] = [
+                _digest_id(f"{role}\n{i}".encode("utf-8", "surrogatepass"), b"role marker")
+                for i in range(self.template_tokens)]
+        return ids
+
+    def _turn(self, role: str, text: str) -> list[int]:
+        return self._text_ids(text) + self._marker_ids(role)
+
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, prompt_ids)``: the system turn, then the history turns and the
+        prompt's user turn, each its text's chunk ids and its role's markers."""
+        if history:
+            prompt_ids: list[int] = []
+            for turn in history:
+                content = turn.get("content")
+                prompt_ids += self._turn(str(turn.get("role", "user")), content
+                                         if isinstance(content, str) else str(content or ""))
+            prompt_ids += self._turn("user", prompt)
+        else:
+            prompt_ids = self._turn("user", prompt)
         if not prefix:
             return [], prompt_ids
-        n = self.prefix_tokens if self.prefix_tokens is not None else self.count(prefix)
-        return self._ids(prefix, n), prompt_ids
+        if self.prefix_tokens is None:
+            return self._turn("system", prefix), prompt_ids
+        return list(self._fixed_prefix_ids(prefix, self.prefix_tokens)), prompt_ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[(token_ids[0] - FILLER) % len(self.replies)] if token_ids else ""
@@ -89,8 +220,9 @@ class ReplayChat:
         for queue in self._next.values():
             queue.reverse()  # pop() from the end gives the agent's calls in order
 
-    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
-        return self.chat.encode(prefix, prompt)
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        return self.chat.encode(prefix, prompt, history)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[token_ids[0] - FILLER] if token_ids else ""
