@@ -64,6 +64,8 @@ class Segment(AgentMemory):
     threadsafe = False  # recomputing needs the model: the request that needs it prefills it
     #: whether :meth:`preload` gives the contents for free (only a model of the hardware can)
     preload_free = False
+    parent: Segment | None  # a segment continues a segment
+    path_hash: int
 
     def __init__(self, tree: PrefixTree, key: str, parent: Segment | None, adapter: str | None,
                  start: int, tokens: tuple[int, ...]) -> None:
@@ -252,7 +254,7 @@ class PrefixTree:
         ids = seq.input_ids
         seg = self._new(parent, seq.request.adapter, start, tuple(ids[start * bs:persona * bs]),
                         seq.request.agent_id, ids[:persona * bs])
-        if not free and (seg.identity is None or not store.has(seg.identity)):
+        if not free and (seg.identity is None or store is None or not store.has(seg.identity)):
             return None
         siblings = parent.children if parent is not None else \
             self._roots.setdefault(seq.request.adapter, {})

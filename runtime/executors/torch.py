@@ -17,6 +17,7 @@ tokens.
 
 from __future__ import annotations
 
+from collections import abc
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from runtime.model.profiles import ModelConfig, from_hf_config, profile
 from runtime.model.weights import DENSE_FROM, check_quantization
 from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixTree, Segment, token_digest
-from runtime.request import RequestError
+from runtime.request import RequestError, Turn
 from runtime.sequence import Batch, Sequence
 from runtime.threads import configure as configure_threads
 
@@ -42,7 +43,8 @@ from runtime.threads import configure as configure_threads
 class NoTokenizer:
     """The chat of a random-weights model built without a tokenizer: it can take no text."""
 
-    def encode(self, prefix: str, prompt: str) -> tuple[list[int], list[int]]:
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
         raise RequestError("this engine has random weights and no tokenizer: it serves no text")
 
     def decode(self, token_ids: list[int]) -> str:
