@@ -242,8 +242,9 @@ class MemoryManager:
         obj.device = {}
         self.policy.on_access(obj)
         self._device.install(obj)
+        # Not logged: no data moved, and a prefix cache inserts on most calls (the memory log
+        # would grow by a row or two per call); the totals count it.
         self.totals.bytes_cached += obj.nbytes
-        self._log(obj, "compute", "compute", "device", "cached", self.distance_of(obj))
         return True
 
     def replace(self, old: AgentMemory, parts: list[AgentMemory]) -> bool:
