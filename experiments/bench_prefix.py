@@ -14,7 +14,9 @@ unbounded       the token-level cache with no budget: the ideal
 
 The budgeted variants get a quarter of the cached KV the unbounded run ends with (its working
 set) unless ``--budget-fraction`` says otherwise. For each: prompt tokens, prompt tokens
-computed (not reused), the share reused, and the makespan (modeled seconds on the cost model, or
+computed (not reused), the share reused, and the makespan; for the unbounded run also its
+computed tokens over what an independent count says an ideal cache would compute
+(:class:`IdealReuse`), (modeled seconds on the cost model, or
 wall seconds on the real engine with ``--real``). Two modeled settings: ``rounds`` (every guest
 speaks every round: large batches, where prefill dominates) and ``continuous`` (exponential
 gaps: the engine sees one or two sequences at a time). The JSON headline holds the ratios.
@@ -44,10 +46,59 @@ VARIANTS: dict[str, dict[str, Any]] = {
 BUDGETED = ("persona only", "tokens + lru", "tokens + scalesim")
 
 
-def run_variant(yaml: str, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """One run; its token counts, makespan and memory totals."""
+class IdealReuse:
+    """What an unbounded cache of every earlier prompt could at best reuse, found by a method
+    independent of the tree: each request's input as a chain of block hashes; a request reuses
+    the longest chain some earlier request's input also had (full blocks, at least one token
+    left to compute), on the token ids ``chat`` gives (the engine's own tokenization).
+
+    It wraps ``engine.submit`` to see the requests; outputs are not counted (a modeled reply is
+    placeholder ids that no later prompt contains)."""
+
+    def __init__(self, engine: Any, chat: Any, block_size: int) -> None:
+        self.chat, self.block_size = chat, block_size
+        self.seen: set[int] = set()
+        self.reusable = 0
+        submit = engine.submit
+
+        def recording(request: Any) -> int:
+            self.add(request)
+            return submit(request)
+
+        engine.submit = recording
+
+    def add(self, request: Any) -> None:
+        prefix, prompt = self.chat.encode(request.prefix, request.prompt, request.history)
+        ids, bs = prefix + prompt, self.block_size
+        chain, best = hash(request.adapter), 0
+        for k in range(len(ids) // bs):
+            chain = hash((chain, tuple(ids[k * bs:(k + 1) * bs])))
+            if chain in self.seen and k < (len(ids) - 1) // bs:
+                best = k + 1
+            self.seen.add(chain)
+        self.reusable += best * bs
+
+
+def run_variant(yaml: str, out: Path, overrides: dict[str, Any],
+                ideal: bool = False) -> dict[str, Any]:
+    """One run; its token counts, makespan and memory totals (``ideal``: and the tokens an
+    unbounded cache of every earlier prompt could reuse, see :class:`IdealReuse`)."""
+    from scalesim.assembly import assemble_engine
+    from scalesim.config import load_config
+
+    config = load_config(yaml, {k.replace("__", "."): v for k, v in overrides.items()})
+    engine = assemble_engine(config.runtime, source=config.source)
+    probe = None
+    if ideal:
+        from runtime.executors.modeled.chat import LengthChat
+
+        if config.runtime.executor != "modeled":
+            raise SystemExit("the ideal is computed on the modeled tokenization only")
+        m = config.runtime.modeled
+        probe = IdealReuse(engine, LengthChat(m.chars_per_token, m.prefix_tokens),
+                           config.runtime.block_size)
     start = time.perf_counter()
-    result = simulate(yaml, out=out, **overrides)
+    result = simulate(config, out=out, engine=engine)
     wall = time.perf_counter() - start
     s = result.summary
     modeled = s.get("modeled", {})
@@ -57,16 +108,17 @@ def run_variant(yaml: str, out: Path, overrides: dict[str, Any]) -> dict[str, An
             "makespan_s": round(modeled["modeled_makespan_s"], 3) if modeled else round(wall, 2),
             "stall_s": round(modeled.get("modeled_stall_s", s["memory"].get("stall_s", 0.0)), 3),
             "cached_kv_bytes": int(s["memory"].get("device_used_bytes") or 0),
-            "evictions": int(s["memory"].get("evictions", 0))}
+            "evictions": int(s["memory"].get("evictions", 0)),
+            **({"ideal_computed_tokens": prompt - probe.reusable} if probe else {})}
 
 
 def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
-            host_bytes: int | None, work: Path) -> dict[str, Any]:
+            host_bytes: int | None, work: Path, ideal: bool = True) -> dict[str, Any]:
     """Every variant on one setting; the unbounded run first, since it sizes the budget."""
     rows: dict[str, dict[str, Any]] = {}
     base = {f"world__params__{k}": v for k, v in params.items()}
     rows["unbounded"] = run_variant(yaml, work / name / "unbounded",
-                                    {**base, **VARIANTS["unbounded"]})
+                                    {**base, **VARIANTS["unbounded"]}, ideal=ideal)
     budget = max(1, int(rows["unbounded"]["cached_kv_bytes"] * fraction))
     for variant, overrides in VARIANTS.items():
         if variant == "unbounded":
@@ -83,8 +135,15 @@ def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
               f"makespan {row['makespan_s']:9.2f} s", flush=True)
     span = {v: r["makespan_s"] for v, r in rows.items()}
     computed = {v: r["computed_tokens"] for v, r in rows.items()}
+    unbounded = rows["unbounded"]
+    if "ideal_computed_tokens" in unbounded:
+        print(f"{name:22s} ideal (every earlier prompt kept, independent count): computed "
+              f"{unbounded['ideal_computed_tokens']}", flush=True)
     return {"budget_bytes": budget, "working_set_bytes": rows["unbounded"]["cached_kv_bytes"],
             "rows": rows,
+            **({"unbounded_computed_over_ideal": round(
+                unbounded["computed_tokens"] / max(1, unbounded["ideal_computed_tokens"]), 4)}
+               if "ideal_computed_tokens" in unbounded else {}),
             "scalesim_vs_lru": round(span["tokens + lru"] / span["tokens + scalesim"], 3),
             "scalesim_vs_persona_only": round(span["persona only"] / span["tokens + scalesim"],
                                               3),
@@ -121,7 +180,7 @@ def main() -> None:
         line["modeled_label"] = "modeled: qwen2.5-7b on H100, makespans in modeled seconds"
         if args.real:
             line["real"] = compare("real (smollm2, cpu)", "worlds/salon.yaml", {},
-                                   args.budget_fraction, 0, work)
+                                   args.budget_fraction, 0, work, ideal=False)
             line["real"].pop("rows")
         out = Path("experiments/results") / ("quick" if args.quick else "")
         out.mkdir(parents=True, exist_ok=True)

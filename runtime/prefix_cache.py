@@ -262,6 +262,27 @@ class PrefixTree:
         self.manager.register(seg)  # found in the store, or resident from the start
         return seg
 
+    def chain(self, seq: Sequence) -> list[int]:
+        """One hash per full block of ``seq``'s prompt a request could reuse, each of the block
+        and every one before it under the adapter (made once per sequence)."""
+        if seq.block_chain is None:
+            bs, ids = self.cache.block_size, seq.input_ids
+            chain, h = [], hash(seq.request.adapter)
+            for k in range((len(ids) - 1) // bs):
+                h = hash((h, tuple(ids[k * bs:(k + 1) * bs])))
+                chain.append(h)
+            seq.block_chain = chain
+        return seq.block_chain
+
+    def cached_blocks(self, seq: Sequence) -> int:
+        """How many of ``seq``'s leading blocks the tree holds filled now."""
+        n = 0
+        for seg, blocks in self.match(seq.request.adapter, seq.input_ids, self._max_blocks(seq)):
+            if not seg.filled:
+                break
+            n += blocks
+        return n
+
     def _max_blocks(self, seq: Sequence) -> int:
         # One token is always computed: its logits give the next output token.
         return (seq.num_tokens - 1) // self.cache.block_size

@@ -149,9 +149,14 @@ class BatchScheduler(Scheduler):
             seq.chunk = n
             budget -= n
             batch.append(seq)
+        computing = self._computing() if self.prefixes is not None and self.waiting else set()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table:
+                if computing and self._next_block_in(seq, computing):
+                    deferred.append(self.waiting.popleft())  # see _computing
+                    continue
                 if not self.admission.admit(seq):
                     if seq.status is SequenceStatus.FINISHED:  # failed: its objects never fit
                         self._failed.append(self.waiting.popleft())
@@ -168,7 +173,33 @@ class BatchScheduler(Scheduler):
             seq.chunk = n
             budget -= n
             batch.append(seq)
+            if self.prefixes is not None and not seq.prompt_cached:
+                computing.update(self.prefixes.chain(seq))
+        self.waiting.extendleft(reversed(deferred))
         return Batch(batch, self._decode_run(batch))
+
+    def _computing(self) -> set[int]:
+        """The block chains (:meth:`~runtime.prefix_cache.PrefixTree.chain`) of the prompts
+        running sequences are computing and have not cached yet.
+
+        A waiting sequence whose next uncached block is among them waits for them (its place in
+        the queue kept): once their prompt is computed and cached, it reuses it, instead of
+        computing the same blocks alongside (many agents that share a preamble and call at the
+        same instant compute it once).
+        """
+        assert self.prefixes is not None
+        computing: set[int] = set()
+        for seq in self.running:
+            if seq.status is SequenceStatus.RUNNING and not seq.prompt_cached:
+                computing.update(self.prefixes.chain(seq))
+        return computing
+
+    def _next_block_in(self, seq: Sequence, computing: set[int]) -> bool:
+        """Whether the first block of ``seq`` the cache lacks is being computed by another."""
+        assert self.prefixes is not None
+        chain = self.prefixes.chain(seq)
+        cached = self.prefixes.cached_blocks(seq)
+        return cached < len(chain) and chain[cached] in computing
 
     def _attach_prefix(self, seq: Sequence) -> None:
         """Start a newly admitted ``seq`` after the longest cached prefix of its tokens."""

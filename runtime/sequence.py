@@ -55,6 +55,8 @@ class Sequence:
     chunk: int = 0
     #: Whether the computed prompt has gone into the prefix cache.
     prompt_cached: bool = False
+    #: The prefix cache's block chain of the prompt (made when first asked for).
+    block_chain: list[int] | None = None
     generator: Any = None
 
     @property

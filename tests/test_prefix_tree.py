@@ -245,3 +245,15 @@ def test_disk_tier_round_trip(policy, tmp_path) -> None:
     rig.tree.sweep()
     rig.check()
     assert rig.cache.num_free == rig.cache.num_blocks
+
+
+def test_agents_that_call_at_once_compute_a_shared_preamble_once() -> None:
+    """Requests whose next uncached block a running prefill is computing wait for it, then
+    reuse it (in their order in the queue), rather than computing it alongside."""
+    rig = Rig("lru", None, None, 64)
+    preamble = list(range(1, 13))  # three blocks
+    seqs = [rig.submit(f"a{i}", preamble + [50 + i] * 5, [60], 1) for i in range(4)]
+    rig.run()
+    assert [s.cached_tokens for s in seqs] == [0, 12, 12, 12]
+    assert rig.executor.computed == 4 * 18 - 3 * 12  # 18 prompt tokens each
+    assert [s.request_id for s in rig.done] == [s.request_id for s in seqs]

@@ -280,8 +280,7 @@ def test_a_replica_set_declares_agents_on_their_home_and_reports_events():
     assert rid in partial and partial[rid]
     steps = [e for e in events if isinstance(e, StepTimed)]
     assert steps and {e.replica for e in steps} == {engine.home("agent0")}
-    assert any(isinstance(e, MemoryEvent) and e.object.startswith("prefix_kv:agent0:")
-               for e in events)
+    assert any(isinstance(e, MemoryEvent) and e.object == "adapter:agent0" for e in events)
     assert engine.policy_name == "lru" and not engine.uses_distance
     assert engine.clock.modeled and engine.clock.now() > 0
     assert engine.prompt_tokens("You are agent0.", "What now?") > 0
