@@ -147,3 +147,22 @@ def test_bench_peers_quick_runs_the_scalesim_side(tmp_path):
     assert headline["scalesim_decode_tok_s"] > 0 and headline["step2_gflops"] > 0
     assert "vs_llamacpp_1" not in headline  # no llama-server was asked for
     assert (tmp_path / "quick" / "bench_peers.json").is_file()
+
+
+def test_bench_prefix_stream_quick_replays_every_stream_through_the_server(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_prefix_stream", "--quick"],
+                         env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["experiment"] == "bench_prefix_stream" and line["engine"] == "modeled"
+    streams = line["streams"]
+    assert set(streams) == {"oasis", "agentscope", "concordia", "salon"}
+    for name, result in streams.items():
+        share = result["reused_share"]
+        assert share["no reuse"] == 0.0, name
+        assert share["tokens + lru"] >= share["persona only"], name
+        assert share["unbounded"] >= share["tokens + lru"] and share["unbounded"] > 0.5, name
+    # The streams are recorded, replayable files.
+    recorded = tmp_path / "quick" / "streams"
+    assert {p.stem for p in recorded.glob("*.jsonl")} == set(streams)
