@@ -18,8 +18,9 @@ computed (not reused), the share reused, and the makespan; for the unbounded run
 computed tokens over what an independent count says an ideal cache would compute
 (:class:`IdealReuse`), (modeled seconds on the cost model, or
 wall seconds on the real engine with ``--real``). Two modeled settings: ``rounds`` (every guest
-speaks every round: large batches, where prefill dominates) and ``continuous`` (exponential
-gaps: the engine sees one or two sequences at a time). The JSON headline holds the ratios.
+speaks every round: large batches, where prefill dominates), ``sparse rounds`` (a fifth of the
+guests in each round, as in the paper's setting) and ``continuous`` (exponential gaps: the
+engine sees one or two sequences at a time). The JSON headline holds the ratios.
 
     python -m experiments.bench_prefix [--quick] [--real]
 """
@@ -169,6 +170,8 @@ def main() -> None:
         work = Path(tmp)
         modeled = {}
         for name, params in (("rounds", {"guests": guests, "synchronous": True}),
+                             ("sparse rounds", {"guests": guests, "synchronous": True,
+                                                "participation": 0.2, "gap_minutes": 10}),
                              ("continuous", {"guests": guests})):
             for tier, host in (("dropped", 0), ("host", None)):
                 label = f"{name}, evicted {tier}"

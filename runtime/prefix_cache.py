@@ -155,7 +155,9 @@ class PrefixTree:
     """The radix tree of one KV pool under ``manager`` (see the module docstring).
 
     ``block_nbytes`` is what one block of KV weighs in the manager's budget (the pool's own
-    blocks, or the modeled model's); ``scope`` what it keeps (:data:`SCOPES`); ``segment`` the segment class (:class:`SizedSegment` for a
+    blocks, or the modeled model's); ``scope`` what it keeps (:data:`SCOPES`), and
+    ``cache_outputs=False`` leaves generated tokens out (a modeled reply is placeholder ids that
+    no later prompt contains: cached, they would only take room); ``segment`` the segment class (:class:`SizedSegment` for a
     sizing-only pool); ``identity(segment, token_ids)`` what the KV of a segment whose input
     begins with ``token_ids`` is computed from (the persistent store's key), ``None`` for none.
     """
@@ -163,10 +165,11 @@ class PrefixTree:
     def __init__(self, cache: KVCache, manager: MemoryManager, *, block_nbytes: int | None = None,
                  segment: type[Segment] = Segment,
                  identity: Callable[[Segment, list[int]], dict[str, Any] | None] | None = None,
-                 scope: str = "tokens") -> None:
+                 scope: str = "tokens", cache_outputs: bool = True) -> None:
         if scope not in SCOPES:
             raise ValueError(f"prefix cache scope {scope!r}: choose one of {', '.join(SCOPES)}")
         self.scope = scope
+        self.cache_outputs = cache_outputs
         self.cache = cache
         self.manager = manager
         self.block_nbytes = cache.block_nbytes if block_nbytes is None else block_nbytes
@@ -309,6 +312,8 @@ class PrefixTree:
         end = min(seq.num_computed, len(ids)) // bs
         if self.scope == "persona":
             end = min(end, len(seq.prefix_ids) // bs)
+        elif not self.cache_outputs:
+            end = min(end, seq.num_prompt_tokens // bs)
         table, agent, adapter = seq.block_table, seq.request.agent_id, seq.request.adapter
         parent: Segment | None = None
         children = self._roots.setdefault(adapter, {})

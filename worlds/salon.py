@@ -3,8 +3,9 @@
 Every guest follows the same house rules (a long preamble shared by all), has a persona of its
 own and keeps its whole conversation so far in every prompt (``LLMAgent(history_turns=...)``):
 each call sends the rules, the persona, every earlier exchange and one new line. Guests wake at
-random times (continuous time, exponential gaps; ``synchronous``: all at once every
-``gap_minutes``, in rounds) and make a remark to the room; with
+random times (continuous time, exponential gaps; ``synchronous``: in rounds every
+``gap_minutes``, each guest in a round with probability ``participation``) and make a remark
+to the room; with
 probability ``reply_chance`` a neighbour in the acquaintance graph (a small world) is addressed
 by it and answers before its own next remark. This is the request stream of chat-style agent frameworks (growing histories
 over a shared system preamble), where a cache of whole prompts' prefixes saves most of the work.
@@ -41,18 +42,15 @@ class Guest(LLMAgent["Salon"]):
         "answer": "{speaker} says to you: \"{line}\" Answer {speaker} in one sentence.",
     }
 
-    def __init__(self, name: str, persona: str, remarks: int, gap_minutes: float,
-                 **kwargs) -> None:
+    def __init__(self, name: str, persona: str, remarks: int, **kwargs) -> None:
         super().__init__(name, persona, **kwargs)
         self.remarks = remarks
-        self.gap_minutes = gap_minutes
         self.answers = 0
 
     def run(self):
         made = 0
         while made < self.remarks:
-            gap = self.gap_minutes if self.world.synchronous else \
-                self.world.random.expovariate(1 / self.gap_minutes)
+            gap = self.world.next_gap()
             message = yield self.receive(timeout=gap)
             if message is not None:  # addressed by a neighbour: answer first
                 yield from self.say(self.prompts["answer"].format(speaker=message.sender,
@@ -72,14 +70,19 @@ class Salon(World):
 
     def setup(self, guests: int = 4, remarks: int = 3, gap_minutes: float = 10.0,
               neighbours: int = 2, reply_chance: float = 0.5, rules_repeat: int = 1,
-              history_turns: int = 8, max_tokens: int = 24, synchronous: bool = False) -> None:
+              history_turns: int = 8, max_tokens: int = 24, synchronous: bool = False,
+              participation: float = 1.0) -> None:
         if guests < 2:
             raise ValueError(f"world.params.guests must be >= 2, got {guests}")
         if not 0 <= reply_chance <= 1:
             raise ValueError(f"world.params.reply_chance must be in [0, 1], got {reply_chance}")
         self.reply_chance = reply_chance
-        #: every guest speaks every ``gap_minutes`` exactly (rounds), not at random times
+        self.gap_minutes = gap_minutes
+        #: guests speak in rounds every ``gap_minutes``, not at random times
         self.synchronous = synchronous
+        if not 0 < participation <= 1:
+            raise ValueError(f"world.params.participation must be in (0, 1], got {participation}")
+        self.participation = participation
         k = min(max(2, neighbours), guests - 1)
         acquaintances = nx.connected_watts_strogatz_graph(guests, k, 0.2,
                                                           seed=self.random.randrange(2**31))
@@ -88,10 +91,20 @@ class Salon(World):
         for i in range(guests):
             persona = (f"{rules}\nYou are guest {i}, a {self.random.choice(TRAITS)} "
                        f"{self.random.choice(JOBS)}.")
-            self.guests.append(self.add(Guest(f"guest{i}", persona, remarks, gap_minutes,
+            self.guests.append(self.add(Guest(f"guest{i}", persona, remarks,
                                               history_turns=history_turns,
                                               max_tokens=max_tokens)))
         self.acquaintances = acquaintances
+
+    def next_gap(self) -> float:
+        """Minutes until a guest's next remark: exponential, or in rounds a whole number of
+        rounds (each round a guest speaks with probability ``participation``)."""
+        if not self.synchronous:
+            return self.random.expovariate(1 / self.gap_minutes)
+        rounds = 1
+        while self.random.random() >= self.participation:
+            rounds += 1
+        return rounds * self.gap_minutes
 
     def listener_of(self, guest: Guest) -> Guest | None:
         """A neighbour who answers ``guest``'s remark, or nobody."""

@@ -116,7 +116,7 @@ class ModeledExecutor:
         #: the prefix cache over the pool (None: prefix KV is not managed)
         self.prefixes = PrefixTree(self.cache, memory, segment=SizedSegment,
                                    block_nbytes=block_size * cost.kv_bytes_per_token,
-                                   scope=prefix_cache) \
+                                   scope=prefix_cache, cache_outputs=False) \
             if "prefix_kv" in managed else None
         self._objects: dict[str, ModeledMemory] = {}
         self._stop_hits: dict[tuple[str, ...], bool] = {}
