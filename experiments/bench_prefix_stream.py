@@ -66,9 +66,7 @@ import argparse
 import asyncio
 import json
 import random
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,7 +76,7 @@ import httpx
 from experiments.harness import headline
 from experiments.results_dir import results_dir
 from scalesim.config import load_serve_config
-from scalesim.serve import Server, build_server
+from scalesim.serve import build_server
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "no reuse": {"memory": {"policy": "none"}},
@@ -510,35 +508,12 @@ def server_config(real: bool, variant: str, device_bytes: int | None) -> dict[st
     return {"runtime": runtime, "serve": {"port": 0, "max_pending": 1024}}
 
 
-@contextmanager
-def running_server(config: dict[str, Any]) -> Iterator[Server]:
-    """A server on an ephemeral loopback port, on a thread, until the block ends."""
-    server = build_server(load_serve_config(config))
-    sock = server.bind()
-    thread = threading.Thread(target=server.serve, args=(sock,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass  # not listening yet
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not come up")
-        time.sleep(0.05)
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(120)
-
-
 def run_variant(path: Path, real: bool, variant: str, device_bytes: int | None
                 ) -> ReplayResult:
     """Replay the stream recorded at ``path`` against a fresh server of ``variant``."""
     entries = read_stream(path)
-    with running_server(server_config(real, variant, device_bytes)) as server:
+    server_of = build_server(load_serve_config(server_config(real, variant, device_bytes)))
+    with server_of.running() as server:
         url = f"http://127.0.0.1:{server.port}/v1"
         result = asyncio.run(replay(url, MODEL["real" if real else "modeled"], entries))
         report = server.engine.report()

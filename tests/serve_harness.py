@@ -7,12 +7,9 @@ the engine loop and writes the trace, and joins the thread.
 
 from __future__ import annotations
 
-import threading
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import httpx
 
 from scalesim.config import load_serve_config
 from scalesim.serve import Server, build_server
@@ -33,28 +30,8 @@ def modeled_config(**serve: Any) -> dict[str, Any]:
 
 @contextmanager
 def running_server(config: dict[str, Any]) -> Iterator[Server]:
-    server = build_server(load_serve_config(config))
-    sock = server.bind()
-    thread = threading.Thread(target=server.serve, args=(sock,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    last: object = None
-    while True:
-        try:
-            last = httpx.get(f"{base_url(server)[:-3]}/health", timeout=2).status_code
-        except httpx.HTTPError as exc:  # not listening yet
-            last = exc
-        if last == 200:
-            break
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the test server did not come up (last answer: {last!r})")
-        time.sleep(0.05)
-    try:
+    with build_server(load_serve_config(config)).running(timeout_s=60) as server:
         yield server
-    finally:
-        server.stop()
-        thread.join(60)
-        assert not thread.is_alive(), "the test server did not shut down"
 
 
 def base_url(server: Server) -> str:

@@ -161,8 +161,10 @@ def test_bench_prefix_stream_quick_replays_every_stream_through_the_server(tmp_p
     for name, result in streams.items():
         share = result["reused_share"]
         assert share["no reuse"] == 0.0, name
-        assert share["tokens + lru"] >= share["persona only"], name
-        assert share["unbounded"] >= share["tokens + lru"] and share["unbounded"] > 0.5, name
+        # Unbounded, the token-level cache reuses at least what persona-only reuse does; under a
+        # quarter budget it may reuse less (cyclic speakers: see experiments/README.md).
+        assert share["unbounded"] >= max(share["tokens + lru"], share["persona only"]), name
+        assert share["unbounded"] > 0.5, name
     # The streams are recorded, replayable files.
     recorded = tmp_path / "quick" / "streams"
     assert {p.stem for p in recorded.glob("*.jsonl")} == set(streams)

@@ -20,7 +20,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import uvicorn
 
@@ -112,6 +113,29 @@ class Server:
             self.uvicorn.run(sockets=[sock])
         finally:
             self.shutdown()  # also when uvicorn failed before the app's lifespan ended
+
+    @contextmanager
+    def running(self, timeout_s: float = 120.0) -> Iterator[Server]:
+        """Serve on a thread for the ``with`` block (tests, benchmarks, notebooks; with
+        ``serve.port: 0`` on an ephemeral port, :attr:`port`): ready when the block starts,
+        stopped and drained when it ends. Raises :class:`RuntimeError` if the server does not
+        come up, or does not shut down, within ``timeout_s``."""
+        sock = self.bind()
+        thread = threading.Thread(target=self.serve, args=(sock,), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not (self.uvicorn is not None and self.uvicorn.started):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not come up within {timeout_s:g} s")
+            time.sleep(0.02)
+        try:
+            yield self
+        finally:
+            self.stop()
+            thread.join(timeout_s)
+        if thread.is_alive():
+            raise RuntimeError(f"the server did not shut down within {timeout_s:g} s")
 
     def stop(self) -> None:
         """Ask uvicorn to shut down gracefully (from another thread)."""
