@@ -128,23 +128,28 @@ class AgentOutfit:
     def measure(self, engine: EngineInterface, sample: str) -> OutfitSizes:
         """What an agent with the first adapter and ``sample`` as persona takes on ``engine``.
 
-        The engine says it: one agent calls twice; the memory events of its first call give the
-        bytes of its adapter and of its persona's KV, and the cached tokens of its second call
-        (the persona's KV reused) the persona's length in tokens.
+        The engine says it: one agent calls twice. The memory event of its adapter's first load
+        gives the adapter's bytes; the KV its first call leaves in the prefix cache (the
+        manager's ``bytes_cached``) what the agent's persona and prompt take there; the cached
+        tokens of its second call (the persona's KV reused) the persona's length in tokens.
         """
-        first_bytes: dict[str, int] = {}
+        adapter_bytes: list[int] = []
 
         def note(event: EngineEvent) -> None:
-            if isinstance(event, MemoryEvent):
-                first_bytes.setdefault(event.kind, event.bytes)
+            if isinstance(event, MemoryEvent) and event.kind == "adapter":
+                adapter_bytes.append(event.bytes)
 
         engine.listen(note)
         prefix = long_persona(sample, self.persona_tokens)
-        calls = [done for _, _, done in serve_in_turn(engine, 1, 2, lambda agent, call: Request(
-            "outfit-probe", "Hi", prefix=prefix, adapter=self.adapters[0],
-            sampling=SamplingParams(max_tokens=1)))]
-        return OutfitSizes(first_bytes["adapter"], calls[-1].cached_tokens,
-                           first_bytes["prefix_kv"])
+        calls = []
+        for _ in range(2):
+            calls += [done for _, _, done in serve_in_turn(
+                engine, 1, 1, lambda agent, call: Request(
+                    "outfit-probe", "Hi", prefix=prefix, adapter=self.adapters[0],
+                    sampling=SamplingParams(max_tokens=1)))]
+            if len(calls) == 1:
+                cached_bytes = int(engine.report()["memory"]["bytes_cached"])
+        return OutfitSizes(adapter_bytes[0], calls[-1].cached_tokens, cached_bytes)
 
 
 class AdapterTown(Town):

@@ -64,8 +64,10 @@ class PersonaBuild:
     """Forward-pass seconds spent computing personas, apportioned by token count.
 
     A call whose persona must be computed makes the memory manager report the persona's KV
-    object recomputed (a ``recompute`` :class:`MemoryEvent`, as the call is admitted); the
-    persona's tokens are then the first its call computes. So while persona tokens are pending,
+    segment recomputed (a ``recompute`` :class:`MemoryEvent`, as the call is admitted, when the
+    prefix cache still had it) or computed for the first time (``compute``, cause ``persona``,
+    once the call's prompt is done: then the next prefill tokens are counted in its place, an
+    approximation of when); the persona's tokens are then the first its call computes. So while persona tokens are pending,
     a timed step's prefill tokens count as persona tokens, and the step's seconds are shared
     between its tokens by count. Pending tokens come from the KV object's bytes, i.e. rounded up
     to whole KV blocks; when several calls prefill in one step, one's prompt tokens may count
@@ -80,7 +82,8 @@ class PersonaBuild:
 
     def __call__(self, event: EngineEvent) -> None:
         if isinstance(event, MemoryEvent):
-            if event.kind == "prefix_kv" and event.op == "recompute":
+            if event.kind == "prefix_kv" and (event.op == "recompute" or (
+                    event.op == "compute" and event.cause == "persona")):
                 self._pending += event.bytes // self.kv_bytes_per_token
         elif isinstance(event, StepTimed) and self._pending and event.tokens:
             persona = min(self._pending, event.prefill_tokens)

@@ -363,7 +363,10 @@ class PrefixTree:
                 self.recomputed_tokens += len(seg.tokens)
             self._seen.add(seg.path_hash)
             children[seg.tokens[:bs]] = seg
-            if not self.manager.install_computed(seg, [agent], protect=protect):
+            # A persona computed is worth a row of the memory log; other segments are not
+            # (nearly every call inserts some).
+            cause = "persona" if b == persona else None
+            if not self.manager.install_computed(seg, [agent], protect=protect, log=cause):
                 del children[seg.tokens[:bs]]
                 self.cache.release(seg.blocks)
                 seg.blocks = []

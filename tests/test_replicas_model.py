@@ -53,4 +53,4 @@ def test_two_torch_replicas_match_one_torch_engine(tmp_path):
                             **torch_tiny)
     assert two.trace["error"].isna().all()
     assert calls(two).equals(calls(one))
-    assert len(two.memory) > 0  # each in-process replica's manager records its operations
+    assert two.summary["cached_tokens"] > 0  # each replica's prefix cache serves its agents

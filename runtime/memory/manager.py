@@ -224,11 +224,12 @@ class MemoryManager:
             self._device.index.forget(obj.key)
 
     def install_computed(self, obj: AgentMemory, users: Iterable[str] = (), *,
-                         protect: Iterable[str] = ()) -> bool:
+                         protect: Iterable[str] = (), log: str | None = None) -> bool:
         """Make ``obj``, whose contents the engine has just computed in place (a prefix segment
         of a request's KV), resident: register it, make room in the policy's order (never
         evicting ``protect``) and install it at no copy cost. ``False`` if no room can be made
-        (nothing changes; the caller lets the contents go)."""
+        (nothing changes; the caller lets the contents go). Reported (op ``compute``) only
+        with a ``log`` cause: a prefix cache inserts on most calls."""
         obj = self.register(obj, users, preload=False)
         if obj.device is not None:
             return True
@@ -242,9 +243,9 @@ class MemoryManager:
         obj.device = {}
         self.policy.on_access(obj)
         self._device.install(obj)
-        # Not logged: no data moved, and a prefix cache inserts on most calls (the memory log
-        # would grow by a row or two per call); the totals count it.
         self.totals.bytes_cached += obj.nbytes
+        if log is not None:
+            self._log(obj, "compute", "compute", "device", log, self.distance_of(obj))
         return True
 
     def replace(self, old: AgentMemory, parts: list[AgentMemory]) -> bool:
