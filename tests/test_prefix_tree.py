@@ -38,7 +38,7 @@ def kv_value(tokens: list[int]) -> float:
     return float(h)
 
 
-class Stand_in:
+class StandIn:
     """Computes chunks by writing :func:`kv_value` and checks every slot it reads."""
 
     def __init__(self, cache: KVCache) -> None:
@@ -81,7 +81,7 @@ class Rig:
         self.scheduler = BatchScheduler(
             self.cache, 3, 12, self.admission, prefixes=self.tree,
             reclaim=self.admission.reclaim_prefix_blocks(nbytes))
-        self.executor = Stand_in(self.cache)
+        self.executor = StandIn(self.cache)
         self.ids = 0
         self.done: list[Sequence] = []
 
@@ -230,7 +230,7 @@ def test_eviction_is_leaf_first_and_a_branch_reloads_bit_identical() -> None:
     assert evicted and evicted[0] == leaf.key
     assert all(s.host is not None for s in ann if s.device is None)
     back = rig.submit("ann", [1] * 8, [2] * 9 + [5] * 3, 1)
-    rig.run()  # Stand_in checks every reused slot: the reload is bit-identical
+    rig.run()  # StandIn checks every reused slot: the reload is bit-identical
     assert back.cached_tokens >= 16
 
 
