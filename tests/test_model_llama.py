@@ -6,60 +6,16 @@ import pytest
 import torch
 
 from runtime.kv_cache import KVCache
-from runtime.model.attention import BatchLayout, CpuPagedAttention, TorchPagedAttention
-from runtime.model.kernels import cpu_op
+from runtime.model.attention import BatchLayout, CpuPagedAttention
 from runtime.model.llama import LlamaModel
 from runtime.model.weights import select_gemm
 from runtime.model.profiles import PROFILES, from_hf_config, profile
 from runtime.model.sampling import filter_logits, sample
 from runtime.request import SamplingParams
-
-
-def tiny_hf(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "llama3":
-        config = LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-        model = LlamaForCausalLM(config)
-    else:
-        config = Qwen2Config(**common, tie_word_embeddings=True)
-        model = Qwen2ForCausalLM(config)
-    return model.eval()
+from tests.model_fixtures import make_attention, paged_logits, tiny_hf
 
 
 BACKENDS = ["torch", "cpu"]
-
-
-def make_attention(backend: str, cache: KVCache, c) -> TorchPagedAttention:
-    """The gathering reference or the in-place compiled kernel (which must build here)."""
-    if backend == "torch":
-        return TorchPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim)
-    kernel = cpu_op("paged_attention")
-    assert kernel is not None, "the paged-attention kernel did not build on this machine"
-    return CpuPagedAttention(cache, c.num_heads, c.num_kv_heads, c.head_dim, kernel)
-
-
-def paged_logits(model: LlamaModel, ids: list[int], chunks: list[int], block_size: int = 4,
-                 table: list[int] | None = None, backend: str = "torch") -> torch.Tensor:
-    """All-position logits of ``ids`` computed chunk by chunk through a scrambled block table."""
-    c = model.config
-    cache = KVCache(c.num_layers, 64, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
-    attention = make_attention(backend, cache, c)
-    table = table or [(7 * i + 3) % 64 for i in range(-(-len(ids) // block_size))]
-    outs, start = [], 0
-    for n in chunks:
-        pos = list(range(start, start + n))
-        attention.plan(BatchLayout([n], [start], [table]))
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in pos])
-        outs.append(model.forward(torch.tensor(ids[start:start + n]), torch.tensor(pos), slots,
-                                  cache, attention, None, torch.arange(n)))
-        start += n
-    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
