@@ -56,8 +56,6 @@ from runtime.memory.events import MemoryEvent  # noqa: E402
 from runtime.model.loader import load_hf_model  # noqa: E402
 
 QUICK = {"agents": 8, "persona_tokens": 300, "until": 660.0}
-#: bytes of one number of the runs' KV (float32: ``runtime.dtype``'s default)
-KV_DTYPE_BYTES = 4
 
 
 class PersonaBuild:
@@ -99,9 +97,11 @@ def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Names
     params = {size_param: args.agents, "max_tokens": args.max_tokens, **outfit.params()}
     if args.world == "social_feed":
         params["active_rate"] = args.active_rate
-    config = {"world": {"class": world_class, "params": params},
-              "runtime": {"executor": "torch", "memory": {"policy": policy, **memory},
-                          "max_num_seqs": 64, "kv_cache_tokens": args.kv_cache_tokens},
+    runtime = {"executor": "torch", "memory": {"policy": policy, **memory},
+               "max_num_seqs": 64, "kv_cache_tokens": args.kv_cache_tokens,
+               "model": args.model, "device": args.device, "dtype": args.dtype,
+               "random_weights": args.random_weights, "attention": args.attention}
+    config = {"world": {"class": world_class, "params": params}, "runtime": runtime,
               "sim": {"until": args.until, "seed": 0}}
     persona = PersonaBuild(kv_bytes_per_token)
     run = measured_run(config, work / f"run-{name}", [persona], hf_model=hf[0], tokenizer=hf[1])
@@ -115,7 +115,8 @@ def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Names
            "persona_tokens": persona.tokens, "hit_rate": mem["hit_rate"],
            "disk_read_mb": round(disk.get("read_bytes", 0) / 1e6, 1),
            "disk_written_mb": round(disk.get("written_bytes", 0) / 1e6, 1),
-           "preload_s": mem["preload_s"], "calls": result.summary["calls"],
+           "loaded_mb": round(mem.get("bytes_loaded", 0) / 1e6, 1),
+           "copy_s": mem.get("copy_s", 0.0), "preload_s": mem["preload_s"], "calls": result.summary["calls"],
            "iterations": run.steps.steps}
     print(f"{name:>12}: " + json.dumps(row), flush=True)
     calls = result.trace
@@ -125,7 +126,7 @@ def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Names
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default="social_feed")
     parser.add_argument("--agents", type=int, default=32)
@@ -140,13 +141,28 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="persistent store dir (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help=f"small: {QUICK}")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
-    args = parser.parse_args()
+    parser.add_argument("--tier", choices=("disk", "host"), default="disk",
+                        help="where evicted memory goes: the SSD and the persistent store "
+                             "(default), or the host tier (pinned RAM on CUDA: a GPU's setting)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--attention", default="auto", choices=("auto", "torch", "cpu", "flashinfer"))
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the profile --model with random weights (text as bytes): any "
+                             "shape on any device, no model files")
+    args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
 
-    hf = load_hf_model("smollm2-135m")
-    probe = build_engine("torch", hf_model=hf[0], tokenizer=hf[1])
+    engine_kw = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    if args.random_weights:
+        hf: tuple[Any, Any] = (None, None)
+        probe = build_engine("torch", random_weights=True, **engine_kw)
+    else:
+        hf = load_hf_model(args.model, dtype=args.dtype, device=args.device)
+        probe = build_engine("torch", hf_model=hf[0], tokenizer=hf[1], **engine_kw)
     architecture = probe.architecture()
     assert architecture is not None  # the torch engine knows its model's shapes
     work = Path(tempfile.mkdtemp(prefix="bench-memory-wall-"))
@@ -163,17 +179,20 @@ def main() -> None:
     print(f"{args.world}: {args.agents} agents, adapter {sizes.adapter_bytes / 2**20:.1f} MiB, "
           f"persona ~{prefix_tokens} tokens = {sizes.persona_bytes / 2**20:.1f} MiB of KV, "
           f"working set {working_set / 2**20:.0f} MiB, device budget "
-          f"{device_bytes / 2**20:.0f} MiB ({args.budget:.0%}); no host tier; store {store}",
-          flush=True)
+          f"{device_bytes / 2**20:.0f} MiB ({args.budget:.0%}); "
+          + (f"no host tier; store {store}" if args.tier == "disk" else
+             f"host tier {2 * working_set / 2**20:.0f} MiB"), flush=True)
 
     disk = {"device_bytes": device_bytes, "host_bytes": 0, "kv_store": str(store),
             "disk_dir": str(work / "scratch")}
-    kv_bytes_per_token = architecture.kv_bytes_per_token(KV_DTYPE_BYTES)
+    kv_bytes_per_token = architecture.kv_bytes_per_token(getattr(torch, args.dtype).itemsize)
 
     def run(name: str, policy: str, memory: dict[str, Any]) -> dict[str, Any]:
         return run_one(name, policy, memory, args, outfit, work, hf, kv_bytes_per_token)
 
     runs: dict[str, dict[str, Any]] = {}
+    if args.tier == "host":
+        return host_tier(args, run, device_bytes, 2 * working_set, prefix_tokens, work)
     runs["build"] = run("build", "scalesim", disk)
     runs["build again"] = run("build again", "scalesim", disk)
     # The measured policies run with the store complete (a run whose calls differ from the
@@ -198,7 +217,7 @@ def main() -> None:
                                 for k in o.keys() & reference.keys())
     shared_calls = min(len(o.keys() & reference.keys()) for o in outputs.values())
     m = {name: r["makespan_s"] for name, r in runs.items()}
-    headline({"experiment": "bench_memory_wall", "world": args.world, "agents": args.agents,
+    line = headline({"experiment": "bench_memory_wall", "world": args.world, "agents": args.agents,
               "persona_tokens": prefix_tokens, "budget": args.budget,
               "speedup_vs_lru": round(m["lru"] / m["scalesim"], 3),
               "slowdown_vs_infinite": round(m["scalesim"] / m["infinite"], 3),
@@ -214,6 +233,31 @@ def main() -> None:
         print(f"run directories kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+    return line
+
+
+def host_tier(args: argparse.Namespace, run: Any, device_bytes: int, host_bytes: int,
+              prefix_tokens: int, work: Path) -> dict[str, Any]:
+    """The policies with a host tier that holds every agent's memory: what leaves the device is
+    copied to host RAM (pinned on CUDA, loads on the copy stream) and back when needed."""
+    host = {"device_bytes": device_bytes, "host_bytes": host_bytes}
+    runs = {"lru": run("lru", "lru", host), "scalesim": run("scalesim", "scalesim", host),
+            "belady": run("belady", "belady", {**host, "belady_trace": str(work / "run-lru")}),
+            "infinite": run("infinite", "infinite", host),
+            "recompute": run("recompute", "lru", {"device_bytes": device_bytes, "host_bytes": 0})}
+    for r in runs.values():
+        r.pop("_outputs", None)
+    m = {name: r["makespan_s"] for name, r in runs.items()}
+    line = headline({"experiment": "bench_memory_wall", "tier": "host", "world": args.world,
+                     "model": args.model, "device": args.device, "dtype": args.dtype,
+                     "agents": args.agents, "persona_tokens": prefix_tokens, "budget": args.budget,
+                     "speedup_vs_lru": round(m["lru"] / m["scalesim"], 3),
+                     "slowdown_vs_infinite": round(m["scalesim"] / m["infinite"], 3),
+                     "speedup_vs_recompute": round(m["recompute"] / m["scalesim"], 3),
+                     "results": runs})
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return line
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from runtime.model.profiles import profile
 #: tokens one engine iteration may compute: every group's prefill fits one step (see Group)
 MAX_BATCH_TOKENS = 8192
 WORD = "the village square is busy today and "
+#: a word for a model that reads bytes (random weights): about as many tokens as WORD's BPE
+BYTE_WORD = "village "
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,30 @@ class _Running:
     decoded: int = -1
 
 
+def _members(engine: Any, g: int, group: Group, word: str) -> list[tuple[str, str, str]]:
+    """``(agent, prefix, prompt)`` of the group's ``n`` calls: texts that start with a tag of
+    their own (so the prefix cache shares no KV between them: each computes its whole prompt),
+    of one token length (tags whose texts tokenize to another length are skipped). The same
+    group index gives the same agents and texts, so a group served again finds its own KV."""
+    members: list[tuple[str, str, str]] = []
+    length = None
+    k = 0
+    while len(members) < group.n:
+        tag = f"[{g}.{k}] "
+        prefix = tag + word * group.persona if group.persona else ""
+        prompt = word * group.words if group.persona else tag + word * group.words
+        n = engine.prompt_tokens(prefix, prompt)
+        length = n if length is None else length
+        if n == length:
+            members.append((f"cal{g}-{k}", prefix, prompt))
+        k += 1
+        if k > 100 * group.n:
+            raise RuntimeError(f"no {group.n} tags of one token length for {group}")
+    return members
+
+
 def serve(engine: Any, steps: list[Any], groups: list[Group],
-          samples: list[tuple[list[SeqWork], float]]) -> None:
+          samples: list[tuple[list[SeqWork], float]], word: str = WORD) -> None:
     """Serve ``groups`` (agents ``cal<g>-<i>``, so a persona group served again finds its
     personas cached) and add every timed step's work and forward-pass seconds to ``samples``;
     ``steps`` is where the engine's listener puts its :class:`~runtime.interface.StepTimed`.
@@ -92,13 +116,13 @@ def serve(engine: Any, steps: list[Any], groups: list[Group],
     while due or engine.has_work():
         while due and due[0][1].after <= iteration:
             g, group = due.pop(0)
-            prefix, prompt = WORD * group.persona, WORD * group.words
-            length = engine.prompt_tokens(prefix, prompt)
+            members = _members(engine, g, group, word)
+            length = engine.prompt_tokens(*members[0][1:])
             if group.n * length > MAX_BATCH_TOKENS:
                 raise ValueError(f"{group} needs {group.n * length} tokens in one step, more than "
                                  f"{MAX_BATCH_TOKENS}")
-            for i in range(group.n):
-                engine.submit(Request(f"cal{g}-{i}", prompt, prefix=prefix, sampling=SamplingParams(
+            for agent, prefix, prompt in members:
+                engine.submit(Request(agent, prompt, prefix=prefix, sampling=SamplingParams(
                     max_tokens=group.max_tokens, ignore_eos=True)))
             running.append(_Running(group, length))
         before = len(steps)
@@ -129,17 +153,48 @@ def serve(engine: Any, steps: list[Any], groups: list[Group],
         running = [r for r in running if r.decoded < r.group.max_tokens - 1]
 
 
-def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
+def shapes(quick: bool, accelerator: bool = False) -> list[list[Group]]:
+    """The groups served, one list per serve.
+
+    Single prefills of growing length; decode batches of growing size and context; agents with a
+    persona prefix, served twice: the second time the persona's KV is cached and the prompt is
+    prefilled after it (long-context prefills, as in a debate's transcript); and mixes, one
+    group's prefill in the steps of another's decodes. An accelerator gets wider batches (up
+    to 128 sequences: where a GPU's steps stop being bound by reading the weights).
+    """
+    if quick:
+        return [[Group(1, 4, 2)], [Group(1, 48, 2)], [Group(4, 4, 3)], [Group(2, 40, 2)],
+                [Group(2, 20, 2, 60)], [Group(2, 20, 2, 60)],
+                [Group(2, 4, 4), Group(1, 20, 2, after=1)]]
+    found = [[Group(1, w, 2)] for w in (4, 16, 48, 96)] + [[Group(b, 4, 12)] for b in (2, 8, 24)]
+    found += [[Group(b, 40, 8)] for b in (4, 16)]
+    found += [[Group(b, 60, 4, 120)] for b in (1, 4)] * 2
+    found += [[Group(8, 4, 12), Group(1, 48, 2, after=3)],
+              [Group(16, 4, 12), Group(2, 40, 2, after=4)]]
+    found += [[Group(4, 4, 12), Group(2, 60, 4, 120, after=2)]] * 2
+    if accelerator:
+        found += [[Group(b, 4, 12)] for b in (48, 96, 128)] + [[Group(64, 12, 8)]]
+        found += [[Group(1, w, 2)] for w in (200, 400)] + [[Group(8, 100, 4)]]
+        found += [[Group(64, 4, 12), Group(2, 150, 2, after=3)]]
+    return found
+
+
+def measure(quick: bool, model: str = "smollm2-135m", device: str = "cpu",
+            dtype: str = "float32", random_weights: bool = False,
+            **engine_options: Any) -> list[tuple[list[SeqWork], float]]:
     """Serve calls of many shapes on the torch executor; return (work, seconds) for every timed
-    step (the warm-up's aside)."""
+    step (the warm-up's aside). ``random_weights``: the profile ``model`` with random weights
+    (its text is served as bytes, so a word is more tokens than with a tokenizer)."""
     import torch
 
     from runtime.engine import build_engine
     from runtime.interface import EngineEvent, StepTimed
 
-    torch.set_num_threads(2)
-    engine = build_engine("torch", model="smollm2-135m", max_num_seqs=64,
-                          max_batch_tokens=MAX_BATCH_TOKENS)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    engine = build_engine("torch", model=model, device=device, dtype=dtype,
+                          random_weights=random_weights, max_num_seqs=128,
+                          max_batch_tokens=MAX_BATCH_TOKENS, **engine_options)
     steps: list[StepTimed] = []
 
     def note(event: EngineEvent) -> None:
@@ -148,23 +203,11 @@ def measure(quick: bool) -> list[tuple[list[SeqWork], float]]:
 
     engine.listen(note)
     samples: list[tuple[list[SeqWork], float]] = []
-    serve(engine, steps, [Group(1, 4, 2)], [])  # warm-up, not kept
-    # Single prefills of growing length; decode batches of growing size and context; agents
-    # with a persona prefix, served twice: the second time the persona's KV is cached and the
-    # prompt is prefilled after it (long-context prefills, as in a debate's transcript); and
-    # mixes, one group's prefill in the steps of another's decodes.
-    shapes = [[Group(1, w, 2)] for w in (4, 16, 48, 96)] + [[Group(b, 4, 12)] for b in (2, 8, 24)]
-    shapes += [[Group(b, 40, 8)] for b in (4, 16)]
-    shapes += [[Group(b, 60, 4, 120)] for b in (1, 4)] * 2
-    shapes += [[Group(8, 4, 12), Group(1, 48, 2, after=3)],
-               [Group(16, 4, 12), Group(2, 40, 2, after=4)]]
-    shapes += [[Group(4, 4, 12), Group(2, 60, 4, 120, after=2)]] * 2
-    if quick:
-        shapes = [[Group(1, 4, 2)], [Group(1, 48, 2)], [Group(4, 4, 3)], [Group(2, 40, 2)],
-                  [Group(2, 20, 2, 60)], [Group(2, 20, 2, 60)],
-                  [Group(2, 4, 4), Group(1, 20, 2, after=1)]]
-    for groups in shapes:
-        serve(engine, steps, groups, samples)
+    word = BYTE_WORD if random_weights else WORD
+    serve(engine, steps, [Group(1, 4, 2)], [], word)  # warm-up, not kept
+    serve(engine, steps, [Group(8, 4, 3)], [], word)
+    for groups in shapes(quick, accelerator=device != "cpu"):
+        serve(engine, steps, groups, samples, word)
     engine.close()
     return samples
 
@@ -208,14 +251,17 @@ def measure_disk(directory: Path, quick: bool) -> dict[str, float]:
             "disk_max_rel_error": round(float(rel.max()), 4)}
 
 
-def fit(samples: list[tuple[list[SeqWork], float]]) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Grid-search efficiencies, least-squares overheads; return params, measured, modeled."""
-    base = hardware("cpu")
-    model = profile("smollm2-135m")
+def fit(samples: list[tuple[list[SeqWork], float]], row: str = "cpu",
+        model_name: str = "smollm2-135m", dtype_bytes: int | None = None
+        ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Grid-search the efficiencies of hardware ``row``, least-squares its overheads, for the
+    steps of ``model_name``; return params, measured, modeled."""
+    base = hardware(row)
+    model = profile(model_name)
     measured = np.array([s for _, s in samples])
     nseq = np.array([len(w) for w, _ in samples], dtype=float)
     raw = CostModel(replace(base, eff_compute=1.0, eff_memory=1.0, step_overhead=0.0,
-                            seq_overhead=0.0), model)
+                            seq_overhead=0.0), model, dtype_bytes)
     parts = [raw.step(w) for w, _ in samples]
     comp = np.array([p.compute_s for p in parts])
     mem = np.array([p.memory_s for p in parts])

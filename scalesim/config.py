@@ -131,6 +131,9 @@ class RuntimeConfig(_Section):
     max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
+    random_weights: bool = Field(
+        default=False, description="the built-in profile runtime.model with random weights: no "
+        "model files, text served as bytes (shape runs, e.g. a 7B profile on a GPU)")
     quantization: Literal["none", "int8", "int4"] = Field(
         default="none", description="int8 or int4 weights (CPU), see runtime/model/weights.py")
     threads: int = Field(default=0, ge=0, description="CPU threads of the torch engine "
@@ -148,6 +151,8 @@ class RuntimeConfig(_Section):
     def _quantization_runs(self) -> "RuntimeConfig":
         if self.quantization != "none" and self.executor == "torch" and self.dtype == "float16":
             raise ValueError(f"quantization {self.quantization} needs dtype float32 or bfloat16")
+        if self.random_weights and self.executor != "torch":
+            raise ValueError(f"random_weights needs executor torch, not {self.executor}")
         return self
 
     def engine_options(self) -> dict[str, Any]:
@@ -170,7 +175,7 @@ class RuntimeConfig(_Section):
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
-                "prefix_cache": self.prefix_cache,
+                "prefix_cache": self.prefix_cache, "random_weights": self.random_weights,
                 "quantization": self.quantization,
                 "quantized_dense_from": self.quantized_dense_from, "threads": self.threads or None}
 

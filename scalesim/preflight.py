@@ -75,7 +75,7 @@ def check_config(config: RunConfig, world_class: type[World], *,
     problems: list[str] = []
     rt, mem = config.runtime, config.runtime.memory
     if engine is None:
-        problems += _model_problems(rt.model, rt.executor)
+        problems += _model_problems(rt.model, rt.executor, rt.random_weights)
     if mem.belady_trace:
         path = Path(mem.belady_trace)
         trace = path / "trace.parquet" if path.is_dir() else path
@@ -101,11 +101,16 @@ def check_config(config: RunConfig, world_class: type[World], *,
     _fail(config, problems)
 
 
-def _model_problems(model: str, executor: str) -> list[str]:
-    """``runtime.model`` that names a path that is not there (names are the loader's business)."""
+def _model_problems(model: str, executor: str, random_weights: bool = False) -> list[str]:
+    """``runtime.model`` that names a path that is not there (names are the loader's business),
+    or, for random weights, no built-in profile."""
     from runtime.model.loader import BUILTIN_GGUF
     from runtime.model.profiles import PROFILES
 
+    if random_weights:
+        return [] if model in PROFILES else [
+            f"runtime.model: random weights need a built-in profile ({', '.join(PROFILES)}); "
+            f"got {model!r}"]
     if model in BUILTIN_GGUF or (executor == "modeled" and model in PROFILES):
         return []
     path = Path(model).expanduser()

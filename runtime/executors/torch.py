@@ -17,7 +17,6 @@ tokens.
 
 from __future__ import annotations
 
-from collections import abc
 from typing import Any
 
 import torch
@@ -29,26 +28,16 @@ from runtime.executors.base import ChatCodec
 from runtime.executors.torch_memory import PooledAdapter
 from runtime.model.attention import BatchLayout, select_attention
 from runtime.interface import WallClock
+from runtime.model.byte_chat import ByteChat
 from runtime.model.chat import ChatFormat
 from runtime.model.llama import LlamaModel
 from runtime.model.profiles import ModelConfig, from_hf_config, profile
 from runtime.model.weights import DENSE_FROM, check_quantization
 from runtime.model.sampling import sample
 from runtime.prefix_cache import PrefixTree, Segment, token_digest
-from runtime.request import RequestError, Turn
+from runtime.request import RequestError
 from runtime.sequence import Batch, Sequence
 from runtime.threads import configure as configure_threads
-
-
-class NoTokenizer:
-    """The chat of a random-weights model built without a tokenizer: it can take no text."""
-
-    def encode(self, prefix: str, prompt: str,
-               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
-        raise RequestError("this engine has random weights and no tokenizer: it serves no text")
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
 
 
 class TorchExecutor:
@@ -92,7 +81,9 @@ class TorchExecutor:
         self.dtype = dtype
         self.quantization = quantization
         self.tokenizer = tokenizer
-        self.chat: ChatCodec = ChatFormat(tokenizer) if tokenizer is not None else NoTokenizer()
+        # Random weights without a tokenizer serve text as bytes (shape runs on any profile).
+        self.chat: ChatCodec = (ChatFormat(tokenizer) if tokenizer is not None
+                                else ByteChat(self.config.vocab_size, self.config.eos_token_ids))
         self.eos_token_ids = set(self.config.eos_token_ids)
         self.max_context = self.config.max_position_embeddings
         self.engine_clock = WallClock()

@@ -215,27 +215,31 @@ class CopyEngine:
         owed = self.link_latency_s
         bytes_per_s = self.link_gbps * 1e9 if self.link_gbps else None
         out: Tensors = {}
-        for name, tensor in source.items():
-            src = tensor.detach().contiguous().reshape(-1)
-            dst = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
-            copy_chunk = self._chunk_copier(src, dst.reshape(-1))
-            size = src.element_size()
-            chunk = max(size, self.chunk_bytes // size * size)  # whole elements per chunk
-            nbytes = src.numel() * size
-            for lo in range(0, nbytes, chunk):
-                if self._should_abort(job):
-                    job.aborted = True
-                    return None
-                hi = min(lo + chunk, nbytes)
-                copy_chunk(lo, hi)
-                if bytes_per_s:
-                    owed += (hi - lo) / bytes_per_s
-                    delay = start + owed - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-            out[name] = dst
-        if self.stream is not None:
-            self.stream.synchronize()
-        elif owed > 0 and not bytes_per_s:
+        try:
+            for name, tensor in source.items():
+                src = tensor.detach().contiguous().reshape(-1)
+                dst = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+                copy_chunk = self._chunk_copier(src, dst.reshape(-1))
+                size = src.element_size()
+                chunk = max(size, self.chunk_bytes // size * size)  # whole elements per chunk
+                nbytes = src.numel() * size
+                for lo in range(0, nbytes, chunk):
+                    if self._should_abort(job):
+                        job.aborted = True
+                        return None
+                    hi = min(lo + chunk, nbytes)
+                    copy_chunk(lo, hi)
+                    if bytes_per_s:
+                        owed += (hi - lo) / bytes_per_s
+                        delay = start + owed - time.perf_counter()
+                        if delay > 0:
+                            time.sleep(delay)
+                out[name] = dst
+        finally:
+            # Also when aborted or failed: copies still queued on the stream write into ``dst``
+            # buffers the allocator would otherwise hand out again as soon as they are dropped.
+            if self.stream is not None:
+                self.stream.synchronize()
+        if self.stream is None and owed > 0 and not bytes_per_s:
             time.sleep(owed)  # latency only
         return out

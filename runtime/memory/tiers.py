@@ -102,6 +102,9 @@ class Tiers:
         if obj.host is None:
             return moved
         if self._make_host_room(obj.nbytes, held, rank, moved):
+            if self._pin:  # loads from it go on the copy stream, asynchronously
+                obj.host = {k: v if v.is_pinned() else self._to_host(v)
+                            for k, v in obj.host.items()}
             self.host_used += obj.nbytes
             return moved
         tensors, obj.host = obj.host, None
@@ -133,8 +136,9 @@ class Tiers:
         return "none", moved
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        copy = tensor.to("cpu", copy=True)
-        return copy.pin_memory() if self._pin else copy
+        """A host copy of ``tensor``, in page-locked memory where pinning is on (one copy)."""
+        copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self._pin)
+        return copy.copy_(tensor)
 
     def _make_host_room(self, nbytes: int, held: Iterable[AgentMemory],
                         rank: Callable[[AgentMemory], Any], moved: list[Moved]) -> bool:

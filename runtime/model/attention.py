@@ -209,7 +209,6 @@ class FlashInferAttention:
         self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
 
     def plan(self, layout: BatchLayout) -> None:
-        device = self.cache.k.device
         bs = self.cache.block_size
         qo_indptr, kv_indptr, kv_indices, last_len = [0], [0], [], []
         for n, start, table in zip(layout.q_lens, layout.starts, layout.block_tables):
@@ -220,8 +219,10 @@ class FlashInferAttention:
             kv_indptr.append(kv_indptr[-1] + used)
             last_len.append(ctx - (used - 1) * bs)
 
+        # On the host: plan() reads the index pointers there (a device copy would be copied
+        # back, a synchronisation every step) and copies the rest to its own device buffers.
         def as_int(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
+            return torch.tensor(values, dtype=torch.int32)
 
         self._wrapper.plan(
             as_int(qo_indptr), as_int(kv_indptr), as_int(kv_indices), as_int(last_len),
@@ -234,10 +235,24 @@ class FlashInferAttention:
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
+#: the head sizes flashinfer's prefill kernels are built for
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
+
+def flashinfer_unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why flashinfer's kernels cannot serve KV of ``dtype`` and ``head_dim``, or None."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"its kernels take float16 or bfloat16 KV, not {dtype}"
+    if head_dim not in FLASHINFER_HEAD_DIMS:
+        return f"its kernels take head sizes {FLASHINFER_HEAD_DIMS}, not {head_dim}"
+    return None
+
+
 def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim: int,
                      backend: str = "auto") -> TorchPagedAttention | FlashInferAttention:
-    """``auto``: flashinfer on CUDA when it imports, the in-place kernel on CPU when it builds,
-    the torch reference otherwise. ``cpu`` insists on the kernel, ``torch`` on the reference."""
+    """``auto``: flashinfer on CUDA when it imports and its kernels take the KV's dtype and head
+    size, the in-place kernel on CPU when it builds, the torch reference otherwise. ``cpu`` and
+    ``flashinfer`` insist on theirs, ``torch`` on the reference."""
     if backend not in ("auto", "torch", "cpu", "flashinfer"):
         raise ValueError(f"attention backend must be auto, torch, cpu or flashinfer, got {backend!r}")
     on_cuda = cache.k.device.type == "cuda"
@@ -256,7 +271,12 @@ def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim
     if backend == "flashinfer" or (backend == "auto" and on_cuda):
         if not on_cuda:
             raise ValueError("attention backend flashinfer needs a CUDA device")
+        unsupported = flashinfer_unsupported(cache.k.dtype, head_dim)
+        if unsupported and backend == "flashinfer":
+            raise ValueError(f"attention backend flashinfer: {unsupported}")
         try:
+            if unsupported:  # auto: the reference serves what flashinfer's kernels do not
+                return TorchPagedAttention(cache, num_heads, num_kv_heads, head_dim)
             return FlashInferAttention(cache, num_heads, num_kv_heads, head_dim)
         except ImportError:
             if backend == "flashinfer":

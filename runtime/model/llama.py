@@ -181,12 +181,15 @@ class LlamaModel:
     def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str = "none") -> "LlamaModel":
-        """Random weights of the right shape and scale (for benchmarks and shape-only runs)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights of the right shape and scale (for benchmarks and shape-only runs).
+
+        Drawn on ``device`` itself (a 7B profile takes seconds on a GPU, minutes on its host's
+        CPU), so the same ``seed`` gives the same weights on the same kind of device."""
+        gen = torch.Generator(device=device).manual_seed(seed)
         h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
 
         def w(*shape: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=gen) * 0.02).to(device, dtype)
+            return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(dtype)
 
         def ones(n: int) -> torch.Tensor:
             return torch.ones(n, dtype=dtype, device=device)
