@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--model", default="qwen2.5-7b", help="profile of calibrate and the wall")
-    parser.add_argument("--row", default="h100", help="the cost model's hardware row")
+    parser.add_argument("--row", default="H100", help="the cost model's hardware row")
     parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for all steps")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a CPU dry run)")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")

@@ -15,6 +15,7 @@ world does not take) raises :class:`ConfigError` whose message is one line namin
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -198,6 +199,17 @@ class FailurePolicy(_Section):
     fail_fast: bool = Field(default=False, description="stop at the first failed call")
 
 
+class ReplayConfig(_Section):
+    """``replay``: answer calls from an earlier run's record (scalesim/replay.py).
+
+    ``mode: resume`` (``--resume RUN_DIR``) replays while every call matches, then goes live;
+    ``mode: cache`` answers any call that matches a recorded one of its agent.
+    """
+
+    run: str | None = Field(default=None, description="the earlier run's directory")
+    mode: Literal["resume", "cache"] = "resume"
+
+
 class OutputConfig(_Section):
     dir: str | None = None
     progress: bool = True
@@ -215,6 +227,7 @@ class RunConfig(_Section):
     sim: SimConfig = Field(default_factory=SimConfig)
     run: FailurePolicy = Field(default_factory=FailurePolicy)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     #: The YAML file this came from (``None`` when built in Python).
     source: Path | None = Field(default=None, exclude=True)
 
@@ -312,6 +325,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the dotted keys of ``overrides`` set, in a copy (``data``, perhaps the
+    caller's own dict, is left as it was)."""
+    data = copy.deepcopy(data)
     for dotted, value in overrides.items():
         node = data
         parts = dotted.split(".")

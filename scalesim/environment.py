@@ -8,6 +8,10 @@ Requests finishing in that iteration succeed their events at the same instant, t
 wake may ask again, and those new requests join the running batch at the next iteration. LLM calls
 therefore take zero simulated time, and every call of one instant is batched together.
 
+With a :attr:`SimEnvironment.replay` (:mod:`scalesim.replay`), a call that matches an earlier
+run's record is answered from it instead: it waits, without the engine, for the iteration that
+finished it in the recorded run, so the agents resume in the order they did then.
+
 The environment always has an *observer* (:class:`SimObserver`): agents report what they block
 on and the environment reports calls to it. A run's observer is the
 :class:`~scalesim.distance.DistanceOracle`; without one it is a :class:`NullObserver`, so no
@@ -18,6 +22,7 @@ environment, where the oracle reads them.
 from __future__ import annotations
 
 import gc
+import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
@@ -28,6 +33,7 @@ from runtime.interface import EngineInterface
 from runtime.replicas import ReplicaFailure
 
 if TYPE_CHECKING:
+    from scalesim.replay import RecordedCall, Replay
     from scalesim.turns import TurnOrder
 
 
@@ -44,6 +50,12 @@ class LLMCall(simpy.Event):
         self.request = request
         self.submit_time = env.now
         self.predicted_rank: int | None = None
+        #: this call's place in its agent's sequence of calls (0 for its first)
+        self.position = 0
+        #: the environment's engine iteration in which it finished (set when it does)
+        self.iteration = 0
+        #: answered from an earlier run's record (:mod:`scalesim.replay`), not by the engine
+        self.replayed = False
 
 
 class SimObserver(Protocol):
@@ -147,13 +159,33 @@ class SimEnvironment(simpy.Environment):
         #: The :class:`~scalesim.turns.TurnOrder` objects created on this environment.
         self.turn_orders: list[TurnOrder] = []
         self.observer: SimObserver = observer(self) if observer is not None else NullObserver()
+        #: answers calls from an earlier run's record, where it matches (None: the engine all)
+        self.replay: Replay | None = None
+        #: engine iterations run so far (replayed ones counted where the record ran them)
+        self.iterations = 0
+        self._positions: dict[str, int] = {}
+        #: calls answered from the record, waiting for their iteration; keyed as in_flight
+        self._answered: dict[int, RecordedCall] = {}
 
     def submit(self, agent_id: str, request: Request) -> LLMCall:
-        """Hand ``request`` to the engine now and return the event of its reply."""
+        """Hand ``request`` to the engine now (or answer it from :attr:`replay`'s record) and
+        return the event of its reply."""
         call = LLMCall(self, agent_id, request)
+        call.position = self._positions.get(agent_id, 0)
+        self._positions[agent_id] = call.position + 1
         call.predicted_rank = self.observer.on_submit(agent_id)
         for listener in self.submit_listeners:
             listener(agent_id)
+        recorded = (self.replay.answer(agent_id, call.position, request, self.now)
+                    if self.replay is not None else None)
+        if recorded is not None:
+            call.replayed = True
+            key = -self.replay.replayed  # type: ignore[union-attr]  # never an engine's id
+            self._answered[key] = recorded
+            self.in_flight[key] = call
+            return call
+        if self.replay is not None and request.request_id < 0:
+            request.request_id = self.replay.next_request_id()  # unique beside replayed ones
         self.in_flight[self.engine.submit(request)] = call
         return call
 
@@ -180,6 +212,11 @@ class SimEnvironment(simpy.Environment):
 
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
+        self.iterations += 1
+        if self._answered:
+            self._deliver_answered(live=len(self.in_flight) > len(self._answered))
+            if len(self.in_flight) == len(self._answered):  # no live call: no engine step
+                return
         try:
             completions = self.engine.step().finished
         except ReplicaFailure as failure:  # the requests of a dead replica fail, then the run
@@ -187,13 +224,30 @@ class SimEnvironment(simpy.Environment):
             raise
         self._complete(completions)
 
+    def _deliver_answered(self, live: bool) -> None:
+        """Finish recorded answers: the group of the earliest recorded iteration, in recorded
+        order, as that iteration finished them (so agents resume as they did live); all of
+        them when live calls run beside them (the trajectory has left the record by then)."""
+        first = min(r.iteration for r in self._answered.values())
+        if not live:
+            self.iterations = max(self.iterations, first)
+        due = sorted((r.row, key) for key, r in self._answered.items()
+                     if live or r.iteration == first)
+        wall = time.perf_counter()
+        for _, key in due:
+            recorded = self._answered.pop(key)
+            self._finish(self.in_flight.pop(key), recorded.completion(recorded.request_id, wall))
+
     def _complete(self, completions: list[Completion]) -> None:
         for completion in completions:
-            call = self.in_flight.pop(completion.request_id)
-            self.observer.on_finish(call.agent_id)
-            for listener in self.completion_listeners:
-                listener(call, completion)
-            if completion.ok:
-                call.succeed(completion)
-            else:
-                call.fail(RequestError(completion.error))
+            self._finish(self.in_flight.pop(completion.request_id), completion)
+
+    def _finish(self, call: LLMCall, completion: Completion) -> None:
+        call.iteration = self.iterations
+        self.observer.on_finish(call.agent_id)
+        for listener in self.completion_listeners:
+            listener(call, completion)
+        if completion.ok:
+            call.succeed(completion)
+        else:
+            call.fail(RequestError(completion.error))

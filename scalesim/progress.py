@@ -148,6 +148,14 @@ def print_summary(result: Any, console: Console | None = None) -> None:
         rows.append((f"modeled makespan ({modeled['model_profile']} on {modeled['hardware']})",
                      f"{modeled['modeled_makespan_s']:.2f} s"))
         rows.append(("modeled stall", f"{modeled['modeled_stall_s']:.2f} s"))
+    replay = s.get("replay")
+    if replay:
+        rows.append((f"replayed calls ({replay['mode']} from {replay['from']})",
+                     f"{replay['replayed_calls']} of {replay['recorded_calls']} recorded"))
+        live = replay.get("live_from")
+        if live:
+            rows.append(("went live at", f"call {live['call']} of {live['agent']} (t="
+                                         f"{live['sim_time']:g}): {live['reason']}"))
     replicas = s.get("replicas")
     if replicas:
         rows.append((f"engine replicas ({replicas['cluster']})",

@@ -51,11 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a config key, e.g. sim.until=600")
     parser.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="replay the calls recorded in RUN_DIR (an earlier run of this world, "
+                             "killed or not) while they match, then go on live")
     args = parser.parse_args(argv)
 
     run_dir: Path | None = None
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
+        if args.resume:
+            overrides.update({"replay.run": args.resume, "replay.mode": "resume"})
         config = load_config(args.config, overrides)
         run_dir = Path(args.out) if args.out else default_run_dir(config)
         result = simulate(config, out=run_dir, progress=not args.no_progress)

@@ -36,6 +36,7 @@ from scalesim.distance import DistanceOracle
 from scalesim.environment import LLMCall, SimEnvironment, relaxed_gc
 from scalesim.preflight import check_config, check_run_dir
 from scalesim.stopping import RunFailed, RunInterrupted, StopSignals
+from scalesim.replay import Replay
 from scalesim.trace import RecordError, RunResult, TraceRecorder, error_counts
 from scalesim.world import World
 
@@ -74,6 +75,10 @@ class Simulation:
         self.world_class = import_world_class(config)
         check_config(config, self.world_class, engine=engine,
                      needs_belady_trace=order is None and policy is None)
+        # Read and checked before the model loads: a wrong record is a configuration error.
+        replay = Replay(config.replay.run, config.replay.mode) if config.replay.run else None
+        if replay is not None:
+            replay.check_compatible(config)
         self.engine = engine if engine is not None else assemble_engine(
             config.runtime, source=config.source, policy=policy)
         mem = config.runtime.memory
@@ -85,6 +90,7 @@ class Simulation:
 
         self.env = SimEnvironment(self.engine, observer=observe)
         assert self.oracle is not None
+        self.env.replay = replay
         self.recorder: TraceRecorder | None = TraceRecorder() if record else None
         #: the agent of every call, in submission order (what ``belady`` replays)
         self.calls: list[str] = []
@@ -210,7 +216,8 @@ class Simulation:
     def summary(self) -> dict[str, Any]:
         """The sections of ``summary.json`` beyond the trace's own totals."""
         assert self.oracle is not None
-        return {"distance": self.oracle.quality(), **self.engine.report()}
+        replay = {"replay": self.env.replay.report()} if self.env.replay is not None else {}
+        return {"distance": self.oracle.quality(), **self.engine.report(), **replay}
 
     def check_failures(self) -> RunFailed | None:
         """The failure policy's verdict on a run that went to its end (None: it passes)."""
@@ -259,13 +266,15 @@ def default_run_dir(config: RunConfig) -> Path:
 
 def simulate(source: str | Path | dict[str, Any] | RunConfig, *, out: str | Path | None = None,
              progress: bool = False, engine: EngineInterface | None = None,
-             **overrides: Any) -> RunResult:
+             resume: str | Path | None = None, **overrides: Any) -> RunResult:
     """Run a world and return its trace, memory log and summary.
 
     ``source`` is a YAML path, a dict of the same shape or a :class:`RunConfig`. Keyword
     overrides use ``__`` for the dots of ``--set``: ``simulate("town.yaml", sim__until=600)``.
     Pass an already built ``engine`` to run several worlds without loading the model again; the
-    ``runtime`` section is then not used to build one.
+    ``runtime`` section is then not used to build one. ``resume``: the directory of an earlier
+    run of this world (killed or not) whose calls are replayed while they match, then the run
+    goes live (``replay.run`` with ``replay.mode: resume``; see :mod:`scalesim.replay`).
 
     The run directory is written however the run ends. Raises :class:`ConfigError` for a
     problem found before the run (nothing is written then); :class:`RunFailed`, carrying the
@@ -273,9 +282,15 @@ def simulate(source: str | Path | dict[str, Any] | RunConfig, *, out: str | Path
     when SIGINT, SIGTERM or SIGHUP stopped it; and whatever else stopped it as it is. The
     signal handlers in place before are restored.
     """
-    config = load_config(source, {k.replace("__", "."): v for k, v in overrides.items()})
+    settings = {k.replace("__", "."): v for k, v in overrides.items()}
+    if resume is not None:
+        settings.update({"replay.run": str(resume), "replay.mode": "resume"})
+    config = load_config(source, settings)
     run_dir = Path(out) if out is not None else default_run_dir(config)
     check_run_dir(run_dir, config)
+    if config.replay.run is not None and Path(config.replay.run).resolve() == run_dir.resolve():
+        raise ConfigError.at(config.source, "replay.run", f"{run_dir} is this run's own "
+                             "directory; write the resumed run to another (--out)")
     sim: Simulation | None = None
     signals = 0
 

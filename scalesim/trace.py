@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runtime import Completion
+from scalesim.replay import request_hash, sampling_text
 
 MEMORY_KINDS = ("adapter", "prefix_kv", "model")
 
@@ -64,6 +65,13 @@ TRACE_SCHEMA = pa.schema(
         ("bytes_loaded", pa.int64()),
         ("stall_s", pa.float64()),
         ("predicted_rank", pa.int64()),
+        # what a replay matches and delivers by (scalesim/replay.py)
+        ("agent_call", pa.int64()),
+        ("request_hash", pa.string()),
+        ("sampling", pa.string()),
+        ("adapter", pa.string()),
+        ("iteration", pa.int64()),
+        ("replayed", pa.bool_()),
     ]
 )
 
@@ -219,6 +227,12 @@ class TraceRecorder:
             "bytes_loaded": mem.bytes_loaded,
             "stall_s": mem.stall_s,
             "predicted_rank": call.predicted_rank,
+            "agent_call": call.position,
+            "request_hash": request_hash(call.request),
+            "sampling": sampling_text(call.request),
+            "adapter": call.request.adapter or "",
+            "iteration": call.iteration,
+            "replayed": call.replayed,
         }
         for kind in MEMORY_KINDS:
             row[f"hits_{kind}"] = mem.hits.get(kind, 0)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import scalesim
-from runtime import Completion, build_engine
+from runtime import Completion, Request, build_engine
 from scalesim import simulation, trace as trace_module
 from scalesim.run import main
 from scalesim.trace import MEMORY_SCHEMA, TRACE_SCHEMA, RecordError, TraceRecorder
@@ -22,8 +22,9 @@ def record(recorder: TraceRecorder, n: int, start: int = 0) -> None:
     """Record ``n`` finished calls (every third one failed)."""
     for i in range(start, start + n):
         error = "request %d: boom" % i if i % 3 == 2 else None
-        call = SimpleNamespace(submit_time=float(i), request=SimpleNamespace(prompt=f"p{i}"),
-                               predicted_rank=None)
+        call = SimpleNamespace(submit_time=float(i), request=Request(f"a{i % 2}", f"p{i}"),
+                               predicted_rank=None, position=i // 2, iteration=i,
+                               replayed=False)
         done = Completion(i, f"a{i % 2}", "" if error else "ok", 3, 0, 0 if error else 1,
                           "error" if error else "stop", 1.0, None, 2.0, error=error)
         recorder.record_call(call, done, float(i))

@@ -39,6 +39,10 @@ class ServedCall:
     request: Request
     submit_time: float
     predicted_rank: int | None = None
+    #: a served request is no agent's numbered call of a simulation (see scalesim/replay.py)
+    position: int = 0
+    iteration: int = 0
+    replayed: bool = False
 
 
 class ServeRecorder:
