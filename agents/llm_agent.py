@@ -71,9 +71,17 @@ class LLMAgent(Agent[W]):
         self.history_turns = history_turns
         #: The running conversation, oldest first: ``(role, content)`` turns.
         self.history: list[tuple[str, str]] = []
-        #: Replies that could not be parsed and were replaced by a default.
-        self.parse_fallbacks = 0
-        self.reflections = 0
+        self.counters.update(parse_fallbacks=0, reflections=0)  # reported even when none
+
+    @property
+    def parse_fallbacks(self) -> int:
+        """Replies that could not be parsed and were replaced by a default (a counter)."""
+        return self.counters["parse_fallbacks"]
+
+    @property
+    def reflections(self) -> int:
+        """Reflections written into the memory stream (a counter)."""
+        return self.counters["reflections"]
 
     def observe(self, text: str, importance: float | None = None) -> Observation:
         return self.memory.add(self.now if self.in_world else 0.0, text, importance)
@@ -90,7 +98,7 @@ class LLMAgent(Agent[W]):
         reply = yield from self._one_line(prompt, max_tokens or self.max_tokens)
         line = first_line(reply.text)
         if not line:
-            self.parse_fallbacks += 1
+            self.count("parse_fallbacks")
             return default
         return line
 
@@ -124,7 +132,7 @@ class LLMAgent(Agent[W]):
         reply = yield from self._one_line(prompt, self.choice_tokens)
         choice = pick(reply.text, options)
         if choice is None:
-            self.parse_fallbacks += 1
+            self.count("parse_fallbacks")
             return default if default is not None else options[0]
         return choice
 
@@ -135,7 +143,7 @@ class LLMAgent(Agent[W]):
         insight = yield from self.say(prompt)
         self.memory.add(self.now, insight, importance=8, kind="reflection")
         self.memory.reflected()
-        self.reflections += 1
+        self.count("reflections")
         return insight
 
     def maybe_reflect(self) -> Generator[simpy.Event, Any, str | None]:
@@ -146,9 +154,10 @@ class LLMAgent(Agent[W]):
 
 
 def parse_fallbacks(world: World) -> int:
-    """Total unparseable replies of the world's agents (for ``World.metrics``)."""
-    return sum(getattr(a, "parse_fallbacks", 0) for a in world.agents.values())
+    """Total unparseable replies of the world's agents (also in ``World.counters()``)."""
+    return world.counters().get("parse_fallbacks", 0)
 
 
 def reflections(world: World) -> int:
-    return sum(getattr(a, "reflections", 0) for a in world.agents.values())
+    """Total reflections of the world's agents (also in ``World.counters()``)."""
+    return world.counters().get("reflections", 0)

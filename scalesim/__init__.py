@@ -11,6 +11,7 @@ from scalesim.environment import LLMCall, SimEnvironment
 from scalesim.simulation import Simulation, simulate
 from scalesim.stopping import RunFailed, RunInterrupted
 from scalesim.trace import RunResult, load_trace
+from scalesim.turns import TurnOrder
 from scalesim.world import World
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RunInterrupted",
     "RunResult",
     "SimEnvironment",
+    "TurnOrder",
     "World",
     "load_config",
     "Simulation",

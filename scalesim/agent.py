@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar, Union, cast
@@ -61,7 +62,15 @@ class Agent(Generic[W]):
     ``persona`` is the agent's stable prefix (the system turn of every call it makes; its KV can be
     kept between calls) and ``adapter`` the path of its own LoRA adapter, if any. The type
     parameter is the world class the agent lives in (see :attr:`world`).
+
+    An agent that never asks the LLM (a customer placing orders, a game's moderator, a clock)
+    sets :attr:`calls_llm` to False, on its class or itself: it still waits, sends and
+    receives, but it has no persona or adapter, the engine never hears of it (it is not
+    declared, so nothing of it is prefetched or held in memory) and :meth:`llm` refuses.
     """
+
+    #: whether this agent asks the LLM at all (False: see the class docstring)
+    calls_llm: bool = True
 
     def __init__(self, name: str, persona: str = "", adapter: str | None = None) -> None:
         if not inspect.isgeneratorfunction(type(self).run):
@@ -72,6 +81,13 @@ class Agent(Generic[W]):
         self._world: W | None = None
         self.inbox: simpy.Store | None = None
         self.process: simpy.Process | None = None
+        #: the agent's counts of named events (see :meth:`count`)
+        self.counters: Counter[str] = Counter()
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name``; the world's counters (the sums over its agents)
+        go into the run's summary without the world reporting them (``World.counters``)."""
+        self.counters[name] += n
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -158,6 +174,9 @@ class Agent(Generic[W]):
         The trace records ``prompt`` (the new user turn) alone; ``prompt_tokens`` counts the
         history too.
         """
+        if not self.calls_llm:
+            raise RuntimeError(f"agent {self.name!r} asked the LLM, but its calls_llm is False "
+                               f"({type(self).__name__})")
         if seed is None and temperature > 0:
             seed = self.world.random.getrandbits(31)
         sampling = SamplingParams(

@@ -36,7 +36,6 @@ their personas and prefixes again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Any, Literal
 
 from runtime import Completion, Request
 from scalesim.config import ConfigError, RunConfig
+from scalesim.trace import load_trace, request_hash, sampling_text
 
 ReplayMode = Literal["resume", "cache"]
 
@@ -54,21 +54,6 @@ _SAME = (("world", "class"), ("sim", "seed"), ("runtime", "executor"), ("runtime
 
 #: the trace columns a replay needs (a trace written before them cannot be replayed)
 COLUMNS = ("agent_call", "request_hash", "sampling", "adapter", "iteration")
-
-
-def request_hash(request: Request) -> str:
-    """A digest of everything the model reads for ``request``: persona, history and prompt."""
-    data = json.dumps([request.prefix, [dict(t) for t in request.history], request.prompt],
-                      sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-def sampling_text(request: Request) -> str:
-    """The sampling parameters of ``request`` as one comparable string."""
-    s = request.sampling
-    return json.dumps({"max_tokens": s.max_tokens, "temperature": s.temperature,
-                       "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
-                       "ignore_eos": s.ignore_eos}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -120,8 +105,6 @@ class Replay:
     """The calls of the run recorded in ``run_dir``, answered in ``mode`` (module docstring)."""
 
     def __init__(self, run_dir: str | Path, mode: ReplayMode = "resume") -> None:
-        from scalesim.trace import load_trace
-
         self.run_dir = Path(run_dir)
         self.mode = mode
         try:

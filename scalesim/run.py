@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -51,10 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a config key, e.g. sim.until=600")
     parser.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the whole traceback of an error (also SCALESIM_DEBUG=1)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="replay the calls recorded in RUN_DIR (an earlier run of this world, "
                              "killed or not) while they match, then go on live")
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SCALESIM_DEBUG", "") not in ("", "0")
 
     run_dir: Path | None = None
     try:
@@ -70,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:
         if exc.result is not None:
             print_summary(exc.result)
-        print(f"error: run failed: {_first_line(exc)}", file=sys.stderr)
+        if debug and exc.cause is not None:
+            traceback.print_exception(exc.cause, file=sys.stderr)
+        hint = " (--debug: the whole traceback)" if exc.cause is not None and not debug else ""
+        print(f"error: run failed: {_first_line(exc)}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # RunInterrupted, or Ctrl-C before the run was set up
         stop = exc if isinstance(exc, RunInterrupted) else RunInterrupted(signal.SIGINT)
@@ -83,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         return stop.exit_code
     except Exception as exc:
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         if _written(run_dir) is not None:
             print(f"partial trace written to {run_dir}", file=sys.stderr)

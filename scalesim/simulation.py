@@ -30,6 +30,7 @@ from typing import Any, Callable
 from runtime.interface import EngineEvent, EngineInterface
 from runtime.memory import DistanceSource, FutureSequence, Policy
 from runtime.memory.events import MemoryEvent
+from runtime.replicas import ReplicaFailure
 from scalesim.assembly import assemble_engine
 from scalesim.config import ConfigError, RunConfig, import_world_class, load_config
 from scalesim.distance import DistanceOracle
@@ -39,6 +40,7 @@ from scalesim.stopping import RunFailed, RunInterrupted, StopSignals
 from scalesim.replay import Replay
 from scalesim.trace import RecordError, RunResult, TraceRecorder, error_counts
 from scalesim.world import World
+from scalesim.world_frames import describe, world_frame
 
 
 def recorded_order(config: RunConfig) -> list[str]:
@@ -162,7 +164,8 @@ class Simulation:
             world.setup(**self.config.world.params)
             if self.config.runtime.memory.declare_agents:
                 for agent in world.agents.values():
-                    self.engine.declare(agent.name, agent.persona, agent.adapter)
+                    if agent.calls_llm:  # the others hold no memory
+                        self.engine.declare(agent.name, agent.persona, agent.adapter)
         self.setup_seconds = time.perf_counter() - start
         return world
 
@@ -246,7 +249,8 @@ class Simulation:
             except Exception as exc:
                 sections = {"report_error": f"{type(exc).__name__}: {exc}"}
             try:
-                world = self.world.metrics() if self.world is not None else {}
+                world = ({**self.world.counters(), **self.world.metrics()}
+                         if self.world is not None else {})
             except Exception as exc:
                 world = {"metrics_error": f"{type(exc).__name__}: {exc}"}
             return self.recorder.write(
@@ -335,11 +339,17 @@ def _run_and_write(sim: Simulation, run_dir: Path, progress: bool) -> RunResult:
         interrupted, status, error = (stop, exc), "interrupted", str(stop)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        raise
+        if isinstance(exc, (RecordError, ReplicaFailure)) or world_frame(exc) is None:
+            raise  # the library's or the machine's own failure (a full disk, a dead replica)
+        # An error in the world's code: name its line (the traceback stays on the cause).
+        failure = RunFailed(describe(exc), cause=exc)
     finally:
         if failure is not None:
             error = f"RunFailed: {failure}"
         result = sim.finish(run_dir, status, error)
+    if failure is not None and failure.cause is not None:
+        failure.result = result
+        raise failure from failure.cause
     if interrupted is not None:
         stop, cause = interrupted
         stop.result = result

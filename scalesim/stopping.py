@@ -48,11 +48,13 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class RunFailed(RuntimeError):
-    """The run broke its failure policy; :attr:`result` is what it wrote (set once written)."""
+    """The run broke its failure policy, or the world's code raised :attr:`cause` (the message
+    then names the world's line); :attr:`result` is what it wrote (set once written)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.result: RunResult | None = None
+        self.cause = cause
 
 
 def signal_name(signum: int) -> str:

@@ -23,6 +23,7 @@ final files, or the parts of a run that is still going or was killed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,8 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runtime import Completion
-from scalesim.replay import request_hash, sampling_text
+from runtime import Completion, Request
 
 MEMORY_KINDS = ("adapter", "prefix_kv", "model")
 
@@ -99,6 +99,21 @@ TABLES: dict[str, tuple[str, str, pa.Schema]] = {
 
 # Errors that differ only in the request they name are one kind of error.
 _REQUEST_PREFIX = re.compile(r"^request \d+(?: of agent (?:'[^']*'|\"[^\"]*\"))?: ")
+
+
+def request_hash(request: Request) -> str:
+    """A digest of everything the model reads for ``request``: persona, history and prompt."""
+    data = json.dumps([request.prefix, [dict(t) for t in request.history], request.prompt],
+                      sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def sampling_text(request: Request) -> str:
+    """The sampling parameters of ``request`` as one comparable string."""
+    s = request.sampling
+    return json.dumps({"max_tokens": s.max_tokens, "temperature": s.temperature,
+                       "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
+                       "ignore_eos": s.ignore_eos}, sort_keys=True)
 
 
 class RecordError(RuntimeError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from collections import Counter
 from typing import Any, Iterable, TypeVar
 
 import networkx as nx
@@ -108,7 +109,17 @@ class World:
     def record_failure(self, agent: Agent, error: Exception) -> None:
         self.failures.append((agent.name, str(error)))
 
+    def counters(self) -> dict[str, int]:
+        """The agents' counters (:meth:`Agent.count`: ``parse_fallbacks``, ``reflections``, a
+        world's own), summed over agents; the run's summary carries them beside
+        :meth:`metrics`, so a world need not report them."""
+        total: Counter[str] = Counter()
+        for agent in self.agents.values():
+            total.update(agent.counters)
+        return dict(sorted(total.items()))
+
     def metrics(self) -> dict[str, Any]:
-        """World-specific numbers for ``summary.json`` (override to add your own)."""
+        """World-specific numbers for ``summary.json`` (override to add your own; the agents'
+        :meth:`counters` are added to them)."""
         return {"agents": len(self.agents), "failed_agents": len(self.failures),
                 "interactions": int(self.graph.size(weight="messages"))}

@@ -21,7 +21,7 @@ def test_players_speak_in_order_then_all_vote_at_once():
     assert len(votes) == 8 and set(votes) == {4}
     # Bo cannot vote for himself (his reply names no candidate: a fallback), so Bo goes.
     assert all(t.eliminated == ["Bo"] for t in world.tables)
-    assert world.metrics()["parse_fallbacks"] == 2
+    assert world.counters()["parse_fallbacks"] == 2
 
 
 def test_the_game_ends_when_the_wolf_is_out_or_two_are_left():

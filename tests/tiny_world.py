@@ -51,3 +51,38 @@ class Interrupted(World):
 class NeedsParam(World):
     def setup(self, size: int) -> None:
         self.size = size
+
+
+class Courier(Agent):
+    """Carries a message to each of ``recipients`` every ``every`` time units; never calls the
+    LLM."""
+
+    calls_llm = False
+
+    def __init__(self, name: str, recipients: list[str], every: float, trips: int) -> None:
+        super().__init__(name)
+        self.recipients, self.every, self.trips = recipients, every, trips
+
+    def run(self):
+        for trip in range(self.trips):
+            yield self.wait(self.every)
+            for recipient in self.recipients:
+                self.send(recipient, f"parcel {trip}")
+            self.count("trips")
+
+
+class Reader(Agent):
+    """Asks the LLM about every message it receives."""
+
+    def run(self):
+        while True:
+            message = yield self.receive()
+            yield self.llm(f"You got {message.content}. Say thanks.", max_tokens=4)
+
+
+class Deliveries(World):
+    """Two readers and one courier who does not use the LLM."""
+
+    def setup(self, trips: int = 3) -> None:
+        readers = [self.add(Reader(f"r{i}", persona=f"You are reader {i}.")) for i in range(2)]
+        self.add(Courier("courier", [r.name for r in readers], every=2, trips=trips))

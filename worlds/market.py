@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import Agent, World
 
 HEADLINES = [
@@ -238,4 +238,4 @@ class Market(World):
                 "news_reactions": sum(t.reactions for t in self.traders),
                 "news_trades": self.news_trades, "open_price": self.open_price,
                 "price": round(self.price, 2), "high": round(self.high, 2),
-                "low": round(self.low, 2), "parse_fallbacks": parse_fallbacks(self)}
+                "low": round(self.low, 2)}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import World
 
 DAY = 1440.0
@@ -228,5 +228,4 @@ class Outbreak(World):
                 "news_believers": self.believers[:self.seed_news],
                 "llm_calls": sum(p.calls for p in people),
                 "wakeups": wakeups, "thinking_wakeups": thinking,
-                "thinking_share": round(thinking / wakeups, 3) if wakeups else None,
-                "parse_fallbacks": parse_fallbacks(self)}
+                "thinking_share": round(thinking / wakeups, 3) if wakeups else None}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import World
 from scalesim.turns import TurnOrder
 
@@ -144,4 +144,4 @@ class RoundTable(World):
                 "rounds_played": sum(t.turns.round for t in self.tables),
                 "eliminated": sum(len(t.eliminated) for t in self.tables),
                 "villager_wins": outcomes["villagers"], "wolf_wins": outcomes["wolf"],
-                "undecided": outcomes["undecided"], "parse_fallbacks": parse_fallbacks(self)}
+                "undecided": outcomes["undecided"]}

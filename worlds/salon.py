@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import World
 
 RULES = ("House rules of the salon. Guests speak one at a time and keep each remark to one "
@@ -116,5 +116,4 @@ class Salon(World):
     def metrics(self) -> dict:
         histories = [len(g.history) // 2 for g in self.guests]
         return {**super().metrics(), "answers": sum(g.answers for g in self.guests),
-                "mean_history_exchanges": round(sum(histories) / len(histories), 2),
-                "parse_fallbacks": parse_fallbacks(self)}
+                "mean_history_exchanges": round(sum(histories) / len(histories), 2)}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import World
 
 #: Relative activity by hour of day (scaled so that the mean equals ``active_rate``).
@@ -174,5 +174,4 @@ class SocialFeed(World):
         steps = max(self.now / self.step_minutes, 1) * len(self.agents)
         return {**super().metrics(), "posts": kinds["post"], "reposts": kinds["repost"],
                 "replies": kinds["reply"], "largest_cascade": max(cascades.values(), default=0),
-                "activations": activations, "active_share": round(activations / steps, 3),
-                "parse_fallbacks": parse_fallbacks(self)}
+                "activations": activations, "active_share": round(activations / steps, 3)}

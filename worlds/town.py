@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from agents import Conversation, LLMAgent, parse_fallbacks, reflections
+from agents import Conversation, LLMAgent
 from scalesim import World
 
 STREETS = [  # (place, place, walking minutes)
@@ -196,5 +196,4 @@ class Town(World):
         return None
 
     def metrics(self) -> dict:
-        return {**super().metrics(), "conversations": self.conversations,
-                "reflections": reflections(self), "parse_fallbacks": parse_fallbacks(self)}
+        return {**super().metrics(), "conversations": self.conversations}

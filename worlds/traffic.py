@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from agents import LLMAgent, parse_fallbacks
+from agents import LLMAgent
 from scalesim import World
 
 Node = tuple[int, int]
@@ -128,4 +128,4 @@ class Traffic(World):
                 "mean_trip_minutes": round(sum(trips) / len(trips), 2) if trips else None,
                 "decisions": sum(c.decisions for c in cars),
                 "autopilot_moves": sum(c.autopilot for c in cars),
-                "detours": sum(c.detours for c in cars), "parse_fallbacks": parse_fallbacks(self)}
+                "detours": sum(c.detours for c in cars)}
