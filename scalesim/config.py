@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 import importlib.util
 import sys
 import typing
@@ -92,8 +93,24 @@ class ModeledConfig(_Section):
     output_tokens: int = Field(default=32, ge=1, description="tokens each call generates")
     chars_per_token: float = Field(default=4.0, gt=0)
     preempt_prefetch: bool = Field(default=True, description="urgent loads abort prefetches")
-    replies: list[str] = Field(default_factory=lambda: ["ok"], min_length=1,
-                               description="placeholder answers, cycled per request")
+    replies: list[str] | dict[str, list[str]] = Field(
+        default_factory=lambda: ["ok"], min_length=1,
+        description="placeholder answers, cycled per request; or a mapping from a regular "
+        "expression searched in the prompt to its answers (the last for prompts none matches)")
+
+    @field_validator("replies")
+    @classmethod
+    def _replies_compile(cls, replies: list[str] | dict[str, list[str]]
+                         ) -> list[str] | dict[str, list[str]]:
+        if isinstance(replies, dict):
+            for pattern, answers in replies.items():
+                if not answers:
+                    raise ValueError(f"the answers to {pattern!r} are empty")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return replies
 
     @field_validator("hardware")
     @classmethod
@@ -165,7 +182,8 @@ class RuntimeConfig(_Section):
                 "hardware_profile": m.hardware, "lora_rank": m.lora_rank,
                 "managed": tuple(m.managed), "prefix_tokens": m.prefix_tokens,
                 "output_tokens": m.output_tokens, "chars_per_token": m.chars_per_token,
-                "preempt_prefetch": m.preempt_prefetch, "replies": tuple(m.replies),
+                "preempt_prefetch": m.preempt_prefetch, "replies": (dict(m.replies) if isinstance(m.replies, dict)
+                                                      else tuple(m.replies)),
                 "block_size": self.block_size, "prefix_cache": self.prefix_cache,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens}
             if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile

@@ -118,3 +118,26 @@ def test_a_slower_modeled_disk_costs_more():
     assert fast.copy_seconds(n, "host") == slow.copy_seconds(n, "host")
     assert slow.copy_seconds(n, "disk") - fast.copy_seconds(n, "disk") == pytest.approx(
         1e-3 - 100e-6 + n / 1e9 - n / 7e9)
+
+
+def test_modeled_replies_chosen_by_prompt_pattern(tmp_path):
+    """A mapping of regular expressions to answers: each call gets answers for its question."""
+    config = {"world": {"class": "tests.tiny_world:Pingers", "params": {"agents": 2, "rounds": 4,
+                                                                       "reword_from": 2}},
+              "runtime": {"executor": "modeled", "model": "smollm2-135m",
+                          "modeled": {"replies": {r"reworded$": ["yes", "no"],
+                                                  r"round [01]": ["first"], "": ["other"]}}},
+              "sim": {"until": 10}}
+    trace = run(config, out=tmp_path).trace
+    reworded = trace[trace.prompt.str.endswith("reworded")]
+    assert set(reworded.completion) == {"yes", "no"}
+    assert set(trace[~trace.prompt.str.endswith("reworded")].completion) == {"first"}
+
+
+@pytest.mark.parametrize("replies, message", [({"(": ["x"]}, "not a regular expression"),
+                                              ({"a": []}, "are empty")])
+def test_bad_reply_patterns_name_the_key(tmp_path, replies, message):
+    config = {"world": {"class": "tests.tiny_world:Pingers"},
+              "runtime": {"executor": "modeled", "modeled": {"replies": replies}}}
+    with pytest.raises(ConfigError, match=f"runtime.modeled.replies.*{message}"):
+        run(config, out=tmp_path)

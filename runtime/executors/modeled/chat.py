@@ -12,13 +12,14 @@ from __future__ import annotations
 import array
 import hashlib
 import math
+import re
 import sys
 from collections import abc
 from typing import Any
 
 import numpy as np
 
-from runtime.request import RequestError, Turn
+from runtime.request import Request, RequestError, Turn
 
 
 #: Output token ids start here: above every vocabulary, so a filler is never an end-of-sequence id.
@@ -72,7 +73,8 @@ class LengthChat:
 
     def __init__(self, chars_per_token: float = 4.0, prefix_tokens: int | None = None,
                  template_tokens: int = 5, vocab_size: int = 32000,
-                 replies: tuple[str, ...] = ("ok",)) -> None:
+                 replies: abc.Sequence[str] | abc.Mapping[str, abc.Sequence[str]] = ("ok",)
+                 ) -> None:
         if chars_per_token <= 0:
             raise ValueError(f"chars_per_token must be > 0, got {chars_per_token}")
         self.chars_per_token = chars_per_token
@@ -81,7 +83,21 @@ class LengthChat:
         self.vocab_size = vocab_size
         if not replies:
             raise ValueError("replies must name at least one placeholder answer")
-        self.replies = tuple(replies)
+        #: (pattern, first reply, reply count) per pattern, in order; empty: one cycled list
+        self._patterns: list[tuple[re.Pattern[str], int, int]] = []
+        if isinstance(replies, abc.Mapping):
+            flat: list[str] = []
+            for pattern, answers in replies.items():
+                if isinstance(answers, str) or not answers:
+                    raise ValueError(f"replies for {pattern!r} must be a non-empty list")
+                try:
+                    self._patterns.append((re.compile(pattern), len(flat), len(answers)))
+                except re.error as exc:
+                    raise ValueError(f"replies pattern {pattern!r}: {exc}") from None
+                flat += answers
+            self.replies = tuple(flat)
+        else:
+            self.replies = tuple(replies)
         self._markers: dict[str, list[int]] = {}
         self._cache: dict[str, list[int]] = {}
         self._seen: set[int] = set()
@@ -189,10 +205,18 @@ class LengthChat:
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[(token_ids[0] - FILLER) % len(self.replies)] if token_ids else ""
 
-    def reply(self, request_id: int, agent: str) -> tuple[int, int | None, bool]:
+    def reply(self, request: Request) -> tuple[int, int | None, bool]:
         """Which placeholder answers a call, its length (``None``: the executor's default) and
-        whether its last token is end-of-sequence."""
-        return request_id % len(self.replies), None, True
+        whether its last token is end-of-sequence. With replies per pattern, the first pattern
+        found in the prompt (a regular expression) chooses the list, the last list answering
+        a prompt no pattern matches; the request id cycles through the list."""
+        for pattern, first, count in self._patterns:
+            if pattern.search(request.prompt):
+                return first + request.request_id % count, None, True
+        if self._patterns:
+            _, first, count = self._patterns[-1]
+            return first + request.request_id % count, None, True
+        return request.request_id % len(self.replies), None, True
 
 
 class ReplayChat:
@@ -227,9 +251,10 @@ class ReplayChat:
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[token_ids[0] - FILLER] if token_ids else ""
 
-    def reply(self, request_id: int, agent: str) -> tuple[int, int | None, bool]:
-        queue = self._next.get(agent)
+    def reply(self, request: Request) -> tuple[int, int | None, bool]:
+        queue = self._next.get(request.agent_id)
         if not queue:
-            raise RequestError(f"request {request_id}: agent {agent!r} makes more calls than it "
-                               "made in the recorded run (the world did not replay identically)")
+            raise RequestError(f"request {request.request_id}: agent {request.agent_id!r} makes "
+                               "more calls than it made in the recorded run (the world did not "
+                               "replay identically)")
         return queue.pop()

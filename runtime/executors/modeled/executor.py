@@ -27,6 +27,7 @@ memory left after the weights, the agent-memory budget included.
 from __future__ import annotations
 
 import math
+from collections import abc
 from typing import Any
 
 from runtime.cost_model import CostModel, SeqWork
@@ -80,7 +81,8 @@ class ModeledExecutor:
                  prefix_tokens: int | None = None, output_tokens: int = 32,
                  chars_per_token: float = 4.0, max_num_seqs: int = 256,
                  max_batch_tokens: int = 8192, block_size: int = 16,
-                 kv_cache_tokens: int | None = None, replies: tuple[str, ...] = ("ok",),
+                 kv_cache_tokens: int | None = None,
+                 replies: abc.Sequence[str] | abc.Mapping[str, abc.Sequence[str]] = ("ok",),
                  chat: ReplayChat | None = None, prefix_cache: str = "tokens") -> None:
         for kind in managed:
             if kind not in ("adapter", "prefix_kv"):
@@ -213,7 +215,7 @@ class ModeledExecutor:
         where the engine stops it (as a recorded "length" finish did)."""
         reply = self._reply.get(seq.request_id)
         if reply is None:
-            index, length, eos = self.chat.reply(seq.request_id, seq.request.agent_id)
+            index, length, eos = self.chat.reply(seq.request)
             max_tokens = seq.request.sampling.max_tokens
             limit = min(max_tokens, self.output_tokens if length is None else length)
             filler = FILLER + index
