@@ -6,7 +6,9 @@
 compiled together with the machine's C++ compiler through ``torch.utils.cpp_extension`` the first
 time an engine asks (about half a minute) into ``$SCALESIM_CACHE/kernels``, under a name that
 carries a digest of the sources and flags, so later processes load them in milliseconds and an
-edited source is rebuilt.
+edited source is rebuilt. The build compiles copies of the sources kept in that directory, not
+the checkout's files: the build file then names the same paths whichever checkout (or
+installed copy) asks, so two checkouts that share the cache never rebuild each other's kernels.
 
 :func:`cpu_op` returns an op, or ``None`` when the kernels cannot be had (no compiler, a failed
 build, ``SCALESIM_KERNELS=0``); the engine then takes the plain torch path (gathered blocks and
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp")]
+SOURCES = ("paged_attention.cpp", "rms_norm.cpp")
 
 # -ffast-math lets the compiler vectorize the dot products, the softmax sums and expf (glibc's
 # vector math). It is passed when compiling only: linked with it, gcc would add crtfastmath,
@@ -36,24 +38,34 @@ _BASE_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 _state: dict[str, bool] = {}
 
 
-def _build(flags: list[str]) -> None:
+def _build(flags: list[str], csrc: Path = CSRC) -> Path:
+    """Build (or load the build of) the sources in ``csrc``; return the build directory."""
     from torch.utils.cpp_extension import load
 
     from runtime.model.loader import cache_dir
 
-    files = sorted(CSRC.iterdir())  # the headers too: an edited one must rebuild
+    files = sorted(csrc.iterdir())  # the headers too: an edited one must rebuild
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + " ".join(flags).encode()
                             + torch.__version__.encode()).hexdigest()[:12]
     name = f"scalesim_kernels_{digest}"
     directory = cache_dir() / "kernels" / name
-    directory.mkdir(parents=True, exist_ok=True)
+    copies = directory / "src"
+    copies.mkdir(parents=True, exist_ok=True)
+    for source in files:  # same content as the digest says; written whole, never half
+        target = copies / source.name
+        if not target.exists():
+            partial = copies / f".{source.name}.{os.getpid()}.tmp"
+            partial.write_bytes(source.read_bytes())
+            os.replace(partial, target)
     # torch looks for `ninja` on PATH; the one pip installed sits beside this interpreter.
     scripts = str(Path(sys.executable).parent)
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     # -fopenmp: ATen's parallel_for is OpenMP pragmas in the header (torch's own libgomp pool).
-    load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         build_directory=str(directory), is_python_module=False, verbose=False)
+    load(name=name, sources=[str(copies / source) for source in SOURCES], extra_cflags=flags,
+         extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+         verbose=False)
+    return directory
 
 
 def _built() -> bool:
