@@ -189,3 +189,15 @@ def kendall_tau_b(pairs: Sequence[tuple[Any, Any]]) -> float | None:
                 discordant += 1
     denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
     return (concordant - discordant) / denominator if denominator else None
+
+
+#: fewer snapshots than this and a Kendall tau says little about the prediction's quality
+RELIABLE_SNAPSHOTS = 20
+
+
+def few_snapshots(distance: dict) -> str:
+    """A warning to print beside a Kendall tau measured on too few snapshots ('' if enough)."""
+    snapshots = distance.get("snapshots")
+    if isinstance(snapshots, int) and snapshots < RELIABLE_SNAPSHOTS:
+        return f"; fewer than {RELIABLE_SNAPSHOTS}: not a reliable estimate"
+    return ""

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scalesim.prediction_quality import few_snapshots
+
 
 class ProgressDisplay:
     """Progress over simulated time with the count of LLM calls (a no-op when disabled).
@@ -140,9 +142,10 @@ def print_summary(result: Any, console: Console | None = None) -> None:
             rows.append(("memory hit rate", f"{memory['hit_rate']:.1%}"))
         rows.append(("memory loaded / stall", f"{_gib(memory['bytes_loaded'])} / "
                                                f"{memory['stall_s']:.2f} s"))
-    tau = s.get("distance", {}).get("kendall_tau")
-    if tau is not None:
-        rows.append(("distance prediction (Kendall tau)", f"{tau:.3f}"))
+    distance = s.get("distance", {})
+    if distance.get("kendall_tau") is not None:
+        rows.append(("distance prediction (Kendall tau)", f"{distance['kendall_tau']:.3f} "
+                     f"({distance.get('snapshots', '?')} snapshots{few_snapshots(distance)})"))
     modeled = s.get("modeled")
     if modeled:
         rows.append((f"modeled makespan ({modeled['model_profile']} on {modeled['hardware']})",

@@ -29,6 +29,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 
+from scalesim.prediction_quality import few_snapshots
 from scalesim.trace import MEMORY_KINDS, RunResult, load_trace
 
 PLOTS = ("calls_over_time", "activation", "latency_cdf", "hit_rate", "bytes_by_kind")
@@ -247,9 +248,18 @@ def markdown(result: RunResult, plots: Sequence[str] = PLOTS) -> str:
         lines.append(f"| agents active per sim-time bin (mean / max of {len(act)} bins) | "
                      f"{100 * act['active_share'].mean():.1f}% / "
                      f"{100 * act['active_share'].max():.1f}% |")
+    modeled = summary.get("modeled") or {}
+    if modeled:
+        lines.append(f"| modeled makespan / compute / stall ({modeled.get('model_profile')} on "
+                     f"{modeled.get('hardware')}; modeled) | "
+                     f"{modeled.get('modeled_makespan_s', float('nan')):.2f} / "
+                     f"{modeled.get('modeled_compute_s', float('nan')):.2f} / "
+                     f"{modeled.get('modeled_stall_s', float('nan')):.2f} s |")
     if len(lat):
         q = lat.quantile([0.5, 0.9, 0.99])
-        lines.append(f"| latency p50 / p90 / p99 | {q[0.5]:.3f} / {q[0.9]:.3f} / "
+        what = ("wall latency of this process (a modeled run: not the model's time, see the "
+                "modeled makespan)" if modeled else "latency")
+        lines.append(f"| {what} p50 / p90 / p99 | {q[0.5]:.3f} / {q[0.9]:.3f} / "
                      f"{q[0.99]:.3f} s |")
     lines += [f"| output tokens / s | {summary.get('output_tokens_per_s', 0)} |",
               f"| prompt tokens (cached) | {summary.get('prompt_tokens', 0)} "
@@ -267,7 +277,8 @@ def markdown(result: RunResult, plots: Sequence[str] = PLOTS) -> str:
     distance = summary.get("distance") or {}
     if distance.get("kendall_tau") is not None:
         lines.append(f"| distance prediction: Kendall tau (snapshots) | "
-                     f"{distance['kendall_tau']} ({distance.get('snapshots', '?')}) |")
+                     f"{distance['kendall_tau']} ({distance.get('snapshots', '?')}"
+                     f"{few_snapshots(distance)}) |")
     world = summary.get("world") or {}
     if world:
         lines += ["", "## World metrics", "", "| metric | value |", "|---|---|"]

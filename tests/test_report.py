@@ -1,5 +1,7 @@
 """scalesim.report: plots and report.md from a run directory; empty memory data; bad input."""
 
+import json
+
 import pandas as pd
 import pytest
 from fake_engine import FakeEngine
@@ -62,3 +64,20 @@ def test_bad_run_dir_is_one_line_and_exit_2(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "not a run directory" in err
+
+
+def test_a_modeled_run_labels_its_times_and_a_thin_tau(tmp_path):
+    config = {"world": {"class": "tests.tiny_world:Pingers", "params": {"agents": 2}},
+              "runtime": {"executor": "modeled", "model": "smollm2-135m"}, "sim": {"until": 5}}
+    scalesim.simulate(config, out=tmp_path)
+    text = report.write_report(tmp_path).read_text()
+    assert "| modeled makespan / compute / stall (smollm2-135m on H100; modeled) |" in text
+    assert "| wall latency of this process (a modeled run" in text
+    summary_file = tmp_path / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    for snapshots, warned in ((3, True), (40, False)):
+        summary["distance"] = {"kendall_tau": 0.5, "snapshots": snapshots}
+        summary_file.write_text(json.dumps(summary))
+        text = report.write_report(tmp_path).read_text()
+        assert ("0.5 (3; fewer than 20: not a reliable estimate)" in text) == warned
+        assert "0.5 (40)" in text or warned
