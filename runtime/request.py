@@ -48,6 +48,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        # A generator's seed is a 64-bit number; a larger one would fail inside an engine step.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise RequestError(f"seed must be a 64-bit integer (-2**63 .. 2**64-1), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

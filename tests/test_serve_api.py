@@ -183,6 +183,14 @@ def test_malformed_json_is_a_400_and_the_server_keeps_serving(server, client):
     assert client.chat.completions.create(model=MODEL, messages=ask("still there?")).choices
 
 
+def test_a_seed_beyond_64_bits_is_a_400_and_the_server_keeps_serving(server, client):
+    body = {"model": MODEL, "messages": ask("hi"), "seed": 2**70, "temperature": 0.5}
+    response = post(server, "/chat/completions", body)
+    assert response.status_code == 400 and "seed" in response.json()["error"]["message"]
+    assert client.chat.completions.create(model=MODEL, messages=ask("still there?"),
+                                          seed=7, temperature=0.5).choices
+
+
 def test_unknown_fields_are_ignored(server):
     body = {"model": MODEL, "messages": ask("hi"), "reasoning_effort": "low",
             "verbosity": "low", "parallel_tool_calls": False, "logit_bias": {},
