@@ -48,12 +48,14 @@ HistoryTurn = Union[tuple[str, str], Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class Message:
-    """What :meth:`Agent.send` delivers and :meth:`Agent.receive` returns."""
+    """What :meth:`Agent.send` delivers and :meth:`Agent.receive` returns: sent at ``time``,
+    in the recipient's inbox from ``arrival`` (``None``: at once)."""
 
     sender: str
     recipient: str
     content: Any
     time: float
+    arrival: float | None = None
 
 
 class Agent(Generic[W]):
@@ -220,12 +222,32 @@ class Agent(Generic[W]):
         fired = yield event | self.env.timeout(timeout)
         return fired[event] if event in fired else None
 
-    def send(self, recipient: Agent | str, content: Any) -> Message:
-        """Deliver ``content`` to another agent's inbox and record the interaction."""
+    def send(self, recipient: Agent | str, content: Any, *,
+             delay: float | None = None) -> Message:
+        """Deliver ``content`` to another agent's inbox and record the interaction.
+
+        ``delay``: the message travels that long first (an order shipped for a week, a letter);
+        default: the world's :meth:`~scalesim.World.message_delay` for this pair (0: at once).
+        A message in transit is an event in the simulation's queue: the recipient gets it on
+        arrival, and the distance oracle knows when, as it knows a timer.
+        """
         other = self.world.agent(recipient) if isinstance(recipient, str) else recipient
-        message = Message(self.name, other.name, content, self.now)
+        if delay is None:
+            delay = self.world.message_delay(self, other)
+        if not isinstance(delay, (int, float)) or not 0 <= delay < math.inf:
+            raise ValueError(f"agent {self.name!r}: a message delay must be a finite number "
+                             f">= 0, got {delay!r}")
         self.world.record_interaction(self.name, other.name)
-        other.mailbox.put(message)
+        if not delay:
+            message = Message(self.name, other.name, content, self.now)
+            other.mailbox.put(message)
+            return message
+        message = Message(self.name, other.name, content, self.now, self.now + delay)
+        self.env.observer.on_transit(other.name, self.now + delay)
+        def arrive(_: simpy.Event) -> None:
+            other.mailbox.put(message)
+
+        self.env.timeout(delay).callbacks.append(arrive)
         return message
 
     def receive(self, timeout: float | None = None, *,

@@ -7,6 +7,8 @@ serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``
 * a **pending call**: now (distance 0);
 * **timers** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
 * **deadlines**: the timeout of a ``receive`` or ``wait_for``, a bound on the wake-up;
+* **messages in transit** (``Agent.send(..., delay=d)``): an agent blocked on ``receive`` wakes
+  when the first message on its way to it arrives — exact, like a timer;
 * the **interaction graph**: an agent blocked on ``receive`` wakes when an in-neighbour sends to
   it. A neighbour ``u`` acts at its own next wake-up (its timer, deadline, turn or hint, or now
   while it calls) and, from the messages recorded on the edge, sends to ``v`` once every
@@ -38,6 +40,7 @@ nothing re-sorts all agents (a change of trust re-estimates each agent once).
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
     from scalesim.environment import SimEnvironment
 
 #: Sources that give a wake-up time (the learned lag is added to them); the others a call time.
-WAKE_SOURCES = ("timer", "deadline", "graph", "active")
+WAKE_SOURCES = ("timer", "deadline", "message", "graph", "active")
 #: The call-rate site of an agent whose call just returned.
 AFTER_CALL = ("call", "returned")
 
@@ -91,6 +94,7 @@ class DistanceOracle(CallTrackingSource):
         self._block: dict[str, Block] = {}
         self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
         self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
+        self._transit: dict[str, list[float]] = {}  # agent -> arrivals of messages on the way
         self._hint: dict[str, float] = {}
         self._turn: dict[str, float] = {}
         self._eta: dict[str, float] = {}
@@ -134,11 +138,31 @@ class DistanceOracle(CallTrackingSource):
         """``agent`` blocks until something happens, at the latest at ``deadline``."""
         self._block_on(agent, Block("receive", site, deadline))
 
+    def on_transit(self, agent: str, arrival: float) -> None:
+        """A message to ``agent`` arrives at exactly ``arrival``."""
+        before = self._acts_at(agent)
+        heapq.heappush(self._transit.setdefault(agent, []), arrival)
+        self._moved(agent, before)
+
+    def _next_transit(self, agent: str) -> float:
+        """The arrival of the first message on its way to ``agent`` (``inf``: none); arrivals
+        the clock passed are dropped (those messages are in the inbox)."""
+        arrivals = self._transit.get(agent)
+        if not arrivals:
+            return math.inf
+        now = self.env.now
+        while arrivals and arrivals[0] < now:
+            heapq.heappop(arrivals)
+        if not arrivals:
+            del self._transit[agent]
+            return math.inf
+        return arrivals[0]
+
     def on_exit(self, agent: str) -> None:
         before = self._acts_at(agent)
         self.rates.forget(agent)
         for table in (self._pending, self._called_at, self._block, self._active, self._arrival,
-                      self._hint, self._turn):
+                      self._hint, self._turn, self._transit):
             table.pop(agent, None)
         self._moved(agent, before)
 
@@ -267,6 +291,9 @@ class DistanceOracle(CallTrackingSource):
             else:
                 if now <= block.until < math.inf:
                     out["deadline"] = block.until + lag(agent, block, "deadline")
+                transit = self._next_transit(agent)
+                if transit < math.inf and transit <= block.until:  # it ends the receive
+                    out["message"] = transit + lag(agent, block, "event")
                 arrival = self._arrival.get(agent, math.inf)
                 if now <= arrival < math.inf:
                     out["graph"] = arrival + lag(agent, block, "event")

@@ -74,6 +74,9 @@ class SimObserver(Protocol):
 
     def on_exit(self, agent: str) -> None: ...
 
+    def on_transit(self, agent: str, arrival: float) -> None:
+        """A message to ``agent`` is on its way and arrives at exactly ``arrival``."""
+
     def hint(self, agent: str, eta: float) -> None: ...
 
     def use_graph(self, graph: Any) -> None:
@@ -105,6 +108,9 @@ class NullObserver:
         pass
 
     def on_exit(self, agent: str) -> None:
+        pass
+
+    def on_transit(self, agent: str, arrival: float) -> None:
         pass
 
     def hint(self, agent: str, eta: float) -> None:

@@ -81,6 +81,14 @@ class World:
         except KeyError:
             raise KeyError(f"no agent named {name!r}") from None
 
+    #: how long a message takes when its sender names no delay (see :meth:`message_delay`)
+    default_message_delay: float = 0.0
+
+    def message_delay(self, sender: Agent, recipient: Agent) -> float:
+        """How long a message from ``sender`` to ``recipient`` travels when :meth:`Agent.send`
+        names no delay: :attr:`default_message_delay`; override for delays per edge."""
+        return self.default_message_delay
+
     def record_interaction(self, sender: str, recipient: str) -> None:
         """Count one message from ``sender`` to ``recipient`` on the interaction graph."""
         if self.graph.has_edge(sender, recipient):

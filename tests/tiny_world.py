@@ -86,3 +86,30 @@ class Deliveries(World):
     def setup(self, trips: int = 3) -> None:
         readers = [self.add(Reader(f"r{i}", persona=f"You are reader {i}.")) for i in range(2)]
         self.add(Courier("courier", [r.name for r in readers], every=2, trips=trips))
+
+
+class Shipper(Agent):
+    """Ships an order to ``customer`` every ``every`` time units; each takes ``transit`` to
+    arrive (a delayed message: no courier process)."""
+
+    calls_llm = False
+
+    def __init__(self, name: str, customer: str, every: float, transit: float,
+                 orders: int) -> None:
+        super().__init__(name)
+        self.customer, self.every, self.transit, self.orders = customer, every, transit, orders
+
+    def run(self):
+        for order in range(self.orders):
+            yield self.wait(self.every)
+            self.send(self.customer, f"order {order}", delay=self.transit)
+
+
+class Shipping(World):
+    """Shippers whose orders take days to arrive, and customers who ask the LLM on arrival."""
+
+    def setup(self, customers: int = 2, transit: float = 5.0, orders: int = 2) -> None:
+        for i in range(customers):
+            customer = self.add(Reader(f"c{i}", persona=f"You are customer {i}."))
+            self.add(Shipper(f"s{i}", customer.name, every=1 + i, transit=transit,
+                             orders=orders))
