@@ -24,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, hardware
@@ -180,7 +180,8 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                 until: float | None = None, seed: int = 0, noise: float = 0.0,
                 order: list[str] | None = None, max_calls: int | None = None,
                 lookahead: int = 32, oracle: dict[str, Any] | None = None,
-                replies: tuple[str, ...] = REPLIES, replicas: int = 1) -> dict[str, Any]:
+                replies: Sequence[str] | Mapping[str, Sequence[str]] = REPLIES,
+                replicas: int = 1) -> dict[str, Any]:
     """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
 
     The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
@@ -200,7 +201,8 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
             "max_num_seqs": 256, "max_batch_tokens": 8192, "block_size": 16,
             "modeled": {"hardware": setting.hardware, "lora_rank": setting.lora_rank,
                         "managed": list(setting.managed), "prefix_tokens": setting.prefix_tokens,
-                        "output_tokens": setting.output_tokens, "replies": list(replies),
+                        "output_tokens": setting.output_tokens, "replies": ({k: list(v) for k, v in replies.items()}
+                                    if isinstance(replies, Mapping) else list(replies)),
                         "preempt_prefetch": policy != "scalesim-no-preempt"},
             "memory": {"device_bytes": memory_bytes, "lookahead": lookahead,
                        "host_bytes": None if setting.prefix_on_host else 0}}})

@@ -218,13 +218,18 @@ class DistanceOracle(CallTrackingSource):
         """``agent`` reports again: if it was blocked, it woke now, at its block's site."""
         block = self._block.pop(agent, None)
         if block is not None:
-            self.rates.woke(agent, self._site(block, self._woken_by(block)), self.env.now)
+            self.rates.woke(agent, self._site(block, self._woken_by(agent, block)), self.env.now)
             self._arrival.pop(agent, None)
 
-    def _woken_by(self, block: Block) -> str:
+    def _woken_by(self, agent: str, block: Block) -> str:
         if block.kind == "timer":
             return "timer"
-        return "deadline" if self.env.now >= block.until else "event"
+        if self.env.now >= block.until:
+            return "deadline"
+        # A message that travelled is learned apart from one sent at once: at one receive, a
+        # shipment that arrives may lead to a call every time, a customer's purchase rarely.
+        arrivals = self._transit.get(agent)
+        return "message" if arrivals and arrivals[0] == self.env.now else "event"
 
     @staticmethod
     def _site(block: Block, cause: str) -> tuple[str, str]:
@@ -293,7 +298,7 @@ class DistanceOracle(CallTrackingSource):
                     out["deadline"] = block.until + lag(agent, block, "deadline")
                 transit = self._next_transit(agent)
                 if transit < math.inf and transit <= block.until:  # it ends the receive
-                    out["message"] = transit + lag(agent, block, "event")
+                    out["message"] = transit + lag(agent, block, "message")
                 arrival = self._arrival.get(agent, math.inf)
                 if now <= arrival < math.inf:
                     out["graph"] = arrival + lag(agent, block, "event")
