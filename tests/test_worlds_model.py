@@ -18,6 +18,8 @@ TINY = {
                  "world__params__max_tokens": 4, "sim__until": 1440},
     "market": {"world__params__traders": 2, "world__params__groups": 1,
                "world__params__max_tokens": 4, "sim__until": 61},
+    "supply_chain": {"world__params__shops": 2, "world__params__customers_per_shop": 2,
+                     "world__params__buy_every_hours": 3, "sim__until": 60},
 }
 
 
