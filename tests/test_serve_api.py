@@ -191,6 +191,33 @@ def test_a_seed_beyond_64_bits_is_a_400_and_the_server_keeps_serving(server, cli
                                           seed=7, temperature=0.5).choices
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "post"}}}, "tool_choice"),
+])
+def test_what_cannot_be_honoured_is_a_400_naming_the_field(server, client, extra, param):
+    response = post(server, "/chat/completions", {"model": MODEL, "messages": ask("hi"), **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert client.chat.completions.create(model=MODEL, messages=ask("still there?")).choices
+
+
+def test_hostile_bodies_and_paths_get_openai_errors_and_the_server_goes_on(server, client):
+    deep = '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = post(server, "/chat/completions", deep)
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+    huge = json.dumps({"model": MODEL, "messages": ask("x" * (17 * 2**20))})
+    response = post(server, "/chat/completions", huge)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = post(server, "/embeddings", {"model": MODEL, "input": "hi"})
+    assert response.status_code == 404 and "no endpoint" in response.json()["error"]["message"]
+    assert client.chat.completions.create(model=MODEL, messages=ask("still there?")).choices
+
+
 def test_unknown_fields_are_ignored(server):
     body = {"model": MODEL, "messages": ask("hi"), "reasoning_effort": "low",
             "verbosity": "low", "parallel_tool_calls": False, "logit_bias": {},

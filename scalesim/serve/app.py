@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -35,8 +36,8 @@ from scalesim.serve.errors import APIError, bad_request, from_validation
 from scalesim.serve.identity import AGENT_HEADER, AdapterRegistry, resolve_identity
 from scalesim.serve.loop import EngineLoop, Job
 from scalesim.serve.prompt import parse_tool_calls, render
-from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, HintsBody,
-                                     ScaleSimFields, UpdateBody)
+from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, GenerationBody,
+                                     HintsBody, ScaleSimFields, UpdateBody)
 
 Body = TypeVar("Body", bound=BaseModel)
 #: How often a waiting handler checks whether its client is still there (seconds).
@@ -63,18 +64,43 @@ def _endpoint(path: str) -> str:
     return path.strip("/") or "root"
 
 
-async def _parse(request: HTTPRequest, model: type[Body]) -> Body:
+#: the largest request body read (a 413 beyond it)
+MAX_BODY_BYTES = 16 * 2**20
+
+
+async def _json_body(request: HTTPRequest) -> Any:
+    """The request's JSON: a 413 when it is too large, a 400 when it is not JSON or nested
+    deeper than the parser goes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {int(declared)} bytes, more than the server's "
+                       f"limit of {MAX_BODY_BYTES}", code="request_too_large")
     raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {len(raw)} bytes, more than the server's "
+                       f"limit of {MAX_BODY_BYTES}", code="request_too_large")
     try:
-        data = json.loads(raw) if raw else None
+        return json.loads(raw) if raw else None
+    except RecursionError:
+        raise bad_request(None, "malformed JSON body: nested too deeply") from None
     except ValueError as exc:
         raise bad_request(None, f"malformed JSON body: {exc}") from None
+
+
+async def _parse(request: HTTPRequest, model: type[Body]) -> Body:
+    data = await _json_body(request)
     if not isinstance(data, dict):
         raise bad_request(None, "the request body must be a JSON object")
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
+        body = model.model_validate(data)
+    except (ValidationError, RecursionError) as exc:
+        if isinstance(exc, RecursionError):
+            raise bad_request(None, "the request body is nested too deeply") from None
         raise from_validation(exc.errors()) from None
+    unsupported = body.unsupported() if isinstance(body, GenerationBody) else None
+    if unsupported is not None:
+        raise bad_request(*unsupported)
+    return body
 
 
 def _usage(c: Completion) -> dict[str, Any]:
@@ -118,6 +144,17 @@ def create_app(state: ServeState) -> FastAPI:
         if exc.status != 429:  # 429s are counted by the loop
             loop.metrics.refused(_endpoint(request.url.path), str(exc.status))
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods too get OpenAI's error format (clients parse it).
+        what = (f"no endpoint {request.method} {request.url.path} (this server has "
+                "/v1/chat/completions, /v1/completions, /v1/models, /v1/scalesim/hints, "
+                "/v1/update, /health, /metrics)") if exc.status_code in (404, 405) \
+            else str(exc.detail)
+        loop.metrics.refused(_endpoint(request.url.path), str(exc.status_code))
+        return APIError(exc.status_code, what, code="not_found" if exc.status_code == 404
+                        else None).response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -339,11 +376,7 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.post("/v1/update")
     async def update(request: HTTPRequest) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            data = json.loads(raw) if raw else None
-        except ValueError as exc:
-            raise bad_request(None, f"malformed JSON body: {exc}") from None
+        data = await _json_body(request)
         if isinstance(data, dict) and "distances" not in data:
             data = {"distances": data}  # a bare {agent: distance} mapping
         try:

@@ -82,7 +82,7 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _Generation(_Lenient):
+class GenerationBody(_Lenient):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -95,6 +95,9 @@ class _Generation(_Lenient):
     user: str | None = None
     prompt_cache_key: str | None = None
     scalesim: ScaleSimFields | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
 
     @field_validator("scalesim", mode="before")
     @classmethod
@@ -114,23 +117,45 @@ class _Generation(_Lenient):
                 kept[key] = value[key]
         return ScaleSimFields.model_validate(kept)
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(field, why)`` of the first thing asked for that the server cannot honour (it is
+        refused rather than ignored), or None."""
+        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
+            field = "logprobs" if self.logprobs not in (None, False, 0) else "top_logprobs"
+            return field, f"{field}: log-probabilities are not returned by this server"
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) \
+            else self.response_format
+        if kind not in (None, "text"):
+            return ("response_format", f"response_format: {kind!r} is not supported (no "
+                    "structured output yet); only 'text'")
+        return None
+
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
 
 
-class ChatCompletionBody(_Generation):
+class ChatCompletionBody(GenerationBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """As for every generation, and: a tool call cannot be forced (``required`` or a named
+        function); ``auto`` and ``none`` are honoured as the model replies."""
+        found = super().unsupported()
+        if found is None and self.tool_choice not in (None, "auto", "none"):
+            found = ("tool_choice", f"tool_choice: {self.tool_choice!r} cannot be honoured (no "
+                     "constrained decoding yet); use 'auto' or 'none'")
+        return found
+
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionBody(_Generation):
+class CompletionBody(GenerationBody):
     prompt: str | list[str]
     suffix: str | None = None
 
