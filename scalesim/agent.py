@@ -135,6 +135,8 @@ class Agent(Generic[W]):
         # World.add takes any agent, so it cannot check W; ``Agent["Town"]`` is the author's word
         # that this agent is only ever added to a Town.
         self._world = cast(W, world)
+        if not self.calls_llm:
+            world.env.observer.never_calls(self.name)
         self.inbox = simpy.Store(world.env)
         self.process = world.env.process(self._live())
 

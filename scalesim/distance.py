@@ -95,6 +95,7 @@ class DistanceOracle(CallTrackingSource):
         self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
         self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
         self._transit: dict[str, list[float]] = {}  # agent -> arrivals of messages on the way
+        self._silent: set[str] = set()  # agents that never call: tracked, never ranked
         self._hint: dict[str, float] = {}
         self._turn: dict[str, float] = {}
         self._eta: dict[str, float] = {}
@@ -137,6 +138,11 @@ class DistanceOracle(CallTrackingSource):
     def on_receive(self, agent: str, deadline: float = math.inf, site: str = "receive") -> None:
         """``agent`` blocks until something happens, at the latest at ``deadline``."""
         self._block_on(agent, Block("receive", site, deadline))
+
+    def never_calls(self, agent: str) -> None:
+        """``agent`` never calls: its blocks still time its messages to others (the graph
+        source), but it is in no ranking, no snapshot and no distance."""
+        self._silent.add(agent)
 
     def on_transit(self, agent: str, arrival: float) -> None:
         """A message to ``agent`` arrives at exactly ``arrival``."""
@@ -356,6 +362,8 @@ class DistanceOracle(CallTrackingSource):
         return self.rates.lag(agent, self._site(block, cause))
 
     def _update(self, agent: str) -> None:
+        if agent in self._silent:
+            return
         eta, raw, source = self._estimate(agent)
         self._source[agent] = source or ""
         self._place(self._raw_heap, self._raw, agent, raw)

@@ -77,6 +77,10 @@ class SimObserver(Protocol):
     def on_transit(self, agent: str, arrival: float) -> None:
         """A message to ``agent`` is on its way and arrives at exactly ``arrival``."""
 
+    def never_calls(self, agent: str) -> None:
+        """``agent`` never asks the LLM (``Agent.calls_llm`` is False): it has no rank, but
+        what it does may still tell when others call."""
+
     def hint(self, agent: str, eta: float) -> None: ...
 
     def use_graph(self, graph: Any) -> None:
@@ -111,6 +115,9 @@ class NullObserver:
         pass
 
     def on_transit(self, agent: str, arrival: float) -> None:
+        pass
+
+    def never_calls(self, agent: str) -> None:
         pass
 
     def hint(self, agent: str, eta: float) -> None:

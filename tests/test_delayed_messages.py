@@ -49,3 +49,15 @@ def test_a_world_default_delay_and_bad_delays():
     assert message.arrival == 4.0
     with pytest.raises(ValueError, match="message delay must be a finite number >= 0"):
         world.agent("s0").send(reader, "x", delay=-1)
+
+
+def test_agents_that_never_call_are_not_ranked_but_still_time_their_messages():
+    env = SimEnvironment(build_engine(EchoExecutor()), observer=DistanceOracle)
+    world = Shipping(env, seed=0)
+    world.setup(customers=2, transit=5.0, orders=2)
+    oracle = env.observer
+    env.run(until=1.5)
+    ranked = oracle.nearest(10)
+    assert "s0" not in ranked and "s1" not in ranked  # shippers never call
+    assert ranked[0] == "c0"  # its order arrives first, at 6
+    assert oracle.eta("s0") == float("inf")

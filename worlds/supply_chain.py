@@ -7,10 +7,11 @@ the LLM how to ship it (truck or rail) and sends the goods back: ``truck_hours``
 ``rail_hours`` on the way. When a shipment arrives the shop asks the LLM how to price the
 restocked goods. Time is in hours.
 
-Distance source it exercises: **messages in transit** — an order or a shipment on its way is
+Distance sources it exercises: **messages in transit** — an order or a shipment on its way is
 an event in the queue (``send(..., delay=...)``), so when a warehouse or a shop will next call
-is known exactly from the arrival; customers' purchases are timers of agents without an LLM,
-which reach the shops through the interaction graph.
+is known exactly from the arrival; and a **hint**: when a shop will reorder depends on its
+stock, which only it knows, so after each sale it tells the oracle when, at the usual pace of
+its customers' purchases (they never call the LLM; they reach the shop through the graph).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Shop(LLMAgent["SupplyChain"]):
     def __init__(self, name: str, persona: str, warehouse: str, stock: int, **kwargs) -> None:
         super().__init__(name, persona, **kwargs)
         self.warehouse, self.stock = warehouse, stock
+        self.customers = 1
         self.ordered = False
         self.sold = self.missed = self.discounts = 0
 
@@ -54,6 +56,10 @@ class Shop(LLMAgent["SupplyChain"]):
                     self.stock, self.sold = self.stock - 1, self.sold + 1
                 else:
                     self.missed += 1
+                if self.stock > self.world.reorder_point and not self.ordered:
+                    # Only the shop knows its stock: when it will reorder, at the usual pace.
+                    self.world.hint(self, (self.stock - self.world.reorder_point)
+                                    * self.world.buy_every_hours / self.customers)
                 if self.stock <= self.world.reorder_point and not self.ordered:
                     size = yield from self.choose(
                         f"You have {self.stock} items left. Reorder a small or a large batch?",
@@ -99,6 +105,7 @@ class SupplyChain(World):
             raise ValueError(f"world.params: need a warehouse and a shop, got {warehouses} "
                              f"warehouses and {shops} shops")
         self.reorder_point, self.order_hours = reorder_point, order_hours
+        self.buy_every_hours = buy_every_hours
         self.truck_hours, self.rail_hours = truck_hours, rail_hours
         self.warehouses = [self.add(Warehouse(f"warehouse{w}", "You run a regional warehouse.",
                                               choice_tokens=max_tokens))
@@ -109,6 +116,7 @@ class SupplyChain(World):
                                  self.warehouses[s % warehouses].name, stock,
                                  choice_tokens=max_tokens))
             self.shops.append(shop)
+            shop.customers = customers_per_shop
             for c in range(customers_per_shop):
                 self.add(Customer(f"customer{s}-{c}", shop.name, buy_every_hours))
 
