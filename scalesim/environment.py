@@ -157,13 +157,16 @@ class SimEnvironment(simpy.Environment):
     """A simpy environment whose idle instants are spent running the LLM engine.
 
     ``observer`` builds the run's :class:`SimObserver` from the environment (for instance
-    ``lambda env: DistanceOracle(env)``); by default nothing is observed.
+    ``lambda env: DistanceOracle(env)``); by default nothing is observed. ``engine`` may be
+    ``None`` and :meth:`attach`\ ed later: a run sets its world up before the model loads.
     """
 
-    def __init__(self, engine: EngineInterface, initial_time: float = 0, *,
+    def __init__(self, engine: EngineInterface | None, initial_time: float = 0, *,
                  observer: Callable[["SimEnvironment"], SimObserver] | None = None) -> None:
         super().__init__(initial_time)
-        self.engine = engine
+        self._engine = engine
+        #: homes given before the engine was attached (applied by :meth:`attach`)
+        self._placed: dict[str, int] = {}
         self.in_flight: dict[int, LLMCall] = {}
         #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
@@ -179,6 +182,27 @@ class SimEnvironment(simpy.Environment):
         self._positions: dict[str, int] = {}
         #: calls answered from the record, waiting for their iteration; keyed as in_flight
         self._answered: dict[int, RecordedCall] = {}
+
+    @property
+    def engine(self) -> EngineInterface:
+        if self._engine is None:
+            raise RuntimeError("the simulation's engine is not attached yet: a world's setup() "
+                               "cannot ask the LLM (its agents run once the clock starts)")
+        return self._engine
+
+    def attach(self, engine: EngineInterface) -> None:
+        """Serve this environment's calls with ``engine`` (given after the world was set up)."""
+        self._engine = engine
+        for agent, replica in self._placed.items():
+            engine.place(agent, replica)
+        self._placed.clear()
+
+    def place(self, agent: str, replica: int) -> None:
+        """Make engine replica ``replica`` the home of ``agent`` (now, or once attached)."""
+        if self._engine is None:
+            self._placed[agent] = replica
+        else:
+            self._engine.place(agent, replica)
 
     def submit(self, agent_id: str, request: Request) -> LLMCall:
         """Hand ``request`` to the engine now (or answer it from :attr:`replay`'s record) and

@@ -81,8 +81,6 @@ class Simulation:
         replay = Replay(config.replay.run, config.replay.mode) if config.replay.run else None
         if replay is not None:
             replay.check_compatible(config)
-        self.engine = engine if engine is not None else assemble_engine(
-            config.runtime, source=config.source, policy=policy)
         mem = config.runtime.memory
         self.oracle: DistanceOracle | None = None
 
@@ -90,9 +88,18 @@ class Simulation:
             self.oracle = DistanceOracle(env, edge_delay=mem.edge_delay)
             return self.oracle
 
-        self.env = SimEnvironment(self.engine, observer=observe)
+        self.env = SimEnvironment(None, observer=observe)  # the engine is attached below
         assert self.oracle is not None
         self.env.replay = replay
+        self.world: World | None = None
+        self.setup_seconds: float = 0.0
+        self.run_seconds: float = 0.0
+        # The world is set up before the model loads, so that a bad world.params (or any error
+        # of the world's setup) is a configuration error within seconds.
+        self._set_up_world()
+        self.engine: EngineInterface = engine if engine is not None else assemble_engine(
+            config.runtime, source=config.source, policy=policy)
+        self.env.attach(self.engine)
         self.recorder: TraceRecorder | None = TraceRecorder() if record else None
         #: the agent of every call, in submission order (what ``belady`` replays)
         self.calls: list[str] = []
@@ -115,9 +122,11 @@ class Simulation:
         self.engine.use_distance(source, clock)
         if self.recorder is not None:
             self.engine.listen(self._engine_event)
-        self.world: World | None = None
-        self.setup_seconds: float = 0.0
-        self.run_seconds: float = 0.0
+        if config.runtime.memory.declare_agents:
+            assert self.world is not None
+            for agent in self.world.agents.values():
+                if agent.calls_llm:  # the others hold no memory
+                    self.engine.declare(agent.name, agent.persona, agent.adapter)
 
     def _completed(self, call: LLMCall, done: Any) -> None:
         self.finished += 1
@@ -155,19 +164,24 @@ class Simulation:
             self.stop_reason = reason
         return True
 
-    def build_world(self) -> World:
-        """Create the world and its agents (``world.params``)."""
+    def _set_up_world(self) -> None:
+        """Create the world and its agents (``world.params``); an error is a ConfigError."""
         start = time.perf_counter()
-        with relaxed_gc():
-            world = self.world_class(self.env, seed=self.config.sim.seed)
-            self.world = world
-            world.setup(**self.config.world.params)
-            if self.config.runtime.memory.declare_agents:
-                for agent in world.agents.values():
-                    if agent.calls_llm:  # the others hold no memory
-                        self.engine.declare(agent.name, agent.persona, agent.adapter)
+        try:
+            with relaxed_gc():
+                world = self.world_class(self.env, seed=self.config.sim.seed)
+                world.setup(**self.config.world.params)
+        except Exception as exc:
+            raise ConfigError.at(self.config.source, "world.params",
+                                 f"{self.world_class.__name__}.setup failed: "
+                                 f"{describe(exc)}") from exc
+        self.world = world
         self.setup_seconds = time.perf_counter() - start
-        return world
+
+    def build_world(self) -> World:
+        """The world and its agents, set up when the simulation was made."""
+        assert self.world is not None
+        return self.world
 
     def run(self, until: float | None = None, max_calls: int | None = None) -> None:
         """Run the clock to ``until`` (default ``sim.until``; ``math.inf``: until nothing is
@@ -175,8 +189,6 @@ class Simulation:
 
         A stop requested meanwhile (:meth:`request_stop`) raises its reason between two steps.
         """
-        if self.world is None:
-            self.build_world()
         until = self.config.sim.until if until is None else until
         start = time.perf_counter()
         env = self.env
@@ -327,7 +339,6 @@ def _run_and_write(sim: Simulation, run_dir: Path, progress: bool) -> RunResult:
         with display:
             sim.env.completion_listeners.append(lambda call, done: display.update(sim.env.now,
                                                                                   done))
-            sim.build_world()
             sim.run()
             display.finish(sim.env.now)
         failure = sim.check_failures()

@@ -112,7 +112,7 @@ class World:
         By default an agent's home is a stable hash of its name; placing agents that share a
         prefix on one replica keeps that prefix in one place. With one engine it is ignored.
         """
-        self.env.engine.place(agent if isinstance(agent, str) else agent.name, replica)
+        self.env.place(agent if isinstance(agent, str) else agent.name, replica)
 
     def record_failure(self, agent: Agent, error: Exception) -> None:
         self.failures.append((agent.name, str(error)))

@@ -50,3 +50,20 @@ def test_the_cli_prints_one_line_and_the_traceback_on_request(tmp_path, capsys, 
     assert main([str(yaml), "--out", str(tmp_path / "b"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "--debug" not in err.splitlines()[-1]
+
+
+def test_a_setup_error_is_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from scalesim import simulation
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the world was set up")
+
+    monkeypatch.setattr(simulation, "assemble_engine", load)
+    yaml = tmp_path / "w.yaml"
+    yaml.write_text("world: {class: worlds.traffic:Traffic, params: {size: 1}}\n"
+                    "runtime: {executor: torch, model: smollm2-135m}\n")
+    assert main([str(yaml), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "world.params: Traffic.setup failed: " in err
+    assert "traffic.py:" in err and "ValueError: world.params.size must be >= 2" in err
+    assert not (tmp_path / "run").exists()
