@@ -265,6 +265,8 @@ class ServeConfig(_Section):
     api_key: str | None = Field(default=None, description="required bearer token, if set")
     max_pending: int = Field(default=256, ge=1, description="queued + running before 429")
     default_max_tokens: int = Field(default=256, ge=1, description="when a request sets none")
+    max_tokens_cap: int | None = Field(default=None, ge=1, description="the most output tokens "
+                                       "any request gets, whatever it asks (none: the context)")
     trace: str | None = Field(default=None, description="run directory for the trace")
     pace: float = Field(default=0.0, ge=0, description="modeled executor: wall seconds per "
                         "modeled second (0: as fast as possible)")

@@ -271,3 +271,10 @@ def test_a_request_the_engine_rejects_is_a_400_and_the_server_goes_on():
         assert "KV blocks" in err.value.message
         assert client.chat.completions.create(model=MODEL, messages=ask("hi"),
                                               max_tokens=16).choices
+
+
+def test_the_servers_cap_on_output_tokens_holds_whatever_a_request_asks():
+    with running_server(modeled_config(max_tokens_cap=3)) as capped:
+        reply = openai.OpenAI(base_url=base_url(capped), api_key="x").chat.completions.create(
+            model=MODEL, messages=ask("hi"), max_tokens=5000)
+    assert reply.usage.completion_tokens <= 3

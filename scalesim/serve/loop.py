@@ -68,11 +68,14 @@ class EngineLoop:
 
     def __init__(self, engine: EngineInterface, *, distance: HintedDistance | None = None,
                  max_pending: int = 256, default_max_tokens: int = 256,
+                 max_tokens_cap: int | None = None,
                  recorder: ServeRecorder | None = None, pace: float = 0.0) -> None:
         self.engine = engine
         self.distance = distance
         self.max_pending = max_pending
         self.default_max_tokens = default_max_tokens
+        #: the server's hard cap on a request's output tokens (a client asking 5,000 gets this)
+        self.max_tokens_cap = max_tokens_cap
         self.recorder = recorder
         self.pace = pace
         self.metrics = ServeMetrics()
@@ -186,6 +189,8 @@ class EngineLoop:
                 raise bad_request(field, f"{field}: the prompt has {prompt_tokens} tokens; the "
                                   f"model context is {context}")
             wanted = job.max_tokens or self.default_max_tokens
+            if self.max_tokens_cap is not None:
+                wanted = min(wanted, self.max_tokens_cap)
             s = request.sampling
             request.sampling = SamplingParams(max_tokens=min(wanted, room),
                                               temperature=s.temperature, top_p=s.top_p,

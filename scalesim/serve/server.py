@@ -78,6 +78,7 @@ class Server:
         self.loop = EngineLoop(self.engine, distance=self.distance,
                                max_pending=serve.max_pending,
                                default_max_tokens=serve.default_max_tokens,
+                               max_tokens_cap=serve.max_tokens_cap,
                                recorder=self.recorder, pace=serve.pace)
         self.state = ServeState(self.loop, self.registry, api_key=serve.api_key,
                                 on_shutdown=self.shutdown, drain_timeout_s=serve.drain_timeout_s)
