@@ -1,23 +1,35 @@
 """The simulation clock that drives the serving engine.
 
 :class:`SimEnvironment` is a :class:`simpy.Environment` whose :meth:`step` interleaves two kinds of
-work. While events are scheduled at the current instant, it processes them as simpy does; agents
-that ask the LLM during that instant only queue their requests. When the instant has nothing left
-to run and requests are in flight, it runs one engine iteration instead of advancing the clock.
-Requests finishing in that iteration succeed their events at the same instant, the agents they
-wake may ask again, and those new requests join the running batch at the next iteration. LLM calls
-therefore take zero simulated time, and every call of one instant is batched together.
+work: simpy's events, in time order, and iterations of the LLM engine. Agents that ask the LLM
+only queue their requests. A call may take simulated time, its *duration* (``llm(...,
+duration=d)``, or the world's default :attr:`SimEnvironment.call_duration`): the agent is busy
+thinking until its *due time*, submit time plus duration, and resumes with the completion
+exactly then.
+
+The engine runs only when it must: when the clock would otherwise pass the due time of a call it
+has not answered (the next event, or the next answer to hand over, lies beyond it). Until then the
+clock moves on over the world's events, other agents call too, and the calls of many instants
+share the engine's batches; the scheduler serves them earliest-due first. A call the engine
+answers before its due time is *held* and handed to its agent when the clock reaches it. Held
+answers due at one time are handed over together, in request order, after every call due then
+has been answered, so a seeded run is the same run every time. With duration 0 (the default) a
+call is due at once: the engine runs when the current instant has nothing left to run, answers
+succeed their events at the same instant, and every call of one instant is batched together.
 
 The environment always has an *observer* (:class:`SimObserver`): agents report what they block
 on and the environment reports calls to it. A run's observer is the
 :class:`~scalesim.distance.DistanceOracle`; without one it is a :class:`NullObserver`, so no
 caller has to ask whether there is one. Turn orders (:mod:`scalesim.turns`) register on the
-environment, where the oracle reads them.
+environment, where the oracle reads them. What the engine's iterations did is summed in
+:attr:`SimEnvironment.occupancy` (:mod:`scalesim.occupancy`).
 """
 
 from __future__ import annotations
 
 import gc
+import heapq
+import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
@@ -26,6 +38,7 @@ import simpy
 from runtime import Completion, Request, RequestError
 from runtime.interface import EngineInterface
 from runtime.replicas import ReplicaFailure
+from scalesim.occupancy import EngineOccupancy
 
 if TYPE_CHECKING:
     from scalesim.turns import TurnOrder
@@ -34,23 +47,30 @@ if TYPE_CHECKING:
 class LLMCall(simpy.Event):
     """The event an agent yields on to wait for its LLM reply.
 
-    Its value is the :class:`~runtime.Completion`. If the request fails, the event fails with a
-    :class:`~runtime.RequestError`, raised inside the waiting agent's process.
+    Its value is the :class:`~runtime.Completion`, delivered at :attr:`due`. If the request
+    fails, the event fails with a :class:`~runtime.RequestError`, raised inside the waiting
+    agent's process.
     """
 
-    def __init__(self, env: "SimEnvironment", agent_id: str, request: Request) -> None:
+    def __init__(self, env: "SimEnvironment", agent_id: str, request: Request,
+                 due: float) -> None:
         super().__init__(env)
         self.agent_id = agent_id
         self.request = request
         self.submit_time = env.now
+        #: when the agent resumes: the submit time plus the call's duration
+        self.due = due
         self.predicted_rank: int | None = None
+        #: the engine's answer once it has one (held until :attr:`due`)
+        self.completion: Completion | None = None
 
 
 class SimObserver(Protocol):
     """What the environment and the agents tell about who will call the LLM next."""
 
-    def on_submit(self, agent: str) -> int | None:
-        """``agent`` issued a call now; returns its predicted rank, if one was predicted."""
+    def on_submit(self, agent: str, due: float) -> int | None:
+        """``agent`` issued a call now, due at ``due``; returns its predicted rank, if one was
+        predicted."""
 
     def on_finish(self, agent: str) -> None: ...
 
@@ -80,7 +100,7 @@ class SimObserver(Protocol):
 class NullObserver:
     """An observer that predicts nothing: the environment of a run without an oracle."""
 
-    def on_submit(self, agent: str) -> int | None:
+    def on_submit(self, agent: str, due: float) -> int | None:
         return None
 
     def on_finish(self, agent: str) -> None:
@@ -128,18 +148,36 @@ def relaxed_gc(young: int = 500_000) -> Iterator[None]:
         gc.set_threshold(*old)
 
 
+def check_duration(duration: float, name: str = "duration") -> float:
+    """``duration`` as a float; :class:`ValueError` naming ``name`` unless finite and >= 0."""
+    if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration < 0:
+        raise ValueError(f"{name} must be a finite number of simulated time units >= 0, "
+                         f"got {duration!r}")
+    return float(duration)
+
+
 class SimEnvironment(simpy.Environment):
-    """A simpy environment whose idle instants are spent running the LLM engine.
+    """A simpy environment that runs the LLM engine before its clock passes a call's due time.
 
     ``observer`` builds the run's :class:`SimObserver` from the environment (for instance
-    ``lambda env: DistanceOracle(env)``); by default nothing is observed.
+    ``lambda env: DistanceOracle(env)``); by default nothing is observed. ``call_duration`` is
+    the duration of a call that names none (see the module docstring).
     """
 
     def __init__(self, engine: EngineInterface, initial_time: float = 0, *,
-                 observer: Callable[["SimEnvironment"], SimObserver] | None = None) -> None:
+                 observer: Callable[["SimEnvironment"], SimObserver] | None = None,
+                 call_duration: float = 0.0) -> None:
         super().__init__(initial_time)
         self.engine = engine
+        self.call_duration = check_duration(call_duration, "call_duration")
+        #: every call whose agent has not resumed yet, by request id (unanswered or held)
         self.in_flight: dict[int, LLMCall] = {}
+        #: ``(due, request id)`` of the calls the engine has not answered (lazily pruned)
+        self._unanswered: list[tuple[float, int]] = []
+        #: ``(due, request id)`` of the answered calls held until their due time
+        self._held: list[tuple[float, int]] = []
+        #: what the engine's iterations did, and the calls in flight over simulated time
+        self.occupancy = EngineOccupancy()
         #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
         #: Called with the agent id of every submitted call (e.g. a recorded-future distance).
@@ -148,13 +186,18 @@ class SimEnvironment(simpy.Environment):
         self.turn_orders: list[TurnOrder] = []
         self.observer: SimObserver = observer(self) if observer is not None else NullObserver()
 
-    def submit(self, agent_id: str, request: Request) -> LLMCall:
-        """Hand ``request`` to the engine now and return the event of its reply."""
-        call = LLMCall(self, agent_id, request)
-        call.predicted_rank = self.observer.on_submit(agent_id)
+    def submit(self, agent_id: str, request: Request, duration: float | None = None) -> LLMCall:
+        """Hand ``request`` to the engine now and return the event of its reply, which the
+        agent gets ``duration`` from now (default :attr:`call_duration`)."""
+        due = self._now + (self.call_duration if duration is None else check_duration(duration))
+        request.due = due
+        call = LLMCall(self, agent_id, request, due)
+        call.predicted_rank = self.observer.on_submit(agent_id, due)
         for listener in self.submit_listeners:
             listener(agent_id)
-        self.in_flight[self.engine.submit(request)] = call
+        request_id = self.engine.submit(request)
+        self.in_flight[request_id] = call
+        heapq.heappush(self._unanswered, (due, request_id))
         return call
 
     def open_turn_orders(self) -> list[TurnOrder]:
@@ -167,33 +210,85 @@ class SimEnvironment(simpy.Environment):
         with relaxed_gc():
             return super().run(until)
 
+    def next_time(self) -> float:
+        """When the next :meth:`step` acts, at the latest: the next event, the next held
+        answer or the due time of the earliest unanswered call (``inf``: nothing is left)."""
+        due = self._earliest_unanswered()
+        return min(self.peek(), self._next_held(), math.inf if due is None else due)
+
     def step(self) -> None:
-        if self.in_flight and self.peek() > self.now:
+        upcoming = min(self.peek(), self._next_held())
+        due = self._earliest_unanswered()
+        if due is not None and due <= upcoming and upcoming > self._now:
             self._run_engine_iteration()
             return
+        held = self._next_held()
+        if held <= self.peek():
+            self._move_clock(held)
+            self._hand_over_held(held)
+            return
         before = self._now
+        if upcoming > before and upcoming != math.inf:
+            self.occupancy.record_clock(len(self.in_flight), upcoming - before)
         try:
             super().step()
         finally:  # also when the step ends the run (simpy raises StopSimulation)
             if self._now != before:
                 self.observer.on_advance()
 
+    def _move_clock(self, t: float) -> None:
+        if t > self._now:
+            self.occupancy.record_clock(len(self.in_flight), t - self._now)
+            self._now = t
+            self.observer.on_advance()
+
+    def _earliest_unanswered(self) -> float | None:
+        """The due time of the earliest call the engine has not answered (``None``: none)."""
+        heap, in_flight = self._unanswered, self.in_flight
+        while heap:
+            call = in_flight.get(heap[0][1])
+            if call is not None and call.completion is None:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def _next_held(self) -> float:
+        return self._held[0][0] if self._held else math.inf
+
+    def _hand_over_held(self, t: float) -> None:
+        """Hand every held answer due at ``t`` (now) to its agent, in request order."""
+        held = self._held
+        while held and held[0][0] <= t:
+            self._deliver(self.in_flight[heapq.heappop(held)[1]])
+
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
         try:
-            completions = self.engine.step().finished
+            step = self.engine.step()
         except ReplicaFailure as failure:  # the requests of a dead replica fail, then the run
-            self._complete(failure.completions)
+            for completion in failure.completions:
+                call = self.in_flight[completion.request_id]
+                call.completion = completion
+                self._deliver(call)  # at once: the run stops after this iteration
             raise
-        self._complete(completions)
-
-    def _complete(self, completions: list[Completion]) -> None:
-        for completion in completions:
-            call = self.in_flight.pop(completion.request_id)
-            self.observer.on_finish(call.agent_id)
-            for listener in self.completion_listeners:
-                listener(call, completion)
-            if completion.ok:
-                call.succeed(completion)
+        self.occupancy.record_step(step)
+        for completion in step.finished:
+            call = self.in_flight[completion.request_id]
+            call.completion = completion
+            if call.due <= self._now:
+                self._deliver(call)
             else:
-                call.fail(RequestError(completion.error))
+                heapq.heappush(self._held, (call.due, completion.request_id))
+
+    def _deliver(self, call: LLMCall) -> None:
+        """The agent of ``call`` resumes now with its answer (or its error)."""
+        completion = call.completion
+        assert completion is not None
+        del self.in_flight[completion.request_id]
+        self.observer.on_finish(call.agent_id)
+        for listener in self.completion_listeners:
+            listener(call, completion)
+        if completion.ok:
+            call.succeed(completion)
+        else:
+            call.fail(RequestError(completion.error))

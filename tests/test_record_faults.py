@@ -22,7 +22,7 @@ def record(recorder: TraceRecorder, n: int, start: int = 0) -> None:
     """Record ``n`` finished calls (every third one failed)."""
     for i in range(start, start + n):
         error = "request %d: boom" % i if i % 3 == 2 else None
-        call = SimpleNamespace(submit_time=float(i), request=SimpleNamespace(prompt=f"p{i}"),
+        call = SimpleNamespace(submit_time=float(i), request=SimpleNamespace(prompt=f"p{i}", due=None),
                                predicted_rank=None)
         done = Completion(i, f"a{i % 2}", "" if error else "ok", 3, 0, 0 if error else 1,
                           "error" if error else "stop", 1.0, None, 2.0, error=error)
