@@ -223,7 +223,7 @@ class SimEnvironment(simpy.Environment):
             self._run_engine_iteration()
             return
         held = self._next_held()
-        if held <= self.peek():
+        if held != math.inf and held <= self.peek():
             self._move_clock(held)
             self._hand_over_held(held)
             return
