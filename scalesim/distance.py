@@ -37,11 +37,17 @@ pending call the estimate is at least ``env.now``.
 
 The agents are ordered by their estimate in a :class:`~runtime.memory.lazy_heap.LazyHeap`, so a
 timer-driven world costs O(log n) per event and :meth:`DistanceOracle.nearest` O(k log n);
-nothing re-sorts all agents (a change of trust re-estimates each agent once).
+nothing re-sorts all agents (a change of trust re-estimates each agent once). A pending call is
+due, never stale: once the clock has passed its key, its entry is *parked* in a heap of its own
+(the same entry, so :meth:`~DistanceOracle.nearest` merges the two in one order). With calls
+that take simulated time hundreds of calls are pending, and every advance of the clock would
+otherwise step over all of them again.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +111,10 @@ class DistanceOracle(CallTrackingSource):
         self._raw: dict[str, float] = {}  # the estimate if every source were trusted
         self._heap: LazyHeap[str] = LazyHeap()
         self._raw_heap: LazyHeap[str] = LazyHeap()
+        # pending calls' entries the clock has passed, out of on_advance's way (module doc)
+        self._parked_heap: LazyHeap[str] = LazyHeap(self._heap.versions)
+        self._raw_parked_heap: LazyHeap[str] = LazyHeap(self._raw_heap.versions)
+        self._parked: set[str] = set()  # the agents with a parked entry
         self.calls = 0
 
     # -- hooks: what agents and the environment report ----------------------------------------
@@ -163,7 +173,8 @@ class DistanceOracle(CallTrackingSource):
     def on_advance(self) -> None:
         """The clock moved forward: re-estimate every estimate it overtook."""
         now = self.env.now
-        for heap, etas in ((self._heap, self._eta), (self._raw_heap, self._raw)):
+        for heap, etas, parked in ((self._heap, self._eta, self._parked_heap),
+                                   (self._raw_heap, self._raw, self._raw_parked_heap)):
             aside = []
             seen: set[str] = set()
             while True:
@@ -174,9 +185,13 @@ class DistanceOracle(CallTrackingSource):
                     aside.append(entry)
                     break
                 agent = entry[-1]
-                # A call in flight is due now, not stale; an agent already re-estimated in
+                # A call in flight is due, not stale: parked; an agent already re-estimated in
                 # this pass is not taken again (a guard: re-estimates are never behind the clock).
-                if agent in self._pending or agent in seen:
+                if agent in self._pending:
+                    parked.push(entry)
+                    self._parked.add(agent)
+                    continue
+                if agent in seen:
                     aside.append(entry)
                     continue
                 seen.add(agent)
@@ -252,7 +267,8 @@ class DistanceOracle(CallTrackingSource):
         may come after a prediction of now: both are distance 0.
         """
         self._refresh_turns()
-        return [entry[-1] for entry in self._heap.smallest(k)]
+        entries = heapq.merge(self._parked_heap.smallest(k), self._heap.smallest(k))
+        return [entry[-1] for entry in itertools.islice(entries, k)]
 
     def estimates(self, agent: str, with_turn: bool = True,
                   lagged: bool = True) -> dict[str, float]:
@@ -338,6 +354,11 @@ class DistanceOracle(CallTrackingSource):
         return self.rates.lag(agent, self._site(block, cause))
 
     def _update(self, agent: str) -> None:
+        if agent in self._parked and agent not in self._pending:
+            # Its call returned: a fresh entry goes back among the estimates the clock overtakes.
+            self._parked.discard(agent)
+            self._eta.pop(agent, None)
+            self._raw.pop(agent, None)
         eta, raw, source = self._estimate(agent)
         self._source[agent] = source or ""
         self._place(self._raw_heap, self._raw, agent, raw)

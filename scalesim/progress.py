@@ -103,10 +103,13 @@ class ProgressDisplay:
                 + (f", {occupancy}" if occupancy else ""))
 
     def occupancy_text(self) -> str:
-        """The engine's sequences and tokens per step so far ('' before its first step)."""
+        """The engine's sequences and tokens per step so far ('' before its first step; no
+        tokens for an executor that serves a request in one call, which counts none)."""
         o = self.occupancy
         if not o.steps:
             return ""
+        if not o.tokens:
+            return f"{o.sequences_per_step:.1f} sequences per step"
         return f"{o.sequences_per_step:.1f} sequences / {o.tokens_per_step:.0f} tokens per step"
 
     def _print_line(self) -> None:
