@@ -184,6 +184,22 @@ def test_the_oracle_orders_pending_calls_by_due_time():
     assert source.order_key("late") > source.order_key("sleeper")
 
 
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.parametrize("executor", ["hf", "torch"])
+def test_the_real_executors_serve_calls_that_take_simulated_time(executor: str, tmp_path):
+    import scalesim
+
+    result = scalesim.simulate("worlds/town.yaml", out=tmp_path, runtime__executor=executor,
+                               world__params__villagers=3, world__params__max_tokens=4,
+                               sim__until=800, sim__call_duration=5)
+    trace = result.trace
+    assert len(trace) > 0 and trace["error"].isna().all()
+    assert (trace["due"] == trace["sim_time"] + 5).all()
+    assert (trace["sim_time_done"] == trace["due"]).all()
+    assert result.summary["occupancy"]["steps"] > 0
+
+
 # -- random worlds -----------------------------------------------------------------------------
 
 #: One step of an agent's life: wait, call (with a duration), send to another agent, receive.
