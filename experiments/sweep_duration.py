@@ -17,8 +17,10 @@ changes the world's pace, so the measured mean is reported too). Each under ``lr
 ``infinite``. Per run: modeled makespan, sequences and tokens per engine step, calls in flight,
 hit rate and stall. ``results/sweep_duration.csv`` + ``.png`` and one JSON headline:
 ``max_speedup_over_duration_0`` (per world, the best duration's makespan against duration 0's,
-under ``scalesim``), ``max_occupancy`` (sequences per step), ``min_scalesim_vs_lru`` (over
-worlds and durations) and ``scalesim_vs_lru`` per world and duration. Every time is modeled.
+under ``scalesim``, also per call), ``at_64_calls_in_flight`` (the same at the shortest
+duration with at least 64 calls in flight on average), ``max_occupancy`` (sequences per step),
+``min_scalesim_vs_lru`` (over worlds and durations) and ``scalesim_vs_lru`` per world and
+duration. Every time is modeled.
 
     python -m experiments.sweep_duration [--quick] [--worlds traffic,town]
     python -m experiments.sweep_duration --combine   # one table from per-world runs
@@ -121,28 +123,44 @@ def sweep_world(world: str, quick: bool) -> list[dict[str, Any]]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The headline over the rows of every world."""
-    makespan = {(r["world"], r["duration"], r["policy"]): r["modeled_makespan_s"] for r in rows}
+    """The headline over the rows of every world (speedups and occupancy under ``scalesim``).
+
+    A duration changes a world's pace, so a world with an end (``sim.until``) may make fewer
+    calls within it: each speedup is given as makespans and per call.
+    """
+    by = {(r["world"], r["duration"], r["policy"]): r for r in rows}
     worlds = list(dict.fromkeys(r["world"] for r in rows))
     speedup: dict[str, Any] = {}
+    at_64: dict[str, Any] = {}
     occupancy: dict[str, float] = {}
     ratio: dict[str, dict[str, float]] = {}
     rises: dict[str, bool] = {}
     for world in worlds:
-        mine = [r for r in rows if r["world"] == world]
-        durations = sorted({r["duration"] for r in mine})
-        base = makespan[(world, 0.0, "scalesim")]
-        best = max(durations, key=lambda d: base / makespan[(world, d, "scalesim")])
-        speedup[world] = {"speedup": round(base / makespan[(world, best, "scalesim")], 3),
-                          "duration": best}
-        occupancy[world] = max(r["sequences_per_step"] for r in mine)
-        ratio[world] = {f"{d:g}": round(makespan[(world, d, "lru")] /
-                                        makespan[(world, d, "scalesim")], 4) for d in durations}
-        by_duration = [next(r["sequences_per_step"] for r in mine
-                            if r["duration"] == d and r["policy"] == "scalesim")
-                       for d in durations]
-        rises[world] = all(a < b for a, b in zip(by_duration, by_duration[1:]))
-    return {"max_speedup_over_duration_0": speedup, "max_occupancy": occupancy,
+        durations = sorted({r["duration"] for r in rows if r["world"] == world})
+        runs = [by[(world, d, "scalesim")] for d in durations]
+        base = runs[0]
+
+        def gain(run: dict[str, Any]) -> dict[str, Any]:
+            return {"duration": run["duration"],
+                    "speedup": round(base["modeled_makespan_s"] / run["modeled_makespan_s"], 3),
+                    "speedup_per_call": round(
+                        base["modeled_makespan_s"] / base["calls"]
+                        / (run["modeled_makespan_s"] / run["calls"]), 3),
+                    "calls": run["calls"], "mean_calls_in_flight": run["mean_calls_in_flight"],
+                    "sequences_per_step": run["sequences_per_step"]}
+
+        speedup[world] = gain(max(runs, key=lambda r: base["modeled_makespan_s"]
+                                  / r["modeled_makespan_s"]))
+        busy = [r for r in runs if r["mean_calls_in_flight"] >= 64]
+        at_64[world] = gain(busy[0]) if busy else None
+        occupancy[world] = max(r["sequences_per_step"] for r in runs)
+        ratio[world] = {f"{d:g}": round(by[(world, d, "lru")]["modeled_makespan_s"] /
+                                        by[(world, d, "scalesim")]["modeled_makespan_s"], 4)
+                        for d in durations}
+        steps = [r["sequences_per_step"] for r in runs]
+        rises[world] = all(a < b for a, b in zip(steps, steps[1:]))
+    return {"max_speedup_over_duration_0": speedup, "at_64_calls_in_flight": at_64,
+            "max_occupancy": occupancy,
             "min_scalesim_vs_lru": min(v for r in ratio.values() for v in r.values()),
             "scalesim_vs_lru": ratio, "occupancy_rises_with_duration": rises}
 
