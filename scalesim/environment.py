@@ -11,9 +11,10 @@ The engine runs only when it must: when the clock would otherwise pass the due t
 has not answered (the next event, or the next answer to hand over, lies beyond it). Until then the
 clock moves on over the world's events, other agents call too, and the calls of many instants
 share the engine's batches; the scheduler serves them earliest-due first. A call the engine
-answers before its due time is *held* and handed to its agent when the clock reaches it. Held
-answers due at one time are handed over together, in request order, after every call due then
-has been answered, so a seeded run is the same run every time. With duration 0 (the default) a
+answers before its due time is *held*: an event at the due time (a simpy event like any other,
+after those already scheduled for then) hands over every answer due then, in request order; the
+engine has answered every call due then before the clock gets there. So a seeded run is the
+same run every time. With duration 0 (the default) a
 call is due at once: the engine runs when the current instant has nothing left to run, answers
 succeed their events at the same instant, and every call of one instant is batched together.
 
@@ -63,6 +64,21 @@ class LLMCall(simpy.Event):
         self.predicted_rank: int | None = None
         #: the engine's answer once it has one (held until :attr:`due`)
         self.completion: Completion | None = None
+
+
+class HandOver(simpy.Event):
+    """The event at a due time that hands over the answers held for it.
+
+    Like a :class:`simpy.Timeout`, it is triggered when made and fires at its time; unlike one,
+    that time is given as it is (``due``), not as a delay from now, so the agents resume at
+    exactly the time their calls were due (``now + (due - now)`` need not be ``due`` in floating
+    point).
+    """
+
+    def __init__(self, env: "SimEnvironment", due: float) -> None:
+        super().__init__(env)
+        self._ok, self._value = True, None
+        heapq.heappush(env._queue, (due, simpy.core.NORMAL, next(env._eid), self))
 
 
 class SimObserver(Protocol):
@@ -174,8 +190,8 @@ class SimEnvironment(simpy.Environment):
         self.in_flight: dict[int, LLMCall] = {}
         #: ``(due, request id)`` of the calls the engine has not answered (lazily pruned)
         self._unanswered: list[tuple[float, int]] = []
-        #: ``(due, request id)`` of the answered calls held until their due time
-        self._held: list[tuple[float, int]] = []
+        #: the request ids of the answered calls held until their due time, by due time
+        self._held: dict[float, list[int]] = {}
         #: what the engine's iterations did, and the calls in flight over simulated time
         self.occupancy = EngineOccupancy()
         #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
@@ -211,36 +227,26 @@ class SimEnvironment(simpy.Environment):
             return super().run(until)
 
     def next_time(self) -> float:
-        """When the next :meth:`step` acts, at the latest: the next event, the next held
-        answer or the due time of the earliest unanswered call (``inf``: nothing is left)."""
+        """When the next :meth:`step` acts, at the latest: the next event (a hand-over of held
+        answers among them) or the due time of the earliest unanswered call (``inf``: nothing
+        is left)."""
         due = self._earliest_unanswered()
-        return min(self.peek(), self._next_held(), math.inf if due is None else due)
+        return min(self.peek(), math.inf if due is None else due)
 
     def step(self) -> None:
-        upcoming = min(self.peek(), self._next_held())
+        upcoming = self.peek()
         due = self._earliest_unanswered()
         if due is not None and due <= upcoming and upcoming > self._now:
             self._run_engine_iteration()
             return
-        held = self._next_held()
-        if held != math.inf and held <= self.peek():
-            self._move_clock(held)
-            self._hand_over_held(held)
-            return
         before = self._now
-        if upcoming > before and upcoming != math.inf:
+        if before < upcoming < math.inf:
             self.occupancy.record_clock(len(self.in_flight), upcoming - before)
         try:
             super().step()
         finally:  # also when the step ends the run (simpy raises StopSimulation)
             if self._now != before:
                 self.observer.on_advance()
-
-    def _move_clock(self, t: float) -> None:
-        if t > self._now:
-            self.occupancy.record_clock(len(self.in_flight), t - self._now)
-            self._now = t
-            self.observer.on_advance()
 
     def _earliest_unanswered(self) -> float | None:
         """The due time of the earliest call the engine has not answered (``None``: none)."""
@@ -252,14 +258,20 @@ class SimEnvironment(simpy.Environment):
             heapq.heappop(heap)
         return None
 
-    def _next_held(self) -> float:
-        return self._held[0][0] if self._held else math.inf
+    def _hold(self, call: LLMCall) -> None:
+        """Keep ``call``'s answer until its due time: the first answer held for a due time
+        schedules the event that hands over every answer due then."""
+        held = self._held.get(call.due)
+        if held is None:
+            held = self._held[call.due] = []
+            HandOver(self, call.due).callbacks.append(lambda _: self._hand_over(call.due))
+        assert call.completion is not None
+        held.append(call.completion.request_id)
 
-    def _hand_over_held(self, t: float) -> None:
-        """Hand every held answer due at ``t`` (now) to its agent, in request order."""
-        held = self._held
-        while held and held[0][0] <= t:
-            self._deliver(self.in_flight[heapq.heappop(held)[1]])
+    def _hand_over(self, due: float) -> None:
+        """Hand every answer held for ``due`` (now) to its agent, in request order."""
+        for request_id in sorted(self._held.pop(due)):
+            self._deliver(self.in_flight[request_id])
 
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
@@ -278,7 +290,7 @@ class SimEnvironment(simpy.Environment):
             if call.due <= self._now:
                 self._deliver(call)
             else:
-                heapq.heappush(self._held, (call.due, completion.request_id))
+                self._hold(call)
 
     def _deliver(self, call: LLMCall) -> None:
         """The agent of ``call`` resumes now with its answer (or its error)."""
