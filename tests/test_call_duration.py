@@ -109,6 +109,22 @@ def test_answers_due_at_one_time_are_handed_over_in_request_order():
     assert order == ["a", "b"]
 
 
+def test_a_call_due_when_the_run_ends_does_not_return():
+    # As for any event at `until`: simpy stops before it (the clock ends at 5).
+    env = SimEnvironment(FakeEngine())
+    world = World(env)
+
+    def script(a: Scripted) -> Generator[Any, Any, None]:
+        yield a.llm("hi", duration=5)
+        a.log.append(a.now)
+
+    agent = world.add(Scripted("a", script))
+    env.run(until=5)
+    assert agent.log == [] and len(env.in_flight) == 1 and env.now == 5
+    env.run(until=6)
+    assert agent.log == [5] and not env.in_flight
+
+
 def test_a_negative_duration_is_refused_by_name():
     env = SimEnvironment(FakeEngine())
     world = World(env)
