@@ -105,8 +105,9 @@ def run_policies(world: str, cls: str, params: dict[str, Any], until: float | No
     return rows
 
 
-def sweep_world(world: str, quick: bool) -> list[dict[str, Any]]:
-    """Duration 0, then the durations for :data:`IN_FLIGHT` calls in flight."""
+def sweep_world(world: str, quick: bool, in_flight: tuple[int, ...] = IN_FLIGHT
+                ) -> list[dict[str, Any]]:
+    """Duration 0, then the durations for ``in_flight`` calls in flight."""
     cls, params, until, replies = large_config(world)
     budget = BUDGET_BYTES
     if quick:
@@ -116,7 +117,7 @@ def sweep_world(world: str, quick: bool) -> list[dict[str, Any]]:
     rows = run_policies(world, cls, params, until, replies, budget, 0.0)
     rate = rows[0]["calls_per_time"]
     durations = sorted({round_duration(n / rate) for n in (QUICK_IN_FLIGHT if quick
-                                                              else IN_FLIGHT)})
+                                                              else in_flight)})
     for duration in durations:
         rows += run_policies(world, cls, params, until, replies, budget, duration)
     return rows
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--worlds", default=None, help="comma-separated (default: all)")
     parser.add_argument("--real", action="store_true",
                         help="the small worlds on the real engine (wall time)")
+    parser.add_argument("--in-flight", default=",".join(map(str, IN_FLIGHT)),
+                        help="the calls in flight the durations are chosen for")
     parser.add_argument("--durations", default="0,1", help="--real: the durations to run")
     parser.add_argument("--combine", action="store_true",
                         help="write the table, plot and headline of every world's "
@@ -264,7 +267,8 @@ def main() -> None:
         name = "sweep_duration"
     else:
         for world in worlds:
-            rows += sweep_world(world, args.quick)
+            rows += sweep_world(world, args.quick,
+                                tuple(int(n) for n in args.in_flight.split(",")))
             if args.worlds is not None:  # a part of the sweep: kept per world for --combine
                 pd.DataFrame([r for r in rows if r["world"] == world]).to_csv(
                     out / f"sweep_duration_{world}.csv", index=False)
