@@ -105,9 +105,12 @@ def run_policies(world: str, cls: str, params: dict[str, Any], until: float | No
     return rows
 
 
-def sweep_world(world: str, quick: bool, in_flight: tuple[int, ...] = IN_FLIGHT
-                ) -> list[dict[str, Any]]:
-    """Duration 0, then the durations for ``in_flight`` calls in flight."""
+def sweep_world(world: str, quick: bool, in_flight: tuple[int, ...] = IN_FLIGHT,
+                keep: Path | None = None) -> list[dict[str, Any]]:
+    """Duration 0, then the durations for ``in_flight`` calls in flight; with ``keep``, the
+    rows so far are written there after every duration (a long sweep stopped keeps them)."""
+    import pandas as pd
+
     cls, params, until, replies = large_config(world)
     budget = BUDGET_BYTES
     if quick:
@@ -115,11 +118,15 @@ def sweep_world(world: str, quick: bool, in_flight: tuple[int, ...] = IN_FLIGHT
         until = QUICK_UNTIL.get(world, until)
         budget = QUICK_BUDGET_BYTES
     rows = run_policies(world, cls, params, until, replies, budget, 0.0)
+    if keep is not None:
+        pd.DataFrame(rows).to_csv(keep, index=False)
     rate = rows[0]["calls_per_time"]
     durations = sorted({round_duration(n / rate) for n in (QUICK_IN_FLIGHT if quick
                                                               else in_flight)})
     for duration in durations:
         rows += run_policies(world, cls, params, until, replies, budget, duration)
+        if keep is not None:
+            pd.DataFrame(rows).to_csv(keep, index=False)
     return rows
 
 
@@ -266,12 +273,10 @@ def main() -> None:
         rows = pd.concat([pd.read_csv(p) for p in parts if p.is_file()]).to_dict("records")
         name = "sweep_duration"
     else:
-        for world in worlds:
+        for world in worlds:  # each also kept on its own, for --combine
             rows += sweep_world(world, args.quick,
-                                tuple(int(n) for n in args.in_flight.split(",")))
-            if args.worlds is not None:  # a part of the sweep: kept per world for --combine
-                pd.DataFrame([r for r in rows if r["world"] == world]).to_csv(
-                    out / f"sweep_duration_{world}.csv", index=False)
+                                tuple(int(n) for n in args.in_flight.split(",")),
+                                keep=out / f"sweep_duration_{world}.csv")
         name = "sweep_duration" if args.worlds is None else f"sweep_duration_{'_'.join(worlds)}"
     pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
     plot(rows, out / f"{name}.png", SETTING.label())
