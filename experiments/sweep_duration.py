@@ -67,6 +67,12 @@ QUICK_BUDGET_BYTES = 4 * 10**9
 
 #: ``--real``: the small worlds whose ``worlds/<name>.yaml`` runs on the real model.
 REAL_WORLDS = ["town", "social_feed", "round_table"]
+#: ``--real --quick``: tiny versions of them (a smoke test of the path, not a measurement).
+REAL_QUICK = {
+    "town": ({"villagers": 2, "max_tokens": 4}, 700),
+    "social_feed": ({"users": 4, "attach": 1, "max_tokens": 4}, 600),
+    "round_table": ({"tables": 1, "players": 3, "rounds": 1, "max_tokens": 4}, None),
+}
 
 
 def round_duration(d: float) -> float:
@@ -219,8 +225,9 @@ def run_real(worlds: list[str], durations: list[float], quick: bool) -> None:
     rows = []
     for world in worlds:
         doc = yaml.safe_load((WORLDS_DIR / f"{world}.yaml").read_text())
-        if quick:  # a smoke test of the path, not a measurement
-            doc["sim"]["until"] = min(doc["sim"].get("until") or 60, 420)
+        if quick:
+            params, doc["sim"]["until"] = REAL_QUICK[world]
+            doc["world"]["params"].update(params)
         for duration in durations:
             doc["sim"]["call_duration"] = duration
             with tempfile.TemporaryDirectory() as out:
