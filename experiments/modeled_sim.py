@@ -181,7 +181,7 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                 order: list[str] | None = None, max_calls: int | None = None,
                 lookahead: int = 32, oracle: dict[str, Any] | None = None,
                 replies: Sequence[str] | Mapping[str, Sequence[str]] = REPLIES,
-                replicas: int = 1) -> dict[str, Any]:
+                replicas: int = 1, call_duration: float = 0.0) -> dict[str, Any]:
     """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
 
     The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
@@ -189,13 +189,14 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
     With ``oracle`` the run's oracle quality (``summary.json``'s ``distance`` section) is
     stored there. ``replies`` are the placeholder answers of the modeled chat. ``replicas`` > 1
     runs that many in-process modeled engines, each with the budget ``memory_bytes`` (the
-    returned ``replicas`` entry is ``summary.json``'s section).
+    returned ``replicas`` entry is ``summary.json``'s section). ``call_duration`` is the world's
+    ``sim.call_duration``; the returned ``occupancy`` entry is ``summary.json``'s section.
     """
     if policy == "belady" and order is None:
         raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
     config = RunConfig.model_validate({
         "world": {"class": world_class, "params": params},
-        "sim": {"seed": seed},
+        "sim": {"seed": seed, "call_duration": call_duration},
         "runtime": {
             "executor": "modeled", "model": setting.model, "replicas": replicas,
             "max_num_seqs": 256, "max_batch_tokens": 8192, "block_size": 16,
@@ -215,6 +216,7 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
     out = dict(report["modeled"])
     if "replicas" in report:
         out["replicas"] = report["replicas"]
+    out["occupancy"] = sim.env.occupancy.summary()
     sim.engine.close()
     if sim.failed:
         raise RuntimeError(f"{len(sim.failed)} modeled calls failed, e.g.: {sim.failed[0]}")

@@ -152,9 +152,11 @@ class Engine:
         finished = [seq.to_completion() for seq in self._rejected]
         self._rejected.clear()
         batch = self.scheduler.schedule()
+        steps, tokens = (batch.steps, sum(s.chunk for s in batch) * batch.steps) if batch \
+            else (0, 0)
         modeled_before = self.clock.now() if self.clock.modeled else None
         if batch:
-            self._execute(batch)
+            self._execute(batch, tokens)
             for seq in batch:
                 if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
                     self._check_finished(seq)
@@ -168,15 +170,15 @@ class Engine:
         return StepResult(
             finished, {s.request_id: decode(s.output_ids) for s in running
                        if s.request.stream and s.output_ids},
-            batch=len(running) + len(done), waiting=len(self.scheduler.waiting),
-            running=len(running),
+            batch=len(running) + len(done), steps=steps, tokens=tokens,
+            waiting=len(self.scheduler.waiting), running=len(running),
             modeled_s=None if modeled_before is None else self.clock.now() - modeled_before)
 
-    def _execute(self, batch: Batch) -> None:
-        """The executor's forward pass over ``batch``, timed for the listeners."""
+    def _execute(self, batch: Batch, tokens: int) -> None:
+        """The executor's forward pass over ``batch`` (``tokens`` to compute), timed for the
+        listeners."""
         if self._step_listeners:
             sequences = len(batch)
-            tokens = sum(s.chunk for s in batch) * batch.steps
             prefill = sum(s.chunk for s in batch if s.num_computed < s.num_prompt_tokens)
             modeled = self.clock.now() if self.clock.modeled else None
             start = time.perf_counter()

@@ -38,6 +38,10 @@ class StepResult:
     partial: dict[int, str] = field(default_factory=dict)
     #: sequences that ran in the iteration (those still running plus those it finished)
     batch: int = 0
+    #: model steps the iteration stood for (a decode run takes several at once; 0: no batch)
+    #: and the tokens they computed: with ``batch``, the engine's occupancy
+    steps: int = 0
+    tokens: int = 0
     #: requests still waiting for admission, and still running, after it
     waiting: int = 0
     running: int = 0

@@ -351,6 +351,8 @@ class ReplicaSet:
             out.finished += step.finished
             out.partial.update(step.partial)
             out.batch += step.batch
+            out.tokens += step.tokens
+            out.steps = max(out.steps, step.steps)  # in lockstep: the longest replica's run
             out.waiting += step.waiting
             out.running += step.running
             self._emit(result)

@@ -67,7 +67,8 @@ class Request:
     token-prefix of the full input so that their KV can be reused across calls of the same
     agent; an agent that sends its conversation so far as ``history``, its last reply included,
     finds its previous request's tokens again at the start of the next one. ``adapter`` is the
-    path of a PEFT-format LoRA adapter directory, or ``None`` for the base model.
+    path of a PEFT-format LoRA adapter directory, or ``None`` for the base model. ``due``
+    orders requests for the scheduler (see the field).
     """
 
     agent_id: str
@@ -80,6 +81,10 @@ class Request:
     stream: bool = False
     #: the earlier turns between the system turn and ``prompt``, oldest first (:data:`Turn`)
     history: tuple[dict[str, Any], ...] = ()
+    #: when the caller needs the reply, on the caller's own clock (a simulation's due time: the
+    #: call's submit time plus its duration); the scheduler admits the earliest due first.
+    #: ``None`` (a server's requests): after every dated request, first come first served
+    due: float | None = None
 
 
 @dataclass

@@ -4,16 +4,19 @@
 :class:`BatchScheduler` drives the paged ``torch`` executor token by token, and the ``modeled``
 one with the same code.
 
-Sequences wait in arrival order and are admitted into the running set while it has room
-(``max_num_seqs``). Before a sequence is admitted, the :class:`Admission` it was built with pins
-its memory objects (loading what is missing); one whose objects cannot be placed yet keeps
-waiting, and so does everyone behind it (first come, first served). The engine removes finished
-sequences after each iteration, so requests that arrive while others are decoding join the
-running batch at the next step (continuous batching).
+Sequences wait in the order of their due time (:attr:`runtime.request.Request.due`), first come
+first served among equal ones, and requests without a due time after every dated one: a
+simulation whose calls all return at once (duration 0) or a server gets plain arrival order.
+They are admitted into the running set while it has room (``max_num_seqs``). Before a sequence
+is admitted, the :class:`Admission` it was built with pins its memory objects (loading what is
+missing); one whose objects cannot be placed yet keeps waiting, and so does everyone behind it.
+The engine removes finished sequences after each iteration, so requests that arrive while others
+are decoding join the running batch at the next step (continuous batching).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from typing import Callable, Protocol
@@ -34,8 +37,15 @@ class Admission(Protocol):
         """Unpin the objects of an admitted ``seq`` that goes back to waiting unstarted."""
 
 
+def due(seq: Sequence) -> float:
+    """When ``seq``'s reply is due: its request's due time, ``inf`` when it has none."""
+    request_due = seq.request.due
+    return math.inf if request_due is None else request_due
+
+
 class Scheduler:
-    """First-come first-served admission into a bounded running set."""
+    """Earliest-due-first admission into a bounded running set (first come, first served among
+    equal due times)."""
 
     def __init__(self, max_num_seqs: int, admission: Admission) -> None:
         if max_num_seqs < 1:
@@ -47,7 +57,16 @@ class Scheduler:
         self._failed: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue ``seq`` behind every waiting sequence due no later than it."""
+        waiting = self.waiting
+        if not waiting or due(waiting[-1]) <= due(seq):
+            waiting.append(seq)  # the common case: calls arrive in due order
+        else:
+            waiting.insert(bisect.bisect_right(waiting, due(seq), key=due), seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """Queue ``seq`` (preempted) ahead of every waiting sequence due no earlier than it."""
+        self.waiting.insert(bisect.bisect_left(self.waiting, due(seq), key=due), seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._failed)
@@ -109,9 +128,9 @@ class BatchScheduler(Scheduler):
     the tree once its prompt is computed, and again when it finishes.
 
     When the pool lacks blocks, ``reclaim(blocks)`` is asked to let cached segments go (the
-    memory manager evicts in its policy's order); if that is not enough, the most recently
-    admitted running sequence is preempted: its blocks are freed and it waits at the head of
-    the queue to be recomputed. A waiting sequence that does not fit yet simply waits; the
+    memory manager evicts in its policy's order); if that is not enough, the running sequence
+    due last (the most recently admitted among equals) is preempted: its blocks are freed and it
+    waits ahead of the sequences due no earlier than it, to be recomputed. A waiting sequence that does not fit yet simply waits; the
     engine rejects at submission any request that could never fit.
 
     ``decode_horizon(seq)``, when given, says how many more tokens ``seq`` will certainly decode
@@ -231,7 +250,8 @@ class BatchScheduler(Scheduler):
         """Like :meth:`_grow` for a running sequence, preempting others (or itself) if needed."""
         while not self._grow(seq, num_tokens):
             victims = [s for s in self.running if s is not seq and s not in batch]
-            self.preempt(victims[-1] if victims else seq)
+            # max() keeps the first of equals: reversed, that is the most recently admitted.
+            self.preempt(max(reversed(victims), key=due) if victims else seq)
             if not victims:
                 return False
         return True
@@ -259,13 +279,13 @@ class BatchScheduler(Scheduler):
         return n
 
     def preempt(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks and queue it to be recomputed first."""
+        """Free ``seq``'s blocks and queue it to be recomputed first among its due time."""
         self.cache.release(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        self.requeue(seq)
         self.num_preemptions += 1
 
     def _withdraw(self, seq: Sequence) -> None:

@@ -160,8 +160,15 @@ class Agent(Generic[W]):
         stop: tuple[str, ...] | list[str] = (),
         seed: int | None = None,
         history: Iterable[HistoryTurn] = (),
+        duration: float | None = None,
     ) -> LLMCall:
         """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`.
+
+        The agent gets it ``duration`` units of simulated time after it asked (default: the
+        world's ``sim.call_duration``, 0 unless configured): it is busy thinking meanwhile,
+        while the clock and the other agents go on. Whatever it sends after the call, it sends
+        then. A duration lets the engine batch the calls of many instants together; the reply
+        itself does not depend on it. A negative duration raises :class:`ValueError`.
 
         ``history`` is the conversation so far, oldest first, as ``(role, content)`` pairs
         (roles ``user``, ``assistant``, ``tool``) or message dicts: it is rendered between the
@@ -191,7 +198,7 @@ class Agent(Generic[W]):
                       for t in history)
         request = Request(self.name, prompt, prefix=self.persona, sampling=sampling,
                           adapter=self.adapter, history=turns)
-        return self.env.submit(self.name, request)
+        return self.env.submit(self.name, request, duration)
 
     def wait(self, delay: float, *, label: str | None = None) -> simpy.Timeout:
         """Let ``delay`` units of simulated time pass.

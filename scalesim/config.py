@@ -202,6 +202,10 @@ class RuntimeConfig(_Section):
 class SimConfig(_Section):
     until: float | None = Field(default=None, gt=0)
     seed: int = 0
+    call_duration: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False,
+        description="simulated time an LLM call takes unless it names its own duration: the "
+                    "agent resumes that long after it asked (0: at once)")
 
 
 class FailurePolicy(_Section):

@@ -4,7 +4,11 @@
 serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``distance``,
 ``nearest``). What the simulation knows comes from several *sources*:
 
-* a **pending call**: now (distance 0);
+* a **pending call** (queued or running): at its due time, minus the world's default call
+  duration. A call that takes the default duration is thus placed when it was made (distance
+  0, before every predicted call); a call due sooner or later than that is placed where a
+  predicted call due then would be, so the memory manager fetches for calls in the order the
+  scheduler serves them (earliest due first);
 * **timers** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
 * **deadlines**: the timeout of a ``receive`` or ``wait_for``, a bound on the wake-up;
 * **messages in transit** (``Agent.send(..., delay=d)``): an agent blocked on ``receive`` wakes
@@ -35,12 +39,17 @@ pending call the estimate is at least ``env.now``.
 
 The agents are ordered by their estimate in a :class:`~runtime.memory.lazy_heap.LazyHeap`, so a
 timer-driven world costs O(log n) per event and :meth:`DistanceOracle.nearest` O(k log n);
-nothing re-sorts all agents (a change of trust re-estimates each agent once).
+nothing re-sorts all agents (a change of trust re-estimates each agent once). A pending call is
+due, never stale: once the clock has passed its key, its entry is *parked* in a heap of its own
+(the same entry, so :meth:`~DistanceOracle.nearest` merges the two in one order). With calls
+that take simulated time hundreds of calls are pending, and every advance of the clock would
+otherwise step over all of them again.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -76,12 +85,14 @@ class DistanceOracle(CallTrackingSource):
     """Estimated next-call times of every agent; an ``OrderedDistanceSource``.
 
     The pending calls and the watchers are kept by the base class. A pending call stays in the
-    oracle's estimate too, at the time it was submitted (when a neighbour called is what the
-    graph source reads), so :meth:`order_key` and :meth:`nearest` read the estimates alone.
+    oracle's estimate too, at its due time less ``call_duration`` (the world's default), so
+    :meth:`order_key`, :meth:`distance` and :meth:`nearest` read the estimates alone; the graph
+    source reads a calling neighbour as acting when its call returns, at its due time.
     """
 
     def __init__(self, env: SimEnvironment, graph: Any = None, *, edge_delay: float = 0.0,
-                 turn_delay: float = 1e-6, window: int = 64) -> None:
+                 turn_delay: float = 1e-6, window: int = 64,
+                 call_duration: float = 0.0) -> None:
         super().__init__()
         self.env = env
         self.graph = graph
@@ -90,7 +101,8 @@ class DistanceOracle(CallTrackingSource):
         self.window = window
         self.rates = CallRates()
         self.prediction = PredictionQuality(window)
-        self._called_at: dict[str, float] = {}  # agent with a pending call -> when it called
+        self.call_duration = call_duration
+        self._due: dict[str, float] = {}  # agent with a pending call -> when that call is due
         self._block: dict[str, Block] = {}
         self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
         self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
@@ -103,12 +115,17 @@ class DistanceOracle(CallTrackingSource):
         self._raw: dict[str, float] = {}  # the estimate if every source were trusted
         self._heap: LazyHeap[str] = LazyHeap()
         self._raw_heap: LazyHeap[str] = LazyHeap()
+        # pending calls' entries the clock has passed, out of on_advance's way (module doc)
+        self._parked_heap: LazyHeap[str] = LazyHeap(self._heap.versions)
+        self._raw_parked_heap: LazyHeap[str] = LazyHeap(self._raw_heap.versions)
+        self._parked: set[str] = set()  # the agents with a parked entry
         self.calls = 0
 
     # -- hooks: what agents and the environment report ----------------------------------------
 
-    def on_submit(self, agent: str) -> int | None:
-        """``agent`` issued a call now; returns its predicted rank, if a snapshot predicted it."""
+    def on_submit(self, agent: str, due: float | None = None) -> int | None:
+        """``agent`` issued a call now, due at ``due`` (default: now); returns its predicted
+        rank, if a snapshot predicted it."""
         self.calls += 1
         rank = self.prediction.observe_call(agent, self.env.now)
         before = self._acts_at(agent)
@@ -116,7 +133,7 @@ class DistanceOracle(CallTrackingSource):
         self.rates.called(agent, self.env.now)
         self._active.pop(agent, None)
         self._start_call(agent)
-        self._called_at[agent] = self.env.now
+        self._due[agent] = self.env.now if due is None else due
         self._hint.pop(agent, None)
         self._moved(agent, before)
         return rank
@@ -125,7 +142,7 @@ class DistanceOracle(CallTrackingSource):
         """``agent``'s call returned; until it blocks again it is acting now."""
         before = self._acts_at(agent)
         if self._end_call(agent):
-            del self._called_at[agent]
+            del self._due[agent]
         self._active[agent] = self.env.now
         # A returned call is a wake-up too: how soon the agent calls again is learned alike.
         self.rates.woke(agent, AFTER_CALL, self.env.now, wakeup=False)
@@ -167,7 +184,7 @@ class DistanceOracle(CallTrackingSource):
     def on_exit(self, agent: str) -> None:
         before = self._acts_at(agent)
         self.rates.forget(agent)
-        for table in (self._pending, self._called_at, self._block, self._active, self._arrival,
+        for table in (self._pending, self._due, self._block, self._active, self._arrival,
                       self._hint, self._turn, self._transit):
             table.pop(agent, None)
         self._moved(agent, before)
@@ -185,7 +202,8 @@ class DistanceOracle(CallTrackingSource):
     def on_advance(self) -> None:
         """The clock moved forward: re-estimate every estimate it overtook."""
         now = self.env.now
-        for heap, etas in ((self._heap, self._eta), (self._raw_heap, self._raw)):
+        for heap, etas, parked in ((self._heap, self._eta, self._parked_heap),
+                                   (self._raw_heap, self._raw, self._raw_parked_heap)):
             aside = []
             seen: set[str] = set()
             while True:
@@ -196,9 +214,13 @@ class DistanceOracle(CallTrackingSource):
                     aside.append(entry)
                     break
                 agent = entry[-1]
-                # A call in flight is due now, not stale; an agent already re-estimated in
+                # A call in flight is due, not stale: parked; an agent already re-estimated in
                 # this pass is not taken again (a guard: re-estimates are never behind the clock).
-                if agent in self._pending or agent in seen:
+                if agent in self._pending:
+                    parked.push(entry)
+                    self._parked.add(agent)
+                    continue
+                if agent in seen:
                     aside.append(entry)
                     continue
                 seen.add(agent)
@@ -211,7 +233,7 @@ class DistanceOracle(CallTrackingSource):
         before = self._acts_at(agent)
         self._wake(agent)
         self._pending.pop(agent, None)  # blocked: whatever it called has returned
-        self._called_at.pop(agent, None)
+        self._due.pop(agent, None)
         self._active.pop(agent, None)
         self._block[agent] = block
         if block.kind == "receive":
@@ -258,12 +280,14 @@ class DistanceOracle(CallTrackingSource):
     def order_key(self, agent_id: str) -> float:
         """The estimated call time: orders agents as :meth:`distance` does, without drifting.
 
-        A pending call's key is the time it was submitted: not after now, where every other
-        estimate lies (an estimate behind the clock is re-estimated).
+        A pending call's key is its due time less the default duration: for a call of the
+        default duration the time it was submitted, not after now, where every other estimate
+        lies (an estimate behind the clock is re-estimated).
         """
         return self._eta.get(agent_id, math.inf)
 
-    def _predicted_distance(self, agent_id: str) -> float:
+    def distance(self, agent_id: str) -> float:
+        """How long until the estimate (0 for a pending call of the default duration)."""
         return max(0.0, self._eta.get(agent_id, math.inf) - self.env.now)
 
     def source_of(self, agent: str) -> str | None:
@@ -273,11 +297,12 @@ class DistanceOracle(CallTrackingSource):
     def nearest(self, k: int) -> list[str]:
         """The ``k`` agents with the smallest estimate, nearest first: O(k log n).
 
-        Pending calls are among them at their submission time, so one submitted now may come
-        after a prediction of now: both are distance 0.
+        Pending calls are among them at their keys (:meth:`order_key`), so one submitted now
+        may come after a prediction of now: both are distance 0.
         """
         self._refresh_turns()
-        return [entry[-1] for entry in self._heap.smallest(k)]
+        entries = heapq.merge(self._parked_heap.smallest(k), self._heap.smallest(k))
+        return [entry[-1] for entry in itertools.islice(entries, k)]
 
     def estimates(self, agent: str, with_turn: bool = True,
                   lagged: bool = True) -> dict[str, float]:
@@ -328,14 +353,14 @@ class DistanceOracle(CallTrackingSource):
     def explain(self, agent: str) -> dict[str, float]:
         """Why :meth:`eta` is what it is: the estimates it takes the earliest of, by source.
 
-        That is ``pending`` (when the pending call was made), or every trusted source's
+        That is ``pending`` (the pending call's key), or every trusted source's
         estimate, with the learned lag while that is trusted; empty when nothing is known. They
         are read now, while :meth:`eta` was set when the agent last changed: a learned lag that
         moved since (other agents' calls move its prior) shows as a small difference.
         Diagnostics only: the oracle itself never builds this dict.
         """
         if agent in self._pending:
-            return {"pending": self._called_at[agent]}
+            return {"pending": self._pending_key(agent)}
         trusted = self.prediction.trusted
         candidates = self.estimates(agent, lagged=trusted("learned"))
         return {name: eta for name, eta in candidates.items() if trusted(name)}
@@ -343,8 +368,8 @@ class DistanceOracle(CallTrackingSource):
     def _estimate(self, agent: str, with_turn: bool = True) -> tuple[float, float, str | None]:
         """(trusted estimate, estimate over every source, the trusted estimate's source)."""
         if agent in self._pending:
-            called = self._called_at[agent]
-            return called, called, "pending"
+            key = self._pending_key(agent)
+            return key, key, "pending"
         candidates = self.estimates(agent, with_turn)
         if not candidates:
             return math.inf, math.inf, None
@@ -358,12 +383,21 @@ class DistanceOracle(CallTrackingSource):
                 best, source = value, name
         return best, raw, source
 
+    def _pending_key(self, agent: str) -> float:
+        """Where ``agent``'s pending call stands: its due time less the default duration."""
+        return self._due[agent] - self.call_duration
+
     def _lag(self, agent: str, block: Block, cause: str) -> float:
         return self.rates.lag(agent, self._site(block, cause))
 
     def _update(self, agent: str) -> None:
         if agent in self._silent:
             return
+        if agent in self._parked and agent not in self._pending:
+            # Its call returned: a fresh entry goes back among the estimates the clock overtakes.
+            self._parked.discard(agent)
+            self._eta.pop(agent, None)
+            self._raw.pop(agent, None)
         eta, raw, source = self._estimate(agent)
         self._source[agent] = source or ""
         self._place(self._raw_heap, self._raw, agent, raw)
@@ -391,7 +425,7 @@ class DistanceOracle(CallTrackingSource):
     def _acts_at(self, agent: str) -> float:
         """When ``agent`` next acts by what it alone knows (not by its own neighbours)."""
         if agent in self._pending:
-            return self._called_at[agent]
+            return self._due[agent]
         if agent in self._active:
             return self._active[agent]
         block = self._block.get(agent)

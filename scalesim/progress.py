@@ -4,7 +4,10 @@ On a terminal the progress is a live bar; elsewhere (a log file, a pipe, a batch
 would print nothing until the end, so one plain line is printed every ``every`` seconds instead,
 and one when the run ends::
 
-    progress: sim t=412.0 of 1320 (31%), 40 calls (2 failed), 3.21 calls/s, 12 s
+    progress: sim t=412.0 of 1320 (31%), 40 calls (2 failed), 3.21 calls/s, 12 s,
+        5.3 sequences / 88 tokens per step
+
+(the engine's occupancy, :mod:`scalesim.occupancy`, once it has run a step).
 
 Both go to stderr, so stdout keeps only the summary table.
 """
@@ -20,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scalesim.occupancy import EngineOccupancy
 from scalesim.prediction_quality import few_snapshots
 
 
@@ -27,12 +31,14 @@ class ProgressDisplay:
     """Progress over simulated time with the count of LLM calls (a no-op when disabled).
 
     ``stream`` is where the plain lines go (default stderr); the live bar is used only when the
-    console on stderr is a terminal.
+    console on stderr is a terminal. ``occupancy`` is the run's engine occupancy, shown too.
     """
 
     def __init__(self, enabled: bool, until: float | None, every: float = 30.0,
-                 stream: IO[str] | None = None) -> None:
+                 stream: IO[str] | None = None,
+                 occupancy: EngineOccupancy | None = None) -> None:
         self.enabled = enabled
+        self.occupancy = occupancy if occupancy is not None else EngineOccupancy()
         self.until = until
         self.every = every
         self.stream = stream
@@ -56,13 +62,13 @@ class ProgressDisplay:
                 TextColumn("sim t={task.fields[now]:>9.1f}"),
                 BarColumn(),
                 TextColumn("{task.fields[calls]} LLM calls ({task.fields[failed]} failed), "
-                           "{task.fields[tokens]} tokens"),
+                           "{task.fields[tokens]} tokens, {task.fields[occupancy]}"),
                 TimeElapsedColumn(),
                 console=console,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("run", total=self.until, now=0.0, calls=0,
-                                                 failed=0, tokens=0)
+                                                 failed=0, tokens=0, occupancy="")
         else:
             # A thread, so a line comes on time even while one long engine iteration runs.
             self._ticker = threading.Thread(target=self._tick, name="scalesim-progress",
@@ -77,7 +83,8 @@ class ProgressDisplay:
         self.now = now
         if self._progress is not None:
             self._progress.update(self._task, completed=now, now=now, calls=self.calls,
-                                  failed=self.failed, tokens=self.tokens)
+                                  failed=self.failed, tokens=self.tokens,
+                                  occupancy=self.occupancy_text())
 
     def finish(self, now: float) -> None:
         """Show the final simulated time (the clock may pass quiet periods after the last call)."""
@@ -91,8 +98,20 @@ class ProgressDisplay:
         share = (f" of {self.until:g} ({self.now / self.until:.0%})"
                  if self.until else "")
         rate = self.calls / wall if wall > 0 else 0.0
+        occupancy = self.occupancy_text()
         return (f"progress: sim t={self.now:.1f}{share}, {self.calls} calls "
-                f"({self.failed} failed), {rate:.2f} calls/s, {wall:.0f} s")
+                f"({self.failed} failed), {rate:.2f} calls/s, {wall:.0f} s"
+                + (f", {occupancy}" if occupancy else ""))
+
+    def occupancy_text(self) -> str:
+        """The engine's sequences and tokens per step so far ('' before its first step; no
+        tokens for an executor that serves a request in one call, which counts none)."""
+        o = self.occupancy
+        if not o.steps:
+            return ""
+        if not o.tokens:
+            return f"{o.sequences_per_step:.1f} sequences per step"
+        return f"{o.sequences_per_step:.1f} sequences / {o.tokens_per_step:.0f} tokens per step"
 
     def _print_line(self) -> None:
         print(self.line(), file=self.stream or sys.stderr, flush=True)
@@ -142,6 +161,14 @@ def print_summary(result: Any, console: Console | None = None) -> None:
             rows.append(("memory hit rate", f"{memory['hit_rate']:.1%}"))
         rows.append(("memory loaded / stall", f"{_gib(memory['bytes_loaded'])} / "
                                                f"{memory['stall_s']:.2f} s"))
+    occupancy = s.get("occupancy")
+    if occupancy and occupancy["steps"]:
+        rows.append(("engine occupancy (sequences / tokens per step)",
+                     f"{occupancy['sequences_per_step']:.1f} / "
+                     f"{occupancy['tokens_per_step']:.0f}"))
+        if occupancy["mean_calls_in_flight"]:
+            rows.append(("calls in flight (mean over sim time)",
+                         f"{occupancy['mean_calls_in_flight']:.1f}"))
     distance = s.get("distance", {})
     if distance.get("kendall_tau") is not None:
         rows.append(("distance prediction (Kendall tau)", f"{distance['kendall_tau']:.3f} "

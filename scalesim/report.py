@@ -274,6 +274,12 @@ def markdown(result: RunResult, plots: Sequence[str] = PLOTS) -> str:
     lines.append("| bytes moved | " + (", ".join(
         f"{r.kind} {r.op} {_fmt_bytes(r.bytes)}" for r in moved.itertuples())
         or "no memory operations recorded") + " |")
+    occupancy = summary.get("occupancy") or {}
+    if occupancy.get("steps"):
+        lines.append(f"| engine occupancy: sequences / tokens per step | "
+                     f"{occupancy['sequences_per_step']} / {occupancy['tokens_per_step']} |")
+        lines.append(f"| calls in flight (mean over sim time) | "
+                     f"{occupancy['mean_calls_in_flight']} |")
     distance = summary.get("distance") or {}
     if distance.get("kendall_tau") is not None:
         lines.append(f"| distance prediction: Kendall tau (snapshots) | "

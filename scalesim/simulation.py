@@ -85,10 +85,12 @@ class Simulation:
         self.oracle: DistanceOracle | None = None
 
         def observe(env: SimEnvironment) -> DistanceOracle:
-            self.oracle = DistanceOracle(env, edge_delay=mem.edge_delay)
+            self.oracle = DistanceOracle(env, edge_delay=mem.edge_delay,
+                                         call_duration=config.sim.call_duration)
             return self.oracle
 
-        self.env = SimEnvironment(None, observer=observe)  # the engine is attached below
+        self.env = SimEnvironment(None, observer=observe,  # the engine is attached below
+                                  call_duration=config.sim.call_duration)
         assert self.oracle is not None
         self.env.replay = replay
         self.world: World | None = None
@@ -200,10 +202,10 @@ class Simulation:
                     self._run_until(limit)
                     return
                 # env.step() runs engine iterations too; stop at the limit or when all is done.
-                while len(self.calls) < max_calls and (env.in_flight or env.peek() <= limit):
+                while len(self.calls) < max_calls and env.next_time() <= limit:
                     if self.stop_reason is not None:
                         raise self.stop_reason
-                    if env.peek() == math.inf and not env.in_flight:
+                    if env.next_time() == math.inf:
                         break
                     env.step()
         finally:
@@ -213,16 +215,16 @@ class Simulation:
     def _run_until(self, limit: float) -> None:
         """``env.run(until=limit)`` step by step, with a safe point between steps.
 
-        The loop ends where simpy's would: before the first step that would process an event
-        at or after ``limit`` (an engine iteration still runs first: calls in flight finish
-        before the clock moves on). ``env.run`` then moves the clock onto ``limit`` as it would.
+        The loop ends where simpy's would: before the first step that would act at or after
+        ``limit`` (:meth:`SimEnvironment.next_time`: an engine iteration for calls due before
+        ``limit`` still runs first, so they return before the clock moves on; calls due later
+        stay in flight). ``env.run`` then moves the clock onto ``limit`` as it would.
         """
         env = self.env
         while True:
             if self.stop_reason is not None:
                 raise self.stop_reason
-            upcoming = env.peek()
-            if upcoming >= limit and not (env.in_flight and upcoming > env.now):
+            if env.next_time() >= limit:
                 break
             env.step()
         if limit != math.inf:
@@ -232,7 +234,8 @@ class Simulation:
         """The sections of ``summary.json`` beyond the trace's own totals."""
         assert self.oracle is not None
         replay = {"replay": self.env.replay.report()} if self.env.replay is not None else {}
-        return {"distance": self.oracle.quality(), **self.engine.report(), **replay}
+        return {"distance": self.oracle.quality(), "occupancy": self.env.occupancy.summary(),
+                **self.engine.report(), **replay}
 
     def check_failures(self) -> RunFailed | None:
         """The failure policy's verdict on a run that went to its end (None: it passes)."""
@@ -328,7 +331,7 @@ def _run_and_write(sim: Simulation, run_dir: Path, progress: bool) -> RunResult:
 
     config = sim.config
     display = ProgressDisplay(enabled=progress and config.output.progress, until=config.sim.until,
-                              every=config.output.progress_every)
+                              every=config.output.progress_every, occupancy=sim.env.occupancy)
     status, error = "failed", None
     failure: RunFailed | None = None
     interrupted: tuple[RunInterrupted, KeyboardInterrupt] | None = None

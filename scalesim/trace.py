@@ -50,6 +50,7 @@ TRACE_SCHEMA = pa.schema(
         ("agent", pa.string()),
         ("sim_time", pa.float64()),
         ("sim_time_done", pa.float64()),
+        ("due", pa.float64()),
         ("prompt", pa.string()),
         ("completion", pa.string()),
         ("finish_reason", pa.string()),
@@ -228,6 +229,7 @@ class TraceRecorder:
             "agent": completion.agent_id,
             "sim_time": float(call.submit_time),
             "sim_time_done": float(sim_time_done),
+            "due": call.request.due,  # None for a served request: it has no simulated clock
             "prompt": call.request.prompt,
             "completion": completion.text,
             "finish_reason": completion.finish_reason,

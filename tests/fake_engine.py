@@ -104,7 +104,8 @@ class FakeEngine:
         now = time.perf_counter()
         return StepResult(cancelled + [Completion(r.request_id, r.agent_id, self._reply(r),
                                                   len(r.prompt.split()), 0, 1, "stop", now, now,
-                                                  now) for r in done], batch=len(done))
+                                                  now) for r in done], batch=len(done),
+                          steps=1 if done else 0, tokens=len(done))
 
 
 def run_world(world_cls: type, params: dict[str, Any], until: float | None,

@@ -168,3 +168,22 @@ def test_bench_prefix_stream_quick_replays_every_stream_through_the_server(tmp_p
     # The streams are recorded, replayable files.
     recorded = tmp_path / "quick" / "streams"
     assert {p.stem for p in recorded.glob("*.jsonl")} == set(streams)
+
+
+@pytest.mark.slow
+def test_sweep_duration_quick_runs_every_world_policy_and_duration(tmp_path):
+    env = {**os.environ, "SCALESIM_RESULTS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "experiments.sweep_duration", "--quick"],
+                         env=env, capture_output=True, text=True, check=True)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["experiment"] == "sweep_duration" and line["modeled"] is True
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "quick" / "sweep_duration.csv")
+    assert set(rows["policy"]) == {"lru", "scalesim", "belady", "infinite"}
+    assert rows.groupby("world")["duration"].nunique().min() == 2
+    zero = rows[rows["duration"] == 0]
+    assert (zero["mean_calls_in_flight"] == 0).all()
+    assert (rows[rows["duration"] > 0]["mean_calls_in_flight"] > 0).all()
+    assert set(line["max_occupancy"]) == set(rows["world"])
+    assert (tmp_path / "quick" / "sweep_duration.png").is_file()

@@ -13,7 +13,7 @@ from scalesim.progress import ProgressDisplay
 from tests.conftest import EchoExecutor
 
 LINE = re.compile(r"^progress: sim t=\d+\.\d( of \d+ \(\d+%\))?, \d+ calls \(\d+ failed\), "
-                  r"\d+\.\d\d calls/s, \d+ s$")
+                  r"\d+\.\d\d calls/s, \d+ s(, \d+\.\d sequences( / \d+ tokens)? per step)?$")
 
 
 def test_plain_lines_come_on_time_and_at_the_end():
@@ -45,3 +45,5 @@ def test_a_run_without_a_terminal_logs_progress_lines(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 2 and all(LINE.match(line) for line in lines), lines
     assert lines[-1].startswith("progress: sim t=10.0, 20 calls (0 failed)")
+    # the engine's occupancy: the two agents' calls of each instant share every step
+    assert lines[-1].endswith(", 2.0 sequences per step")

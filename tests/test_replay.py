@@ -174,3 +174,14 @@ def test_a_killed_town_on_the_real_model_resumed_is_the_uninterrupted_run(tmp_pa
                  "--no-progress"]) == 0
     pd.testing.assert_frame_equal(calls(scalesim.load_trace(resumed_dir)),
                                   calls(scalesim.load_trace(full_dir)))
+
+
+def test_calls_that_take_time_resume_exactly(tmp_path):
+    """With a call duration, replayed answers are held until their due time like live ones."""
+    timed = {**TOWN, "sim": {**TOWN["sim"], "call_duration": 7.0}}
+    full = scalesim.simulate(timed, out=tmp_path / "full")
+    scalesim.simulate(timed, out=tmp_path / "half", sim__until=720)
+    resumed = scalesim.simulate(timed, out=tmp_path / "resumed", resume=tmp_path / "half")
+    pd.testing.assert_frame_equal(calls(resumed), calls(full))
+    assert resumed.summary["replay"]["replayed_calls"] > 0
+    assert (full.trace.sim_time_done > full.trace.sim_time).any()

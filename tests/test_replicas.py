@@ -285,3 +285,22 @@ def test_a_replica_set_declares_agents_on_their_home_and_reports_events():
     assert engine.clock.modeled and engine.clock.now() > 0
     assert engine.prompt_tokens("You are agent0.", "What now?") > 0
     engine.close()
+
+
+def with_duration(config: dict, duration: float) -> dict:
+    return {**config, "sim": {**config["sim"], "call_duration": duration}}
+
+
+def test_replicas_serve_calls_that_take_simulated_time_as_one_engine_does(tmp_path):
+    # The due time travels with each request to its replica; the agents resume at it, and a
+    # replica set gives every call the reply and the times one engine gives.
+    one = scalesim.simulate(with_duration(modeled(1), 30), out=tmp_path / "one")
+    two = scalesim.simulate(with_duration(modeled(2), 30), out=tmp_path / "two")
+    columns = ["agent", "sim_time", "due", "sim_time_done", "prompt", "completion"]
+    key = ["agent", "sim_time", "prompt"]
+    assert len(two.trace) > 20 and two.trace["error"].isna().all()
+    assert (two.trace["due"] == two.trace["sim_time"] + 30).all()
+    assert (two.trace["sim_time_done"] == two.trace["due"]).all()
+    assert two.trace.sort_values(key)[columns].reset_index(drop=True).equals(
+        one.trace.sort_values(key)[columns].reset_index(drop=True))
+    assert two.summary["occupancy"]["sequences_per_step"] > 1

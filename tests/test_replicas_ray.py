@@ -74,3 +74,16 @@ def test_a_killed_replica_stops_the_run_cleanly_with_fail(ray_instance, tmp_path
     run = scalesim.load_trace(tmp_path)
     failed = run.trace[run.trace["error"].notna()]
     assert len(failed) > 0 and failed["error"].str.contains("replica 1 died").all()
+
+
+def test_ray_replicas_serve_calls_that_take_simulated_time(ray_instance, tmp_path):
+    from tests.test_replicas import with_duration
+
+    local = scalesim.simulate(with_duration(modeled(2), 30), out=tmp_path / "local")
+    remote = scalesim.simulate(with_duration(modeled(2, cluster="ray"), 30),
+                               out=tmp_path / "ray")
+    columns = ["request_id", "agent", "sim_time", "due", "sim_time_done", "completion"]
+    assert remote.trace[columns].equals(local.trace[columns])
+    assert (remote.trace["sim_time_done"] == remote.trace["sim_time"] + 30).all()
+    assert remote.summary["modeled"]["modeled_makespan_s"] == pytest.approx(
+        local.summary["modeled"]["modeled_makespan_s"])

@@ -30,6 +30,7 @@ def test_report_writes_plots_and_markdown(run_dir, tmp_path):
     assert "| agents / agents that called | 20 /" in text
     assert "| parse_fallbacks |" in text                 # the world's metrics are included
     assert "![latency_cdf](latency_cdf.png)" in text
+    assert "| engine occupancy: sequences / tokens per step |" in text
 
 
 def test_activity_share_counts_distinct_agents_per_bin():

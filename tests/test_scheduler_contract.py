@@ -9,11 +9,12 @@ preemption shows up as a wrong value. Its next token is a function of all the to
 so a sequence that was preempted and recomputed must end with the output it would have had
 without the preemption.
 
-The contract: first come, first served admission (a refused sequence holds up everyone behind
-it, and is asked again later); at most ``max_batch_tokens`` tokens and ``max_num_seqs``
-sequences per iteration, decodes first; a pool that runs short first asks ``reclaim`` and then
-preempts the most recently admitted sequence, which waits at the head of the queue and
-recomputes; decode runs only when nothing could join in between.
+The contract: earliest-due-first admission, first come, first served among equal due times and
+for requests without one (a refused sequence holds up everyone behind it, and is asked again
+later); at most ``max_batch_tokens`` tokens and ``max_num_seqs`` sequences per iteration,
+decodes first; a pool that runs short first asks ``reclaim`` and then preempts the running
+sequence due last (the most recently admitted among equals), which waits ahead of everyone due
+no earlier and recomputes; decode runs only when nothing could join in between.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def expected_output(seq: Sequence) -> list[int]:
     return tokens[seq.num_prompt_tokens:]
 
 
-def make_seq(request_id: int, prompt_tokens: int, max_tokens: int = 4) -> Sequence:
+def make_seq(request_id: int, prompt_tokens: int, max_tokens: int = 4,
+             due: float | None = None) -> Sequence:
     request = Request(f"agent{request_id}", "-", request_id=request_id,
-                      sampling=SamplingParams(max_tokens=max_tokens))
+                      sampling=SamplingParams(max_tokens=max_tokens), due=due)
     return Sequence(request, [], [10 + request_id + i for i in range(prompt_tokens)])
 
 
@@ -390,3 +392,51 @@ def test_budgets_below_one_are_refused(bad):
         Scheduler(bad, ScriptedAdmission())
     with pytest.raises(ValueError, match="max_batch_tokens"):
         BatchScheduler(tiny_pool(4), 4, bad, ScriptedAdmission())
+
+
+# -- due times (calls that take simulated time) ------------------------------------------------
+
+def test_waiting_sequences_are_admitted_earliest_due_first_then_in_arrival_order():
+    admission = ScriptedAdmission()
+    scheduler = Scheduler(1, admission)
+    dues = {0: 5.0, 1: 2.0, 2: 5.0, 3: None, 4: 2.0, 5: 1.0, 6: None}
+    for request_id, due in dues.items():
+        scheduler.add(make_seq(request_id, 3, due=due))
+    assert [s.request_id for s in scheduler.waiting] == [5, 1, 4, 0, 2, 3, 6]
+    while scheduler.waiting:
+        for seq in scheduler.schedule():
+            seq.status = SequenceStatus.FINISHED
+        scheduler.remove_finished()
+    assert admission.asked == [5, 1, 4, 0, 2, 3, 6]
+
+
+def test_batch_scheduler_admits_a_later_submitted_call_first_when_it_is_due_first():
+    cache = tiny_pool(32)
+    scheduler = batch_scheduler(cache, ScriptedAdmission(), max_num_seqs=1)
+    seqs = [make_seq(0, 5, due=30.0), make_seq(1, 5, due=10.0), make_seq(2, 5, due=20.0)]
+    for seq in seqs:
+        scheduler.add(seq)
+    loop = Loop(scheduler, TapeExecutor(cache))
+    loop.run()
+    assert loop.started == [1, 2, 0]
+    assert_all_correct(seqs, cache)
+
+
+def test_out_of_blocks_preempts_the_latest_due_and_requeues_it_by_its_due():
+    # As in the preemption test above, but the first admitted request is due last: it gives way
+    # (not the most recently admitted one), and waits behind request 3, which is due sooner.
+    cache = tiny_pool(6)
+    executor = TapeExecutor(cache)
+    scheduler = batch_scheduler(cache, ScriptedAdmission(), max_num_seqs=3)
+    seqs = [make_seq(0, 8, max_tokens=8, due=1.0), make_seq(1, 7, max_tokens=8, due=9.0),
+            make_seq(2, 7, max_tokens=8, due=2.0), make_seq(3, 7, max_tokens=8, due=3.0)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert [s.request_id for s in scheduler.waiting] == [0, 2, 3, 1]
+    loop = Loop(scheduler, executor)
+    while scheduler.num_preemptions == 0:
+        loop.step()
+    assert [s.request_id for s in scheduler.running] == [0, 2]
+    assert [s.request_id for s in scheduler.waiting] == [3, 1]
+    loop.run()
+    assert_all_correct(seqs, cache)

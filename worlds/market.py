@@ -100,7 +100,9 @@ class Trader(LLMAgent["Market"]):
     def run(self):
         world = self.world
         while True:
-            message = yield self.receive(timeout=world.auction_time(self.next_auction) - self.now)
+            # A reply that takes simulated time may end after the auction opened: go at once.
+            opens = world.auction_time(self.next_auction)
+            message = yield self.receive(timeout=max(0.0, opens - self.now))
             if message is None:  # our group's auction opens
                 auction = world.auction(self.next_auction)
                 self.next_auction += world.groups

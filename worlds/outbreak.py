@@ -87,7 +87,8 @@ class Person(LLMAgent["Outbreak"]):
 
     def run(self):
         while True:
-            message = yield self.receive(timeout=self.next_outing - self.now)
+            # A call that takes simulated time may end after the outing was due: go at once.
+            message = yield self.receive(timeout=max(0.0, self.next_outing - self.now))
             self.wakeups += 1
             if message is not None:
                 visit: Visit = message.content
