@@ -120,22 +120,21 @@ def test_unusable_records_are_refused_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "sim.seed" in err
 
 
-@pytest.mark.slow
-def test_a_killed_large_modeled_run_resumed_is_the_uninterrupted_run(tmp_path):
-    """SIGKILL at about half of the calls of a large modeled world, then --resume."""
-    sets = ["--set", "runtime.executor=modeled", "--set", "world.params.villagers=200",
-            "--set", "sim.until=900"]
-    config = str(ROOT / "worlds" / "town_large.yaml")
+def kill_half_way_then_resume(tmp_path: Path, config: str, sets: list[str],
+                              flush_calls: int) -> None:
+    """Run ``config`` uninterrupted; run it again in a process killed with SIGKILL once about
+    half of its calls are flushed; resume that; the resumed trace must be the first one."""
     full_dir, killed_dir, resumed_dir = tmp_path / "full", tmp_path / "killed", tmp_path / "res"
     assert main([config, *sets, "--out", str(full_dir), "--no-progress"]) == 0
     total = len(scalesim.load_trace(full_dir).trace)
     proc = subprocess.Popen([sys.executable, "-m", "scalesim.run", config, *sets, "--out",
-                             str(killed_dir), "--no-progress", "--set", "output.flush_calls=50"],
+                             str(killed_dir), "--no-progress", "--set",
+                             f"output.flush_calls={flush_calls}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         parts = list((killed_dir / "trace.parts").glob("part-*.parquet"))
-        if len(parts) * 50 >= total // 2:
+        if len(parts) * flush_calls >= total // 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -151,29 +150,18 @@ def test_a_killed_large_modeled_run_resumed_is_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_large_modeled_run_resumed_is_the_uninterrupted_run(tmp_path):
+    kill_half_way_then_resume(tmp_path, str(ROOT / "worlds" / "town_large.yaml"),
+                              ["--set", "runtime.executor=modeled", "--set",
+                               "world.params.villagers=200", "--set", "sim.until=900"], 50)
+
+
+@pytest.mark.slow
 @pytest.mark.model
 def test_a_killed_town_on_the_real_model_resumed_is_the_uninterrupted_run(tmp_path):
-    sets = ["--set", "world.params.villagers=3", "--set", "sim.until=600",
-            "--set", "world.params.max_tokens=8"]
-    config = str(ROOT / "worlds" / "town.yaml")
-    full_dir, killed_dir, resumed_dir = tmp_path / "full", tmp_path / "killed", tmp_path / "res"
-    assert main([config, *sets, "--out", str(full_dir), "--no-progress"]) == 0
-    total = len(scalesim.load_trace(full_dir).trace)
-    proc = subprocess.Popen([sys.executable, "-m", "scalesim.run", config, *sets, "--out",
-                             str(killed_dir), "--no-progress", "--set", "output.flush_calls=1"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((killed_dir / "trace.parts").glob("part-*.parquet"))) >= total // 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert main([config, *sets, "--out", str(resumed_dir), "--resume", str(killed_dir),
-                 "--no-progress"]) == 0
-    pd.testing.assert_frame_equal(calls(scalesim.load_trace(resumed_dir)),
-                                  calls(scalesim.load_trace(full_dir)))
+    kill_half_way_then_resume(tmp_path, str(ROOT / "worlds" / "town.yaml"),
+                              ["--set", "world.params.villagers=3", "--set", "sim.until=600",
+                               "--set", "world.params.max_tokens=8"], 1)
 
 
 def test_calls_that_take_time_resume_exactly(tmp_path):
