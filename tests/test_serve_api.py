@@ -278,3 +278,21 @@ def test_the_servers_cap_on_output_tokens_holds_whatever_a_request_asks():
         reply = openai.OpenAI(base_url=base_url(capped), api_key="x").chat.completions.create(
             model=MODEL, messages=ask("hi"), max_tokens=5000)
     assert reply.usage.completion_tokens <= 3
+
+
+def test_refused_requests_are_in_the_run_record(tmp_path):
+    import pandas as pd
+
+    with running_server(modeled_config(trace=str(tmp_path / "run"))) as traced:
+        assert post(traced, "/chat/completions", {"model": MODEL, "messages": []}).status_code \
+            == 400
+        assert post(traced, "/embeddings", {"input": "x"}).status_code == 404
+        openai.OpenAI(base_url=base_url(traced), api_key="x").chat.completions.create(
+            model=MODEL, messages=ask("hi"))
+    requests = pd.read_parquet(tmp_path / "run" / "requests.parquet")
+    refused = requests[requests.outcome == "refused"]
+    assert sorted(refused.status) == [400, 404]
+    assert refused.error.str.contains("messages").any()
+    assert list(requests[requests.outcome == "ok"].status) == [200]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["refused_requests"] == 2 and summary["calls"] == 1

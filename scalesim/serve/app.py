@@ -142,7 +142,7 @@ def create_app(state: ServeState) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
         if exc.status != 429:  # 429s are counted by the loop
-            loop.metrics.refused(_endpoint(request.url.path), str(exc.status))
+            loop.refused(_endpoint(request.url.path), exc)
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -152,13 +152,16 @@ def create_app(state: ServeState) -> FastAPI:
                 "/v1/chat/completions, /v1/completions, /v1/models, /v1/scalesim/hints, "
                 "/v1/update, /health, /metrics)") if exc.status_code in (404, 405) \
             else str(exc.detail)
-        loop.metrics.refused(_endpoint(request.url.path), str(exc.status_code))
-        return APIError(exc.status_code, what, code="not_found" if exc.status_code == 404
-                        else None).response()
+        error = APIError(exc.status_code, what,
+                         code="not_found" if exc.status_code == 404 else None)
+        loop.refused(_endpoint(request.url.path), error)
+        return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-        return from_validation(list(exc.errors())).response()
+        error = from_validation(list(exc.errors()))
+        loop.refused(_endpoint(request.url.path), error)
+        return error.response()
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -109,9 +109,12 @@ class EngineLoop:
                                else f"the engine failed: {self.error}", type="server_error")
             if self._pending >= self.max_pending:
                 self.metrics.rejected_full += 1
-                raise APIError(429, f"the server queue is full ({self.max_pending} requests "
+                full = APIError(429, f"the server queue is full ({self.max_pending} requests "
                                "queued or running); retry later", type="rate_limit_error",
                                code="rate_limit_exceeded", headers={"Retry-After": "1"})
+                if self.recorder is not None:
+                    self.recorder.refused(job.endpoint, 429, full.message, job.info)
+                raise full
             self._pending += 1
             self._ids += 1
             job.request.request_id = self._ids
@@ -268,8 +271,15 @@ class EngineLoop:
             job.emit("error", APIError(400, f"the request failed: {completion.error}"))
         self._finished(job)
 
+    def refused(self, endpoint: str, error: APIError, info: dict[str, Any] | None = None) -> None:
+        """A request answered with ``error`` before the engine served it: counted in the
+        metrics and recorded in the run directory's requests."""
+        self.metrics.refused(endpoint, str(error.status))
+        if self.recorder is not None:
+            self.recorder.refused(endpoint, error.status, error.message, info)
+
     def _finish_early(self, job: Job, error: APIError) -> None:
-        self.metrics.refused(job.endpoint, str(error.status))
+        self.refused(job.endpoint, error, job.info)
         job.emit("error", error)
         self._finished(job)
 

@@ -6,8 +6,11 @@ started, and ``predicted_rank`` is empty), ``memory.parquet`` one row per memory
 ``summary.json`` the totals with hit rates per kind. ``requests.parquet`` adds what only a
 server knows, per request id: the resolved agent, where that identity came from (``header``,
 ``scalesim.agent``, ``prompt_cache_key``, ``user``, ``model``, ``system_hash``, ``default``),
-the endpoint, the model field, the adapter and the session's clock. Rows reach the disk in
-parts while the server runs, and the final files are written when it shuts down.
+the endpoint, the model field, the adapter and the session's clock, and its outcome: every
+request has a row there, also one refused before it reached the engine (``outcome``
+``refused``, its HTTP ``status`` and ``error``: a 400 naming a field, a 404, a 413, a 429), with
+the server's clock at the time. Rows reach the disk in parts while the server runs, and the
+final files are written when it shuts down.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ REQUESTS_SCHEMA = pa.schema([
     ("request_id", pa.int64()), ("agent", pa.string()), ("identity_source", pa.string()),
     ("endpoint", pa.string()), ("model", pa.string()), ("adapter", pa.string()),
     ("session", pa.string()), ("session_clock", pa.float64()), ("outcome", pa.string()),
+    ("status", pa.int64()), ("error", pa.string()), ("time", pa.float64()),
 ])
 
 
@@ -64,15 +68,28 @@ class ServeRecorder:
     def call(self, request: Request, submit_time: float, completion: Completion,
              info: dict[str, Any]) -> None:
         self.trace.record_call(ServedCall(request, submit_time), completion, self.now())
-        self.requests.append({"request_id": completion.request_id, **info})
+        status = {"ok": 200, "error": 400}.get(info.get("outcome", ""))
+        self.requests.append({"request_id": completion.request_id, "status": status,
+                              "error": completion.error, "time": self.now(), **info})
+
+    def refused(self, endpoint: str, status: int, error: str,
+                info: dict[str, Any] | None = None) -> None:
+        """A request answered with an error before the engine served it (any thread: one list
+        append)."""
+        self.requests.append({"request_id": -1, **(info or {}), "endpoint": endpoint,
+                              "outcome": "refused", "status": status, "error": error,
+                              "time": self.now()})
 
     def write(self, status: str, **extra: Any) -> RunResult:
         """Write the final files; ``extra`` goes into ``summary.json``."""
         table = pa.Table.from_pylist(self.requests, schema=REQUESTS_SCHEMA)
         pq.write_table(table, self.run_dir / REQUESTS_FILE)
         sources: dict[str, int] = {}
-        for row in self.requests:
+        served = [row for row in self.requests if row["outcome"] != "refused"]
+        for row in served:
             sources[row["identity_source"]] = sources.get(row["identity_source"], 0) + 1
-        agents = len({row["agent"] for row in self.requests})
+        agents = len({row["agent"] for row in served})
         return self.trace.write(self.run_dir, self.now(), status=status, agents=agents,
-                                identity_sources=sources, **self.context, **extra)
+                                identity_sources=sources,
+                                refused_requests=len(self.requests) - len(served),
+                                **self.context, **extra)
