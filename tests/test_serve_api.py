@@ -232,10 +232,13 @@ def test_max_tokens_is_clamped_to_the_context(client):
 
 def test_metrics_count_requests_and_memory(server, client):
     client.chat.completions.create(model=MODEL, messages=ask("count me"))
+    assert post(server, "/chat/completions", {"model": MODEL, "messages": []}).status_code == 400
     text = httpx.get(f"{base_url(server)[:-3]}/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert float(lines['scalesim_requests_total{endpoint="chat",outcome="ok"}']) >= 1
-    assert float(lines['scalesim_requests_total{endpoint="chat",outcome="400"}']) >= 0
+    # One label per endpoint: refused requests count under the label of the served ones.
+    assert float(lines['scalesim_requests_total{endpoint="chat",outcome="400"}']) >= 1
+    assert not any("chat_completions" in key for key in lines)
     assert float(lines['scalesim_tokens_total{kind="output"}']) >= 8
     assert float(lines['scalesim_memory_hits_total{kind="prefix_kv"}']) >= 1
     assert 'scalesim_memory_bytes{tier="device"}' in lines

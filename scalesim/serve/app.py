@@ -57,10 +57,15 @@ class ServeState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+#: the metrics label of each endpoint path: the same one the served requests of it count under
+ENDPOINTS = {"chat/completions": "chat", "completions": "completions", "scalesim/hints": "hints",
+             "update": "update", "models": "models"}
+
+
 def _endpoint(path: str) -> str:
-    for name in ("chat/completions", "completions", "scalesim/hints", "update", "models"):
+    for name, label in ENDPOINTS.items():
         if path.startswith(f"/v1/{name}"):
-            return name.replace("/", "_")
+            return label
     return path.strip("/") or "root"
 
 
