@@ -247,20 +247,17 @@ class Residency:
         none is left (the plan may free less)."""
         if not self._indexed:
             self.rebuild_index()
-        plan, freed, aside = EvictionPlan(), 0, []
+        plan, freed = EvictionPlan(), 0
+        heap = self.index.main if kind is None else self.index.of_kind(kind)
         opened: dict[str, int] = {}
         while freed < nbytes:
-            entry = self.index.main.pop()
+            entry = heap.pop()
             if entry is None:
                 break
             obj = self.resident[entry[3]]
-            if kind is not None and obj.kind != kind:
-                aside.append(entry)
-                continue
             plan.victims.append(obj)
             freed += obj.nbytes
             self._open_parent(obj, opened)
-        self.index.main.restore(aside)
         return plan
 
     def _open_parent(self, victim: AgentMemory, opened: dict[str, int]) -> None:
