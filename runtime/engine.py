@@ -106,6 +106,13 @@ class Engine:
                 f"request {request.request_id} of agent {request.agent_id!r}: "
                 f"{seq.num_prompt_tokens} prompt tokens + max_tokens {request.sampling.max_tokens} "
                 f"exceed the model context of {self.executor.max_context}"))
+        constraint = request.constraint
+        if constraint is not None and constraint.required \
+                and not getattr(self.executor, "structured_output", False):
+            return self._reject(seq, (
+                f"request {request.request_id}: a constrained reply ({constraint.kind}) needs an "
+                f"executor that samples real tokens with a tokenizer (torch or hf); "
+                f"{type(self.executor).__name__} has none"))
         try:
             self.executor.validate(seq)
             self.admission.register(seq)  # the manager learns the agent's objects (prefetch)
