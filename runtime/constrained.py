@@ -26,6 +26,7 @@ vocabulary, see the README), and it applies a bitmask to CPU logits without trit
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -106,6 +107,14 @@ class Constraint:
             return _grammar(xgr, self)
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise ConstraintError(_first_line(exc)) from None
+
+
+@functools.lru_cache(maxsize=256)
+def checked(constraint: Constraint) -> Constraint:
+    """``constraint`` itself once its grammar builds (remembered: an agent asking the same
+    schema a thousand times checks it once); :class:`ConstraintError` if it does not."""
+    constraint.grammar()
+    return constraint
 
 
 #: Separators of generated JSON: compact, one space after ``,`` and ``:``. A small model left
@@ -210,21 +219,37 @@ class GrammarState:
 
 
 class GrammarMasks:
-    """The grammar compiler and masker of one tokenizer (one per executor).
+    """The grammar compiler and masker of one vocabulary (one per executor).
 
-    ``vocab_size`` is the width of the model's logits (which may exceed the tokenizer's size);
-    ``stop_token_ids`` are the ids the engine ends a sequence at, the only ones allowed once a
-    grammar is complete.
+    ``info`` is the vocabulary as xgrammar reads it (:meth:`from_tokenizer`, :meth:`from_vocab`)
+    and ``vocab_size`` the width of the model's logits (which may exceed the tokenizer's size).
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Seq[int],
-                 threads: int = 1) -> None:
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int,
+                       stop_token_ids: Seq[int]) -> "GrammarMasks":
+        """The masker of a transformers tokenizer; ``stop_token_ids`` are the ids the engine
+        ends a sequence at, the only ones allowed once a grammar is complete."""
+        import xgrammar as xgr
+
+        return cls(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=sorted(stop_token_ids)),
+                   vocab_size)
+
+    @classmethod
+    def from_vocab(cls, tokens: Seq[str], stop_token_ids: Seq[int]) -> "GrammarMasks":
+        """The masker of a vocabulary given as the text of each token id (tests)."""
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo(list(tokens), vocab_type=xgr.VocabType.RAW,
+                                 stop_token_ids=sorted(stop_token_ids))
+        return cls(info, len(tokens))
+
+    def __init__(self, info: Any, vocab_size: int, threads: int = 1) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids))
         # Compiled grammars are cached by their source: an agent asking the same schema again
         # pays nothing.
         self.compiler = xgr.GrammarCompiler(info, max_threads=threads)

@@ -90,7 +90,8 @@ class HFExecutor:
         """The grammar masker, made at the first constrained request."""
         if self._grammar_masks is None:
             width = self.base.get_output_embeddings().weight.shape[0]
-            self._grammar_masks = GrammarMasks(self.tokenizer, width, sorted(self.eos_token_ids))
+            self._grammar_masks = GrammarMasks.from_tokenizer(self.tokenizer, width,
+                                                              sorted(self.eos_token_ids))
         return self._grammar_masks
 
     def memory_objects(self, seq: Sequence) -> list[AgentMemory]:

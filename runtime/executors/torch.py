@@ -212,8 +212,8 @@ class TorchExecutor:
         """The grammar masker, made at the first constrained request (reading the vocabulary
         takes about a second; unconstrained runs never pay it)."""
         if self._grammar_masks is None:
-            self._grammar_masks = GrammarMasks(self.tokenizer, self.config.vocab_size,
-                                               sorted(self.eos_token_ids))
+            self._grammar_masks = GrammarMasks.from_tokenizer(
+                self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
         return self._grammar_masks
 
     def _adapter_slot(self, seq: Sequence) -> int | None:
