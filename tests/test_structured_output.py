@@ -128,7 +128,9 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "hobbies"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "function": {"name": "like_post", "parameters": {
-        "type": "object", "properties": {"post_id": {"type": "integer"}},
+        # Bounded: left free, a 135M model writes digits until max_tokens.
+        "type": "object", "properties": {"post_id": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9999}},
         "required": ["post_id"], "additionalProperties": False}}},
     {"type": "function", "function": {"name": "create_post", "parameters": {
         "type": "object", "properties": {"content": {"type": "string", "maxLength": 40}},
@@ -209,7 +211,7 @@ def test_mixed_batch_leaves_the_unconstrained_row_as_it_is_alone(torch_engine):
 def test_tool_call_constraint_gives_a_call_of_one_of_the_tools(torch_engine):
     for constraint, names in ((Constraint.tool_call(TOOLS), {"like_post", "create_post"}),
                               (Constraint.tool_call(TOOLS, "create_post"), {"create_post"})):
-        reply, = run(torch_engine, [Request("t", "Post something about your garden.",
+        reply, = run(torch_engine, [Request("t", "Post 7 reads 'Tomatoes are in!'. Like it, or post about your garden.",
                                             sampling=SamplingParams(max_tokens=80),
                                             constraint=constraint)])
         content, calls = parse_tool_calls(reply.text, names)
@@ -228,7 +230,7 @@ def test_constraints_survive_preemption_and_the_prefix_cache(hf):
     from runtime import build_engine
 
     model, tokenizer = hf
-    engine = build_engine("torch", hf_model=model, tokenizer=tokenizer, kv_cache_tokens=320,
+    engine = build_engine("torch", hf_model=model, tokenizer=tokenizer, kv_cache_tokens=192,
                           block_size=16, max_num_seqs=4)
     alone = [run(engine, [person(f"a{i}")])[0].text for i in range(2)]
     batch = run(engine, [person(f"b{i}") for i in range(4)])
@@ -247,9 +249,9 @@ def test_hf_executor_honours_constraints(hf):
     with pytest.MonkeyPatch.context() as patch:  # share the loaded model
         patch.setattr("runtime.executors.hf.load_hf_model", lambda *a, **k: (model, tokenizer))
         engine = build_engine("hf", model="smollm2-135m")
-    json_reply, choice, free = run(engine, [
+    json_reply, choice, unconstrained = run(engine, [
         person(), Request("c", "Is water wet?", sampling=SamplingParams(max_tokens=4),
                           constraint=Constraint.choice(["yes", "no"])), free()])
     assert valid(json.loads(json_reply.text), SCHEMA), json_reply.text
     assert choice.text in ("yes", "no")
-    assert free.text  # unconstrained: generate as before
+    assert unconstrained.text  # generate as before
