@@ -167,3 +167,6 @@ def test_structured_output_over_http(client):
                  extra_body={"guided_choice": ["yes", "no"]})
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
         reply.choices[0].message.content
+    text = client.completions.create(model="smollm2-135m", prompt="Pick a colour.", max_tokens=4,
+                                     extra_body={"guided_choice": ["red", "green"]})
+    assert text.choices[0].text in ("red", "green")
