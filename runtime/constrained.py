@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence as Seq
 
@@ -123,6 +124,9 @@ _SEPARATORS = (", ", ": ")
 
 #: ``[09:21:14] /project/cpp/regex_converter.cc:94: `` in front of xgrammar's messages
 _XGRAMMAR_WHERE = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+#: compiled grammars a :class:`GrammarMasks` keeps (least recently used dropped first)
+COMPILED_KEPT = 256
 
 #: logits dtypes that :meth:`GrammarMasks._apply_cpu` writes through numpy
 _NUMPY_FLOATS = ("torch.float32", "torch.float64")
@@ -253,17 +257,20 @@ class GrammarMasks:
 
         self._xgr = xgr
         self.vocab_size = vocab_size
-        # Compiled grammars are cached by their source: an agent asking the same schema again
-        # pays nothing.
-        self.compiler = xgr.GrammarCompiler(info, max_threads=threads)
-        self._compiled: dict[Constraint, Any] = {}
+        # Compiled grammars are kept by their source, the most recently used COMPILED_KEPT: an
+        # agent asking the same schema again pays nothing, and a server sent a new schema with
+        # every request does not grow without bound (xgrammar's own cache is unbounded).
+        self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+        self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
     def compile(self, constraint: Constraint) -> Any:
         """The compiled grammar of ``constraint``; :class:`RequestError` if it has none."""
         key = Constraint(constraint.kind, constraint.spec)
         compiled = self._compiled.get(key)
-        if compiled is None:
+        if compiled is not None:
+            self._compiled.move_to_end(key)
+        else:
             try:
                 compiled = self.compiler.compile_grammar(constraint.grammar())
             except ConstraintError as exc:
@@ -272,6 +279,8 @@ class GrammarMasks:
                 raise RequestError(f"the request's {constraint.kind} constraint: "
                                    f"{_first_line(exc)}") from None
             self._compiled[key] = compiled
+            if len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
         return compiled
 
     def state(self, constraint: Constraint) -> GrammarState:

@@ -224,19 +224,21 @@ def create_app(state: ServeState) -> FastAPI:
                                       seed=body.seed, stop=body.stops())
         except Exception as exc:
             raise bad_request(None, str(exc)) from None
-        constraint = None
+        constraint, constrained_by = None, None
         asked = body.constraint()
         if asked is not None:
-            field, constraint = asked
+            constrained_by, constraint = asked
             if not loop.engine.structured_output:
-                raise bad_request(field, f"{field}: this server's executor produces no real "
+                raise bad_request(constrained_by, f"{constrained_by}: this server's executor produces no real "
                                   "tokens (modeled); constrained replies need the torch or hf "
                                   "executor")
         _apply_hints(identity.agent, fields)
         info = {"agent": identity.agent, "identity_source": identity.source,
                 "endpoint": endpoint, "model": body.model, "adapter": choice.adapter_name,
                 "session": fields.session if fields else None,
-                "session_clock": fields.clock if fields else None}
+                "session_clock": fields.clock if fields else None,
+                # the field that constrained the reply (requests.parquet), None when free
+                "constraint": constrained_by}
         return Job(Request(identity.agent, prompt, prefix, sampling, choice.adapter_path,
                            history=history, constraint=constraint),
                    endpoint, asyncio.Queue(), asyncio.get_running_loop(),
