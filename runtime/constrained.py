@@ -94,10 +94,6 @@ class Constraint:
             raise ConstraintError(f"no tool named {name!r} among the request's tools")
         return cls("tool_call", json.dumps(chosen), required)
 
-    def options(self) -> list[str]:
-        """The options of a ``choice`` constraint."""
-        return list(json.loads(self.spec)) if self.kind == "choice" else []
-
     def grammar(self) -> Any:
         """The constraint as an ``xgrammar.Grammar`` (no tokenizer needed); raises
         :class:`ConstraintError` when it cannot be built. Cheap enough to check a request's
@@ -106,7 +102,7 @@ class Constraint:
 
         try:
             return _grammar(xgr, self)
-        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ConstraintError(_first_line(exc)) from None
 
 

@@ -255,3 +255,20 @@ def test_hf_executor_honours_constraints(hf):
     assert valid(json.loads(json_reply.text), SCHEMA), json_reply.text
     assert choice.text in ("yes", "no")
     assert unconstrained.text  # generate as before
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_a_cancelled_constrained_request_leaves_the_others_whole(torch_engine):
+    """Cancelled mid-reply (a client went away): its matcher goes with it; the request beside
+    it and the next one with the same schema still validate."""
+    doomed, kept = torch_engine.submit(person("x")), torch_engine.submit(person("y"))
+    for _ in range(4):
+        torch_engine.step()
+    assert torch_engine.cancel(doomed)
+    done = {}
+    while torch_engine.has_work():
+        done.update({c.request_id: c for c in torch_engine.step().finished})
+    assert done[doomed].error and valid(json.loads(done[kept].text), SCHEMA)
+    again, = run(torch_engine, [person("x")])
+    assert valid(json.loads(again.text), SCHEMA)
