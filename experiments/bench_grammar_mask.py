@@ -10,7 +10,9 @@ comparison. The per-token times are printed (median, mean, 95th percentile, max)
 one-off costs (reading the vocabulary, compiling the grammar). Then the torch engine decodes the same prompt greedily
 with and without a schema, alternating, to show the mask's share of a whole decode step::
 
-    python -m experiments.bench_grammar_mask [--repeats 5] [--no-engine]
+    python -m experiments.bench_grammar_mask [--repeats 5] [--no-engine] [--quick]
+
+``--quick``: one repeat, masks only, written under ``results/quick/``.
 
 Ends with one JSON line (also ``results/bench_grammar_mask.json``).
 """
@@ -144,7 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-engine", action="store_true", help="masks only")
+    parser.add_argument("--quick", action="store_true", help="one repeat, masks only")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.no_engine = 1, True
     from runtime.model.loader import load_hf_model
 
     model, tokenizer = load_hf_model("smollm2-135m")
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "vocab": vocab, **mask_costs(tokenizer, vocab, eos, args.repeats)}
     if not args.no_engine:
         line["engine"] = engine_costs(model, tokenizer, args.repeats)
-    return headline(line, keep_as="bench_grammar_mask")
+    return headline(line, keep_as="bench_grammar_mask", quick=args.quick)
 
 
 if __name__ == "__main__":
