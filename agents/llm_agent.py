@@ -30,6 +30,7 @@ import simpy
 
 from agents.memory import MemoryStream, Observation
 from agents.parsing import first_line, pick
+from runtime import Constraint
 from runtime.request import Completion
 from scalesim import Agent, World
 
@@ -53,6 +54,11 @@ class LLMAgent(Agent[W]):
         "memories": "You remember:\n{memories}\n\n",
         "summary": "(Earlier in this conversation you said: {said})",
     }
+
+    #: ``choose`` holds the reply to one of its options on executors that sample real tokens
+    #: (a grammar mask: the reply *is* an option); False asks freely and parses the reply, as
+    #: before structured output. The modeled executor answers with its placeholders either way.
+    constrained_choices: ClassVar[bool] = True
 
     def __init__(self, name: str, persona: str = "", adapter: str | None = None, *,
                  max_tokens: int = 24, choice_tokens: int = 8, temperature: float = 0.0,
@@ -102,11 +108,15 @@ class LLMAgent(Agent[W]):
             return default
         return line
 
-    def _one_line(self, prompt: str, max_tokens: int) -> Generator[simpy.Event, Any, Completion]:
-        """One call of one line, with the running conversation when the agent keeps one."""
+    def _one_line(self, prompt: str, max_tokens: int, options: list[str] | None = None
+                  ) -> Generator[simpy.Event, Any, Completion]:
+        """One call of one line, with the running conversation when the agent keeps one;
+        with ``options``, a reply held to one of them where the engine can (see ``choose``)."""
         history = tuple(self.history) if self.history_turns else ()
+        constraint = None if options is None else Constraint.choice(options, required=False)
         reply = yield self.llm(prompt, max_tokens=max_tokens, stop=("\n",),
-                               temperature=self.temperature, history=history)
+                               temperature=self.temperature, history=history,
+                               constraint=constraint)
         if self.history_turns:
             self.history += [("user", prompt), ("assistant", first_line(reply.text))]
             if len(self.history) > 2 * self.history_turns:
@@ -129,7 +139,9 @@ class LLMAgent(Agent[W]):
             ", ".join(options[:-1]) + " or " + options[-1])
         prompt = self.prompts["choose"].format(question=question, options=", ".join(options),
                                                either=either)
-        reply = yield from self._one_line(prompt, self.choice_tokens)
+        constrain = self.constrained_choices and all(isinstance(o, str) and o for o in options)
+        reply = yield from self._one_line(prompt, self.choice_tokens,
+                                          list(options) if constrain else None)
         choice = pick(reply.text, options)
         if choice is None:
             self.count("parse_fallbacks")

@@ -7,10 +7,13 @@ it only through :class:`Request`, :class:`Completion` and the :class:`Engine` me
 """
 
 from runtime.request import Completion, MemoryStats, Request, RequestError, SamplingParams
+from runtime.constrained import Constraint, ConstraintError
 from runtime.engine import Engine, build_engine
 
 __all__ = [
     "Completion",
+    "Constraint",
+    "ConstraintError",
     "Engine",
     "MemoryStats",
     "Request",

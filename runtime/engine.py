@@ -60,6 +60,10 @@ class Engine:
         return self.executor.max_context
 
     @property
+    def structured_output(self) -> bool:
+        return bool(getattr(self.executor, "structured_output", False))
+
+    @property
     def policy_name(self) -> str:
         return self.memory.policy.name
 
@@ -106,6 +110,12 @@ class Engine:
                 f"request {request.request_id} of agent {request.agent_id!r}: "
                 f"{seq.num_prompt_tokens} prompt tokens + max_tokens {request.sampling.max_tokens} "
                 f"exceed the model context of {self.executor.max_context}"))
+        constraint = request.constraint
+        if constraint is not None and constraint.required and not self.structured_output:
+            return self._reject(seq, (
+                f"request {request.request_id}: a constrained reply ({constraint.kind}) needs an "
+                f"executor that samples real tokens with a tokenizer (torch or hf); "
+                f"{type(self.executor).__name__} has none"))
         try:
             self.executor.validate(seq)
             self.admission.register(seq)  # the manager learns the agent's objects (prefetch)

@@ -112,6 +112,11 @@ class EngineInterface(Protocol):
         """Prompt plus output tokens one request may have at most."""
 
     @property
+    def structured_output(self) -> bool:
+        """Whether requests may carry a :class:`~runtime.constrained.Constraint` (the executor
+        samples real tokens with a tokenizer)."""
+
+    @property
     def policy_name(self) -> str:
         """The memory policy's name (``lru``, ``scalesim``, ``belady``, ...)."""
 

@@ -140,7 +140,8 @@ class EngineReplica:
         engine = self.engine
         return {"index": self.index, "uses_distance": engine.uses_distance,
                 "policy": engine.policy_name, "modeled": engine.clock.modeled,
-                "max_context": engine.max_context, "architecture": engine.architecture()}
+                "max_context": engine.max_context, "architecture": engine.architecture(),
+                "structured_output": engine.structured_output}
 
     def close(self) -> None:
         self.engine.close()

@@ -206,6 +206,10 @@ class ReplicaSet:
         return int(self._described["max_context"])
 
     @property
+    def structured_output(self) -> bool:
+        return bool(self._described.get("structured_output", False))
+
+    @property
     def policy_name(self) -> str:
         return str(self._described["policy"])
 

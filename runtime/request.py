@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.constrained import Constraint
 
 
 #: One earlier chat turn, in the OpenAI message shape: ``role`` (``user``, ``assistant``, ``tool``)
@@ -85,6 +88,9 @@ class Request:
     #: call's submit time plus its duration); the scheduler admits the earliest due first.
     #: ``None`` (a server's requests): after every dated request, first come first served
     due: float | None = None
+    #: what the reply must be (a JSON schema, choices, a tool call: :mod:`runtime.constrained`);
+    #: ``None``, the default, samples freely (no mask is computed)
+    constraint: Constraint | None = None
 
 
 @dataclass

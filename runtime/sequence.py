@@ -58,6 +58,9 @@ class Sequence:
     #: The prefix cache's block chain of the prompt (made when first asked for).
     block_chain: list[int] | None = None
     generator: Any = None
+    #: The grammar matcher of a constrained request (:class:`runtime.constrained.GrammarState`,
+    #: made when first sampled; it follows ``output_ids``, so a preempted sequence keeps it).
+    grammar: Any = None
 
     @property
     def request_id(self) -> int:

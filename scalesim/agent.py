@@ -26,13 +26,14 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator, Generic, TypeVar, Union, cast
 
 import simpy
 
-from runtime import Request, RequestError, SamplingParams
+from runtime import Constraint, Request, RequestError, SamplingParams
+from runtime.constrained import checked
 from scalesim.environment import LLMCall, SimEnvironment
 
 if TYPE_CHECKING:
@@ -161,6 +162,9 @@ class Agent(Generic[W]):
         seed: int | None = None,
         history: Iterable[HistoryTurn] = (),
         duration: float | None = None,
+        schema: Any = None,
+        choices: Sequence[str] | None = None,
+        constraint: Constraint | None = None,
     ) -> LLMCall:
         """Ask the LLM; yield the returned event to get the :class:`~runtime.Completion`.
 
@@ -184,6 +188,21 @@ class Agent(Generic[W]):
 
         The trace records ``prompt`` (the new user turn) alone; ``prompt_tokens`` counts the
         history too.
+
+        ``schema`` (a JSON schema dict or a pydantic model class) holds the reply to JSON that
+        is an instance of it, ``choices`` to exactly one of the given strings: tokens outside
+        the grammar are masked before sampling, so the reply parses unless ``max_tokens`` cuts
+        it (``finish_reason`` ``"length"``); give room::
+
+            reply = yield self.llm("Your plan, as JSON.", schema=Plan, max_tokens=96)
+            plan = Plan.model_validate_json(reply.text)
+
+        Both need an executor that samples real tokens (``torch``, ``hf``); the modeled one
+        fails such a call (:class:`~runtime.RequestError` on the completion). An invalid
+        schema raises :class:`~runtime.ConstraintError` here. ``constraint`` takes any
+        :class:`~runtime.Constraint` instead (a regular expression, a tool call; or one with
+        ``required=False``, which an executor without real tokens answers unconstrained, as
+        ``LLMAgent.choose`` does).
         """
         if not self.calls_llm:
             raise RuntimeError(f"agent {self.name!r} asked the LLM, but its calls_llm is False "
@@ -196,8 +215,16 @@ class Agent(Generic[W]):
         )
         turns = tuple({"role": t[0], "content": t[1]} if isinstance(t, tuple) else dict(t)
                       for t in history)
+        if sum(x is not None for x in (schema, choices, constraint)) > 1:
+            raise ValueError("llm(): give one of schema=, choices= and constraint=")
+        if constraint is not None:
+            constraint = checked(constraint)
+        elif schema is not None:
+            constraint = checked(Constraint.json_schema(schema))
+        elif choices is not None:
+            constraint = checked(Constraint.choice(choices))
         request = Request(self.name, prompt, prefix=self.persona, sampling=sampling,
-                          adapter=self.adapter, history=turns)
+                          adapter=self.adapter, history=turns, constraint=constraint)
         return self.env.submit(self.name, request, duration)
 
     def wait(self, delay: float, *, label: str | None = None) -> simpy.Timeout:

@@ -18,6 +18,8 @@ from serve_harness import base_url, modeled_config, running_server
 
 MODEL = "smollm2-135m"
 PERSONA = [{"role": "system", "content": "You are Ada, a baker in Maple Hollow."}]
+TOOL = {"type": "function", "function": {"name": "like", "parameters": {
+    "type": "object", "properties": {"post_id": {"type": "integer"}}, "required": ["post_id"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +195,23 @@ def test_a_seed_beyond_64_bits_is_a_400_and_the_server_keeps_serving(server, cli
 
 @pytest.mark.parametrize("extra, param", [
     ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    # Structured output is honoured on real executors (test_structured_output); this server's
+    # modeled executor writes no real tokens, so it refuses, naming the field.
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"tool_choice": "required", "tools": [TOOL]}, "tool_choice"),
+    # What no executor can honour: a schema missing or invalid, a pattern that does not
+    # parse, a forced call without tools or of an unknown tool, two constraints at once.
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "objec"}}}}, "response_format.json_schema"),
+    ({"guided_regex": "a("}, "guided_regex"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "post"}}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "post"}}, "tools": [TOOL]},
+     "tool_choice"),
+    ({"tool_choice": "required", "tools": [TOOL], "guided_choice": ["a"]}, "guided_choice"),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(server, client, extra, param):
     response = post(server, "/chat/completions", {"model": MODEL, "messages": ask("hi"), **extra})

@@ -2,8 +2,9 @@
 
 Greedy replies must equal what the engine answers in-process for the same request; streaming
 must give the same text as a plain call; an agent's second call reuses its persona-prefix KV;
-an adapter named in the ``model`` field changes the reply, and concurrent requests of several
-agents are served in shared batches.
+an adapter named in the ``model`` field changes the reply, concurrent requests of several
+agents are served in shared batches, and structured output (``response_format``,
+``tool_choice``, ``guided_choice``) holds replies to what was asked.
 """
 
 from __future__ import annotations
@@ -117,3 +118,55 @@ def test_the_server_keeps_personas_in_the_persistent_store(tmp_path, hf):
     assert first["dir"] == second["dir"] == str(store)
     assert first["entries_found"] == 0
     assert second["entries_found"] >= 1
+
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 20},
+    "celsius": {"type": "integer", "minimum": -50, "maximum": 60}},
+    "required": ["city", "celsius"], "additionalProperties": False}
+LIKE = {"type": "function", "function": {"name": "like_post", "parameters": {
+    "type": "object", "properties": {"post_id": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["post_id"]}}}
+POST = {"type": "function", "function": {"name": "create_post", "parameters": {
+    "type": "object", "properties": {"content": {"type": "string", "maxLength": 40}},
+    "required": ["content"]}}}
+
+
+def test_structured_output_over_http(client):
+    """response_format json_schema and json_object, tool_choice required and named, and vLLM's
+    guided_choice, on the real model: every reply is what was asked for."""
+    def ask(client, content: str, **extra):
+        return client.chat.completions.create(
+            model="smollm2-135m", temperature=0, messages=[
+                {"role": "system", "content": PERSONA}, {"role": "user", "content": content}],
+            **extra)
+
+    reply = ask(client, "The weather in Paris, as JSON.", max_tokens=48, response_format={
+        "type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}})
+    data = json.loads(reply.choices[0].message.content)
+    assert set(data) == {"city", "celsius"} and isinstance(data["celsius"], int)
+    reply = ask(client, "Your favourite bread, as JSON.", max_tokens=48,
+                response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    for choice, names in (("required", {"like_post", "create_post"}),
+                          ({"type": "function", "function": {"name": "create_post"}},
+                           {"create_post"})):
+        reply = ask(client, "Post 7 says: fresh rolls today! React to it.", max_tokens=64,
+                    tools=[LIKE, POST], tool_choice=choice)
+        message = reply.choices[0]
+        assert message.finish_reason == "tool_calls", message
+        call, = message.message.tool_calls
+        assert call.function.name in names
+        args = json.loads(call.function.arguments)
+        assert set(args) == ({"post_id"} if call.function.name == "like_post" else {"content"})
+    reply = ask(client, "Do you bake bread? Answer yes or no.", max_tokens=4,
+                extra_body={"guided_choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no")
+    # Streaming a constrained reply gives the same text as a plain call.
+    stream = ask(client, "Do you bake bread? Answer yes or no.", max_tokens=4, stream=True,
+                 extra_body={"guided_choice": ["yes", "no"]})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        reply.choices[0].message.content
+    text = client.completions.create(model="smollm2-135m", prompt="Pick a colour.", max_tokens=4,
+                                     extra_body={"guided_choice": ["red", "green"]})
+    assert text.choices[0].text in ("red", "green")

@@ -60,7 +60,13 @@ class Executor(Protocol):
         """The model's shapes, where the executor knows them."""
 
     def validate(self, seq: Sequence) -> None:
-        """Raise :class:`~runtime.request.RequestError` if ``seq`` can never run here."""
+        """Raise :class:`~runtime.request.RequestError` if ``seq`` can never run here.
+
+        An executor whose ``structured_output`` attribute is true (optional; absent means
+        false) honours a request's :class:`~runtime.constrained.Constraint`: it checks it here
+        and masks the request's logits by it when sampling. The engine refuses a *required*
+        constraint on any other executor and leaves an optional one to it to ignore.
+        """
 
     def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
         """The agent memory objects ``seq`` needs resident while it runs (asked once)."""

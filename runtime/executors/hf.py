@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
 
+from runtime.constrained import GrammarMasks, GrammarState
 from runtime.interface import WallClock
 from runtime.model.chat import ChatFormat
 from runtime.model.loader import load_hf_model
@@ -37,6 +39,23 @@ class _FirstTokenClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _GrammarMask(LogitsProcessor):
+    """Masks the scores of a constrained request by its grammar before ``generate`` samples.
+
+    transformers runs the processors passed to ``generate`` before its temperature, top-k and
+    top-p warpers, so the mask comes first there as in the ``torch`` executor.
+    """
+
+    def __init__(self, masks: GrammarMasks, state: GrammarState, prompt_len: int) -> None:
+        self.masks = masks
+        self.state = state
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.masks.mask(scores, [(0, self.state, input_ids[0, self.prompt_len:].tolist())])
+        return scores
+
+
 class HFExecutor:
     """Serve each sequence to completion with ``model.generate``."""
 
@@ -52,6 +71,8 @@ class HFExecutor:
         self._peft: Any = None
         self.engine_clock = WallClock()
         self._adapter_names: dict[str, str] = {}
+        self.structured_output = True
+        self._grammar_masks: GrammarMasks | None = None
 
     @property
     def architecture(self) -> ModelConfig | None:
@@ -61,7 +82,17 @@ class HFExecutor:
             return None
 
     def validate(self, seq: Sequence) -> None:
-        """Nothing to check ahead: a bad adapter fails its request when it runs."""
+        """Only the constraint is checked ahead: a bad adapter fails its request when it runs."""
+        if seq.request.constraint is not None:
+            self._grammars().check(seq.request)
+
+    def _grammars(self) -> GrammarMasks:
+        """The grammar masker, made at the first constrained request."""
+        if self._grammar_masks is None:
+            width = self.base.get_output_embeddings().weight.shape[0]
+            self._grammar_masks = GrammarMasks.from_tokenizer(self.tokenizer, width,
+                                                              sorted(self.eos_token_ids))
+        return self._grammar_masks
 
     def memory_objects(self, seq: Sequence) -> list[AgentMemory]:
         return []  # peft keeps every adapter it loaded; there is nothing to manage
@@ -122,12 +153,18 @@ class HFExecutor:
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        processors = None
+        if seq.request.constraint is not None:
+            masks = self._grammars()
+            processors = LogitsProcessorList([_GrammarMask(
+                masks, masks.state(seq.request.constraint), input_ids.shape[1])])
         with selected, torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([_FirstTokenClock(seq)]),
+                logits_processor=processors,
                 tokenizer=self.tokenizer if params.stop else None,
             )
         seq.append_tokens(out[0, input_ids.shape[1]:].tolist())

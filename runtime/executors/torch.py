@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from runtime.constrained import GrammarMasks
 from runtime.kv_cache import KVCache
 from runtime.lora import LoraBatch, LoraPool, adapter_fingerprint, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
@@ -103,11 +104,17 @@ class TorchExecutor:
         self._adapter_prints: dict[str, str] = {}
         self.attention = select_attention(self.cache, c.num_heads, c.num_kv_heads, c.head_dim,
                                           attention)
+        #: constrained replies need the tokenizer's vocabulary (not the byte codec's)
+        self.structured_output = tokenizer is not None
+        self._grammar_masks: GrammarMasks | None = None
 
     # -- the executor protocol ----------------------------------------------------------------
 
     def validate(self, seq: Sequence) -> None:
-        """Check at submission that ``seq`` can ever fit in the KV pool."""
+        """Check at submission that ``seq`` can ever fit in the KV pool, and that its
+        constraint (if any) compiles."""
+        if seq.request.constraint is not None and self.structured_output:
+            self._grammars().check(seq.request)
         needed = self.cache.blocks_for(seq.num_prompt_tokens + seq.request.sampling.max_tokens)
         if needed > self.cache.num_blocks:
             raise RequestError(
@@ -194,10 +201,20 @@ class TorchExecutor:
             seq.num_computed += seq.chunk
             seq.chunk = 0
         if sampled:
+            if self._grammar_masks is not None:  # else no request was ever constrained
+                self._grammar_masks.mask_sequences(logits, list(enumerate(sampled)))
             tokens = sample(logits, [s.request.sampling for s in sampled],
                             [self._generator(s) for s in sampled])
             for seq, token in zip(sampled, tokens):
                 seq.append_tokens([token])
+
+    def _grammars(self) -> GrammarMasks:
+        """The grammar masker, made at the first constrained request (reading the vocabulary
+        takes about a second; unconstrained runs never pay it)."""
+        if self._grammar_masks is None:
+            self._grammar_masks = GrammarMasks.from_tokenizer(
+                self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+        return self._grammar_masks
 
     def _adapter_slot(self, seq: Sequence) -> int | None:
         path = seq.request.adapter

@@ -35,7 +35,7 @@ from runtime import Completion, Request, SamplingParams
 from scalesim.serve.errors import APIError, bad_request, from_validation
 from scalesim.serve.identity import AGENT_HEADER, AdapterRegistry, resolve_identity
 from scalesim.serve.loop import EngineLoop, Job
-from scalesim.serve.prompt import parse_tool_calls, render
+from scalesim.serve.prompt import parse_tool_calls, render, tool_names
 from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, GenerationBody,
                                      HintsBody, ScaleSimFields, UpdateBody)
 
@@ -224,13 +224,23 @@ def create_app(state: ServeState) -> FastAPI:
                                       seed=body.seed, stop=body.stops())
         except Exception as exc:
             raise bad_request(None, str(exc)) from None
+        constraint, constrained_by = None, None
+        asked = body.constraint()
+        if asked is not None:
+            constrained_by, constraint = asked
+            if not loop.engine.structured_output:
+                raise bad_request(constrained_by, f"{constrained_by}: this server's executor produces no real "
+                                  "tokens (modeled); constrained replies need the torch or hf "
+                                  "executor")
         _apply_hints(identity.agent, fields)
         info = {"agent": identity.agent, "identity_source": identity.source,
                 "endpoint": endpoint, "model": body.model, "adapter": choice.adapter_name,
                 "session": fields.session if fields else None,
-                "session_clock": fields.clock if fields else None}
+                "session_clock": fields.clock if fields else None,
+                # the field that constrained the reply (requests.parquet), None when free
+                "constraint": constrained_by}
         return Job(Request(identity.agent, prompt, prefix, sampling, choice.adapter_path,
-                           history=history),
+                           history=history, constraint=constraint),
                    endpoint, asyncio.Queue(), asyncio.get_running_loop(),
                    body.requested_tokens(), stream, info)
 
@@ -256,9 +266,9 @@ def create_app(state: ServeState) -> FastAPI:
                 raise value
 
     def _chat_message(body: ChatCompletionBody, text: str) -> tuple[dict[str, Any], str | None]:
-        if not body.tools:
+        if not body.tools or body.tool_choice == "none":
             return {"role": "assistant", "content": text}, None
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_tool_calls(text, tool_names(body.tools))
         if not calls:
             return {"role": "assistant", "content": text}, None
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"

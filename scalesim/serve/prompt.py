@@ -31,8 +31,11 @@ the cache reuses that much.
 
 Tools are described Hermes-style (schemas inside ``<tools>``, calls as
 ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``); :func:`parse_tool_calls` takes
-such calls out of a reply. A reply that is not a well-formed call is plain content: tools
-never make a request fail.
+such calls out of a reply (and a reply that is nothing but the call object, which small models
+write without the tags). A reply that is not a well-formed call of one of the request's tools
+is plain content: tools never make a request fail. A forced call (``tool_choice`` ``required``
+or a named function) is decoded under a grammar of exactly that format, so it always parses
+unless ``max_tokens`` cuts it.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, Collection
 
 from scalesim.serve.protocol import Message, ToolCall
 
+_DECODER = json.JSONDecoder()
+#: a reply that is one Markdown code block (```json ... ```)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 TOOLS_PREAMBLE = (
@@ -108,27 +114,70 @@ def render(messages: list[Message], tools: list[dict[str, Any]] | None = None
     return prefix, tuple(turns), ""
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split a reply into its content and its Hermes-style tool calls (OpenAI shape).
+def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
+    """The function names of a request's ``tools``."""
+    names = set()
+    for tool in tools or ():
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    return names
 
-    Returns ``(text, [])`` when the reply holds no parseable call.
-    """
-    if "<tool_call>" not in text:
-        return text, []
-    calls: list[dict[str, Any]] = []
-    for raw in _TOOL_CALL.findall(text):
+
+def _call(raw: str, names: Collection[str] | None) -> dict[str, Any] | None:
+    """One call in OpenAI's shape from the JSON object at the start of ``raw`` (text after it is
+    ignored), or None when it is not a call: no object, no string ``name`` (or one not among
+    ``names``), arguments that are not an object."""
+    try:
+        data, _ = _DECODER.raw_decode(raw.strip())
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("function"), dict):  # {"type": "function", "function": {...}}
+        data = data["function"]
+    name = data.get("name")
+    if not isinstance(name, str) or not name or (names is not None and name not in names):
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
         try:
-            data = json.loads(raw)
+            args = json.loads(args) if args.strip() else {}
         except ValueError:
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            continue
-        args = data.get("arguments", data.get("parameters", {}))
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": data["name"],
-                                   "arguments": args if isinstance(args, str)
-                                   else json.dumps(args)}})
-    if not calls:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def parse_tool_calls(text: str, names: Collection[str] | None = None
+                     ) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split a reply into its content and its tool calls (OpenAI shape).
+
+    A call is what the tools preamble asks for: a ``<tool_call>`` block holding
+    ``{"name": ..., "arguments": {...}}`` (``parameters`` is read as ``arguments``; the closing
+    tag may be missing when ``max_tokens`` cut the reply; text after the object is ignored).
+    A reply with no such block is a call too when it is nothing but that object, bare or in a
+    Markdown code fence (small models drop the tags). With ``names`` (the request's tools),
+    a call of any other function is not a call. Returns ``(text, [])`` when the reply holds no
+    call: it is plain content, never an error.
+    """
+    calls: list[dict[str, Any]] = []
+    if "<tool_call>" in text:
+        calls = [c for c in (_call(raw, names) for raw in _TOOL_CALL.findall(text)) if c]
+        if calls:
+            content = _TOOL_CALL.sub("", text).strip()
+            return content or None, calls
         return text, []
-    content = _TOOL_CALL.sub("", text).strip()
-    return content or None, calls
+    bare = _FENCE.fullmatch(text.strip())
+    body = bare.group(1) if bare else text.strip()
+    if body.startswith("{"):
+        try:
+            json.loads(body)  # the whole reply is the object, nothing after it
+        except ValueError:
+            return text, []
+        call = _call(body, names)
+        if call is not None:
+            return None, [call]
+    return text, []

@@ -4,7 +4,13 @@ They follow the OpenAI API and are lenient where frameworks differ: unknown fiel
 (frameworks send ``reasoning_effort``, ``verbosity``, ``strict``, ``parallel_tool_calls``...),
 message content may be a string or an array of content parts, messages may carry ``name``,
 ``tool_calls`` and ``tool_call_id``. What the server cannot honour is refused with a 400 naming
-the field (``n > 1``, token-id prompts), never silently answered wrongly.
+the field (``n > 1``, token-id prompts, ``logprobs``), never silently answered wrongly.
+
+Structured output (:meth:`GenerationBody.constraint`): ``response_format`` ``json_object`` or
+``json_schema``, ``tool_choice`` ``required`` or a named function (chat), and vLLM's
+``guided_choice`` / ``guided_regex`` (sent with ``extra_body``) become one
+:class:`~runtime.Constraint` of the request; an invalid schema or pattern is a 400 naming
+its field, and so is asking for two constraints at once.
 
 The optional ``scalesim`` object (sent with the client's ``extra_body``) names the agent and
 carries invocation-distance hints; :class:`HintsBody` and :class:`UpdateBody` are the bodies of
@@ -17,6 +23,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from runtime import Constraint, ConstraintError
 from scalesim.serve.errors import bad_request
 
 #: An eta: a time on the session's clock, ``None`` (drop the hint) or ``"never"`` (done).
@@ -98,6 +105,10 @@ class GenerationBody(_Lenient):
     logprobs: Any = None
     top_logprobs: Any = None
     response_format: Any = None
+    #: vLLM's guided decoding fields (``extra_body``): the reply is one of these strings, or
+    #: matches this regular expression
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
 
     @field_validator("scalesim", mode="before")
     @classmethod
@@ -125,10 +136,46 @@ class GenerationBody(_Lenient):
             return field, f"{field}: log-probabilities are not returned by this server"
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) \
             else self.response_format
-        if kind not in (None, "text"):
-            return ("response_format", f"response_format: {kind!r} is not supported (no "
-                    "structured output yet); only 'text'")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            return ("response_format", f"response_format: {kind!r} is not supported; use "
+                    "'text', 'json_object' or 'json_schema'")
         return None
+
+    def constraints(self) -> list[tuple[str, Constraint]]:
+        """Every constraint the body asks for, with the field that asked (unchecked)."""
+        found: list[tuple[str, Constraint]] = []
+        rf = self.response_format
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        if kind == "json_object":
+            found.append(("response_format", Constraint.json_object()))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema") if isinstance(rf, dict) else None
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema", "response_format.json_schema: "
+                                  "needs a 'schema' object (the JSON schema of the reply)")
+            found.append(("response_format.json_schema", Constraint.json_schema(schema)))
+        if self.guided_choice is not None:
+            found.append(("guided_choice", Constraint.choice(self.guided_choice)))
+        if self.guided_regex is not None:
+            found.append(("guided_regex", Constraint.regex(self.guided_regex)))
+        return found
+
+    def constraint(self) -> tuple[str, Constraint] | None:
+        """The one constraint of the reply and the field that asks for it, checked (a 400
+        naming the field when it cannot be built, or when two fields ask for one), or None."""
+        found = self.constraints()
+        if len(found) > 1:
+            raise bad_request(found[1][0], f"{found[1][0]}: only one constraint per request; "
+                              f"{found[0][0]} asks for one already")
+        if not found:
+            return None
+        field, constraint = found[0]
+        try:
+            constraint.grammar()
+        except ConstraintError as exc:
+            raise bad_request(field, f"{field}: {exc}") from None
+        return field, constraint
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -142,14 +189,32 @@ class ChatCompletionBody(GenerationBody):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """As for every generation, and: a tool call cannot be forced (``required`` or a named
-        function); ``auto`` and ``none`` are honoured as the model replies."""
-        found = super().unsupported()
-        if found is None and self.tool_choice not in (None, "auto", "none"):
-            found = ("tool_choice", f"tool_choice: {self.tool_choice!r} cannot be honoured (no "
-                     "constrained decoding yet); use 'auto' or 'none'")
-        return found
+    def forced_tool(self) -> bool:
+        """Whether ``tool_choice`` forces a tool call (``required`` or a named function)."""
+        return self.tool_choice not in (None, "auto", "none")
+
+    def constraints(self) -> list[tuple[str, Constraint]]:
+        """As for every generation, and a forced tool call: one call of one of the request's
+        tools (``required``) or of the named one, its arguments an instance of its schema."""
+        found = super().constraints()
+        if not self.forced_tool():
+            return found
+        choice = self.tool_choice
+        if not self.tools:
+            raise bad_request("tool_choice", f"tool_choice: {choice!r} needs tools")
+        if choice == "required":
+            name = None
+        elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+                and isinstance(choice["function"].get("name"), str):
+            name = choice["function"]["name"]
+        else:
+            raise bad_request("tool_choice", f"tool_choice: {choice!r} is none of 'none', "
+                              "'auto', 'required' or {'type': 'function', 'function': "
+                              "{'name': ...}}")
+        try:
+            return [("tool_choice", Constraint.tool_call(self.tools, name))] + found
+        except ConstraintError as exc:
+            raise bad_request("tool_choice", f"tool_choice: {exc}") from None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
