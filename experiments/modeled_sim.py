@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -150,13 +152,15 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
               until: float | None = -1.0, seed: int = 0, active: float | None = None,
               noise: float = 0.0, order: list[str] | None = None,
               max_calls: int | None = None, lookahead: int = 32,
-              replicas: int = 1) -> dict[str, Any]:
+              replicas: int = 1, split: AbstractContextManager[Any] | None = None
+              ) -> dict[str, Any]:
     """Run ``world`` with ``agents`` agents under ``policy``; return modeled totals.
 
     The agent-memory budget is ``memory_bytes`` or ``budget_fraction`` of the working set.
     ``until`` is in simulated minutes (``-1``: the world's :data:`BUSY_UNTIL`; ``None``: no end).
     ``order`` is the recorded call order ``belady`` needs. ``max_calls`` stops the run early.
-    The run is assembled by :class:`scalesim.Simulation`, as ``python -m scalesim.run`` does.
+    ``split`` (e.g. an :class:`experiments.time_split.TimeSplit`) is open while the run goes,
+    not while the world is built. The run is assembled by :class:`scalesim.Simulation`, as ``python -m scalesim.run`` does.
     """
     if until == -1.0:
         until = BUSY_UNTIL[world]
@@ -169,7 +173,7 @@ def run_world(world: str, agents: int, policy: str, *, setting: Setting = Settin
     out = run_modeled(WORLDS[world], world_params(world, agents, active), policy,
                       setting=setting, memory_bytes=memory_bytes, until=until, seed=seed,
                       noise=noise, order=order, max_calls=max_calls, lookahead=lookahead,
-                      replicas=replicas)
+                      replicas=replicas, split=split)
     out.update({"world": world, "agents": agents,
                 "working_set_bytes": working_set(setting, agents)})
     return out
@@ -181,7 +185,8 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                 order: list[str] | None = None, max_calls: int | None = None,
                 lookahead: int = 32, oracle: dict[str, Any] | None = None,
                 replies: Sequence[str] | Mapping[str, Sequence[str]] = REPLIES,
-                replicas: int = 1, call_duration: float = 0.0) -> dict[str, Any]:
+                replicas: int = 1, call_duration: float = 0.0,
+                split: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
     """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
 
     The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
@@ -191,6 +196,9 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
     runs that many in-process modeled engines, each with the budget ``memory_bytes`` (the
     returned ``replicas`` entry is ``summary.json``'s section). ``call_duration`` is the world's
     ``sim.call_duration``; the returned ``occupancy`` entry is ``summary.json``'s section.
+    ``split`` is entered around the run (not the world's setup). ``rss_setup_bytes`` is how much
+    the process's resident memory grew while the world was built (its agents, graph and
+    memory objects).
     """
     if policy == "belady" and order is None:
         raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
@@ -207,11 +215,14 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                         "preempt_prefetch": policy != "scalesim-no-preempt"},
             "memory": {"device_bytes": memory_bytes, "lookahead": lookahead,
                        "host_bytes": None if setting.prefix_on_host else 0}}})
+    rss_before = resident_bytes()
     sim = Simulation(config, policy=make_named_policy(policy), order=order, record=False,
                      distance=(lambda oracle: NoisyDistance(oracle, noise, seed)) if noise
                      else None)
     sim.build_world()
-    sim.run(until=math.inf if until is None else until, max_calls=max_calls)
+    rss_setup = resident_bytes() - rss_before
+    with split if split is not None else nullcontext():
+        sim.run(until=math.inf if until is None else until, max_calls=max_calls)
     report = sim.engine.report()
     out = dict(report["modeled"])
     if "replicas" in report:
@@ -224,10 +235,20 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
         oracle.update(sim.oracle.quality())
     out.update({"world": world_class, "policy": policy, "calls": len(sim.calls),
                 "sim_time": sim.env.now, "wall_s": sim.run_seconds,
-                "setup_s": sim.setup_seconds, "memory_bytes": memory_bytes, "noise": noise,
+                "setup_s": sim.setup_seconds, "rss_setup_bytes": rss_setup,
+                "memory_bytes": memory_bytes, "noise": noise,
                 "setting": setting.label()})
     out["order"] = sim.calls
     return out
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def write_results(name: str, rows: list[dict[str, Any]], x: str, *, series: str = "policy",

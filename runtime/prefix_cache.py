@@ -324,10 +324,11 @@ class PrefixTree:
             if seg is None:
                 self._grow(parent, children, seq, pos, end, protect)
                 return
-            n = next((i for i in range(1, min(seg.num_blocks, end - pos))
-                      if seg.tokens[i * bs:(i + 1) * bs] != tuple(ids[(pos + i) * bs:
-                                                                        (pos + i + 1) * bs])),
-                     min(seg.num_blocks, end - pos))
+            n = min(seg.num_blocks, end - pos)
+            if seg.tokens[:n * bs] != tuple(ids[pos * bs:(pos + n) * bs]):  # else all n match
+                n = next(i for i in range(1, n)
+                         if seg.tokens[i * bs:(i + 1) * bs] != tuple(ids[(pos + i) * bs:
+                                                                          (pos + i + 1) * bs]))
             if n < seg.num_blocks:
                 head = self._split(seg, n)
                 if head is None:

@@ -61,6 +61,9 @@ class Sequence:
     #: The grammar matcher of a constrained request (:class:`runtime.constrained.GrammarState`,
     #: made when first sampled; it follows ``output_ids``, so a preempted sequence keeps it).
     grammar: Any = None
+    #: ``input_ids``, made once: prefix and prompt never change once the sequence exists, and the
+    #: prefix cache reads the input several times per call (a 1,000-token persona is a copy each).
+    _input_ids: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def request_id(self) -> int:
@@ -68,12 +71,15 @@ class Sequence:
 
     @property
     def input_ids(self) -> list[int]:
-        return self.prefix_ids + self.prompt_ids
+        """Prefix then prompt (one list, made once; do not modify it)."""
+        if self._input_ids is None:
+            self._input_ids = self.prefix_ids + self.prompt_ids
+        return self._input_ids
 
     @property
     def all_token_ids(self) -> list[int]:
         """Everything whose KV the sequence needs: prefix, prompt and output so far."""
-        return self.prefix_ids + self.prompt_ids + self.output_ids
+        return self.input_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:

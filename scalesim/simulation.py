@@ -125,10 +125,17 @@ class Simulation:
         if self.recorder is not None:
             self.engine.listen(self._engine_event)
         if config.runtime.memory.declare_agents:
-            assert self.world is not None
+            self._declare_agents()
+
+    def _declare_agents(self) -> None:
+        """Make every LLM agent's memory objects known to the engine (counted as setup time)."""
+        assert self.world is not None
+        start = time.perf_counter()
+        with relaxed_gc():  # a million agents' objects: the default collector rescans them
             for agent in self.world.agents.values():
                 if agent.calls_llm:  # the others hold no memory
                     self.engine.declare(agent.name, agent.persona, agent.adapter)
+        self.setup_seconds += time.perf_counter() - start
 
     def _completed(self, call: LLMCall, done: Any) -> None:
         self.finished += 1

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,34 @@ def test_sweep_duration_quick_runs_every_world_policy_and_duration(tmp_path):
     assert (rows[rows["duration"] > 0]["mean_calls_in_flight"] > 0).all()
     assert set(line["max_occupancy"]) == set(rows["world"])
     assert (tmp_path / "quick" / "sweep_duration.png").is_file()
+
+
+def test_time_split_charges_samples_to_the_component_whose_code_runs():
+    from experiments.time_split import TimeSplit, component
+    from runtime.memory.lazy_heap import LazyHeap
+
+    assert component("/x/scalesim/distance.py") == "oracle"
+    assert component("/x/site-packages/simpy/core.py") == "DES"
+    assert component("/usr/lib/python3.11/heapq.py") is None
+    heap: LazyHeap[int] = LazyHeap()
+    with TimeSplit(interval=0.002) as split:
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            for k in range(200):
+                heap.push((k, heap.versions.stamp(k), k))
+            while heap.pop() is not None:
+                pass
+    shares = split.shares()
+    assert split.summary()["samples"] > 20
+    assert max(shares, key=shares.__getitem__) == "memory manager", shares
+
+
+def test_scale_prints_rate_memory_and_the_time_split(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.scale", "--calls", "1500",
+                          "--agents", "600"], env=env, capture_output=True, text=True,
+                         timeout=180, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["experiment"] == "scale" and line["calls"] == 1500 and line["agents"] == 600
+    assert line["peak_rss_gib"] > 0 and line["bytes_per_agent"] >= 0  # small worlds reuse freed pages
+    assert abs(sum(line["split"].values()) - 1.0) < 0.01 and "oracle" in line["split"]

@@ -31,6 +31,8 @@ _CACHED_IDS = 1 << 20
 _SEEN_TEXTS = 1 << 16
 #: An odd 64-bit multiplier (the golden ratio's), to spread the ids of a fixed-length persona.
 _MULTIPLIER = 0x9E3779B97F4A7C15
+#: Ids of a fixed-length persona hashed from its text (the rest depend on the position alone).
+SEEDED_IDS = 64
 
 
 def _digest_id(data: bytes, person: bytes) -> int:
@@ -64,8 +66,11 @@ class LengthChat:
     seen before (personas, earlier turns, recurring prompts) are looked up, not cut again.
 
     ``prefix_tokens`` fixes the prefix length instead (to model long personas): the system
-    turn's ids are then ids hashed from the whole text and their position, and its markers, so
-    only equal personas share them. Output is placeholder text: the executor emits filler token
+    turn's first :data:`SEEDED_IDS` ids are then hashed from the whole text and their position,
+    the rest are ids of their position alone, shared by every persona, then its markers. The
+    first block of a persona tells it apart, and a prefix cache keys each block by everything
+    before it, so only equal personas share cached blocks; making 1,000 ids per agent from one
+    list slice rather than hashing each keeps a world of a million agents quick to declare. Output is placeholder text: the executor emits filler token
     ``FILLER + i`` for a call and :meth:`decode` turns it into ``replies[i]``, so a world can be
     fed a deterministic mix of answers (``("post", "reply", "nothing")``) to keep its branches
     busy.
@@ -104,6 +109,7 @@ class LengthChat:
         self._fixed: dict[str, list[int]] = {}
         self._cached_ids = 0
         self._positions = np.zeros(0, dtype=np.uint64)
+        self._shared: list[int] = []
 
     def count(self, text: str) -> int:
         return self.template_tokens + math.ceil(len(text) / self.chars_per_token)
@@ -156,19 +162,22 @@ class LengthChat:
         self._cached_ids += len(ids)
 
     def _fixed_prefix_ids(self, prefix: str, length: int) -> list[int]:
-        """``length`` ids for a system turn: ids hashed from the whole text and their position,
-        then its markers (cached)."""
+        """``length`` ids for a system turn (see the class doc), then its markers (cached)."""
         ids = self._fixed.get(prefix)
         if ids is None:
             body = max(0, length - self.template_tokens)
             if body > len(self._positions):
                 self._positions = np.arange(max(body, 2 * len(self._positions)),
                                             dtype=np.uint64) * np.uint64(_MULTIPLIER)
+                self._shared = (self._positions * np.uint64(_MULTIPLIER)).view(np.int64).tolist()
+            seeded = min(body, SEEDED_IDS)
             seed = _digest_id(prefix.encode("utf-8", "surrogatepass"), b"persona") % (1 << 64)
-            hashed = self._positions[:body] ^ np.uint64(seed)
+            hashed = self._positions[:seeded] ^ np.uint64(seed)
             hashed *= np.uint64(_MULTIPLIER)  # wraps modulo 2**64
-            ids = (hashed.view(np.int64).tolist() + self._marker_ids("system"))[-length:] \
-                if length else []
+            ids = hashed.view(np.int64).tolist()
+            ids += self._shared[seeded:body]
+            ids += self._marker_ids("system")
+            ids = ids[-length:] if length else []
             self._keep(self._fixed, prefix, ids)
         return ids
 
