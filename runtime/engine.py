@@ -76,6 +76,10 @@ class Engine:
         return bool(getattr(self.executor, "structured_output", False))
 
     @property
+    def embeddings(self) -> bool:
+        return hasattr(self.executor, "embedding_pass")
+
+    @property
     def policy_name(self) -> str:
         return self.memory.policy.name
 

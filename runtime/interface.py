@@ -120,6 +120,10 @@ class EngineInterface(Protocol):
         samples real tokens with a tokenizer)."""
 
     @property
+    def embeddings(self) -> bool:
+        """Whether :meth:`embedding` makes embeddings (the executor computes hidden states)."""
+
+    @property
     def policy_name(self) -> str:
         """The memory policy's name (``lru``, ``scalesim``, ``belady``, ...)."""
 

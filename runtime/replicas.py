@@ -214,6 +214,10 @@ class ReplicaSet:
         return bool(self._described.get("structured_output", False))
 
     @property
+    def embeddings(self) -> bool:
+        return False  # see embedding()
+
+    @property
     def policy_name(self) -> str:
         return str(self._described["policy"])
 
