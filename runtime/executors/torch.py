@@ -254,10 +254,10 @@ class TorchExecutor:
         """The pooled embedding of ``input`` (text, or token ids), to be stepped on the engine's
         thread; tokenizing here is safe on any thread (:mod:`runtime.embedding`)."""
         if isinstance(input, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer (random weights): embed token "
-                                   "ids instead of text")
-            ids = list(self.tokenizer(input, add_special_tokens=False)["input_ids"])
+            if isinstance(self.chat, ByteChat):  # random weights: text as bytes, as served
+                ids = [self.chat.base + b for b in input.encode("utf-8", "surrogatepass")]
+            else:
+                ids = list(self.tokenizer(input, add_special_tokens=False)["input_ids"])
         else:
             ids = list(input)
         check_ids(ids, self.config.vocab_size, self.max_context)

@@ -1,8 +1,9 @@
 """One access-log line per HTTP request.
 
 :class:`AccessLog` is an ASGI middleware (a plain one: Starlette's ``BaseHTTPMiddleware`` would
-wrap streaming responses and hide client disconnects from the handlers). When a response ends,
-or fails, it logs to the ``scalesim.serve.access`` logger at INFO::
+wrap streaming responses and hide client disconnects from the handlers). As the last byte of a
+response is sent (or when the app fails, or the client leaves, before that) it logs to the
+``scalesim.serve.access`` logger at INFO::
 
     127.0.0.1:50412 "POST /v1/chat/completions" 200 0.412s agent=sys-1a2b3c request=17
 
@@ -38,7 +39,19 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status, headers = 500, {}  # what is logged if the app fails before it answers
+        # what is logged if the app fails before it answers
+        status, headers = 500, dict[str, str]()
+        logged = False
+
+        def line() -> None:
+            nonlocal logged
+            logged = True
+            client = scope.get("client")
+            where = f"{client[0]}:{client[1]}" if client else "-"
+            log.info('%s "%s %s" %d %.3fs agent=%s request=%s', where, scope["method"],
+                     scope["path"], status, time.perf_counter() - start,
+                     unquote(headers.get("x-scalesim-agent", "-")),
+                     headers.get("x-request-id", "-"))
 
         async def logged_send(message: Message) -> None:
             nonlocal status, headers
@@ -46,14 +59,12 @@ class AccessLog:
                 status = message["status"]
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                            for k, v in message.get("headers", ())}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                line()  # before the last byte leaves: the client never sees an unlogged reply
             await send(message)
 
         try:
             await self.app(scope, receive, logged_send)
         finally:
-            client = scope.get("client")
-            where = f"{client[0]}:{client[1]}" if client else "-"
-            log.info('%s "%s %s" %d %.3fs agent=%s request=%s', where, scope["method"],
-                     scope["path"], status, time.perf_counter() - start,
-                     unquote(headers.get("x-scalesim-agent", "-")),
-                     headers.get("x-request-id", "-"))
+            if not logged:  # the app failed, or the client left, before the response ended
+                line()
