@@ -287,3 +287,46 @@ def test_embedding_passes_in_chunks_equal_one_pass():
     engine.close()
     assert len(a) == 576 and abs(sum(x * x for x in a) - 1) < 1e-4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_embeddings_over_http_on_a_random_weights_engine(tmp_path):
+    """The OpenAI request and response shapes (text, texts, token ids; float and base64),
+    usage, the chunked pass through the engine loop, metrics and the run record."""
+    import base64
+
+    import numpy as np
+    import openai
+
+    config = {"runtime": {"executor": "torch", "model": MODEL, "random_weights": True,
+                          "kv_cache_tokens": 1024, "max_batch_tokens": 16, "threads": 1},
+              "serve": {"port": 0, "trace": str(tmp_path / "run")}}
+    with running_server(config) as s:
+        client = openai.OpenAI(base_url=base_url(s), api_key="-", max_retries=0)
+        one = client.embeddings.create(model=MODEL, input="a baker in Maple Hollow",
+                                       encoding_format="float")
+        vector = np.array(one.data[0].embedding)
+        assert vector.shape == (576,) and abs(np.linalg.norm(vector) - 1) < 1e-4
+        assert one.usage.prompt_tokens == len("a baker in Maple Hollow".encode())
+        many = post(s, "/embeddings", {"model": MODEL, "input": ["a baker in Maple Hollow",
+                                                                 "a smith"],
+                                       "encoding_format": "base64"}).json()
+        assert [d["index"] for d in many["data"]] == [0, 1]
+        decoded = np.frombuffer(base64.b64decode(many["data"][0]["embedding"]), dtype="<f4")
+        assert np.allclose(decoded, vector, atol=1e-5)
+        ids = post(s, "/embeddings", {"model": MODEL, "input": [[300, 301, 302]]}).json()
+        assert ids["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+        bad = post(s, "/embeddings", {"model": MODEL, "input": [[10**9]]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+        assert post(s, "/embeddings", {"model": MODEL, "input": "x",
+                                       "dimensions": 8}).status_code == 400
+        card, = httpx.get(f"{base_url(s)}/models").json()["data"]
+        assert card["embeddings"]["available"] and card["embeddings"]["dimensions"] == 576
+        # Decoding goes on meanwhile: a chat request is answered too.
+        assert client.chat.completions.create(model=MODEL, max_tokens=3, messages=[
+            {"role": "user", "content": "hi"}]).choices
+        text = httpx.get(f"{base_url(s)[:-3]}/metrics").text
+    assert 'scalesim_requests_total{endpoint="embeddings",outcome="ok"} 3' in text
+    requests = pd.read_parquet(tmp_path / "run" / "requests.parquet")
+    embedded = requests[requests.endpoint == "embeddings"]
+    assert sorted(embedded.outcome) == ["ok", "ok", "ok", "refused", "refused"]
+    assert (embedded[embedded.outcome == "ok"].request_id > 0).all()
