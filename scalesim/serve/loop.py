@@ -448,7 +448,9 @@ class EngineLoop:
         """A request answered with ``error`` before the engine served it (or, for an
         embedding, while it did): counted in the metrics and recorded in the run directory's
         requests."""
-        self.metrics.refused(endpoint, str(error.status))
+        # Refused requests are counted by status; those that failed on their way by outcome,
+        # as the engine's own failures and cancellations are.
+        self.metrics.count(endpoint, str(error.status) if outcome == "refused" else outcome)
         if self.recorder is not None:
             self.recorder.refused(endpoint, error.status, error.message, info, outcome=outcome)
 
