@@ -4,6 +4,12 @@ One :meth:`Engine.step` is one iteration: the scheduler picks the batch (admitti
 requests through the memory admission), the executor advances it, and the engine decides which
 sequences are finished (end-of-sequence token, stop string or token limit). A request that cannot
 be served fails alone: its :class:`Completion` carries the error and the other requests go on.
+That holds for faults found while it runs too: when the executor raises over a batch before it
+changed any sequence (one sequence's preparation failed), the engine runs the two halves of the
+batch again, and so on down to the one sequence at fault, which alone fails (bisection: about
+``2 log2(batch)`` extra passes, in an iteration that failed, never in one that did not). A
+:class:`RequestError` is the request's fault; any other exception is the engine's, and the
+completion says so (``internal_error``). The engine itself is never left failed by a request.
 
 :class:`Engine` implements :class:`runtime.interface.EngineInterface`, the one interface every
 front end drives; nothing outside this package reaches its executor, scheduler or admission.
@@ -18,10 +24,11 @@ one puts the manager on a virtual link and clock instead of a copy thread.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import abc
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from runtime.admission import MemoryAdmission
 from runtime.executors.base import Executor
@@ -32,7 +39,12 @@ from runtime.request import Completion, Request, RequestError, Turn
 from runtime.scheduler import Scheduler
 from runtime.sequence import Batch, Sequence, SequenceStatus
 
+if TYPE_CHECKING:  # torch is imported only where embeddings are made
+    from runtime.embedding import EmbeddingPass
+
 EXECUTORS = ("hf", "torch", "modeled")
+
+log = logging.getLogger("runtime.engine")
 
 
 class Engine:
@@ -64,6 +76,10 @@ class Engine:
         return bool(getattr(self.executor, "structured_output", False))
 
     @property
+    def embeddings(self) -> bool:
+        return hasattr(self.executor, "embedding_pass")
+
+    @property
     def policy_name(self) -> str:
         return self.memory.policy.name
 
@@ -72,11 +88,28 @@ class Engine:
         return self.memory.policy.uses_distance
 
     def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
-        prefix_ids, prompt_ids = self.executor.chat.encode(prefix, prompt, history)
+        prefix_ids, prompt_ids = self.encode(prefix, prompt, history)
         return len(prefix_ids) + len(prompt_ids)
+
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, prompt_ids)`` of a request, as :meth:`submit` would tokenize it; safe
+        on any thread (the chat codecs keep only caches, and the tokenizer is not mutated)."""
+        return self.executor.chat.encode(prefix, prompt, history)
 
     def architecture(self) -> ModelConfig | None:
         return self.executor.architecture
+
+    def embedding(self, input: str | list[int]) -> EmbeddingPass:
+        """The pooled embedding of ``input`` as a pass to step between iterations
+        (:mod:`runtime.embedding`); a :class:`RequestError` where the executor computes no
+        hidden states (``modeled``, ``hf``)."""
+        make = getattr(self.executor, "embedding_pass", None)
+        if make is None:
+            raise RequestError(f"embeddings need the torch executor: "
+                               f"{type(self.executor).__name__} computes no hidden states")
+        made: EmbeddingPass = make(input)
+        return made
 
     # -- what goes in --------------------------------------------------------------------------
 
@@ -97,12 +130,15 @@ class Engine:
         """Queue ``request`` and return its request id (assigned here when unset)."""
         if request.request_id < 0:
             request.request_id = next(self._ids)
-        try:
-            prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt,
-                                                               request.history)
-        except Exception as exc:  # tokenizers raise on odd input; the request alone fails
-            return self._reject(Sequence(request, [], []),
-                                f"request {request.request_id}: could not tokenize: {exc}")
+        if request.encoded is not None:  # tokenized by the caller, off this thread
+            prefix_ids, prompt_ids = (list(ids) for ids in request.encoded)
+        else:
+            try:
+                prefix_ids, prompt_ids = self.executor.chat.encode(request.prefix, request.prompt,
+                                                                   request.history)
+            except Exception as exc:  # tokenizers raise on odd input; the request alone fails
+                return self._reject(Sequence(request, [], []),
+                                    f"request {request.request_id}: could not tokenize: {exc}")
         seq = Sequence(request, prefix_ids, prompt_ids)
         needed = seq.num_prompt_tokens + request.sampling.max_tokens
         if needed > self.executor.max_context:
@@ -121,11 +157,14 @@ class Engine:
             self.admission.register(seq)  # the manager learns the agent's objects (prefetch)
         except RequestError as exc:
             return self._reject(seq, str(exc))
+        except Exception as exc:  # an executor's bug on this request: it alone fails
+            log.exception("request %s failed at submission", request.request_id)
+            return self._reject(seq, _internal(exc), internal=True)
         self.scheduler.add(seq)
         return request.request_id
 
-    def _reject(self, seq: Sequence, error: str) -> int:
-        seq.fail(error)
+    def _reject(self, seq: Sequence, error: str, internal: bool = False) -> int:
+        seq.fail(error, internal)
         self._rejected.append(seq)
         return seq.request_id
 
@@ -169,16 +208,19 @@ class Engine:
             self._execute(batch, tokens)
             for seq in batch:
                 if seq.status is not SequenceStatus.FINISHED and seq.output_ids:
-                    self._check_finished(seq)
+                    try:
+                        self._check_finished(seq)
+                    except Exception as exc:  # a decoder that chokes on these tokens
+                        log.exception("request %s failed in its stop check", seq.request_id)
+                        seq.fail(_internal(exc), internal=True)
         done = self.scheduler.remove_finished()
         for seq in done:
             self.admission.release(seq)
         finished += [seq.to_completion() for seq in done]
         self.admission.tick()  # between iterations: install finished copies, prefetch
         running = self.scheduler.running
-        decode = self.executor.chat.decode
         return StepResult(
-            finished, {s.request_id: decode(s.output_ids) for s in running
+            finished, {s.request_id: self._partial(s) for s in running
                        if s.request.stream and s.output_ids},
             batch=len(running) + len(done), steps=steps, tokens=tokens,
             waiting=len(self.scheduler.waiting), running=len(running),
@@ -192,16 +234,44 @@ class Engine:
             prefill = sum(s.chunk for s in batch if s.num_computed < s.num_prompt_tokens)
             modeled = self.clock.now() if self.clock.modeled else None
             start = time.perf_counter()
-        try:
-            self.executor.execute(batch)
-        except RequestError as exc:
-            for seq in batch:
-                seq.fail(str(exc))
+        self._execute_isolated(batch.seqs, batch.steps)
         if self._step_listeners:
             event = StepTimed(0, sequences, tokens, prefill, time.perf_counter() - start,
                               None if modeled is None else self.clock.now() - modeled)
             for listener in self._step_listeners:
                 listener(event)
+
+    def _execute_isolated(self, seqs: list[Sequence], steps: int) -> None:
+        """The executor's pass over ``seqs``, so that a fault fails only the sequences at fault
+        (see the module docstring)."""
+        before = [(s.num_computed, s.chunk, len(s.output_ids)) for s in seqs]
+        try:
+            self.executor.execute(Batch(seqs, steps))
+            return
+        except Exception as exc:
+            error = exc
+        # Run the halves again only if the executor changed nothing: a sequence whose chunk
+        # was computed (or a token sampled) must not compute it twice.
+        if len(seqs) > 1 and before == [(s.num_computed, s.chunk, len(s.output_ids))
+                                        for s in seqs]:
+            half = len(seqs) // 2
+            self._execute_isolated(seqs[:half], steps)
+            self._execute_isolated(seqs[half:], steps)
+            return
+        internal = not isinstance(error, RequestError)
+        if internal:
+            log.error("the executor failed on request(s) %s", [s.request_id for s in seqs],
+                      exc_info=error)
+        for seq in seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                seq.fail(_internal(error) if internal else str(error), internal)
+
+    def _partial(self, seq: Sequence) -> str:
+        """A streaming sequence's text so far (empty where its tokens do not decode)."""
+        try:
+            return self.executor.chat.decode(seq.output_ids)
+        except Exception:  # its stop check fails it at the next iteration, with the error
+            return ""
 
     def tick(self) -> None:
         """While idle: the manager installs finished copies and prefetches."""
@@ -240,6 +310,11 @@ class Engine:
                     seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.status = SequenceStatus.FINISHED
+
+
+def _internal(exc: BaseException) -> str:
+    """The error of a request the engine failed on by its own fault."""
+    return f"internal error while serving this request: {type(exc).__name__}: {exc}"
 
 
 def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", device: str = "cpu",

@@ -20,13 +20,16 @@ from __future__ import annotations
 import time
 from collections import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
 from runtime.memory.distance import DistanceSource
 from runtime.memory.events import MemoryEvent
 from runtime.model.profiles import ModelConfig
 from runtime.request import Completion, Request, Turn
 
+
+if TYPE_CHECKING:  # torch is imported only where embeddings are made
+    from runtime.embedding import EmbeddingPass
 
 @dataclass
 class StepResult:
@@ -117,6 +120,10 @@ class EngineInterface(Protocol):
         samples real tokens with a tokenizer)."""
 
     @property
+    def embeddings(self) -> bool:
+        """Whether :meth:`embedding` makes embeddings (the executor computes hidden states)."""
+
+    @property
     def policy_name(self) -> str:
         """The memory policy's name (``lru``, ``scalesim``, ``belady``, ...)."""
 
@@ -128,8 +135,21 @@ class EngineInterface(Protocol):
         """How many tokens ``prefix``, ``history`` and ``prompt`` take as one request's input;
         raises what the tokenizer raises for input it cannot take."""
 
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, prompt_ids)`` of a request, as the engine tokenizes it at submission;
+        safe to call from any thread, so that a caller can tokenize off the engine's thread and
+        hand the ids over in :attr:`~runtime.request.Request.encoded`. Raises what the
+        tokenizer raises for input it cannot take."""
+
     def architecture(self) -> ModelConfig | None:
         """The model's shapes (for checking adapters), where the engine knows them."""
+
+    def embedding(self, input: str | list[int]) -> EmbeddingPass:
+        """The pooled last-hidden-state embedding of ``input`` (text or token ids), as a pass
+        the caller steps on the engine's thread between iterations (making it, which
+        tokenizes, is safe on any thread); a :class:`~runtime.request.RequestError` where the
+        engine computes no hidden states or the input cannot be embedded."""
 
     def submit(self, request: Request) -> int:
         """Queue ``request``; its request id (assigned when unset). A request that cannot be

@@ -88,11 +88,11 @@ class RayCluster:
     def listen(self) -> None:
         self.ray.get([actor.listen.remote() for actor in self.actors])
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
-                      history: abc.Sequence[Turn] = ()) -> int:
-        count: int = self.ray.get(self.actors[replica].prompt_tokens.remote(prefix, prompt,
-                                                                            tuple(history)))
-        return count
+    def encode(self, replica: int, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        ids: tuple[list[int], list[int]] = self.ray.get(
+            self.actors[replica].encode.remote(prefix, prompt, tuple(history)))
+        return ids
 
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         ray = self.ray

@@ -126,8 +126,9 @@ class EngineReplica:
             events, self._events = self._events, []
         return ReplicaResult(result, engine.has_work(), time.perf_counter() - start, events)
 
-    def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
-        return self.engine.prompt_tokens(prefix, prompt, history)
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        return self.engine.encode(prefix, prompt, history)
 
     def report(self) -> dict[str, Any]:
         """The engine's ``summary.json`` sections and the memory manager's hit and miss counts."""

@@ -40,7 +40,7 @@ import functools
 import itertools
 import time
 from collections import abc
-from typing import Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from runtime.affinity import Affinity
 from runtime.engine import Engine
@@ -49,7 +49,10 @@ from runtime.memory.distance import DistanceSource, OrderedDistanceSource
 from runtime.model.profiles import ModelConfig
 from runtime.replica import EngineReplica, ReplicaBatch, ReplicaDied, ReplicaResult
 from runtime.replica_distances import DistanceFeed
-from runtime.request import Completion, Request, Turn
+from runtime.request import Completion, Request, RequestError, Turn
+
+if TYPE_CHECKING:  # torch is imported only where embeddings are made
+    from runtime.embedding import EmbeddingPass
 
 OnFailure = Literal["fail", "continue"]
 CLUSTERS = ("local", "ray")
@@ -78,8 +81,9 @@ class Cluster(Protocol):
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         """Send each replica its batch; return its result, or :class:`ReplicaDied`."""
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
-                      history: abc.Sequence[Turn] = ()) -> int: ...
+    def encode(self, replica: int, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """A request's ids as replica ``replica`` tokenizes it (from any thread)."""
 
     def report(self, replica: int) -> dict[str, Any]: ...
 
@@ -107,9 +111,9 @@ class LocalCluster:
     def dispatch(self, batches: dict[int, ReplicaBatch]) -> dict[int, ReplicaResult | ReplicaDied]:
         return {i: self.replicas[i].step(batch) for i, batch in batches.items()}
 
-    def prompt_tokens(self, replica: int, prefix: str, prompt: str,
-                      history: abc.Sequence[Turn] = ()) -> int:
-        return self.replicas[replica].prompt_tokens(prefix, prompt, history)
+    def encode(self, replica: int, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        return self.replicas[replica].encode(prefix, prompt, history)
 
     def report(self, replica: int) -> dict[str, Any]:
         return self.replicas[replica].report()
@@ -210,6 +214,10 @@ class ReplicaSet:
         return bool(self._described.get("structured_output", False))
 
     @property
+    def embeddings(self) -> bool:
+        return False  # see embedding()
+
+    @property
     def policy_name(self) -> str:
         return str(self._described["policy"])
 
@@ -221,10 +229,21 @@ class ReplicaSet:
         found: ModelConfig | None = self._described["architecture"]
         return found
 
+    def embedding(self, input: str | list[int]) -> EmbeddingPass:
+        """Not across replicas: a pass holds its model's tensors, and a replica may live in
+        another process."""
+        raise RequestError("embeddings are served by a single engine (runtime.replicas: 1)")
+
     def prompt_tokens(self, prefix: str, prompt: str, history: abc.Sequence[Turn] = ()) -> int:
-        """Counted by the first live replica (every replica has the same model)."""
+        prefix_ids, prompt_ids = self.encode(prefix, prompt, history)
+        return len(prefix_ids) + len(prompt_ids)
+
+    def encode(self, prefix: str, prompt: str,
+               history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:
+        """Tokenized by the first live replica (every replica has the same model); the ids
+        travel with the request to its home replica."""
         live = next((i for i, s in enumerate(self._state) if s.dead is None), 0)
-        return self.cluster.prompt_tokens(live, prefix, prompt, history)
+        return self.cluster.encode(live, prefix, prompt, history)
 
     # -- what goes in --------------------------------------------------------------------------
 

@@ -29,9 +29,14 @@ class RequestError(RuntimeError):
     """
 
 
+#: temperatures below this decode greedily (as in vLLM)
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are drawn. ``temperature == 0`` means greedy decoding."""
+    """How tokens are drawn. ``temperature == 0`` (or below :data:`GREEDY_BELOW`) means greedy
+    decoding."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -57,7 +62,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5 the distribution is the argmax's anyway, and float32 logits divided by a
+        # temperature that small overflow to infinities that no distribution can be drawn from.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -91,6 +98,11 @@ class Request:
     #: what the reply must be (a JSON schema, choices, a tool call: :mod:`runtime.constrained`);
     #: ``None``, the default, samples freely (no mask is computed)
     constraint: Constraint | None = None
+    #: ``(prefix_ids, prompt_ids)`` when the caller tokenized the request already, with the
+    #: engine's own :meth:`~runtime.interface.EngineInterface.encode` (a server does it on a
+    #: worker thread, so that a huge prompt never stalls the engine's); ``None``: the engine
+    #: tokenizes at submission
+    encoded: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
@@ -108,7 +120,10 @@ class Completion:
     """The engine's answer to one :class:`Request`.
 
     Wall times are ``time.perf_counter()`` values. ``error`` is set (and ``finish_reason`` is
-    ``"error"``) when the request failed; the text is then empty.
+    ``"error"``) when the request failed; the text is then empty. ``internal_error`` says whose
+    fault that was: the engine's (an unexpected exception while it served this request alone),
+    not the request's (a :class:`RequestError`: an adapter that does not load, a prompt too
+    long, a reply that broke its grammar).
     """
 
     request_id: int
@@ -123,6 +138,7 @@ class Completion:
     finish_wall: float
     memory: MemoryStats = field(default_factory=MemoryStats)
     error: str | None = None
+    internal_error: bool = False
 
     @property
     def ok(self) -> bool:

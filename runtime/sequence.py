@@ -45,6 +45,8 @@ class Sequence:
     cached_tokens: int = 0
     memory: MemoryStats = field(default_factory=MemoryStats)
     error: str | None = None
+    #: Whether the failure was the engine's, not the request's (see :class:`Completion`).
+    internal_error: bool = False
     #: The agent memory objects the request holds while it runs (named once, at submission).
     memory_objects: list[Any] = field(default_factory=list)
     #: Whether the first prefix lookup reused cached KV (``None``: not looked up).
@@ -95,8 +97,9 @@ class Sequence:
             self.first_token_wall = time.perf_counter()
         self.output_ids.extend(token_ids)
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, internal: bool = False) -> None:
         self.error = message
+        self.internal_error = internal
         self.finish_reason = "error"
         self.status = SequenceStatus.FINISHED
 
@@ -114,6 +117,7 @@ class Sequence:
             finish_wall=time.perf_counter(),
             memory=self.memory,
             error=self.error,
+            internal_error=self.internal_error,
         )
 
 

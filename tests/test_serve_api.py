@@ -227,7 +227,7 @@ def test_hostile_bodies_and_paths_get_openai_errors_and_the_server_goes_on(serve
     huge = json.dumps({"model": MODEL, "messages": ask("x" * (17 * 2**20))})
     response = post(server, "/chat/completions", huge)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
-    response = post(server, "/embeddings", {"model": MODEL, "input": "hi"})
+    response = post(server, "/images/generations", {"model": MODEL, "prompt": "hi"})
     assert response.status_code == 404 and "no endpoint" in response.json()["error"]["message"]
     assert client.chat.completions.create(model=MODEL, messages=ask("still there?")).choices
 
@@ -303,7 +303,7 @@ def test_refused_requests_are_in_the_run_record(tmp_path):
     with running_server(modeled_config(trace=str(tmp_path / "run"))) as traced:
         assert post(traced, "/chat/completions", {"model": MODEL, "messages": []}).status_code \
             == 400
-        assert post(traced, "/embeddings", {"input": "x"}).status_code == 404
+        assert post(traced, "/images/generations", {"prompt": "x"}).status_code == 404
         openai.OpenAI(base_url=base_url(traced), api_key="x").chat.completions.create(
             model=MODEL, messages=ask("hi"))
     requests = pd.read_parquet(tmp_path / "run" / "requests.parquet")

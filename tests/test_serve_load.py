@@ -140,4 +140,4 @@ def test_disconnected_clients_are_cancelled_and_their_memory_freed():
         cached = {b for seg in server.engine.executor.prefixes.segments() for b in seg.blocks}
         assert cache.num_free == cache.num_blocks - len(cached)
         outcomes = server.loop.metrics.requests
-        assert outcomes[("chat", "cancelled")] == 2 and outcomes[("chat", "ok")] == 1
+        assert outcomes[("chat", "cancelled")] == 2 and outcomes[("chat", "ok")] == 1, outcomes

@@ -170,3 +170,29 @@ def test_structured_output_over_http(client):
     text = client.completions.create(model="smollm2-135m", prompt="Pick a colour.", max_tokens=4,
                                      extra_body={"guided_choice": ["red", "green"]})
     assert text.choices[0].text in ("red", "green")
+
+
+def test_embeddings_are_the_mean_of_transformers_last_hidden_state(client, hf):
+    """/v1/embeddings on the real model: the L2-normalised mean over the input's tokens of
+    transformers' last hidden state, a chunk of at most max_batch_tokens at a time; related
+    texts are closer than unrelated ones; a normal request still succeeds after a bad one."""
+    import numpy as np
+    import torch
+
+    model, tokenizer = hf
+    texts = ["Ada bakes bread in Maple Hollow every morning. " * 30,
+             "Ada bakes rolls in Maple Hollow.", "The stock market fell sharply today."]
+    reply = client.embeddings.create(model="smollm2-135m", input=texts)
+    got = np.array([d.embedding for d in reply.data])
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len(ids[0]) > 256  # longer than max_batch_tokens: computed in chunks
+    assert reply.usage.prompt_tokens == sum(map(len, ids))
+    with torch.no_grad():
+        for row, token_ids in zip(got, ids):
+            hidden = model.model(torch.tensor([token_ids])).last_hidden_state[0].mean(0)
+            expected = torch.nn.functional.normalize(hidden, dim=0).numpy()
+            assert np.abs(row - expected).max() < 1e-3
+    assert got[0] @ got[1] > got[0] @ got[2]
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="smollm2-135m", input=[[10**9]])
+    assert ask(client, "Still baking?").choices[0].message.content

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from runtime.constrained import GrammarMasks
+from runtime.embedding import EmbeddingPass, check_ids
 from runtime.kv_cache import KVCache
 from runtime.lora import LoraBatch, LoraPool, adapter_fingerprint, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
@@ -201,12 +202,66 @@ class TorchExecutor:
             seq.num_computed += seq.chunk
             seq.chunk = 0
         if sampled:
+            rows = list(enumerate(sampled))
             if self._grammar_masks is not None:  # else no request was ever constrained
-                self._grammar_masks.mask_sequences(logits, list(enumerate(sampled)))
-            tokens = sample(logits, [s.request.sampling for s in sampled],
-                            [self._generator(s) for s in sampled])
-            for seq, token in zip(sampled, tokens):
+                self._mask(logits, rows)
+            for seq, token in self._sample(logits, [(r, s) for r, s in rows if s.error is None]):
                 seq.append_tokens([token])
+
+    # Masking and sampling come after the batch's forward pass: an exception there would leave
+    # every sequence computed and none sampled, so each row's failure is caught and fails that
+    # sequence alone (the engine's bisection only reruns batches the executor left untouched).
+
+    def _mask(self, logits: torch.Tensor, rows: list[tuple[int, Sequence]]) -> None:
+        """Mask the constrained rows by their grammars, one row at a time if the batch fails."""
+        assert self._grammar_masks is not None
+        try:
+            self._grammar_masks.mask_sequences(logits, rows)
+            return
+        except Exception:
+            pass
+        for row, seq in rows:
+            try:
+                self._grammar_masks.mask_sequences(logits, [(row, seq)])
+            except Exception as exc:
+                seq.fail(f"internal error while masking this request's reply by its "
+                         f"constraint: {type(exc).__name__}: {exc}", internal=True)
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, Sequence]]
+                ) -> list[tuple[Sequence, int]]:
+        """A token for each ``(row, sequence)``; a row that cannot be sampled fails its
+        sequence, and only it."""
+        seqs = [s for _, s in rows]
+        whole = len(rows) == logits.shape[0]  # no row failed before sampling: no copy
+        try:
+            tokens = sample(logits if whole else logits[[r for r, _ in rows]],
+                            [s.request.sampling for s in seqs],
+                            [self._generator(s) for s in seqs])
+            return list(zip(seqs, tokens))
+        except Exception:
+            pass
+        out: list[tuple[Sequence, int]] = []
+        for row, seq in rows:
+            try:
+                out.append((seq, sample(logits[row:row + 1], [seq.request.sampling],
+                                        [self._generator(seq)])[0]))
+            except Exception as exc:
+                seq.fail(f"internal error while sampling this request's next token: "
+                         f"{type(exc).__name__}: {exc}", internal=True)
+        return out
+
+    def embedding_pass(self, input: str | list[int]) -> EmbeddingPass:
+        """The pooled embedding of ``input`` (text, or token ids), to be stepped on the engine's
+        thread; tokenizing here is safe on any thread (:mod:`runtime.embedding`)."""
+        if isinstance(input, str):
+            if isinstance(self.chat, ByteChat):  # random weights: text as bytes, as served
+                ids = [self.chat.base + b for b in input.encode("utf-8", "surrogatepass")]
+            else:
+                ids = list(self.tokenizer(input, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(input)
+        check_ids(ids, self.config.vocab_size, self.max_context)
+        return EmbeddingPass(self.model, ids, self.max_batch_tokens)
 
     def _grammars(self) -> GrammarMasks:
         """The grammar masker, made at the first constrained request (reading the vocabulary

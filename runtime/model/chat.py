@@ -23,6 +23,9 @@ A template that does not render this way (one that rewrites earlier turns when m
 gets as many leading turns split off as render stably, and the rest of the input as one piece;
 when even the system turn does not, there is no reusable prefix.
 
+Encoding is safe from several threads at once: the caches are only looked up and filled, and
+the tokenizer is called without changing its settings.
+
 Rendering every turn count costs time quadratic in the length of a conversation, so the cut of
 each conversation prefix seen before (keyed by a digest of its messages) and the token ids of
 each turn text are kept: an agent's next request renders and tokenizes only its new turns.
@@ -112,12 +115,21 @@ class ChatFormat:
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """The token ids of each text, the texts of earlier turns from the cache."""
-        new = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        # Looked up once into a local dict: another thread encoding at the same time may
+        # clear the caches between two lookups (the server tokenizes on worker threads).
+        found: dict[str, list[int]] = {}
+        new: list[str] = []
+        for text in dict.fromkeys(texts):
+            cached = self._ids.get(text)
+            if cached is None:
+                new.append(text)
+            else:
+                found[text] = cached
         if new:
             for text, ids in zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"]):
                 self._keep(len(text))
-                self._ids[text] = list(ids)
-        return [self._ids[t] for t in texts]
+                self._ids[text] = found[text] = list(ids)
+        return [found[t] for t in texts]
 
     def encode(self, prefix: str, prompt: str,
                history: abc.Sequence[Turn] = ()) -> tuple[list[int], list[int]]:

@@ -8,6 +8,10 @@ output projection, RMSNorm and a fused SwiGLU MLP. LoRA deltas of each token's o
 added after each targeted projection. Only the rows that will be sampled go through the final norm
 and the vocabulary projection.
 
+:meth:`LlamaModel.hidden_states` runs the same layers over one sequence without the pool (its
+keys and values kept by the caller, chunk after chunk) and returns the final-norm hidden states:
+what embeddings pool.
+
 Each projection is a :mod:`runtime.model.weights` projection: dense in the model's dtype (the
 float32 reference) or weight-only int8 / int4 (``quantization``). Weights come from a
 transformers model (:meth:`from_hf`) or are random for a profile (:meth:`random`).
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +220,54 @@ class LlamaModel:
         :class:`~runtime.lora.LoraBatch` or ``None``.
         """
         c = self.config
+        kv_heads, d = c.num_kv_heads, c.head_dim
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, k)
+            cache.v[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, v)
+            out: torch.Tensor = attention.forward(li, q, k, v)
+            return out
+
+        x, down = self._layers(input_ids, positions, attend, lora)
+        x = x[sample_rows].add_(down[sample_rows])
+        return self.lm_head(self.rms_norm(x, self.norm, c.rms_norm_eps)).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, start: int,
+                      past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The last hidden states ``[tokens, hidden]`` (after the final norm) of one sequence's
+        tokens at positions ``start ..``, without the paged pool: each layer attends to the keys
+        and values of the earlier chunks in ``past`` (one ``(k, v)`` per layer, extended here;
+        empty for the first chunk). For embeddings (:mod:`runtime.embedding`)."""
+        c = self.config
+        heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
+        n = input_ids.shape[0]
+        positions = torch.arange(start, start + n, device=input_ids.device)
+        mask = None if start == 0 else (torch.arange(start + n, device=input_ids.device)[None, :]
+                                        <= positions[:, None])  # True: attend
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if len(past) > li:
+                k, v = torch.cat([past[li][0], k]), torch.cat([past[li][1], v])
+                past[li] = (k, v)
+            else:
+                past.append((k, v))
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
+                enable_gqa=True)
+            return o[0].transpose(0, 1).reshape(n, heads * d)
+
+        x, down = self._layers(input_ids, positions, attend, None)
+        return self.rms_norm(x.add_(down), self.norm, c.rms_norm_eps).float()
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                lora: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over ``input_ids``: the residual stream and the last layer's MLP
+        output, not yet added to it. ``attend(layer, q, k, v)`` is the attention, whose keys
+        and values come from wherever the caller keeps them."""
+        c = self.config
         t = input_ids.shape[0]
         heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = c.q_size, c.kv_size
@@ -236,9 +288,7 @@ class LlamaModel:
             qk = apply_rope(qkv[:, :q_size + kv_size].view(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(t, kv_heads, d)
-            cache.k[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, k)
-            cache.v[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, v)
-            a = attention.forward(li, q, k, v)
+            a = attend(li, q, k, v)
             o = w.o(a)
             if lora is not None:
                 lora.apply(li, "o_proj", a, o)
@@ -252,5 +302,4 @@ class LlamaModel:
             if lora is not None:
                 lora.apply(li, "down_proj", m, down)
         assert down is not None
-        x = x[sample_rows].add_(down[sample_rows])
-        return self.lm_head(norm(x, self.norm, eps)).float()
+        return x, down

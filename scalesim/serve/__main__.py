@@ -8,6 +8,7 @@ code 2, as for ``python -m scalesim.run``.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from typing import Any
@@ -44,6 +45,9 @@ FLAGS = {"model": "runtime.model", "executor": "runtime.executor", "device": "ru
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Warnings and errors of every module, and one access line per request (scalesim.serve.access).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("scalesim.serve.access").setLevel(logging.INFO)
     overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in FLAGS.items()
                                  if getattr(args, flag) is not None}
     try:

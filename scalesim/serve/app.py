@@ -2,20 +2,24 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain, or server-sent
 events with ``stream: true``; ``stream_options.include_usage`` adds a last usage chunk),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), the bulk hints
-``POST /v1/scalesim/hints`` and the seed paper's ``POST /v1/update``.
+``POST /v1/embeddings`` (pooled hidden states of the served model, see
+:mod:`runtime.embedding`; labelled so in ``/v1/models``), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text), the bulk hints ``POST /v1/scalesim/hints`` and the seed
+paper's ``POST /v1/update``. Every request gets an access-log line (:mod:`~scalesim.serve.access`).
 
 Bodies are read and validated here, so that every client error is a 400 in the OpenAI format
 naming its field (FastAPI would answer 422 in its own format). A handler resolves the model
 field and the agent identity (:mod:`~scalesim.serve.identity`), renders the messages
 (:mod:`~scalesim.serve.prompt`), applies the request's hints, submits a
-:class:`~scalesim.serve.loop.Job` and waits for its events. A client that disconnects while
+:class:`~scalesim.serve.loop.Job` and waits for its events; the engine loop tokenizes it on a
+worker thread, never on the event loop or the engine's thread. A client that disconnects while
 waiting cancels its request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -31,13 +35,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+import numpy as np
+
 from runtime import Completion, Request, SamplingParams
+from scalesim.serve.access import AccessLog
 from scalesim.serve.errors import APIError, bad_request, from_validation
 from scalesim.serve.identity import AGENT_HEADER, AdapterRegistry, resolve_identity
-from scalesim.serve.loop import EngineLoop, Job
+from scalesim.serve.loop import EmbeddingJob, EngineLoop, Job
 from scalesim.serve.prompt import parse_tool_calls, render, tool_names
-from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, GenerationBody,
-                                     HintsBody, ScaleSimFields, UpdateBody)
+from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, EmbeddingBody,
+                                     GenerationBody, HintsBody, ScaleSimFields, UpdateBody)
 
 Body = TypeVar("Body", bound=BaseModel)
 #: How often a waiting handler checks whether its client is still there (seconds).
@@ -59,7 +66,12 @@ class ServeState:
 
 #: the metrics label of each endpoint path: the same one the served requests of it count under
 ENDPOINTS = {"chat/completions": "chat", "completions": "completions", "scalesim/hints": "hints",
-             "update": "update", "models": "models"}
+             "update": "update", "models": "models", "embeddings": "embeddings"}
+
+#: what ``/v1/models`` says of the embeddings a model card's ``embeddings`` field describes
+EMBEDDINGS_NOTE = ("pooled hidden states of a chat model, not a trained embedding model: the "
+                   "mean over the input's tokens of the last hidden state (after the final "
+                   "norm), L2-normalised; no chat template, no adapter")
 
 
 def _endpoint(path: str) -> str:
@@ -143,10 +155,11 @@ def create_app(state: ServeState) -> FastAPI:
                 raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
     app = FastAPI(title="scalesim.serve", lifespan=lifespan, dependencies=[Depends(authorize)])
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
-        if exc.status != 429:  # 429s are counted by the loop
+        if exc.status != 429 and not exc.recorded:  # 429s and the loop's own are counted
             loop.refused(_endpoint(request.url.path), exc)
         return exc.response()
 
@@ -154,8 +167,8 @@ def create_app(state: ServeState) -> FastAPI:
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
         # Unknown paths and methods too get OpenAI's error format (clients parse it).
         what = (f"no endpoint {request.method} {request.url.path} (this server has "
-                "/v1/chat/completions, /v1/completions, /v1/models, /v1/scalesim/hints, "
-                "/v1/update, /health, /metrics)") if exc.status_code in (404, 405) \
+                "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
+                "/v1/scalesim/hints, /v1/update, /health, /metrics)") if exc.status_code in (404, 405) \
             else str(exc.detail)
         error = APIError(exc.status_code, what,
                          code="not_found" if exc.status_code == 404 else None)
@@ -182,9 +195,22 @@ def create_app(state: ServeState) -> FastAPI:
         text = loop.metrics.render(report.get("memory"), loop.distance)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    architecture = loop.engine.architecture()
+
     def _model_card(model_id: str) -> dict[str, Any]:
+        adapter = registry.resolve(model_id).adapter_name
+        embeddings: dict[str, Any] = {"available": loop.engine.embeddings and adapter is None,
+                                      "kind": "pooled_hidden_states", "pooling": "mean",
+                                      "normalized": True, "note": EMBEDDINGS_NOTE}
+        if architecture is not None:
+            embeddings["dimensions"] = architecture.hidden_size
+        if adapter is not None:
+            embeddings["why_not"] = "embeddings come from the base model, not an adapter"
+        elif not loop.engine.embeddings:
+            embeddings["why_not"] = ("this server's executor computes no hidden states; "
+                                     "embeddings need the torch executor on one engine")
         return {"id": model_id, "object": "model", "created": state.created,
-                "owned_by": "scalesim"}
+                "owned_by": "scalesim", "embeddings": embeddings}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -221,6 +247,7 @@ def create_app(state: ServeState) -> FastAPI:
         try:
             sampling = SamplingParams(max_tokens=1, temperature=body.temperature or 0.0,
                                       top_p=body.top_p if body.top_p is not None else 1.0,
+                                      top_k=max(body.top_k or 0, 0),
                                       seed=body.seed, stop=body.stops())
         except Exception as exc:
             raise bad_request(None, str(exc)) from None
@@ -244,7 +271,7 @@ def create_app(state: ServeState) -> FastAPI:
                    endpoint, asyncio.Queue(), asyncio.get_running_loop(),
                    body.requested_tokens(), stream, info)
 
-    async def _next_event(job: Job, request: HTTPRequest) -> tuple[str, Any]:
+    async def _next_event(job: Job | EmbeddingJob, request: HTTPRequest) -> tuple[str, Any]:
         get = asyncio.ensure_future(job.events.get())
         try:
             while True:
@@ -380,6 +407,41 @@ def create_app(state: ServeState) -> FastAPI:
             {"id": rid, "object": "text_completion", "created": created, "model": body.model,
              "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
                           "logprobs": None}], "usage": _usage(c)}, headers=_headers(job))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: HTTPRequest) -> Any:
+        body = await _parse(request, EmbeddingBody)
+        choice = registry.resolve(body.model)
+        if body.dimensions is not None:
+            raise bad_request("dimensions", "dimensions: shortened embeddings are not offered; "
+                              "an embedding has the model's hidden size")
+        if choice.adapter_name is not None:
+            raise bad_request("model", f"model: {body.model!r} is an adapter; embeddings come "
+                              "from the base model")
+        if not loop.engine.embeddings:
+            raise bad_request("model", "model: this server's executor computes no hidden "
+                              "states (modeled, or engine replicas); embeddings need the torch "
+                              "executor on one engine")
+        inputs = body.inputs()
+        identity = resolve_identity(request.headers.get(AGENT_HEADER), None, None, body.user,
+                                    choice)
+        info = {"agent": identity.agent, "identity_source": identity.source,
+                "endpoint": "embeddings", "model": body.model, "adapter": None}
+        job = EmbeddingJob(inputs, asyncio.Queue(), asyncio.get_running_loop(), info)
+        loop.embed(job)
+        kind, value = await _next_event(job, request)
+        if kind == "error":
+            raise value
+        vectors, tokens = value
+        data = [{"object": "embedding", "index": i,
+                 "embedding": vector if body.encoding_format == "float" else
+                 base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")}
+                for i, vector in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            headers={"x-scalesim-agent": quote(identity.agent, safe=""),
+                                     "x-scalesim-identity": identity.source,
+                                     "x-request-id": str(job.request_id)})
 
     @app.post("/v1/scalesim/hints")
     async def hints(request: HTTPRequest) -> dict[str, Any]:

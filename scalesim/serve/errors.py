@@ -22,6 +22,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers or {}
+        #: counted and recorded already (by the engine loop), so the app does not again
+        self.recorded = False
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -22,6 +22,8 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str]] = Counter()  # (endpoint, outcome)
         self.prompt_tokens = self.cached_tokens = self.output_tokens = 0
+        #: tokens of the inputs of answered embedding requests
+        self.embedding_tokens = 0
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
         self.bytes_loaded = 0
@@ -54,6 +56,10 @@ class ServeMetrics:
 
     def refused(self, endpoint: str, outcome: str) -> None:
         """A request answered without reaching the engine (400, 404, 429...)."""
+        self.count(endpoint, outcome)
+
+    def count(self, endpoint: str, outcome: str) -> None:
+        """One more request of ``endpoint`` answered with ``outcome``."""
         self.requests[(endpoint, outcome)] += 1
 
     def hit_rates(self) -> dict[str, float | None]:
@@ -76,9 +82,10 @@ class ServeMetrics:
         metric("requests_total", "counter", "Requests answered, by endpoint and outcome.",
                [(f'{{endpoint="{e}",outcome="{o}"}}', n)
                 for (e, o), n in sorted(self.requests.items())])
-        metric("tokens_total", "counter", "Tokens of successful requests, by kind.",
+        metric("tokens_total", "counter", "Tokens of successful requests, by kind (embedding: inputs embedded).",
                [('{kind="prompt"}', self.prompt_tokens), ('{kind="cached"}', self.cached_tokens),
-                ('{kind="output"}', self.output_tokens)])
+                ('{kind="output"}', self.output_tokens),
+                ('{kind="embedding"}', self.embedding_tokens)])
         metric("engine_iterations_total", "counter", "Engine iterations run.",
                [("", self.iterations)])
         metric("batch_sequences_total", "counter",

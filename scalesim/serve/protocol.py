@@ -94,6 +94,8 @@ class GenerationBody(_Lenient):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    #: vLLM's extra sampling field (``extra_body``): -1 or 0 for no top-k cut
+    top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
@@ -235,6 +237,42 @@ class CompletionBody(GenerationBody):
             raise bad_request("prompt", f"prompt: exactly one prompt per request is served, "
                               f"got {len(self.prompt)}")
         return self.prompt[0]
+
+
+#: the most inputs one embeddings request may carry (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingBody(_Lenient):
+    """``POST /v1/embeddings``: one text, or a list of texts or of token-id lists."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    #: shortened embeddings are not offered (a request asking for them is refused)
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list (a 400 naming ``input`` for an empty one or too many)."""
+        raw = self.input
+        items: list[str | list[int]]
+        if isinstance(raw, str):
+            items = [raw]
+        elif raw and all(isinstance(t, int) for t in raw):  # one token-id list
+            items = [list(raw)]  # type: ignore[arg-type]
+        else:
+            items = list(raw)  # type: ignore[arg-type]
+        if not items:
+            raise bad_request("input", "input: at least one input is needed")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise bad_request("input", f"input: at most {MAX_EMBEDDING_INPUTS} inputs per "
+                              f"request, got {len(items)}")
+        for i, item in enumerate(items):
+            if not item:
+                param = "input" if len(items) == 1 else f"input.{i}"
+                raise bad_request(param, f"{param}: an empty input has nothing to embed")
+        return items
 
 
 class HintsBody(_Lenient):

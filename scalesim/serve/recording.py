@@ -4,7 +4,8 @@
 (:data:`scalesim.trace.TRACE_SCHEMA`; ``sim_time`` is the server's clock, seconds since it
 started, and ``predicted_rank`` is empty), ``memory.parquet`` one row per memory operation, and
 ``summary.json`` the totals with hit rates per kind. ``requests.parquet`` adds what only a
-server knows, per request id: the resolved agent, where that identity came from (``header``,
+server knows, per request id (``/v1/embeddings`` requests too, which make no trace row): the
+resolved agent, where that identity came from (``header``,
 ``scalesim.agent``, ``prompt_cache_key``, ``user``, ``model``, ``system_hash``, ``default``),
 the endpoint, the model field, the adapter and the session's clock, and its outcome: every
 request has a row there, also one refused before it reached the engine (``outcome``
@@ -68,16 +69,17 @@ class ServeRecorder:
     def call(self, request: Request, submit_time: float, completion: Completion,
              info: dict[str, Any]) -> None:
         self.trace.record_call(ServedCall(request, submit_time), completion, self.now())
-        status = {"ok": 200, "error": 400}.get(info.get("outcome", ""))
-        self.requests.append({"request_id": completion.request_id, "status": status,
-                              "error": completion.error, "time": self.now(), **info})
+        status = info.get("status", {"ok": 200, "error": 400}.get(info.get("outcome", "")))
+        self.requests.append({"request_id": completion.request_id, "error": completion.error,
+                              "time": self.now(), **info, "status": status})
 
-    def refused(self, endpoint: str, status: int, error: str,
-                info: dict[str, Any] | None = None) -> None:
-        """A request answered with an error before the engine served it (any thread: one list
-        append)."""
+    def refused(self, endpoint: str, status: int, error: str | None,
+                info: dict[str, Any] | None = None, outcome: str = "refused") -> None:
+        """A request answered without an engine completion (any thread: one list append):
+        refused before the engine served it (``outcome`` ``refused``), failed on its way
+        (``error``, ``cancelled``), or an embedding request (``ok`` too)."""
         self.requests.append({"request_id": -1, **(info or {}), "endpoint": endpoint,
-                              "outcome": "refused", "status": status, "error": error,
+                              "outcome": outcome, "status": status, "error": error,
                               "time": self.now()})
 
     def write(self, status: str, **extra: Any) -> RunResult:
@@ -85,11 +87,16 @@ class ServeRecorder:
         table = pa.Table.from_pylist(self.requests, schema=REQUESTS_SCHEMA)
         pq.write_table(table, self.run_dir / REQUESTS_FILE)
         sources: dict[str, int] = {}
-        served = [row for row in self.requests if row["outcome"] != "refused"]
+        served = [row for row in self.requests
+                  if row["outcome"] != "refused" and row.get("endpoint") != "embeddings"]
         for row in served:
             sources[row["identity_source"]] = sources.get(row["identity_source"], 0) + 1
         agents = len({row["agent"] for row in served})
         return self.trace.write(self.run_dir, self.now(), status=status, agents=agents,
                                 identity_sources=sources,
-                                refused_requests=len(self.requests) - len(served),
+                                refused_requests=sum(row["outcome"] == "refused"
+                                                     for row in self.requests),
+                                embedding_requests=sum(row.get("endpoint") == "embeddings"
+                                                       and row["outcome"] != "refused"
+                                                       for row in self.requests),
                                 **self.context, **extra)
