@@ -317,4 +317,11 @@ def _site(kind: str) -> str:
     ``run()`` or a helper of the agents library.
     """
     frame = sys._getframe(2)
-    return f"{kind} {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+    key = (kind, frame.f_code, frame.f_lineno)
+    site = _SITES.get(key)
+    if site is None:  # made once per line: a wait is the commonest event of a large world
+        site = _SITES[key] = f"{kind} {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+    return site
+
+
+_SITES: dict[tuple[str, Any, int], str] = {}

@@ -374,12 +374,14 @@ class DistanceOracle(CallTrackingSource):
         if not candidates:
             return math.inf, math.inf, None
         raw = min(candidates.values())
-        trusted = self.prediction.trusted
-        if not trusted("learned"):
+        distrusted = self.prediction.distrusted
+        if not distrusted:  # the common case: the estimate is the earliest of them all
+            return raw, raw, min(candidates, key=candidates.__getitem__)
+        if "learned" in distrusted:
             candidates = self.estimates(agent, with_turn, lagged=False)
         best, source = math.inf, None
         for name, value in candidates.items():
-            if trusted(name) and value < best:
+            if name not in distrusted and value < best:
                 best, source = value, name
         return best, raw, source
 
