@@ -4,9 +4,10 @@ Two :class:`~runtime.memory.lazy_heap.LazyHeap` share one version table: the mai
 every resident unpinned object, the *copy* heap the same entries for the objects a copy can
 bring back (a host or disk copy, or their own file). A prefetch may only evict the latter, and
 scanning past every dropped prefix KV in the main heap made each prefetch O(n). For the same
-reason each *kind* of object has a heap of its own too: the engine reclaims cached prefix
-segments when its KV pool runs short, and scanning past 150,000 adapters for each of them made
-every reclaim O(n log n) (97% of a 150,000-user run's time). Entries are
+reason a *kind* of object that is asked for by kind gets a heap of its own, from the first
+time it is asked for on: the engine reclaims cached prefix segments when its KV pool runs
+short, and scanning past 150,000 adapters for each of them made every reclaim O(n log n) (97%
+of a 150,000-user run's time). Kinds never asked for (adapters) cost no third push. Entries are
 ``(rank, serial, version, key)``: the policy's rank, then registration order as tie-breaker.
 """
 
@@ -23,8 +24,9 @@ class EvictionIndex:
     """Resident evictable objects by ``rank(obj)``; ``copyable(obj)`` selects the copy heap."""
 
     def __init__(self, rank: Callable[[AgentMemory], Any],
-                 copyable: Callable[[AgentMemory], bool]) -> None:
-        self._rank, self._copyable = rank, copyable
+                 copyable: Callable[[AgentMemory], bool],
+                 kind_of: Callable[[str], str]) -> None:
+        self._rank, self._copyable, self._kind_of = rank, copyable, kind_of
         self._versions: Versions[str] = Versions()
         self.main: LazyHeap[str] = LazyHeap(self._versions)
         self.copies: LazyHeap[str] = LazyHeap(self._versions)
@@ -49,15 +51,19 @@ class EvictionIndex:
         """(Re-)enter ``obj`` under its current rank."""
         entry = (self._rank(obj), self._serial[obj.key], self._versions.stamp(obj.key), obj.key)
         self.main.push(entry)
-        self.of_kind(obj.kind).push(entry)
+        by_kind = self._kinds.get(obj.kind)
+        if by_kind is not None:
+            by_kind.push(entry)
         if self._copyable(obj):
             self.copies.push(entry)
 
     def of_kind(self, kind: str) -> LazyHeap[str]:
-        """The heap of the candidates of one kind (``adapter``, ``prefix_kv``...)."""
+        """The heap of the candidates of one kind (``adapter``, ``prefix_kv``...), made from the
+        main heap the first time (``kind_of`` names the kind of a candidate's key)."""
         heap = self._kinds.get(kind)
         if heap is None:
             heap = self._kinds[kind] = LazyHeap(self._versions)
+            heap.reset([e for e in self.main.live() if self._kind_of(e[3]) == kind])
         return heap
 
     def remove(self, key: str) -> None:
@@ -77,13 +83,14 @@ class EvictionIndex:
             entry = (self._rank(obj), self._serial[obj.key], self._versions.stamp(obj.key),
                      obj.key)
             main.append(entry)
-            kinds.setdefault(obj.kind, []).append(entry)
+            if obj.kind in kinds:
+                kinds[obj.kind].append(entry)
             if self._copyable(obj):
                 copies.append(entry)
         self.main.reset(main)
         self.copies.reset(copies)
         for kind, entries in kinds.items():
-            self.of_kind(kind).reset(entries)
+            self._kinds[kind].reset(entries)
 
     def check(self, resident: dict[str, AgentMemory],
               evictable: Callable[[AgentMemory], bool]) -> None:

@@ -54,7 +54,8 @@ class Residency:
         self.reserved: dict[str, int] = {}
         #: device bytes of resident objects plus those reserved for loads under way
         self.used = 0
-        self.index = EvictionIndex(self._rank, Tiers.copyable)
+        self.index = EvictionIndex(self._rank, Tiers.copyable,
+                                   lambda key: self.resident[key].kind)
         #: resident objects with resident dependents: how many (leaf-first eviction)
         self.held_up: dict[str, int] = {}
         self.distance: DistanceSource | None = None
