@@ -131,6 +131,8 @@ class MemoryManager:
         self.totals = MemoryTotals()
         self._objects: dict[str, AgentMemory] = {}
         self._by_agent: dict[str, list[str]] = defaultdict(list)
+        #: agents re-estimated since the eviction index was last read (an ordered set)
+        self._stale: dict[str, None] = {}
         self._owners: dict[Hashable, list[AgentMemory]] = {}
         self._transfers = Transfers(self.copy, self.tiers)
         self._device = Residency(self.policy, self.device_bytes)
@@ -235,6 +237,7 @@ class MemoryManager:
             return True
         if obj.key in self._transfers or obj.nbytes > self.device_bytes:
             return False
+        self._rerank_stale()
         plan = self._device.plan_room(obj.nbytes, protect={obj.key, *protect})
         if plan is None:
             return False
@@ -307,6 +310,7 @@ class MemoryManager:
         # Make room for every miss before loading any, so a failure leaves nothing half-loaded.
         need = sum(o.nbytes for o in misses if o.key not in self._transfers)
         if need:  # an urgent load may abort prefetches for its room
+            self._rerank_stale()
             plan = self._device.plan_room(need, protect=keys,
                                           abortable=self._transfers.prefetches(keys))
             if plan is None:
@@ -359,6 +363,7 @@ class MemoryManager:
         The engine calls this when a pool the objects live in (the KV pool) runs short for
         running sequences, so the budget is not the only reason to let an object go.
         """
+        self._rerank_stale()
         plan = self._device.plan_reclaim(nbytes, kind)
         for obj in plan.victims:
             self._evict(obj, cause="pool")
@@ -502,10 +507,23 @@ class MemoryManager:
 
     def _distance_changed(self, agent: str) -> None:
         """The source re-estimated ``agent``: re-rank its resident, unpinned objects."""
-        if not self.policy.uses_distance:
+        if self.policy.uses_distance:
+            self._stale[agent] = None
+
+    def _rerank_stale(self) -> None:
+        """Re-rank the objects of every agent re-estimated since the index was last read.
+
+        An agent is re-estimated several times between two reads (each wake-up, call and
+        return): re-ranking once, when the index is about to be read, gives the same order
+        (ranks are read from the source's current keys, ties broken by registration order)
+        for a fraction of the heap pushes."""
+        if not self._stale:
             return
-        for key in self._by_agent.get(agent, ()):
-            self._device.rerank(self._objects[key])
+        objects, rerank = self._objects, self._device.rerank
+        for agent in self._stale:
+            for key in self._by_agent.get(agent, ()):
+                rerank(objects[key])
+        self._stale.clear()
 
     # -- prefetching --------------------------------------------------------------------------
 
@@ -513,6 +531,7 @@ class MemoryManager:
         """Bring in the nearest agents' missing objects, as far as farther objects can make room."""
         # The nearest agents include those already running (distance 0, objects pinned): look
         # past them, or a busy engine would never prefetch for anyone who is about to call.
+        self._rerank_stale()
         for agent in source.nearest(self.lookahead + len(self._owners)):
             for key in self._by_agent.get(agent, ()):
                 obj = self._objects[key]
@@ -582,6 +601,7 @@ class MemoryManager:
 
     def check(self) -> None:
         """Assert the manager's invariants (tests call this after every operation)."""
+        self._rerank_stale()
         self._device.check()  # the budget, the reservations, the index
         resident = self._device.resident
         assert self._device.reserved.keys() == {t.obj.key for t in self._transfers}, \
