@@ -1,0 +1,285 @@
+"""Invocation distances learned from the request stream, for clients that send no hints.
+
+A server sees, of an unmodified simulator, only when each agent's requests arrive and finish.
+:class:`StreamEstimator` predicts from that alone when each agent calls next, and is an
+:class:`~runtime.memory.distance.OrderedDistanceSource` like the in-process oracle, so the
+``scalesim`` policy evicts the agents predicted farthest and prefetches the nearest.
+
+What it models, and why
+-----------------------
+Simulators drive their agents in a few recurring shapes, and each leaves a mark on the stream:
+
+* **lockstep rounds** (OASIS, AgentScope's sequential pipelines, most "step" loops): every
+  active agent calls once per round, in much the same order each round, and between rounds the
+  client does its own work while nothing is pending. A *round boundary* is an arrival that finds
+  nothing pending after an idle gap longer than ``gap_factor`` times the usual gap between
+  arrivals. Once two boundaries have been seen, an agent that made its first call of a round at
+  position ``p`` is predicted at position ``p`` of the next round (the same order repeats);
+  the next round is taken to be as long (in arrivals) as the last complete one.
+* **an agent's own period**: without detected rounds (a client that never idles, or rounds that
+  are not lockstep) each agent's *visits* recur at its own rate: the next visit is the last one
+  plus an exponential average of the agent's gaps between visits. Under lockstep rounds with no
+  idle gaps this is the same prediction (last position + round length).
+* **chained calls** of one agent (a tool call answered, then a second request; a reflection
+  after an observation): a call is *chained* when it arrives with no other agent's arrival since
+  the agent's own previous call finished, or, under detected rounds, when the agent already
+  called in this round. An agent whose calls were mostly followed by a chained call is predicted
+  to call again at once when one finishes. Chained calls are not visits (they would halve the
+  period).
+* **successors** (conversation chains, turn-taking: A's reply triggers B's call): the first
+  arrival after A's call finished, if nothing arrived in between, is A's successor; when one
+  agent has been A's successor at least twice and in at least half of A's finishes, that agent is
+  predicted next whenever A finishes.
+
+Distances are counted in *arrivals* (how many requests come before the agent's next one), the
+scale that lockstep order is stable in: a round's wall time grows with the load, its number of
+requests does not. An order key is a time on the server's clock, so that keys compare with the
+clients' hints (:mod:`scalesim.serve.hints`): a prediction ``m`` arrivals ahead is placed at
+``now + m * s``, ``s`` an exponential average of the seconds between arrivals, and stays fixed
+until the agent's prediction changes. A prediction whose moment passed (by more than half the
+agent's period) without a call is pushed one period on, at most twice, then forgotten: a late
+agent is not read as distance 0, and a finished one falls back to recency (the manager's tie
+break, as ``lru``) instead of sitting at the front. Agents never predicted are unknown, after
+every prediction.
+
+Cost: each arrival and each finish updates one or two agents, and each update is a push on a
+:class:`~runtime.memory.lazy_heap.LazyHeap` (lazily invalidated), so O(log n) per request;
+:meth:`nearest` is O(k log n). Nothing depends on hash order or randomness: the same stream of
+(arrival, finish, clock) events gives the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from runtime.memory.distance import CallTrackingSource
+from runtime.memory.lazy_heap import LazyHeap
+
+#: The order key of an agent about which nothing is known (same as the hints' ``UNKNOWN``).
+UNKNOWN = 1e300
+
+
+@dataclass(slots=True)
+class _Agent:
+    """What the stream has shown of one agent."""
+
+    last_call: int = -1       # arrival index of its last call
+    last_visit: int = -1      # arrival index of its last visit (a call that is not chained)
+    visit_round: int = -1     # the round of that visit
+    position: int = 0         # arrivals of that round before the visit
+    period: float = 0.0       # average arrivals between visits (0: one visit so far)
+    chain_rate: float = 0.0   # average of "a finish was followed by a chained call"
+    others_since_finish: int = -1  # other agents' arrivals since its last finish (-1: none yet)
+    misses: int = 0           # predictions that passed without a call, in a row
+    successors: Counter[str] = field(default_factory=Counter)
+    finishes: int = 0
+
+
+class StreamEstimator(CallTrackingSource):
+    """Next-call predictions from arrivals and finishes alone (see the module docstring).
+
+    ``clock`` is the server's time in seconds (default: monotonic seconds since creation).
+    ``gap_factor`` is how much longer than the usual gap between arrivals an idle gap must be
+    to end a round; ``min_idle_s`` a floor on it (a zero-length gap never ends one). ``alpha``
+    is the weight of the newest sample in the exponential averages.
+    """
+
+    #: before every prediction (a prediction's key is a server time, never negative)
+    PENDING_KEY = -1.0
+
+    def __init__(self, clock: Callable[[], float] | None = None, *, gap_factor: float = 4.0,
+                 min_idle_s: float = 1e-3, alpha: float = 0.3) -> None:
+        super().__init__()
+        start = time.monotonic()
+        self._now = clock or (lambda: time.monotonic() - start)
+        self.gap_factor, self.min_idle_s, self.alpha = gap_factor, min_idle_s, alpha
+        self._agents: dict[str, _Agent] = {}
+        self._key: dict[str, float] = {}
+        self._period_of: dict[str, float] = {}  # the arrivals a pushed-on prediction moves by
+        self._heap: LazyHeap[str] = LazyHeap()
+        #: arrivals so far; the seconds-per-arrival average; the last arrival's time
+        self.arrivals = 0
+        self._spa = 0.0
+        self._last_arrival_t: float | None = None
+        self._last_finish_t: float | None = None
+        self._last_finished: str | None = None  # the agent of the last finish, if nothing
+        #                                          arrived since (a successor's predecessor)
+        #: rounds: how many boundaries were seen, where the current round began (arrival
+        #: index) and how long the last complete one was (arrivals)
+        self.rounds = 0
+        self._round_start = 0
+        self._round_length = 0
+        self._visited: set[str] = set()  # agents that visited in the current round
+        #: agents whose call finished with no fresh arrival since (a fresh arrival is one of
+        #: an agent not among them): their next call, if it comes now, is chained
+        self._responders: dict[str, None] = {}
+        #: predictions made (for /metrics)
+        self.predictions = 0
+
+    # -- what the stream shows ----------------------------------------------------------------
+
+    def on_submit(self, agent_id: str) -> None:
+        """A request of ``agent_id`` arrived."""
+        now, n = self._now(), self.arrivals
+        self._round_boundary(now)
+        if self._last_arrival_t is not None:
+            gap = max(0.0, now - self._last_arrival_t)
+            self._spa = gap if n == 1 else self._spa + self.alpha * 0.1 * (gap - self._spa)
+        self._last_arrival_t = now
+        a = self._agents.get(agent_id)
+        if a is None:
+            a = self._agents[agent_id] = _Agent()
+        # A successor: the first arrival after another agent's finish, nothing in between.
+        pred = self._last_finished
+        if pred is not None and pred != agent_id:
+            self._agents[pred].successors[agent_id] += 1
+        self._last_finished = None
+        chained = a.last_call >= 0 and (a.others_since_finish == 0 or (
+            self.rounds >= 2 and agent_id in self._visited))
+        if a.others_since_finish >= 0:  # it finished before: was that finish chained?
+            a.chain_rate += self.alpha * ((1.0 if chained else 0.0) - a.chain_rate)
+        if not chained:
+            if a.last_visit >= 0:
+                gap_arrivals = n - a.last_visit
+                a.period = gap_arrivals if a.period == 0 else \
+                    a.period + self.alpha * (gap_arrivals - a.period)
+            a.last_visit, a.visit_round = n, self.rounds
+            a.position = n - self._round_start
+            self._visited.add(agent_id)
+        a.last_call, a.others_since_finish, a.misses = n, -1, 0
+        if agent_id in self._responders:
+            del self._responders[agent_id]  # answering its own finish, as others may be
+        else:  # a fresh arrival: every finish before it was followed by someone else's call
+            for other in self._responders:
+                self._agents[other].others_since_finish = 1
+            self._responders.clear()
+        self.arrivals = n + 1
+        self._heap.versions.drop(agent_id)  # it calls now: its prediction is spent
+        self._key.pop(agent_id, None)
+        super().on_submit(agent_id)
+        return None
+
+    def on_finish(self, agent_id: str) -> None:
+        """A request of ``agent_id`` finished (or failed)."""
+        now = self._now()
+        self._last_finish_t = now
+        a = self._agents.get(agent_id)
+        if a is None or not self._end_call(agent_id):
+            return  # not ours, or it has more calls pending (distance still 0)
+        a.finishes += 1
+        a.others_since_finish = 0
+        self._responders[agent_id] = None
+        self._last_finished = agent_id
+        self._predict(agent_id, a, self._ahead(a))
+        # Its usual successor is expected next, unless something nearer is known of it.
+        successor = self._successor(a)
+        if successor is not None and successor not in self._pending:
+            if self._key.get(successor, UNKNOWN) > self._key_at(1.0):
+                self._predict(successor, self._agents[successor], 1.0)
+        self._changed(agent_id)
+
+    def expire(self) -> int:
+        """Push on the predictions whose moment passed without a call; how many were."""
+        now, heap, moved = self._now(), self._heap, 0
+        while True:
+            entry = heap.pop()
+            if entry is None:
+                break
+            key, _, agent = entry
+            a = self._agents[agent]
+            period = self._period_of.get(agent, 1.0)
+            if key + max(0.5 * period * self._spa, 4 * self._spa) >= now or key >= UNKNOWN:
+                heap.restore([entry])
+                break
+            a.misses += 1
+            if a.misses > 2:  # it is not coming: unknown, ordered by recency
+                self._key.pop(agent, None)
+                heap.versions.drop(agent)
+            else:
+                self._predict(agent, a, period)
+            moved += 1
+            self._changed(agent)
+        return moved
+
+    # -- predictions --------------------------------------------------------------------------
+
+    def _round_boundary(self, now: float) -> None:
+        """Start a new round if this arrival ends an idle gap (nothing pending, long enough)."""
+        if self._pending or self._last_finish_t is None or self.arrivals == 0:
+            return
+        idle = now - self._last_finish_t
+        if idle >= self.min_idle_s and idle > self.gap_factor * self._spa:
+            self.rounds += 1
+            self._round_length = self.arrivals - self._round_start
+            self._round_start = self.arrivals
+            self._visited = set()
+            for other in self._responders:  # a call after an idle gap answers nothing
+                self._agents[other].others_since_finish = 1
+            self._responders.clear()
+
+    def _ahead(self, a: _Agent) -> float:
+        """How many arrivals from now the agent (whose call just finished) calls again."""
+        if a.chain_rate > 0.5:
+            return 1.0
+        n = self.arrivals
+        if self.rounds >= 2 and self._round_length > 0 and a.visit_round == self.rounds:
+            # Lockstep: its position of this round, in the next one.
+            return max(1.0, self._round_start + self._round_length + a.position - n)
+        if a.period > 0:
+            return max(1.0, a.last_visit + a.period - n)
+        return math.inf
+
+    def _successor(self, a: _Agent) -> str | None:
+        if not a.successors:
+            return None
+        # most_common orders ties by first insertion: deterministic
+        agent, count = a.successors.most_common(1)[0]
+        return agent if count >= 2 and 2 * count >= a.finishes else None
+
+    def _key_at(self, ahead: float) -> float:
+        return self._now() + ahead * self._spa
+
+    def _predict(self, agent: str, a: _Agent, ahead: float) -> None:
+        """Place ``agent`` ``ahead`` arrivals from now (``inf``: unknown)."""
+        if math.isinf(ahead):
+            self._key.pop(agent, None)
+            self._heap.versions.drop(agent)
+            return
+        key = self._key_at(ahead)
+        self._key[agent] = key
+        self._period_of[agent] = self._round_length if (
+            self.rounds >= 2 and self._round_length > 0) else max(1.0, a.period or ahead)
+        self._heap.push((key, self._heap.versions.stamp(agent), agent))
+        self.predictions += 1
+
+    # -- the distance protocol's hooks --------------------------------------------------------
+
+    def _predicted_key(self, agent_id: str) -> float:
+        return self._key.get(agent_id, UNKNOWN)
+
+    def _predicted_distance(self, agent_id: str) -> float:
+        key = self._key.get(agent_id)
+        return math.inf if key is None else max(0.0, key - self._now())
+
+    def _nearest_predicted(self, k: int) -> list[str]:
+        pending = self._pending
+        out: list[str] = []
+        taken = []
+        while len(out) < k:
+            entry = self._heap.pop()
+            if entry is None:
+                break
+            taken.append(entry)
+            if entry[-1] not in pending:
+                out.append(entry[-1])
+        self._heap.restore(taken)
+        return out
+
+    @property
+    def estimated(self) -> int:
+        """Agents with a live prediction."""
+        return len(self._key)
