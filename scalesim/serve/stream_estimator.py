@@ -83,8 +83,8 @@ class StreamEstimator(CallTrackingSource):
     """Next-call predictions from arrivals and finishes alone (see the module docstring).
 
     ``clock`` is the server's time in seconds (default: monotonic seconds since creation).
-    ``gap_factor`` is how much longer than the usual gap between arrivals an idle gap must be
-    to end a round; ``min_idle_s`` a floor on it (a zero-length gap never ends one). ``alpha``
+    ``gap_factor`` is how much longer than the usual idle gap an idle gap must be to end a
+    round (see :meth:`_round_boundary`). ``alpha``
     is the weight of the newest sample in the exponential averages.
     """
 
@@ -92,11 +92,11 @@ class StreamEstimator(CallTrackingSource):
     PENDING_KEY = -1.0
 
     def __init__(self, clock: Callable[[], float] | None = None, *, gap_factor: float = 4.0,
-                 min_idle_s: float = 1e-3, alpha: float = 0.3) -> None:
+                 alpha: float = 0.3) -> None:
         super().__init__()
         start = time.monotonic()
         self._now = clock or (lambda: time.monotonic() - start)
-        self.gap_factor, self.min_idle_s, self.alpha = gap_factor, min_idle_s, alpha
+        self.gap_factor, self.alpha = gap_factor, alpha
         self._agents: dict[str, _Agent] = {}
         self._key: dict[str, float] = {}
         self._period_of: dict[str, float] = {}  # the arrivals a pushed-on prediction moves by
@@ -114,6 +114,9 @@ class StreamEstimator(CallTrackingSource):
         self._round_start = 0
         self._round_length = 0
         self._visited: set[str] = set()  # agents that visited in the current round
+        self._previous: set[str] = set()  # ... and in the round before
+        self._recur = 0.0  # average share of a round's agents that visited the round before
+        self._idle, self._quiescent = 0.0, 0  # idle gaps before arrivals that found none pending
         #: agents whose call finished with no fresh arrival since (a fresh arrival is one of
         #: an agent not among them): their next call, if it comes now, is chained
         self._responders: dict[str, None] = {}
@@ -139,7 +142,7 @@ class StreamEstimator(CallTrackingSource):
             self._agents[pred].successors[agent_id] += 1
         self._last_finished = None
         chained = a.last_call >= 0 and (a.others_since_finish == 0 or (
-            self.rounds >= 2 and agent_id in self._visited))
+            self.lockstep and agent_id in self._visited))
         if a.others_since_finish >= 0:  # it finished before: was that finish chained?
             a.chain_rate += self.alpha * ((1.0 if chained else 0.0) - a.chain_rate)
         if not chained:
@@ -208,25 +211,41 @@ class StreamEstimator(CallTrackingSource):
     # -- predictions --------------------------------------------------------------------------
 
     def _round_boundary(self, now: float) -> None:
-        """Start a new round if this arrival ends an idle gap (nothing pending, long enough)."""
+        """Start a new round if this arrival finds nothing pending after an idle gap at least
+        ``gap_factor`` times the usual one of such arrivals (every such arrival, when they all
+        come with no gap: a client with no think time, or a replay on a modeled clock)."""
         if self._pending or self._last_finish_t is None or self.arrivals == 0:
             return
-        idle = now - self._last_finish_t
-        if idle >= self.min_idle_s and idle > self.gap_factor * self._spa:
-            self.rounds += 1
-            self._round_length = self.arrivals - self._round_start
-            self._round_start = self.arrivals
-            self._visited = set()
-            for other in self._responders:  # a call after an idle gap answers nothing
-                self._agents[other].others_since_finish = 1
-            self._responders.clear()
+        idle = max(0.0, now - self._last_finish_t)
+        usual = self._idle
+        self._idle = idle if self._quiescent == 0 else usual + self.alpha * (idle - usual)
+        self._quiescent += 1
+        if idle < self.gap_factor * usual or (idle == 0.0 and usual > 0.0):
+            return
+        # Lockstep when most of the round just ended came back from the one before it.
+        visitors = self._visited
+        if visitors:
+            back = sum(1 for agent in visitors if agent in self._previous) / len(visitors)
+            self._recur += self.alpha * (back - self._recur)
+        self.rounds += 1
+        self._round_length = self.arrivals - self._round_start
+        self._round_start = self.arrivals
+        self._previous, self._visited = visitors, set()
+        for other in self._responders:  # a call after an idle gap answers nothing
+            self._agents[other].others_since_finish = 1
+        self._responders.clear()
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether rounds are seen and their agents come back round after round."""
+        return self.rounds >= 2 and self._round_length > 0 and self._recur >= 0.6
 
     def _ahead(self, a: _Agent) -> float:
         """How many arrivals from now the agent (whose call just finished) calls again."""
         if a.chain_rate > 0.5:
             return 1.0
         n = self.arrivals
-        if self.rounds >= 2 and self._round_length > 0 and a.visit_round == self.rounds:
+        if self.lockstep and a.visit_round == self.rounds:
             # Lockstep: its position of this round, in the next one.
             return max(1.0, self._round_start + self._round_length + a.position - n)
         if a.period > 0:
@@ -251,8 +270,8 @@ class StreamEstimator(CallTrackingSource):
             return
         key = self._key_at(ahead)
         self._key[agent] = key
-        self._period_of[agent] = self._round_length if (
-            self.rounds >= 2 and self._round_length > 0) else max(1.0, a.period or ahead)
+        self._period_of[agent] = self._round_length if self.lockstep else \
+            max(1.0, a.period or ahead)
         self._heap.push((key, self._heap.versions.stamp(agent), agent))
         self.predictions += 1
 
