@@ -72,7 +72,8 @@ class _Agent:
     visit_round: int = -1     # the round of that visit
     position: int = 0         # arrivals of that round before the visit
     period: float = 0.0       # average arrivals between visits (0: one visit so far)
-    chain_rate: float = 0.0   # average of "a finish was followed by a chained call"
+    visit_calls: int = 0      # calls of its current visit (the visit and its chained calls)
+    per_visit: float = 1.0    # average calls per visit
     others_since_finish: int = -1  # other agents' arrivals since its last finish (-1: none yet)
     misses: int = 0           # predictions that passed without a call, in a row
     successors: Counter[str] = field(default_factory=Counter)
@@ -83,8 +84,8 @@ class StreamEstimator(CallTrackingSource):
     """Next-call predictions from arrivals and finishes alone (see the module docstring).
 
     ``clock`` is the server's time in seconds (default: monotonic seconds since creation).
-    ``gap_factor`` is how much longer than the usual idle gap an idle gap must be to end a
-    round (see :meth:`_round_boundary`). ``alpha``
+    ``gap_factor`` is how much longer than the usual gap between arrivals (while calls are
+    pending) an idle gap must be to end a round (see :meth:`_round_boundary`). ``alpha``
     is the weight of the newest sample in the exponential averages.
     """
 
@@ -115,8 +116,8 @@ class StreamEstimator(CallTrackingSource):
         self._round_length = 0
         self._visited: set[str] = set()  # agents that visited in the current round
         self._previous: set[str] = set()  # ... and in the round before
-        self._recur = 0.0  # average share of a round's agents that visited the round before
-        self._idle, self._quiescent = 0.0, 0  # idle gaps before arrivals that found none pending
+        self._recur = -1.0  # (none yet) average share of a round's agents that visited the round before
+        self._busy_gap, self._busy_n = 0.0, 0  # gaps between arrivals while calls are pending
         #: agents whose call finished with no fresh arrival since (a fresh arrival is one of
         #: an agent not among them): their next call, if it comes now, is chained
         self._responders: dict[str, None] = {}
@@ -143,9 +144,12 @@ class StreamEstimator(CallTrackingSource):
         self._last_finished = None
         chained = a.last_call >= 0 and (a.others_since_finish == 0 or (
             self.lockstep and agent_id in self._visited))
-        if a.others_since_finish >= 0:  # it finished before: was that finish chained?
-            a.chain_rate += self.alpha * ((1.0 if chained else 0.0) - a.chain_rate)
-        if not chained:
+        if chained:
+            a.visit_calls += 1
+        else:
+            if a.visit_calls:  # the visit before this one is complete
+                a.per_visit += self.alpha * (a.visit_calls - a.per_visit)
+            a.visit_calls = 1
             if a.last_visit >= 0:
                 gap_arrivals = n - a.last_visit
                 a.period = gap_arrivals if a.period == 0 else \
@@ -177,12 +181,15 @@ class StreamEstimator(CallTrackingSource):
         a.others_since_finish = 0
         self._responders[agent_id] = None
         self._last_finished = agent_id
-        self._predict(agent_id, a, self._ahead(a))
-        # Its usual successor is expected next, unless something nearer is known of it.
+        ahead = self._ahead(a)
+        if ahead == 1.0:  # a chained call: the very next arrival
+            self._predict_next(agent_id, a)
+        else:
+            self._predict(agent_id, a, ahead)
+        # Its usual successor is expected next.
         successor = self._successor(a)
         if successor is not None and successor not in self._pending:
-            if self._key.get(successor, UNKNOWN) > self._key_at(1.0):
-                self._predict(successor, self._agents[successor], 1.0)
+            self._predict_next(successor, self._agents[successor])
         self._changed(agent_id)
 
     def expire(self) -> int:
@@ -212,37 +219,45 @@ class StreamEstimator(CallTrackingSource):
 
     def _round_boundary(self, now: float) -> None:
         """Start a new round if this arrival finds nothing pending after an idle gap at least
-        ``gap_factor`` times the usual one of such arrivals (every such arrival, when they all
-        come with no gap: a client with no think time, or a replay on a modeled clock)."""
-        if self._pending or self._last_finish_t is None or self.arrivals == 0:
+        ``gap_factor`` times the usual gap between arrivals while calls are pending (a client
+        that sends a round's requests together and waits for them all; with no gaps at all, a
+        replay on a modeled clock, every arrival that finds nothing pending)."""
+        last = self._last_arrival_t
+        if self._pending:
+            if last is not None:
+                gap = max(0.0, now - last)
+                self._busy_gap = gap if self._busy_n == 0 else \
+                    self._busy_gap + self.alpha * (gap - self._busy_gap)
+                self._busy_n += 1
+            return
+        if self._last_finish_t is None or self.arrivals == 0:
             return
         idle = max(0.0, now - self._last_finish_t)
-        usual = self._idle
-        self._idle = idle if self._quiescent == 0 else usual + self.alpha * (idle - usual)
-        self._quiescent += 1
-        if idle < self.gap_factor * usual or (idle == 0.0 and usual > 0.0):
+        if idle < self.gap_factor * self._busy_gap:
             return
         # Lockstep when most of the round just ended came back from the one before it.
         visitors = self._visited
-        if visitors:
+        if visitors and self._previous:
             back = sum(1 for agent in visitors if agent in self._previous) / len(visitors)
-            self._recur += self.alpha * (back - self._recur)
+            self._recur = back if self._recur < 0 else self._recur + self.alpha * (
+                back - self._recur)
         self.rounds += 1
         self._round_length = self.arrivals - self._round_start
         self._round_start = self.arrivals
         self._previous, self._visited = visitors, set()
-        for other in self._responders:  # a call after an idle gap answers nothing
-            self._agents[other].others_since_finish = 1
-        self._responders.clear()
+        if self._busy_gap > 0.0:  # a real pause (not a client without gaps): it answers nothing
+            for other in self._responders:
+                self._agents[other].others_since_finish = 1
+            self._responders.clear()
 
     @property
     def lockstep(self) -> bool:
         """Whether rounds are seen and their agents come back round after round."""
         return self.rounds >= 2 and self._round_length > 0 and self._recur >= 0.6
 
-    def _ahead(self, a: _Agent) -> float:
+    def _ahead(self, a: _Agent) -> float:  # 1.0 exactly: the next arrival
         """How many arrivals from now the agent (whose call just finished) calls again."""
-        if a.chain_rate > 0.5:
+        if a.visit_calls < a.per_visit - 0.5:  # its visits usually hold more calls
             return 1.0
         n = self.arrivals
         if self.lockstep and a.visit_round == self.rounds:
@@ -262,16 +277,29 @@ class StreamEstimator(CallTrackingSource):
     def _key_at(self, ahead: float) -> float:
         return self._now() + ahead * self._spa
 
+    def _predict_next(self, agent: str, a: _Agent) -> None:
+        """Place ``agent`` before every other prediction: it is expected to call next (a late
+        agent's key lies in the past, yet this one is the likelier)."""
+        first = self._heap.pop()
+        if first is not None:
+            self._heap.restore([first])
+        key = self._key_at(1.0)
+        if first is not None and first[-1] != agent:
+            key = max(0.0, min(key, first[0] - max(self._spa, 1e-9)))
+        self._set_key(agent, a, key)
+
     def _predict(self, agent: str, a: _Agent, ahead: float) -> None:
         """Place ``agent`` ``ahead`` arrivals from now (``inf``: unknown)."""
         if math.isinf(ahead):
             self._key.pop(agent, None)
             self._heap.versions.drop(agent)
             return
-        key = self._key_at(ahead)
+        self._set_key(agent, a, self._key_at(ahead))
+
+    def _set_key(self, agent: str, a: _Agent, key: float) -> None:
         self._key[agent] = key
         self._period_of[agent] = self._round_length if self.lockstep else \
-            max(1.0, a.period or ahead)
+            max(1.0, a.period)
         self._heap.push((key, self._heap.versions.stamp(agent), agent))
         self.predictions += 1
 
