@@ -95,8 +95,10 @@ def test_lockstep_without_idle_gaps_is_still_learned_from_each_agents_period():
 def test_chained_calls_keep_the_agent_next():
     clock = FakeClock()
     est = StreamEstimator(clock)
-    # "t" calls twice in a row (a tool call, then the request with its result); others once.
+    # "t" calls twice in a row (a tool call, then the request with its result); others once;
+    # one request at a time, and the client pauses between rounds.
     for _ in range(4):
+        clock.now += 1.0
         for agent in ("a", "t", "b", "c"):
             calls = 2 if agent == "t" else 1
             for _ in range(calls):

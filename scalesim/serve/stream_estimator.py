@@ -68,16 +68,27 @@ class _Agent:
     """What the stream has shown of one agent."""
 
     last_call: int = -1       # arrival index of its last call
-    last_visit: int = -1      # arrival index of its last visit (a call that is not chained)
-    visit_round: int = -1     # the round of that visit
-    position: int = 0         # arrivals of that round before the visit
-    period: float = 0.0       # average arrivals between visits (0: one visit so far)
-    visit_calls: int = 0      # calls of its current visit (the visit and its chained calls)
-    per_visit: float = 1.0    # average calls per visit
-    others_since_finish: int = -1  # other agents' arrivals since its last finish (-1: none yet)
+    cycle: int = 0            # arrivals from its call before that one to its last call
+    finished_at: int = -1     # arrivals counted when its last call finished (-1: none yet)
+    finish_round: int = -1    # the round its last call finished in
+    last_lag: int | None = None  # arrivals between its last finish and its last call
+    #                              (NEXT_ROUND: a round began in between; None: no finish yet)
+    after: dict[int, int] = field(default_factory=dict)  # lag class -> the lag that followed
+    visit_round: int = -1     # the round of its first call in a round
+    position: int = 0         # arrivals of that round before that call
     misses: int = 0           # predictions that passed without a call, in a row
     successors: Counter[str] = field(default_factory=Counter)
     finishes: int = 0
+
+
+#: The lag of a call that came after a round boundary: its position in the round says more.
+NEXT_ROUND = -1
+
+
+def lag_class(lag: int) -> int:
+    """Lags of one order of magnitude (powers of two) share a class; 0 (a chained call) and
+    :data:`NEXT_ROUND` are their own."""
+    return lag if lag <= 0 else lag.bit_length()
 
 
 class StreamEstimator(CallTrackingSource):
@@ -118,9 +129,7 @@ class StreamEstimator(CallTrackingSource):
         self._previous: set[str] = set()  # ... and in the round before
         self._recur = -1.0  # (none yet) average share of a round's agents that visited the round before
         self._busy_gap, self._busy_n = 0.0, 0  # gaps between arrivals while calls are pending
-        #: agents whose call finished with no fresh arrival since (a fresh arrival is one of
-        #: an agent not among them): their next call, if it comes now, is chained
-        self._responders: dict[str, None] = {}
+        self._calm_idle, self._calm_n = 0.0, 0  # idle gaps that did not end a round
         #: predictions made (for /metrics)
         self.predictions = 0
 
@@ -142,28 +151,17 @@ class StreamEstimator(CallTrackingSource):
         if pred is not None and pred != agent_id:
             self._agents[pred].successors[agent_id] += 1
         self._last_finished = None
-        chained = a.last_call >= 0 and (a.others_since_finish == 0 or (
-            self.lockstep and agent_id in self._visited))
-        if chained:
-            a.visit_calls += 1
-        else:
-            if a.visit_calls:  # the visit before this one is complete
-                a.per_visit += self.alpha * (a.visit_calls - a.per_visit)
-            a.visit_calls = 1
-            if a.last_visit >= 0:
-                gap_arrivals = n - a.last_visit
-                a.period = gap_arrivals if a.period == 0 else \
-                    a.period + self.alpha * (gap_arrivals - a.period)
-            a.last_visit, a.visit_round = n, self.rounds
-            a.position = n - self._round_start
+        if a.finished_at >= 0:  # how long after its own finish it called: learn the pattern
+            lag = n - a.finished_at if a.finish_round == self.rounds else NEXT_ROUND
+            if a.last_lag is not None:
+                a.after[lag_class(a.last_lag)] = lag
+            a.last_lag = lag
+        if agent_id not in self._visited:  # its first call of this round: its position
             self._visited.add(agent_id)
-        a.last_call, a.others_since_finish, a.misses = n, -1, 0
-        if agent_id in self._responders:
-            del self._responders[agent_id]  # answering its own finish, as others may be
-        else:  # a fresh arrival: every finish before it was followed by someone else's call
-            for other in self._responders:
-                self._agents[other].others_since_finish = 1
-            self._responders.clear()
+            a.visit_round, a.position = self.rounds, n - self._round_start
+        if a.last_call >= 0:
+            a.cycle = n - a.last_call
+        a.last_call, a.misses = n, 0
         self.arrivals = n + 1
         self._heap.versions.drop(agent_id)  # it calls now: its prediction is spent
         self._key.pop(agent_id, None)
@@ -178,11 +176,10 @@ class StreamEstimator(CallTrackingSource):
         if a is None or not self._end_call(agent_id):
             return  # not ours, or it has more calls pending (distance still 0)
         a.finishes += 1
-        a.others_since_finish = 0
-        self._responders[agent_id] = None
+        a.finished_at, a.finish_round = self.arrivals, self.rounds
         self._last_finished = agent_id
         ahead = self._ahead(a)
-        if ahead == 1.0:  # a chained call: the very next arrival
+        if ahead == 1.0:  # a chained call (or the lockstep order says so): the next arrival
             self._predict_next(agent_id, a)
         else:
             self._predict(agent_id, a, ahead)
@@ -220,8 +217,9 @@ class StreamEstimator(CallTrackingSource):
     def _round_boundary(self, now: float) -> None:
         """Start a new round if this arrival finds nothing pending after an idle gap at least
         ``gap_factor`` times the usual gap between arrivals while calls are pending (a client
-        that sends a round's requests together and waits for them all; with no gaps at all, a
-        replay on a modeled clock, every arrival that finds nothing pending)."""
+        that sends a round's requests together and waits for them all), or, of a client that
+        never had two calls pending, than its usual pause between calls. With no gaps at all
+        (a replay on a modeled clock) every arrival that finds nothing pending starts one."""
         last = self._last_arrival_t
         if self._pending:
             if last is not None:
@@ -233,7 +231,16 @@ class StreamEstimator(CallTrackingSource):
         if self._last_finish_t is None or self.arrivals == 0:
             return
         idle = max(0.0, now - self._last_finish_t)
-        if idle < self.gap_factor * self._busy_gap:
+        if self._busy_n:
+            usual = self._busy_gap
+        elif self._calm_n:  # one request at a time: against the usual pause between them
+            usual = self._calm_idle
+        else:
+            usual = idle
+        if idle < self.gap_factor * usual or (idle == usual and idle > 0.0):
+            self._calm_idle = idle if self._calm_n == 0 else \
+                self._calm_idle + self.alpha * (idle - self._calm_idle)
+            self._calm_n += 1
             return
         # Lockstep when most of the round just ended came back from the one before it.
         visitors = self._visited
@@ -245,10 +252,6 @@ class StreamEstimator(CallTrackingSource):
         self._round_length = self.arrivals - self._round_start
         self._round_start = self.arrivals
         self._previous, self._visited = visitors, set()
-        if self._busy_gap > 0.0:  # a real pause (not a client without gaps): it answers nothing
-            for other in self._responders:
-                self._agents[other].others_since_finish = 1
-            self._responders.clear()
 
     @property
     def lockstep(self) -> bool:
@@ -256,15 +259,21 @@ class StreamEstimator(CallTrackingSource):
         return self.rounds >= 2 and self._round_length > 0 and self._recur >= 0.6
 
     def _ahead(self, a: _Agent) -> float:  # 1.0 exactly: the next arrival
-        """How many arrivals from now the agent (whose call just finished) calls again."""
-        if a.visit_calls < a.per_visit - 0.5:  # its visits usually hold more calls
-            return 1.0
+        """How many arrivals from now the agent (whose call just finished) calls again.
+
+        The lag that followed a lag like its last one, last time (0: a chained call). If that
+        was a call in a later round: under lockstep its position of this round in the next one,
+        else its last cycle (arrivals between its last two calls) on from its last call."""
+        if a.last_lag is None:
+            return math.inf
+        lag = a.after.get(lag_class(a.last_lag), a.last_lag)
+        if lag != NEXT_ROUND:
+            return 1.0 + lag
         n = self.arrivals
         if self.lockstep and a.visit_round == self.rounds:
-            # Lockstep: its position of this round, in the next one.
             return max(1.0, self._round_start + self._round_length + a.position - n)
-        if a.period > 0:
-            return max(1.0, a.last_visit + a.period - n)
+        if a.cycle > 0:
+            return max(1.0, a.last_call + a.cycle - n)
         return math.inf
 
     def _successor(self, a: _Agent) -> str | None:
@@ -298,8 +307,7 @@ class StreamEstimator(CallTrackingSource):
 
     def _set_key(self, agent: str, a: _Agent, key: float) -> None:
         self._key[agent] = key
-        self._period_of[agent] = self._round_length if self.lockstep else \
-            max(1.0, a.period)
+        self._period_of[agent] = self._round_length if self.lockstep else max(1, a.cycle)
         self._heap.push((key, self._heap.versions.stamp(agent), agent))
         self.predictions += 1
 
