@@ -45,7 +45,7 @@ from scalesim.serve.stream_estimator import StreamEstimator
 #: world name -> (class, quick params, full params, agents param(s), simulated end in minutes)
 WORLDS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = {
     "town": ("worlds.town:Town", {"villagers": 16, "max_tokens": 24, "reflect_every": 4},
-             {"villagers": 60, "max_tokens": 24, "reflect_every": 4}, 720.0),
+             {"villagers": 60, "max_tokens": 24, "reflect_every": 4}, 1320.0),
     "social_feed": ("worlds.social_feed:SocialFeed",
                     {"users": 40, "attach": 3, "active_rate": 0.2, "step_minutes": 60,
                      "seed_posts": 2, "max_tokens": 24},
@@ -54,13 +54,13 @@ WORLDS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = {
     "round_table": ("worlds.round_table:RoundTable",
                     {"tables": 3, "players": 5, "rounds": 3, "speech_minutes": 1,
                      "max_tokens": 20},
-                    {"tables": 12, "players": 6, "rounds": 5, "speech_minutes": 1,
+                    {"tables": 12, "players": 6, "rounds": 8, "speech_minutes": 1,
                      "max_tokens": 20}, None),
     "market": ("worlds.market:Market",
                {"traders": 24, "groups": 3, "period": 30, "window": 5, "impact": 0.1,
                 "news_every": 60, "news_reach": 3, "max_tokens": 8},
                {"traders": 120, "groups": 6, "period": 30, "window": 5, "impact": 0.1,
-                "news_every": 30, "news_reach": 6, "max_tokens": 8}, 481.0),
+                "news_every": 30, "news_reach": 6, "max_tokens": 8}, 1441.0),
 }
 #: the parameter(s) whose product is the number of LLM agents (sizes the budget)
 AGENTS = {"town": ("villagers",), "social_feed": ("users",), "round_table": ("tables", "players"),

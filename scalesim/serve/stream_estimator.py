@@ -77,9 +77,19 @@ class _Agent:
     visit_round: int = -1     # the round of its first call in a round
     position: int = 0         # arrivals of that round before that call
     misses: int = 0           # predictions that passed without a call, in a row
+    expect_at: int = -1       # the arrival index its next call was predicted at (-1: none)
+    expect_from: int = 0      # ... predicted when this many arrivals had been seen
+    expert: str = ""          # ... by which signal
     successors: Counter[str] = field(default_factory=Counter)
     finishes: int = 0
 
+
+#: The signals, each scored by how often the agent called near where it said (within half the
+#: horizon, or two arrivals): one whose average falls below :data:`TRUST_FLOOR` predicts
+#: nothing (its agents fall back to recency, the ``lru`` order) until its score recovers
+#: (it is still scored, unpublished).
+SIGNALS = ("chain", "lag", "round", "cycle", "successor")
+TRUST_ALPHA, TRUST_FLOOR = 0.05, 0.5
 
 #: The lag of a call that came after a round boundary: its position in the round says more.
 NEXT_ROUND = -1
@@ -132,6 +142,8 @@ class StreamEstimator(CallTrackingSource):
         self._calm_idle, self._calm_n = 0.0, 0  # idle gaps that did not end a round
         #: predictions made (for /metrics)
         self.predictions = 0
+        #: each signal's average score (see :data:`SIGNALS`)
+        self.trust: dict[str, float] = dict.fromkeys(SIGNALS, 1.0)
 
     # -- what the stream shows ----------------------------------------------------------------
 
@@ -161,6 +173,10 @@ class StreamEstimator(CallTrackingSource):
             a.visit_round, a.position = self.rounds, n - self._round_start
         if a.last_call >= 0:
             a.cycle = n - a.last_call
+        if a.expect_at >= 0:  # score the signal that predicted this call
+            hit = abs(n - a.expect_at) <= max(2.0, 0.5 * (a.expect_at - a.expect_from))
+            self.trust[a.expert] += TRUST_ALPHA * (hit - self.trust[a.expert])
+            a.expect_at = -1
         a.last_call, a.misses = n, 0
         self.arrivals = n + 1
         self._heap.versions.drop(agent_id)  # it calls now: its prediction is spent
@@ -178,16 +194,30 @@ class StreamEstimator(CallTrackingSource):
         a.finishes += 1
         a.finished_at, a.finish_round = self.arrivals, self.rounds
         self._last_finished = agent_id
-        ahead = self._ahead(a)
-        if ahead == 1.0:  # a chained call (or the lockstep order says so): the next arrival
-            self._predict_next(agent_id, a)
-        else:
-            self._predict(agent_id, a, ahead)
+        ahead, expert = self._ahead(a)
+        self._expect(agent_id, a, ahead, expert)
         # Its usual successor is expected next.
         successor = self._successor(a)
         if successor is not None and successor not in self._pending:
-            self._predict_next(successor, self._agents[successor])
+            self._expect(successor, self._agents[successor], 1.0, "successor")
+            self._changed(successor)
         self._changed(agent_id)
+
+    def _expect(self, agent: str, a: _Agent, ahead: float, expert: str) -> None:
+        """Note the prediction (to score it when the agent calls) and publish it as the
+        agent's key if its signal is trusted; else the agent is unknown (ordered by recency)."""
+        if math.isinf(ahead):
+            a.expect_at = -1
+            self._predict(agent, a, ahead)
+            return
+        a.expect_at, a.expect_from, a.expert = self.arrivals + int(ahead) - 1, self.arrivals, \
+            expert
+        if self.trust[expert] < TRUST_FLOOR:
+            self._predict(agent, a, math.inf)
+        elif ahead == 1.0:  # the very next arrival
+            self._predict_next(agent, a)
+        else:
+            self._predict(agent, a, ahead)
 
     def expire(self) -> int:
         """Push on the predictions whose moment passed without a call; how many were."""
@@ -258,23 +288,24 @@ class StreamEstimator(CallTrackingSource):
         """Whether rounds are seen and their agents come back round after round."""
         return self.rounds >= 2 and self._round_length > 0 and self._recur >= 0.6
 
-    def _ahead(self, a: _Agent) -> float:  # 1.0 exactly: the next arrival
-        """How many arrivals from now the agent (whose call just finished) calls again.
+    def _ahead(self, a: _Agent) -> tuple[float, str]:
+        """How many arrivals from now the agent (whose call just finished) calls again, and the
+        signal that says so (1.0 exactly: the next arrival).
 
         The lag that followed a lag like its last one, last time (0: a chained call). If that
         was a call in a later round: under lockstep its position of this round in the next one,
         else its last cycle (arrivals between its last two calls) on from its last call."""
         if a.last_lag is None:
-            return math.inf
+            return math.inf, ""
         lag = a.after.get(lag_class(a.last_lag), a.last_lag)
         if lag != NEXT_ROUND:
-            return 1.0 + lag
+            return 1.0 + lag, "chain" if lag == 0 else "lag"
         n = self.arrivals
         if self.lockstep and a.visit_round == self.rounds:
-            return max(1.0, self._round_start + self._round_length + a.position - n)
+            return max(1.0, self._round_start + self._round_length + a.position - n), "round"
         if a.cycle > 0:
-            return max(1.0, a.last_call + a.cycle - n)
-        return math.inf
+            return max(1.0, a.last_call + a.cycle - n), "cycle"
+        return math.inf, ""
 
     def _successor(self, a: _Agent) -> str | None:
         if not a.successors:
