@@ -115,30 +115,57 @@ class StreamRecorder:
         return path
 
 
-def live_estimator() -> tuple[Callable[[Any], Any], Callable[[Any], None]]:
+class WallishClock:
+    """What a server's clock would show of an in-process run: the engine's modeled time plus
+    ``think_s`` for every advance of the simulation clock (the simulator's own work between
+    steps, during which nothing is pending). The advances are counted, their sizes never
+    read: the estimator learns that the simulation moved on, not by how much."""
+
+    def __init__(self, think_s: float) -> None:
+        self.think_s = think_s
+        self.engine: Any = None
+        self.advances = 0
+        self._sim: float | None = None
+
+    def saw(self, sim_now: float) -> None:
+        """An arrival or finish at simulation time ``sim_now``."""
+        if self._sim is not None and sim_now > self._sim:
+            self.advances += 1
+        self._sim = sim_now
+
+    def __call__(self) -> float:
+        modeled = self.engine.clock.now() if self.engine is not None else 0.0
+        return modeled + self.think_s * self.advances
+
+
+def live_estimator(think_s: float) -> tuple[Callable[[Any], Any], Callable[[Any], None]]:
     """A distance factory and an attach hook that make the memory manager read a
-    :class:`StreamEstimator` fed the live stream on the engine's modeled clock."""
-    engine: list[Any] = []
-    return fed(StreamEstimator(lambda: engine[0].clock.now() if engine else 0.0), engine)
+    :class:`StreamEstimator` fed the live stream on a :class:`WallishClock`."""
+    clock = WallishClock(think_s)
+    return fed(StreamEstimator(clock), clock)
 
 
-def fed(estimator: Any, engine: list[Any] | None = None
+def fed(estimator: Any, clock: WallishClock | None = None
         ) -> tuple[Callable[[Any], Any], Callable[[Any], None]]:
     """A distance factory and an attach hook that make the memory manager read ``estimator``
-    (a :class:`CallTrackingSource`), fed the live arrivals and finishes; ``engine`` gets the
-    run's engine (for the estimator's clock)."""
+    (a :class:`CallTrackingSource`), fed the live arrivals and finishes (and ``clock`` the
+    run's engine and simulation instants)."""
 
     def attach(sim: Any) -> None:
-        if engine is not None:
-            engine.append(sim.engine)
+        if clock is not None:
+            clock.engine = sim.engine
 
         expire = getattr(estimator, "expire", lambda: 0)  # the server's loop: every iteration
 
         def submitted(agent: str) -> None:
+            if clock is not None:
+                clock.saw(float(sim.env.now))
             expire()
             estimator.on_submit(agent)
 
         def finished(call: Any, done: Any) -> None:
+            if clock is not None:
+                clock.saw(float(sim.env.now))
             estimator.on_finish(call.agent_id)
             expire()
 
@@ -148,10 +175,11 @@ def fed(estimator: Any, engine: list[Any] | None = None
     return (lambda oracle: estimator), attach
 
 
-def replay_taus(events: list[dict[str, Any]], snapshots: dict[int, dict[str, float]]
-                ) -> dict[str, Any]:
-    """Replay ``events`` into a fresh estimator (the simulation clock hidden from it) and score
-    it, the oracle's recorded keys and recency at every snapshot (mean Kendall tau-b)."""
+def replay_taus(events: list[dict[str, Any]], snapshots: dict[int, dict[str, float]],
+                think_s: float) -> dict[str, Any]:
+    """Replay ``events`` into a fresh estimator on a :class:`WallishClock` (the simulation
+    clock hidden from it) and score it, the oracle's recorded keys and recency at every
+    snapshot (mean Kendall tau-b)."""
     # The realised outcome at event index i: the sim time of each agent's next arrival.
     next_call: list[dict[str, float]] = [{} for _ in range(len(events) + 1)]
     upcoming: dict[str, float] = {}
@@ -161,12 +189,15 @@ def replay_taus(events: list[dict[str, Any]], snapshots: dict[int, dict[str, flo
             next_call[i + 1] = dict(upcoming)
         if events[i]["e"] == "submit":
             upcoming[events[i]["agent"]] = events[i]["sim"]
-    now = [0.0]
-    estimator = StreamEstimator(lambda: now[0])
+    clock = WallishClock(think_s)
+    modeled = type("Recorded", (), {"now": 0.0})()
+    clock.engine = type("Engine", (), {"clock": type("Clock", (), {"now": lambda _: modeled.now})()})()
+    estimator = StreamEstimator(clock)
     last_call: dict[str, int] = {}
     taus: dict[str, list[float]] = {"oracle": [], "estimator": [], "recency": []}
     for i, event in enumerate(events):
-        now[0] = event["t"]
+        modeled.now = event["t"]
+        clock.saw(event["sim"])
         estimator.expire()
         if event["e"] == "submit":
             estimator.on_submit(event["agent"])
@@ -189,10 +220,13 @@ def replay_taus(events: list[dict[str, Any]], snapshots: dict[int, dict[str, flo
             if tau is not None:
                 taus[name].append(tau)
     return {name: round(sum(v) / len(v), 4) if v else None for name, v in taus.items()} | {
-        "snapshots": len(taus["oracle"]), "rounds_detected": estimator.rounds}
+        "snapshots": len(taus["oracle"]), "rounds_detected": estimator.rounds,
+        "lockstep": estimator.lockstep,
+        "signal_scores": {k: round(v, 3) for k, v in estimator.trust.items()}}
 
 
-def run_world(name: str, quick: bool, snapshot: int, out: Path) -> dict[str, Any]:
+def run_world(name: str, quick: bool, snapshot: int, out: Path, think_s: float
+              ) -> dict[str, Any]:
     """Every policy on one world, then the replayed stream's taus."""
     cls, quick_params, full_params, until = WORLDS[name]
     params = quick_params if quick else full_params
@@ -207,13 +241,16 @@ def run_world(name: str, quick: bool, snapshot: int, out: Path) -> dict[str, Any
     distance, attach = fed(CallTrackingSource())
     rows["scalesim (recency only)"] = run_modeled(cls, params, "scalesim", distance=distance,
                                                   attach=attach, **common)
-    distance, attach = live_estimator()
+    distance, attach = live_estimator(think_s)
     rows["scalesim (estimator)"] = run_modeled(cls, params, "scalesim", distance=distance,
                                                attach=attach, **common)
     rows["belady"] = run_modeled(cls, params, "belady", order=oracle["order"], **common)
     recorder.write(out / "streams" / f"{name}.jsonl")
     makespan = {p: round(float(rows[p]["modeled_makespan_s"]), 4) for p in POLICIES}
-    taus = replay_taus(recorder.events, recorder.snapshots)
+    taus = replay_taus(recorder.events, recorder.snapshots, think_s)
+    # The same replay on the engine's clock alone (a client with no think time at all).
+    no_think = replay_taus(recorder.events, recorder.snapshots, 0.0)
+    taus["estimator_no_think_time"] = no_think["estimator"]
     calls = {p: rows[p]["calls"] for p in POLICIES}
     # The placeholder replies go round in completion order, which batching (and so the memory
     # policy) can change: a world whose branches read them may make other calls. Said, not hidden.
@@ -234,19 +271,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small worlds (smoke test)")
     parser.add_argument("--worlds", default=",".join(WORLDS))
+    parser.add_argument("--think-ms", type=float, default=50.0,
+                        help="the simulator's own work per advance of its clock, as a server "
+                             "would see it (WallishClock)")
     parser.add_argument("--snapshot", type=int, default=0,
                         help="arrivals between snapshots (0: a quarter of the agents, at least 4)")
     args = parser.parse_args()
     out = results_dir(args.quick)
     line: dict[str, Any] = {"experiment": "bench_stream_estimator", "modeled": True,
                             "engine": "modeled", "model": SETTING.model,
-                            "hardware": SETTING.hardware, "budget_fraction": 0.25, "worlds": {}}
+                            "hardware": SETTING.hardware, "budget_fraction": 0.25,
+                            "think_ms": args.think_ms, "worlds": {}}
     for name in args.worlds.split(","):
         _, quick_params, full_params, _ = WORLDS[name]
         params = quick_params if args.quick else full_params
         agents = math.prod(int(params[p]) for p in AGENTS[name])
         line["worlds"][name] = run_world(name, args.quick, args.snapshot or max(4, agents // 4),
-                                         out)
+                                         out, args.think_ms / 1000)
     ratios = [w["estimator_over_lru"] for w in line["worlds"].values()]
     line["estimator_never_slower_than_lru"] = all(r >= 1.0 for r in ratios)
     line["worst_estimator_over_lru"] = min(ratios)

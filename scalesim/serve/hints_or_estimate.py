@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from typing import Callable
 
 from scalesim.serve.hints import UNKNOWN, HintedDistance
@@ -51,7 +52,11 @@ class HintsOrEstimate(HintedDistance):
 
     def _predicted_key(self, agent_id: str) -> float:
         key = self._hinted.get(agent_id)
-        return self.estimator.order_key(agent_id) if key is None else key
+        return self.estimator.order_key(agent_id) if key is None else self._hint_key(key)
+
+    def _hint_key(self, t: float) -> float:
+        """A hint's server time as an arrival index (``never`` stays last)."""
+        return t if math.isinf(t) else self.estimator.arrival_at(t)
 
     def _predicted_distance(self, agent_id: str) -> float:
         if agent_id in self._hinted:
@@ -63,6 +68,6 @@ class HintsOrEstimate(HintedDistance):
         # Estimated agents that a hint overrides are skipped: ask for enough to fill k.
         estimated = (a for a in self.estimator._nearest_predicted(k + len(self._hinted))
                      if a not in self._hinted and a not in self._pending)
-        merged = heapq.merge(((self._hinted[a], a) for a in hinted),
+        merged = heapq.merge(((self._hint_key(self._hinted[a]), a) for a in hinted),
                              ((self.estimator.order_key(a), a) for a in estimated))
         return [a for key, a in itertools.islice(merged, k) if key < UNKNOWN]

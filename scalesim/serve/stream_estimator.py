@@ -69,36 +69,31 @@ class _Agent:
 
     last_call: int = -1       # arrival index of its last call
     cycle: int = 0            # arrivals from its call before that one to its last call
-    finished_at: int = -1     # arrivals counted when its last call finished (-1: none yet)
-    finish_round: int = -1    # the round its last call finished in
-    last_lag: int | None = None  # arrivals between its last finish and its last call
-    #                              (NEXT_ROUND: a round began in between; None: no finish yet)
-    after: dict[int, int] = field(default_factory=dict)  # lag class -> the lag that followed
+    after: dict[int, int] = field(default_factory=dict)  # cycle class -> the cycle after it
     visit_round: int = -1     # the round of its first call in a round
     position: int = 0         # arrivals of that round before that call
     misses: int = 0           # predictions that passed without a call, in a row
     expect_at: int = -1       # the arrival index its next call was predicted at (-1: none)
     expect_from: int = 0      # ... predicted when this many arrivals had been seen
     expert: str = ""          # ... by which signal
+    hit: bool = False         # whether its last call came where it was predicted
     successors: Counter[str] = field(default_factory=Counter)
     finishes: int = 0
 
 
 #: The signals, each scored by how often the agent called near where it said (within half the
-#: horizon, or two arrivals): one whose average falls below :data:`TRUST_FLOOR` predicts
-#: nothing (its agents fall back to recency, the ``lru`` order) until its score recovers
-#: (it is still scored, unpublished).
-SIGNALS = ("chain", "lag", "round", "cycle", "successor")
-TRUST_ALPHA, TRUST_FLOOR = 0.05, 0.5
-
-#: The lag of a call that came after a round boundary: its position in the round says more.
-NEXT_ROUND = -1
+#: horizon, or two arrivals). The agent's own cycle is the fallback; another signal whose
+#: average falls :data:`TRUST_MARGIN` below the cycle's is not used (still scored, so that it
+#: can recover).
+SIGNALS = ("chain", "round", "cycle", "successor")
+TRUST_ALPHA, TRUST_MARGIN = 0.05, 0.1
 
 
-def lag_class(lag: int) -> int:
-    """Lags of one order of magnitude (powers of two) share a class; 0 (a chained call) and
-    :data:`NEXT_ROUND` are their own."""
-    return lag if lag <= 0 else lag.bit_length()
+
+def cycle_class(cycle: int) -> int:
+    """Cycles of one order of magnitude (powers of two) share a class; 1 (a call right after
+    the agent's own) is its own."""
+    return cycle.bit_length()
 
 
 class StreamEstimator(CallTrackingSource):
@@ -106,7 +101,9 @@ class StreamEstimator(CallTrackingSource):
 
     ``clock`` is the server's time in seconds (default: monotonic seconds since creation).
     ``gap_factor`` is how much longer than the usual gap between arrivals (while calls are
-    pending) an idle gap must be to end a round (see :meth:`_round_boundary`). ``alpha``
+    pending) an idle gap must be to end a round (see :meth:`_round_boundary`);
+    ``late_cycles`` how many of its cycles an agent may be late before its prediction is pushed
+    on (outside lockstep rounds). ``alpha``
     is the weight of the newest sample in the exponential averages.
     """
 
@@ -114,11 +111,11 @@ class StreamEstimator(CallTrackingSource):
     PENDING_KEY = -1.0
 
     def __init__(self, clock: Callable[[], float] | None = None, *, gap_factor: float = 4.0,
-                 alpha: float = 0.3) -> None:
+                 alpha: float = 0.3, late_cycles: float = 4.0) -> None:
         super().__init__()
         start = time.monotonic()
         self._now = clock or (lambda: time.monotonic() - start)
-        self.gap_factor, self.alpha = gap_factor, alpha
+        self.gap_factor, self.alpha, self.late_cycles = gap_factor, alpha, late_cycles
         self._agents: dict[str, _Agent] = {}
         self._key: dict[str, float] = {}
         self._period_of: dict[str, float] = {}  # the arrivals a pushed-on prediction moves by
@@ -126,6 +123,7 @@ class StreamEstimator(CallTrackingSource):
         #: arrivals so far; the seconds-per-arrival average; the last arrival's time
         self.arrivals = 0
         self._spa = 0.0
+        self._first_arrival_t: float | None = None
         self._last_arrival_t: float | None = None
         self._last_finish_t: float | None = None
         self._last_finished: str | None = None  # the agent of the last finish, if nothing
@@ -151,9 +149,10 @@ class StreamEstimator(CallTrackingSource):
         """A request of ``agent_id`` arrived."""
         now, n = self._now(), self.arrivals
         self._round_boundary(now)
-        if self._last_arrival_t is not None:
-            gap = max(0.0, now - self._last_arrival_t)
-            self._spa = gap if n == 1 else self._spa + self.alpha * 0.1 * (gap - self._spa)
+        if self._first_arrival_t is None:
+            self._first_arrival_t = now
+        elif n:  # the long-run seconds per arrival: keys stay (nearly) an affine map of arrivals
+            self._spa = max(0.0, now - self._first_arrival_t) / n
         self._last_arrival_t = now
         a = self._agents.get(agent_id)
         if a is None:
@@ -163,20 +162,18 @@ class StreamEstimator(CallTrackingSource):
         if pred is not None and pred != agent_id:
             self._agents[pred].successors[agent_id] += 1
         self._last_finished = None
-        if a.finished_at >= 0:  # how long after its own finish it called: learn the pattern
-            lag = n - a.finished_at if a.finish_round == self.rounds else NEXT_ROUND
-            if a.last_lag is not None:
-                a.after[lag_class(a.last_lag)] = lag
-            a.last_lag = lag
         if agent_id not in self._visited:  # its first call of this round: its position
             self._visited.add(agent_id)
             a.visit_round, a.position = self.rounds, n - self._round_start
-        if a.last_call >= 0:
-            a.cycle = n - a.last_call
+        if a.last_call >= 0:  # arrivals since its own last call: learn the pattern
+            cycle = n - a.last_call
+            if a.cycle:
+                a.after[cycle_class(a.cycle)] = cycle
+            a.cycle = cycle
         if a.expect_at >= 0:  # score the signal that predicted this call
             hit = abs(n - a.expect_at) <= max(2.0, 0.5 * (a.expect_at - a.expect_from))
             self.trust[a.expert] += TRUST_ALPHA * (hit - self.trust[a.expert])
-            a.expect_at = -1
+            a.expect_at, a.hit = -1, hit
         a.last_call, a.misses = n, 0
         self.arrivals = n + 1
         self._heap.versions.drop(agent_id)  # it calls now: its prediction is spent
@@ -192,32 +189,35 @@ class StreamEstimator(CallTrackingSource):
         if a is None or not self._end_call(agent_id):
             return  # not ours, or it has more calls pending (distance still 0)
         a.finishes += 1
-        a.finished_at, a.finish_round = self.arrivals, self.rounds
         self._last_finished = agent_id
-        ahead, expert = self._ahead(a)
-        self._expect(agent_id, a, ahead, expert)
-        # Its usual successor is expected next.
+        self._expect(agent_id, a, *self._ahead(a))
+        # Its usual successor is expected next (if that signal has been right).
         successor = self._successor(a)
         if successor is not None and successor not in self._pending:
-            self._expect(successor, self._agents[successor], 1.0, "successor")
-            self._changed(successor)
+            b = self._agents[successor]
+            if self._trusted("successor"):
+                self._expect(successor, b, 1.0, "successor", 1.0)
+                self._changed(successor)
+            else:  # scored all the same, so that it can earn trust
+                b.expect_at, b.expect_from, b.expert = self.arrivals, self.arrivals, "successor"
         self._changed(agent_id)
 
-    def _expect(self, agent: str, a: _Agent, ahead: float, expert: str) -> None:
-        """Note the prediction (to score it when the agent calls) and publish it as the
-        agent's key if its signal is trusted; else the agent is unknown (ordered by recency)."""
+    def _trusted(self, signal: str) -> bool:
+        """The cycle is the fallback; another signal is used while it scores about as well."""
+        trust = self.trust
+        return signal == "cycle" or trust[signal] >= trust["cycle"] - TRUST_MARGIN
+
+    def _expect(self, agent: str, a: _Agent, ahead: float, signal: str,
+                fallback: float) -> None:
+        """Note the prediction (to score ``signal`` when the agent calls) and publish it as the
+        agent's key if ``signal`` is trusted, else the ``fallback`` (its cycle's)."""
         if math.isinf(ahead):
             a.expect_at = -1
             self._predict(agent, a, ahead)
             return
         a.expect_at, a.expect_from, a.expert = self.arrivals + int(ahead) - 1, self.arrivals, \
-            expert
-        if self.trust[expert] < TRUST_FLOOR:
-            self._predict(agent, a, math.inf)
-        elif ahead == 1.0:  # the very next arrival
-            self._predict_next(agent, a)
-        else:
-            self._predict(agent, a, ahead)
+            signal
+        self._predict(agent, a, ahead if self._trusted(signal) else fallback)
 
     def expire(self) -> int:
         """Push on the predictions whose moment passed without a call; how many were."""
@@ -229,15 +229,17 @@ class StreamEstimator(CallTrackingSource):
             key, _, agent = entry
             a = self._agents[agent]
             period = self._period_of.get(agent, 1.0)
-            if key + max(0.5 * period * self._spa, 4 * self._spa) >= now or key >= UNKNOWN:
+            # Late by more than its slack (in arrivals): pushed on. Lockstep rounds are exact,
+            # so half a round is late there; elsewhere ``late_cycles`` of its cycles (an
+            # irregular agent that is late still tends to come before those that called since:
+            # pushing it early cost more than it saved on the replayed worlds).
+            slack = (0.5 if self.lockstep else self.late_cycles) * period
+            late = self.arrivals - key
+            if late <= max(2.0, slack) or key >= UNKNOWN:
                 heap.restore([entry])
                 break
-            a.misses += 1
-            if a.misses > 2:  # it is not coming: unknown, ordered by recency
-                self._key.pop(agent, None)
-                heap.versions.drop(agent)
-            else:
-                self._predict(agent, a, period)
+            a.misses += 1  # late: the next cycle, then twice as far each time it misses
+            self._predict(agent, a, period * 2 ** min(a.misses - 1, 30))
             moved += 1
             self._changed(agent)
         return moved
@@ -288,24 +290,26 @@ class StreamEstimator(CallTrackingSource):
         """Whether rounds are seen and their agents come back round after round."""
         return self.rounds >= 2 and self._round_length > 0 and self._recur >= 0.6
 
-    def _ahead(self, a: _Agent) -> tuple[float, str]:
-        """How many arrivals from now the agent (whose call just finished) calls again, and the
-        signal that says so (1.0 exactly: the next arrival).
+    def _ahead(self, a: _Agent) -> tuple[float, str, float]:
+        """How many arrivals from now the agent (whose call just finished) calls again, the
+        signal that says so, and what its cycle alone says (the fallback).
 
-        The lag that followed a lag like its last one, last time (0: a chained call). If that
-        was a call in a later round: under lockstep its position of this round in the next one,
-        else its last cycle (arrivals between its last two calls) on from its last call."""
-        if a.last_lag is None:
-            return math.inf, ""
-        lag = a.after.get(lag_class(a.last_lag), a.last_lag)
-        if lag != NEXT_ROUND:
-            return 1.0 + lag, "chain" if lag == 0 else "lag"
+        Its *cycle* (arrivals from one of its calls to the next) repeats in a pattern: the next
+        one is the cycle that followed a cycle like its last one, last time (a chained call
+        after a long wait, a long wait after a chained call), else its last cycle. A cycle of
+        one or two arrivals that is still ahead is a chained call. Under lockstep rounds a
+        call that does not chain comes at its position of this round in the next one."""
+        if not a.cycle:
+            return math.inf, "", math.inf
+        cycle = a.after.get(cycle_class(a.cycle), a.cycle)
         n = self.arrivals
+        by_cycle = max(1.0, a.last_call + cycle - n + 1.0)
+        if cycle <= 2 and a.last_call + cycle >= n:  # right after its own call: chained
+            return by_cycle, "chain", by_cycle
         if self.lockstep and a.visit_round == self.rounds:
-            return max(1.0, self._round_start + self._round_length + a.position - n), "round"
-        if a.cycle > 0:
-            return max(1.0, a.last_call + a.cycle - n), "cycle"
-        return math.inf, ""
+            target = self._round_start + self._round_length + a.position  # an arrival index
+            return max(1.0, target - n + 1.0), "round", by_cycle
+        return by_cycle, "cycle", by_cycle
 
     def _successor(self, a: _Agent) -> str | None:
         if not a.successors:
@@ -314,27 +318,25 @@ class StreamEstimator(CallTrackingSource):
         agent, count = a.successors.most_common(1)[0]
         return agent if count >= 2 and 2 * count >= a.finishes else None
 
-    def _key_at(self, ahead: float) -> float:
-        return self._now() + ahead * self._spa
-
-    def _predict_next(self, agent: str, a: _Agent) -> None:
-        """Place ``agent`` before every other prediction: it is expected to call next (a late
-        agent's key lies in the past, yet this one is the likelier)."""
-        first = self._heap.pop()
-        if first is not None:
-            self._heap.restore([first])
-        key = self._key_at(1.0)
-        if first is not None and first[-1] != agent:
-            key = max(0.0, min(key, first[0] - max(self._spa, 1e-9)))
-        self._set_key(agent, a, key)
-
     def _predict(self, agent: str, a: _Agent, ahead: float) -> None:
-        """Place ``agent`` ``ahead`` arrivals from now (``inf``: unknown)."""
+        """Place ``agent`` ``ahead`` arrivals from now (1: the next one; ``inf``: unknown)."""
         if math.isinf(ahead):
             self._key.pop(agent, None)
             self._heap.versions.drop(agent)
             return
-        self._set_key(agent, a, self._key_at(ahead))
+        self._set_key(agent, a, self.arrivals + ahead - 1.0)
+
+    def time_of(self, arrival: float) -> float:
+        """The server time at which arrival index ``arrival`` is expected (the long-run rate
+        from the last arrival)."""
+        last = self._last_arrival_t if self._last_arrival_t is not None else self._now()
+        return last + (arrival - (self.arrivals - 1)) * self._spa
+
+    def arrival_at(self, t: float) -> float:
+        """The arrival index expected at server time ``t`` (the inverse of :meth:`time_of`)."""
+        last = self._last_arrival_t if self._last_arrival_t is not None else self._now()
+        return self.arrivals - 1 + (t - last) / self._spa if self._spa > 0 else (
+            self.arrivals if t <= last else math.inf)
 
     def _set_key(self, agent: str, a: _Agent, key: float) -> None:
         self._key[agent] = key
@@ -348,20 +350,26 @@ class StreamEstimator(CallTrackingSource):
         return self._key.get(agent_id, UNKNOWN)
 
     def _predicted_distance(self, agent_id: str) -> float:
+        """Seconds until its predicted arrival, at the long-run rate (0 when it is late)."""
         key = self._key.get(agent_id)
-        return math.inf if key is None else max(0.0, key - self._now())
+        return math.inf if key is None else max(0.0, self.time_of(key) - self._now())
 
     def _nearest_predicted(self, k: int) -> list[str]:
         pending = self._pending
         out: list[str] = []
         taken = []
-        while len(out) < k:
+        # Looking at most 4k entries deep keeps this O(k log n) however few agents qualify.
+        while len(out) < k and len(taken) < 4 * k:
             entry = self._heap.pop()
             if entry is None:
                 break
             taken.append(entry)
-            if entry[-1] not in pending:
-                out.append(entry[-1])
+            agent = entry[-1]
+            # Prefetching is a bet: made only for agents whose last call came where predicted.
+            # (A wrong prefetch costs a copy and evicts someone; the order above still ranks
+            # every prediction for eviction.)
+            if agent not in pending and self._agents[agent].hit:
+                out.append(agent)
         self._heap.restore(taken)
         return out
 
