@@ -267,10 +267,61 @@ def run_world(name: str, quick: bool, snapshot: int, out: Path, think_s: float
     return result
 
 
+SERVER_VARIANTS: dict[str, tuple[str, bool]] = {
+    "tokens + lru": ("lru", False),
+    "tokens + scalesim, no estimator": ("scalesim", False),
+    "tokens + scalesim, estimator": ("scalesim", True),
+}
+
+
+def server_streams(quick: bool, out: Path) -> dict[str, Any]:
+    """The request streams of :mod:`experiments.bench_prefix_stream` (OASIS-, AgentScope-,
+    Concordia- and salon-shaped clients, no hints) replayed through the in-process server on
+    the modeled engine, ``serve.stream_estimator`` off and on. The estimator runs on the
+    server's wall clock here, so these makespans can move a little from run to run."""
+    import asyncio
+
+    from experiments import bench_prefix_stream as bps
+    from scalesim.config import load_serve_config
+    from scalesim.serve import build_server
+
+    results: dict[str, Any] = {}
+    for stream in bps.build_streams(0, quick, False):
+        path = stream.write(out / "streams" / f"{stream.name}.jsonl")
+        budget = max(1, int(bps.run_variant(path, False, "unbounded", None).kv_bytes * 0.25))
+        rows: dict[str, Any] = {}
+        for variant, (policy, estimator) in SERVER_VARIANTS.items():
+            config = bps.server_config(False, "tokens + lru", budget)
+            config["runtime"]["memory"]["policy"] = policy
+            config["serve"]["stream_estimator"] = estimator
+            with build_server(load_serve_config(config)).running() as server:
+                url = f"http://127.0.0.1:{server.port}/v1"
+                result = asyncio.run(bps.replay(url, bps.MODEL["modeled"], bps.read_stream(path)))
+                report = server.engine.report()
+                summary = server.distance_summary()
+            rows[variant] = {"modeled_s": round(float(report["modeled"]["modeled_makespan_s"]), 4),
+                             "cached_tokens": result.cached_tokens,
+                             "prompt_tokens": result.prompt_tokens,
+                             "estimated_agents": summary.get("estimated_agents"),
+                             "rounds": summary.get("stream_rounds"),
+                             "lockstep": summary.get("stream_lockstep")}
+        lru = rows["tokens + lru"]["modeled_s"]
+        est = rows["tokens + scalesim, estimator"]["modeled_s"]
+        results[stream.name] = {"budget_bytes": budget, "rows": rows,
+                                "estimator_over_lru": round(lru / est, 4)}
+        print(f"{stream.name:12s} (server) " + " | ".join(
+            f"{v}: {r['modeled_s']:.3f} s, cached {r['cached_tokens']}"
+            for v, r in rows.items()) + f" | rounds {rows['tokens + scalesim, estimator']['rounds']}",
+            flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small worlds (smoke test)")
     parser.add_argument("--worlds", default=",".join(WORLDS))
+    parser.add_argument("--no-server", action="store_true",
+                        help="skip the client-shaped streams replayed through the server")
     parser.add_argument("--think-ms", type=float, default=50.0,
                         help="the simulator's own work per advance of its clock, as a server "
                              "would see it (WallishClock)")
@@ -291,6 +342,10 @@ def main() -> None:
     ratios = [w["estimator_over_lru"] for w in line["worlds"].values()]
     line["estimator_never_slower_than_lru"] = all(r >= 1.0 for r in ratios)
     line["worst_estimator_over_lru"] = min(ratios)
+    if not args.no_server:
+        line["server_streams"] = server_streams(args.quick, out)
+        line["server_worst_estimator_over_lru"] = min(
+            s["estimator_over_lru"] for s in line["server_streams"].values())
     headline(line, keep_as="bench_stream_estimator", quick=args.quick)
 
 

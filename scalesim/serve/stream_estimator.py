@@ -357,7 +357,7 @@ class StreamEstimator(CallTrackingSource):
     def _nearest_predicted(self, k: int) -> list[str]:
         pending = self._pending
         out: list[str] = []
-        taken = []
+        taken: list[tuple[float, int, str]] = []
         # Looking at most 4k entries deep keeps this O(k log n) however few agents qualify.
         while len(out) < k and len(taken) < 4 * k:
             entry = self._heap.pop()
