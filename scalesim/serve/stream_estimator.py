@@ -330,13 +330,17 @@ class StreamEstimator(CallTrackingSource):
         """The server time at which arrival index ``arrival`` is expected (the long-run rate
         from the last arrival)."""
         last = self._last_arrival_t if self._last_arrival_t is not None else self._now()
-        return last + (arrival - (self.arrivals - 1)) * self._spa
+        return last + (arrival - (self.arrivals - 1)) * self._rate()
 
     def arrival_at(self, t: float) -> float:
         """The arrival index expected at server time ``t`` (the inverse of :meth:`time_of`)."""
         last = self._last_arrival_t if self._last_arrival_t is not None else self._now()
-        return self.arrivals - 1 + (t - last) / self._spa if self._spa > 0 else (
-            self.arrivals if t <= last else math.inf)
+        return self.arrivals - 1 + (t - last) / self._rate()
+
+    def _rate(self) -> float:
+        """Seconds per arrival; one until two arrivals have measured it (any positive rate
+        keeps the order)."""
+        return self._spa if self._spa > 0 else 1.0
 
     def _set_key(self, agent: str, a: _Agent, key: float) -> None:
         self._key[agent] = key
