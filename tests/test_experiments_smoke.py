@@ -221,7 +221,6 @@ def test_scale_prints_rate_memory_and_the_time_split(tmp_path):
     assert abs(sum(line["split"].values()) - 1.0) < 0.01 and "oracle" in line["split"]
 
 
-@pytest.mark.slow
 def test_bench_stream_estimator_quick_scores_the_estimator_against_the_oracle(tmp_path):
     env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "experiments.bench_stream_estimator", "--quick",
