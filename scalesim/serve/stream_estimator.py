@@ -7,44 +7,54 @@ A server sees, of an unmodified simulator, only when each agent's requests arriv
 
 What it models, and why
 -----------------------
-Simulators drive their agents in a few recurring shapes, and each leaves a mark on the stream:
+The unit is the *arrival*: an agent's next call is predicted as an arrival index (how many
+requests come before it), the scale on which a simulator's order is stable (a round's wall time
+grows with the load, its number of requests does not). Simulators drive their agents in a few
+recurring shapes, and each leaves a mark on the stream; each is a *signal*:
 
-* **lockstep rounds** (OASIS, AgentScope's sequential pipelines, most "step" loops): every
-  active agent calls once per round, in much the same order each round, and between rounds the
-  client does its own work while nothing is pending. A *round boundary* is an arrival that finds
-  nothing pending after an idle gap longer than ``gap_factor`` times the usual gap between
-  arrivals. Once two boundaries have been seen, an agent that made its first call of a round at
-  position ``p`` is predicted at position ``p`` of the next round (the same order repeats);
-  the next round is taken to be as long (in arrivals) as the last complete one.
-* **an agent's own period**: without detected rounds (a client that never idles, or rounds that
-  are not lockstep) each agent's *visits* recur at its own rate: the next visit is the last one
-  plus an exponential average of the agent's gaps between visits. Under lockstep rounds with no
-  idle gaps this is the same prediction (last position + round length).
-* **chained calls** of one agent (a tool call answered, then a second request; a reflection
-  after an observation): a call is *chained* when it arrives with no other agent's arrival since
-  the agent's own previous call finished, or, under detected rounds, when the agent already
-  called in this round. An agent whose calls were mostly followed by a chained call is predicted
-  to call again at once when one finishes. Chained calls are not visits (they would halve the
-  period).
-* **successors** (conversation chains, turn-taking: A's reply triggers B's call): the first
-  arrival after A's call finished, if nothing arrived in between, is A's successor; when one
-  agent has been A's successor at least twice and in at least half of A's finishes, that agent is
-  predicted next whenever A finishes.
+* **lockstep rounds** (OASIS, AgentScope's pipelines, most "step" loops): every active agent
+  calls once per round, in much the same order each round, and between rounds the client does
+  its own work while nothing is pending. A *round boundary* is an arrival that finds nothing
+  pending after an idle gap ``gap_factor`` times longer than the usual gap between arrivals
+  while calls are pending (of a client that only ever has one call pending: than its usual
+  pause). Rounds are *lockstep* once most of a round's agents (an average share of 0.6) also
+  called in the round before. Then an agent whose first call of this round was at position
+  ``p`` is predicted at position ``p`` of the next round, taken to be as long as the last
+  complete one (signal ``round``).
+* **an agent's own cycle** (the fallback, always available after two calls): the arrivals from
+  one of its calls to the next repeat in a pattern; the next cycle is the one that followed a
+  cycle of the same order of magnitude last time, else the last one (signal ``cycle``). Under
+  round-robin turn-taking this is exactly the previous position plus the round length, with or
+  without idle gaps.
+* **chained calls** of one agent (a tool call answered, then the request with its result; a
+  reflection right after an observation): a cycle of one or two arrivals, predicted when the
+  pattern says one follows (signal ``chain``); the pattern also knows that a long wait follows.
+* **successors** (conversations, turn-taking: A's reply triggers B's call): the first arrival
+  after A's call finished, if nothing arrived in between, is A's successor; when one agent has
+  been it at least twice and in at least half of A's finishes, it is predicted as the very next
+  arrival whenever A finishes (signal ``successor``).
 
-Distances are counted in *arrivals* (how many requests come before the agent's next one), the
-scale that lockstep order is stable in: a round's wall time grows with the load, its number of
-requests does not. An order key is a time on the server's clock, so that keys compare with the
-clients' hints (:mod:`scalesim.serve.hints`): a prediction ``m`` arrivals ahead is placed at
-``now + m * s``, ``s`` an exponential average of the seconds between arrivals, and stays fixed
-until the agent's prediction changes. A prediction whose moment passed (by more than half the
-agent's period) without a call is pushed one period on, at most twice, then forgotten: a late
-agent is not read as distance 0, and a finished one falls back to recency (the manager's tie
-break, as ``lru``) instead of sitting at the front. Agents never predicted are unknown, after
-every prediction.
+Every prediction is scored when its agent calls: a hit if the call came within half the
+prediction's horizon (or two arrivals) of where it was predicted. A signal whose average score
+falls more than :data:`TRUST_MARGIN` below the cycle's is set aside (its agents get their cycle
+prediction) and kept being scored, so that it can come back. Prefetching is a bet, so
+:meth:`nearest` offers only agents whose last call was a hit; eviction ranks every prediction.
+An agent late by more than ``late_cycles`` of its cycles (half a round under lockstep) is
+pushed on by one cycle, twice as far each time it stays away: a late agent is not read as
+distance 0 for ever, yet a late irregular agent, which tends to call before those that called
+since, is not moved back at once. Agents never predicted (one call so far) are unknown, after
+every prediction, where the manager's tie break orders them by recency (as ``lru``).
+
+Order keys are arrival indices; distances are seconds, ``(predicted arrival - last arrival)``
+times the long-run seconds per arrival (:meth:`StreamEstimator.time_of`), so they order as the
+keys do. :class:`~scalesim.serve.hints_or_estimate.HintsOrEstimate` maps a client's hint (a
+server time) onto the same arrival scale, and a hint wins over the estimate for its agent.
 
 Cost: each arrival and each finish updates one or two agents, and each update is a push on a
-:class:`~runtime.memory.lazy_heap.LazyHeap` (lazily invalidated), so O(log n) per request;
-:meth:`nearest` is O(k log n). Nothing depends on hash order or randomness: the same stream of
+:class:`~runtime.memory.lazy_heap.LazyHeap` (lazily invalidated), so O(log n) per request; a
+round boundary looks once at each agent of the round that ended (O(1) per arrival, amortized);
+a push-on doubles each time, so a departed agent costs O(log) of them; :meth:`nearest` looks at
+most ``4k`` entries deep, O(k log n). Nothing depends on hash order or randomness: the same stream of
 (arrival, finish, clock) events gives the same keys.
 """
 
@@ -78,6 +88,7 @@ class _Agent:
     expert: str = ""          # ... by which signal
     hit: bool = False         # whether its last call came where it was predicted
     successors: Counter[str] = field(default_factory=Counter)
+    successor: str | None = None  # the most frequent of them (the first to reach its count)
     finishes: int = 0
 
 
@@ -87,7 +98,6 @@ class _Agent:
 #: can recover).
 SIGNALS = ("chain", "round", "cycle", "successor")
 TRUST_ALPHA, TRUST_MARGIN = 0.05, 0.1
-
 
 
 def cycle_class(cycle: int) -> int:
@@ -103,11 +113,11 @@ class StreamEstimator(CallTrackingSource):
     ``gap_factor`` is how much longer than the usual gap between arrivals (while calls are
     pending) an idle gap must be to end a round (see :meth:`_round_boundary`);
     ``late_cycles`` how many of its cycles an agent may be late before its prediction is pushed
-    on (outside lockstep rounds). ``alpha``
-    is the weight of the newest sample in the exponential averages.
+    on (outside lockstep rounds). ``alpha`` is the weight of the newest sample in the
+    exponential averages of rounds and gaps.
     """
 
-    #: before every prediction (a prediction's key is a server time, never negative)
+    #: before every prediction (a prediction's key is an arrival index, never negative)
     PENDING_KEY = -1.0
 
     def __init__(self, clock: Callable[[], float] | None = None, *, gap_factor: float = 4.0,
@@ -120,7 +130,7 @@ class StreamEstimator(CallTrackingSource):
         self._key: dict[str, float] = {}
         self._period_of: dict[str, float] = {}  # the arrivals a pushed-on prediction moves by
         self._heap: LazyHeap[str] = LazyHeap()
-        #: arrivals so far; the seconds-per-arrival average; the last arrival's time
+        #: arrivals so far; the long-run seconds per arrival; the first and last arrival times
         self.arrivals = 0
         self._spa = 0.0
         self._first_arrival_t: float | None = None
@@ -135,7 +145,7 @@ class StreamEstimator(CallTrackingSource):
         self._round_length = 0
         self._visited: set[str] = set()  # agents that visited in the current round
         self._previous: set[str] = set()  # ... and in the round before
-        self._recur = -1.0  # (none yet) average share of a round's agents that visited the round before
+        self._recur = -1.0  # average share of a round's agents seen in the round before (-1: none)
         self._busy_gap, self._busy_n = 0.0, 0  # gaps between arrivals while calls are pending
         self._calm_idle, self._calm_n = 0.0, 0  # idle gaps that did not end a round
         #: predictions made (for /metrics)
@@ -160,7 +170,10 @@ class StreamEstimator(CallTrackingSource):
         # A successor: the first arrival after another agent's finish, nothing in between.
         pred = self._last_finished
         if pred is not None and pred != agent_id:
-            self._agents[pred].successors[agent_id] += 1
+            p = self._agents[pred]
+            p.successors[agent_id] += 1
+            if p.successor is None or p.successors[agent_id] > p.successors[p.successor]:
+                p.successor = agent_id  # kept as counts grow: O(1), not a scan
         self._last_finished = None
         if agent_id not in self._visited:  # its first call of this round: its position
             self._visited.add(agent_id)
@@ -312,10 +325,10 @@ class StreamEstimator(CallTrackingSource):
         return by_cycle, "cycle", by_cycle
 
     def _successor(self, a: _Agent) -> str | None:
-        if not a.successors:
+        agent = a.successor
+        if agent is None:
             return None
-        # most_common orders ties by first insertion: deterministic
-        agent, count = a.successors.most_common(1)[0]
+        count = a.successors[agent]
         return agent if count >= 2 and 2 * count >= a.finishes else None
 
     def _predict(self, agent: str, a: _Agent, ahead: float) -> None:
