@@ -37,9 +37,9 @@ no reuse        ``memory.policy: none``: nothing kept between calls
 persona only    ``prefix_cache: persona``, ``lru``: only each request's system prompt (and tool
                 schemas) is cached, the reuse the engine had before the token-level cache
 tokens + lru    the token-level prefix cache, least recently used segments evicted (SGLang's way)
-tokens+scalesim the token-level cache under the distance policy (no hints are sent, so distances
-                fall back to recency: a server without hints sees what an unmodified simulator
-                sends)
+tokens+scalesim the token-level cache under the distance policy (no hints are sent: a server
+                without hints sees what an unmodified simulator sends; its distances come from
+                the stream estimator, ``serve.stream_estimator``, on by default)
 unbounded       ``memory.policy: unlimited``: the token-level cache with no budget (the ideal)
 =============== ===============================================================================
 

@@ -26,7 +26,7 @@ import random
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from experiments.results_dir import results_dir
 from runtime.cost_model import CostModel, hardware
@@ -186,7 +186,9 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                 lookahead: int = 32, oracle: dict[str, Any] | None = None,
                 replies: Sequence[str] | Mapping[str, Sequence[str]] = REPLIES,
                 replicas: int = 1, call_duration: float = 0.0,
-                split: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
+                split: AbstractContextManager[Any] | None = None,
+                distance: Callable[[Any], Any] | None = None,
+                attach: Callable[[Simulation], None] | None = None) -> dict[str, Any]:
     """Run the world ``world_class`` (``module:Class``) with ``params`` on the modeled engine.
 
     The harness under :func:`run_world` for any world: ``memory_bytes`` is the agent-memory
@@ -198,7 +200,9 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
     ``sim.call_duration``; the returned ``occupancy`` entry is ``summary.json``'s section.
     ``split`` is entered around the run (not the world's setup). ``rss_setup_bytes`` is how much
     the process's resident memory grew while the world was built (its agents, graph and
-    memory objects).
+    memory objects). ``distance`` replaces the source the memory manager reads (it gets the
+    oracle, as ``Simulation``'s ``distance`` does); ``attach`` is called with the built
+    simulation before it runs (to add listeners).
     """
     if policy == "belady" and order is None:
         raise ValueError("policy 'belady' needs the call order of an earlier run (order=...)")
@@ -217,8 +221,10 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
                        "host_bytes": None if setting.prefix_on_host else 0}}})
     rss_before = resident_bytes()
     sim = Simulation(config, policy=make_named_policy(policy), order=order, record=False,
-                     distance=(lambda oracle: NoisyDistance(oracle, noise, seed)) if noise
-                     else None)
+                     distance=distance if distance is not None else
+                     (lambda oracle: NoisyDistance(oracle, noise, seed)) if noise else None)
+    if attach is not None:
+        attach(sim)
     sim.build_world()
     rss_setup = resident_bytes() - rss_before
     with split if split is not None else nullcontext():

@@ -275,6 +275,9 @@ class ServeConfig(_Section):
     pace: float = Field(default=0.0, ge=0, description="modeled executor: wall seconds per "
                         "modeled second (0: as fast as possible)")
     drain_timeout_s: float = Field(default=60.0, gt=0, description="SIGTERM: wait this long")
+    stream_estimator: bool = Field(default=True, description="agents without a client's hint "
+                                   "are ordered by next calls learned from the request stream "
+                                   "(scalesim.serve.stream_estimator); false: by recency")
 
 
 class ServeRunConfig(_Section):

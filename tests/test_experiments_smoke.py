@@ -219,3 +219,23 @@ def test_scale_prints_rate_memory_and_the_time_split(tmp_path):
     assert line["experiment"] == "scale" and line["calls"] == 1500 and line["agents"] == 600
     assert line["peak_rss_gib"] > 0 and line["bytes_per_agent"] >= 0  # small worlds reuse freed pages
     assert abs(sum(line["split"].values()) - 1.0) < 0.01 and "oracle" in line["split"]
+
+
+def test_bench_stream_estimator_quick_scores_the_estimator_against_the_oracle(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_stream_estimator", "--quick",
+                          "--worlds", "round_table,market", "--no-server"], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["experiment"] == "bench_stream_estimator" and line["modeled"] is True
+    assert set(line["worlds"]) == {"round_table", "market"}
+    for name, world in line["worlds"].items():
+        assert set(world["modeled_makespan_s"]) == {
+            "lru", "scalesim (oracle)", "scalesim (recency only)", "scalesim (estimator)",
+            "belady"}, name
+        assert world["kendall_tau"]["snapshots"] > 0 and world["kendall_tau"]["oracle"] > 0
+        assert -1 <= world["kendall_tau"]["estimator"] <= 1
+    # The recorded streams the estimator was replayed from.
+    assert {p.stem for p in (tmp_path / "quick" / "streams").glob("*.jsonl")} == \
+        {"round_table", "market"}
+    assert (tmp_path / "quick" / "bench_stream_estimator.json").is_file()

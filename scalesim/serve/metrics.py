@@ -123,4 +123,15 @@ class ServeMetrics:
                    [('{outcome="applied"}', hints.applied), ('{outcome="stale_seq"}', hints.stale),
                     ('{outcome="expired"}', hints.expired)])
             metric("hinted_agents", "gauge", "Agents with a live hint.", [("", hints.hinted)])
+            estimator = getattr(hints, "estimator", None)
+            if estimator is not None:  # serve.stream_estimator: distances learned from arrivals
+                metric("estimated_agents", "gauge",
+                       "Agents with a next call predicted from the request stream.",
+                       [("", estimator.estimated)])
+                metric("stream_predictions_total", "counter",
+                       "Next-call predictions the stream estimator made.",
+                       [("", estimator.predictions)])
+                metric("stream_rounds_total", "counter",
+                       "Rounds the stream estimator saw (idle gaps with nothing pending).",
+                       [("", estimator.rounds)])
         return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 
 :func:`build_server` is the one place a server is put together, in the order data flows::
 
-    ServeRunConfig -> HintedDistance -> engine (scalesim.assembly) -> EngineLoop
+    ServeRunConfig -> HintedDistance (or HintsOrEstimate) -> engine (scalesim.assembly) -> EngineLoop
                    -> ServeRecorder (--trace) -> FastAPI app
 
 The engine is the one a simulation run of the same ``runtime:`` section would get (memory tiers,
@@ -31,6 +31,7 @@ from scalesim.assembly import assemble_engine
 from scalesim.config import ConfigError, ServeRunConfig
 from scalesim.serve.app import ServeState, create_app
 from scalesim.serve.hints import HintedDistance
+from scalesim.serve.hints_or_estimate import HintsOrEstimate
 from scalesim.serve.identity import AdapterRegistry
 from scalesim.serve.loop import EngineLoop
 from scalesim.serve.recording import ServeRecorder
@@ -68,7 +69,10 @@ class Server:
             raise ConfigError.at(config.source, "serve.adapters", str(exc)) from None
         start = time.monotonic()
         clock: Callable[[], float] = lambda: time.monotonic() - start  # server time
-        self.distance = HintedDistance(clock)
+        # Hints where clients send them; elsewhere the stream's estimate (serve.stream_estimator)
+        # or nothing (recency, the manager's tie break).
+        self.distance = HintsOrEstimate(clock) if serve.stream_estimator \
+            else HintedDistance(clock)
         self.engine = engine_for(config, self.distance, clock)
         self.recorder: ServeRecorder | None = None
         if serve.trace:
@@ -87,6 +91,18 @@ class Server:
         self.port: int | None = None
         self._shut = threading.Lock()
         self._done = False
+
+    def distance_summary(self) -> dict[str, Any]:
+        """Where the memory manager's distances came from (``summary.json``)."""
+        d = self.distance
+        out: dict[str, Any] = {"source": "hints", "hints_applied": d.applied,
+                               "hints_expired": d.expired}
+        if isinstance(d, HintsOrEstimate):
+            est = d.estimator
+            out.update(source="hints, else the stream estimate", estimated_agents=est.estimated,
+                       stream_predictions=est.predictions, stream_rounds=est.rounds,
+                       stream_lockstep=est.lockstep)
+        return out
 
     def _record_event(self, event: EngineEvent) -> None:
         if self.recorder is not None and isinstance(event, MemoryEvent):
@@ -160,7 +176,8 @@ class Server:
                                                    "rejected_queue_full":
                                                        self.loop.metrics.rejected_full,
                                                    "iterations": self.loop.metrics.iterations,
-                                                   "max_batch": self.loop.metrics.max_batch})
+                                                   "max_batch": self.loop.metrics.max_batch,
+                                                   "distances": self.distance_summary()})
             except Exception:
                 log.exception("could not write the trace to %s", self.recorder.run_dir)
         self.engine.close()
