@@ -204,6 +204,8 @@ class MemoryManager:
             if user not in known.users:
                 known.users.add(user)
                 self._by_agent[user].append(known.key)
+                if self.policy.uses_distance:  # its rank is the nearest user's: maybe nearer now
+                    self._stale[user] = None
         return known
 
     def distance_of(self, obj: AgentMemory) -> float:
