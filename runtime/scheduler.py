@@ -133,6 +133,13 @@ class BatchScheduler(Scheduler):
     waits ahead of the sequences due no earlier than it, to be recomputed. A waiting sequence that does not fit yet simply waits; the
     engine rejects at submission any request that could never fit.
 
+    ``prefill_with_decodes`` (0: no limit of its own) caps the prefill tokens of an iteration in
+    which sequences decode. An iteration's time grows with its tokens, and a decoding sequence
+    advances one token per iteration: beside a long prompt's 512-token chunks a short reply
+    waits a whole chunk per token. A smaller cap there keeps decodes quick while long prompts
+    still advance every iteration (the stall-free batching of Sarathi-Serve); an iteration with
+    no decode fills ``max_batch_tokens``.
+
     ``decode_horizon(seq)``, when given, says how many more tokens ``seq`` will certainly decode
     without the engine needing to look (1: it must look after every token). When every running
     sequence is decoding and nobody waits to join, the scheduler then returns a decode run of
@@ -142,10 +149,14 @@ class BatchScheduler(Scheduler):
     def __init__(self, cache: KVCache, max_num_seqs: int, max_batch_tokens: int,
                  admission: Admission, *, prefixes: PrefixTree | None = None,
                  reclaim: Callable[[int], bool] | None = None,
-                 decode_horizon: Callable[[Sequence], int] | None = None) -> None:
+                 decode_horizon: Callable[[Sequence], int] | None = None,
+                 prefill_with_decodes: int = 0) -> None:
         super().__init__(max_num_seqs, admission)
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if prefill_with_decodes < 0:
+            raise ValueError(f"prefill_with_decodes must be >= 0, got {prefill_with_decodes}")
+        self.prefill_with_decodes = prefill_with_decodes
         self.cache, self.prefixes = cache, prefixes
         self.max_batch_tokens = max_batch_tokens
         self.num_preemptions = 0
@@ -156,18 +167,28 @@ class BatchScheduler(Scheduler):
         """Pick this iteration's sequences and set each one's ``chunk`` (tokens to compute)."""
         budget = self.max_batch_tokens
         batch: list[Sequence] = []
+        decoding = False
         # Decodes (one token left to compute) before prefill chunks; sorted() keeps admission order.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            left = seq.num_tokens - seq.num_computed
+            if left == 1:
+                decoding = True
+            elif decoding:
+                budget = self._prefill_budget(budget)
+                if budget == 0:
+                    break
+            n = min(left, budget)
             if not self._reserve(seq, seq.num_computed + n, batch):
                 continue
             seq.chunk = n
             budget -= n
             batch.append(seq)
+        if decoding:
+            budget = self._prefill_budget(budget)
         computing = self._computing() if self.prefixes is not None and self.waiting else set()
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -196,6 +217,11 @@ class BatchScheduler(Scheduler):
                 computing.update(self.prefixes.chain(seq))
         self.waiting.extendleft(reversed(deferred))
         return Batch(batch, self._decode_run(batch))
+
+    def _prefill_budget(self, budget: int) -> int:
+        """What is left of ``budget`` for prefill in an iteration where sequences decode."""
+        cap = self.prefill_with_decodes
+        return min(budget, cap) if cap else budget
 
     def _computing(self) -> set[int]:
         """The block chains (:meth:`~runtime.prefix_cache.PrefixTree.chain`) of the prompts

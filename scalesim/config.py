@@ -147,6 +147,9 @@ class RuntimeConfig(_Section):
     kv_cache_tokens: int = Field(default=32768, ge=1, description="KV pool size in tokens")
     max_num_seqs: int = Field(default=64, ge=1, description="sequences running at once")
     max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
+    prefill_with_decodes: int = Field(
+        default=0, ge=0, description="prefill tokens of an iteration in which sequences decode "
+        "(0: up to max_batch_tokens); smaller keeps short replies quick beside long prompts")
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     random_weights: bool = Field(
@@ -185,7 +188,8 @@ class RuntimeConfig(_Section):
                 "preempt_prefetch": m.preempt_prefetch, "replies": (dict(m.replies) if isinstance(m.replies, dict)
                                                       else tuple(m.replies)),
                 "block_size": self.block_size, "prefix_cache": self.prefix_cache,
-                "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens}
+                "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                "prefill_with_decodes": self.prefill_with_decodes}
             if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile
                 options["kv_cache_tokens"] = self.kv_cache_tokens
             return options
@@ -193,6 +197,7 @@ class RuntimeConfig(_Section):
             return {}
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
+                "prefill_with_decodes": self.prefill_with_decodes,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
                 "prefix_cache": self.prefix_cache, "random_weights": self.random_weights,
                 "quantization": self.quantization,

@@ -239,3 +239,17 @@ def test_bench_stream_estimator_quick_scores_the_estimator_against_the_oracle(tm
     assert {p.stem for p in (tmp_path / "quick" / "streams").glob("*.jsonl")} == \
         {"round_table", "market"}
     assert (tmp_path / "quick" / "bench_stream_estimator.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_bench_prefill_fairness_quick_measures_every_cap(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_prefill_fairness", "--quick",
+                          "--caps", "0,32"], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["experiment"] == "bench_prefill_fairness" and line["modeled"] is False
+    assert line["long_prompt_tokens"] > 500 and line["short_speedup_0"] == 1.0
+    assert line["short_s_32"] > 0 and line["long_s_32"] > 0
+    assert (tmp_path / "quick" / "bench_prefill_fairness.json").is_file()

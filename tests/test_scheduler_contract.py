@@ -386,6 +386,37 @@ def test_no_decode_run_when_the_pool_would_run_short_in_between():
     assert_all_correct(seqs, cache)
 
 
+@pytest.mark.parametrize("cap", [0, 4])
+def test_prefill_beside_decodes_is_capped_and_a_short_reply_finishes_sooner(cap):
+    """A long prompt arrives first, then a short one: with ``prefill_with_decodes`` the short
+    reply's decode iterations carry at most ``cap`` prefill tokens, so its tokens come in
+    cheap iterations; without a cap each of them shares an iteration with a full chunk."""
+    cache = tiny_pool(64)
+    executor = TapeExecutor(cache)
+    scheduler = BatchScheduler(cache, 8, 16, ScriptedAdmission(), prefill_with_decodes=cap)
+    short, long = make_seq(0, 3, max_tokens=6), make_seq(1, 120, max_tokens=2)
+    for seq in (short, long):
+        scheduler.add(seq)
+    loop = Loop(scheduler, executor)
+    loop.run()
+    tokens_until_short_done = 0
+    for _, batch in executor.batches:
+        decoding = any(start >= 3 and rid == 0 for rid, start, _ in batch)
+        prefill = sum(chunk for rid, start, chunk in batch if rid == 1 and start < 120)
+        if decoding and cap:
+            assert prefill <= cap
+        if any(rid == 0 for rid, _, _ in batch):
+            tokens_until_short_done += sum(chunk for _, _, chunk in batch)
+    # The tokens computed in the iterations the short request took part in: what its latency
+    # is made of on an engine whose iteration time grows with its tokens.
+    # The first iteration admits both (3 + 13 tokens); then each of the short one's five
+    # decodes shares an iteration with the long prompt's chunk: 15 tokens uncapped, 4 capped.
+    assert tokens_until_short_done == (16 + 5 * (1 + cap) if cap else 16 + 5 * 16)
+    assert_all_correct([short, long], cache)
+    with pytest.raises(ValueError, match="prefill_with_decodes"):
+        BatchScheduler(tiny_pool(4), 4, 16, ScriptedAdmission(), prefill_with_decodes=-1)
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_budgets_below_one_are_refused(bad):
     with pytest.raises(ValueError, match="max_num_seqs"):
