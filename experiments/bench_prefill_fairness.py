@@ -2,10 +2,10 @@
 
 A client sends one long prompt (``--long-tokens`` tokens of prompt) and, just after it,
 ``--short`` short requests (a one-line question, ``--short-tokens`` output tokens each), all to
-one engine on the real model. Each iteration spends ``runtime.max_batch_tokens`` tokens: without
-a cap, every decode step of a short reply shares its iteration with a full chunk of the long
-prompt. ``runtime.prefill_with_decodes`` caps the prefill tokens of iterations in which
-sequences decode. For each cap in ``--caps`` (0: none) the run measures the wall latency of
+one engine on the real model. Each iteration spends ``runtime.max_batch_tokens`` tokens:
+without a cap the long prompt takes every iteration's whole budget, and the short requests wait
+until it is done. ``runtime.shared_prefill`` caps the prompt tokens one sequence computes in an
+iteration others need. For each cap in ``--caps`` (0: none) the run measures the wall latency of
 every request (submitted to finished), alternating the settings ``--rounds`` times on one
 loaded model, and prints the medians and each cap's ratio to no cap, measured side by side.
 
@@ -80,7 +80,7 @@ def main() -> None:
     runs: dict[int, list[dict[str, float]]] = {cap: [] for cap in caps}
     for round_ in range(args.rounds):
         for cap in caps:
-            scheduler.prefill_with_decodes = cap
+            scheduler.shared_prefill = cap
             runs[cap].append(run_once(engine, long_prompt, args.short, args.short_tokens,
                                       f"r{round_}c{cap}"))
     engine.close()

@@ -331,7 +331,7 @@ def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", d
     cap ``kv_store_bytes``, the emulated link, ``lookahead``,
     the ``distance`` source); the defaults keep every object resident (no limit, LRU).
     ``options`` go to the executor (:class:`~runtime.executors.torch.TorchExecutor`'s pool
-    sizes) or, ``prefill_with_decodes``, to the :class:`~runtime.scheduler.BatchScheduler`; for
+    sizes) or, ``shared_prefill``, to the :class:`~runtime.scheduler.BatchScheduler`; for
     ``modeled``, ``hardware_profile``, ``preempt_prefetch``, ``cost`` and the
     :class:`~runtime.executors.modeled.ModeledExecutor` keywords). ``executor`` may also be an
     :class:`~runtime.executors.base.Executor` object of one's own, served one request per
@@ -357,13 +357,13 @@ def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", d
 
         manager = MemoryManager(**memory, device=device, link_gbps=link_gbps,  # type: ignore[arg-type]
                                 link_latency_us=link_latency_us)
-        prefill_with_decodes = options.pop("prefill_with_decodes", 0)
+        shared_prefill = options.pop("shared_prefill", 0)
         ex = TorchExecutor(manager, model=model, device=device, dtype=dtype, **options)
         admission = MemoryAdmission(manager, ex.memory_objects)
         scheduler = BatchScheduler(
             ex.cache, ex.max_num_seqs, ex.max_batch_tokens, admission, prefixes=ex.prefixes,
             reclaim=admission.reclaim_prefix_blocks(ex.cache.block_nbytes),
-            prefill_with_decodes=prefill_with_decodes)
+            shared_prefill=shared_prefill)
         return Engine(ex, scheduler, admission)
     if executor == "modeled":  # no tensors: device and dtype come from the hardware profile
         return _build_modeled(model, memory, **options)
@@ -373,7 +373,7 @@ def build_engine(executor: str | Executor = "hf", model: str = "smollm2-135m", d
 def _build_modeled(model: str, memory: dict[str, Any], *, hardware_profile: str = "H100",
                    preempt_prefetch: bool = True, decode_runs: bool = True, cost: Any = None,
                    hardware_overrides: dict[str, float] | None = None,
-                   prefill_with_decodes: int = 0, **options: Any) -> Engine:
+                   shared_prefill: int = 0, **options: Any) -> Engine:
     """The modeled engine: the manager on a virtual link whose clock the executor advances.
 
     ``decode_runs=False`` steps decodes one by one even where a run could take them at once
@@ -395,5 +395,5 @@ def _build_modeled(model: str, memory: dict[str, Any], *, hardware_profile: str 
     scheduler = BatchScheduler(ex.cache, ex.max_num_seqs, ex.max_batch_tokens, admission,
                                prefixes=ex.prefixes, reclaim=reclaim,
                                decode_horizon=ex.decode_horizon if decode_runs else None,
-                               prefill_with_decodes=prefill_with_decodes)
+                               shared_prefill=shared_prefill)
     return Engine(ex, scheduler, admission)

@@ -133,12 +133,13 @@ class BatchScheduler(Scheduler):
     waits ahead of the sequences due no earlier than it, to be recomputed. A waiting sequence that does not fit yet simply waits; the
     engine rejects at submission any request that could never fit.
 
-    ``prefill_with_decodes`` (0: no limit of its own) caps the prefill tokens of an iteration in
-    which sequences decode. An iteration's time grows with its tokens, and a decoding sequence
-    advances one token per iteration: beside a long prompt's 512-token chunks a short reply
-    waits a whole chunk per token. A smaller cap there keeps decodes quick while long prompts
-    still advance every iteration (the stall-free batching of Sarathi-Serve); an iteration with
-    no decode fills ``max_batch_tokens``.
+    ``shared_prefill`` (0: no limit of its own) caps the prompt tokens one sequence computes in
+    an iteration that others need: a running prompt's chunk while sequences decode or wait, a
+    newly admitted one's while sequences decode. An iteration's time grows with its tokens: a
+    long prompt taking every iteration's whole budget keeps newly arrived requests out until it
+    is done, and a short reply decoding beside its chunks waits a chunk per token. With a cap,
+    new requests get in at once and decode in quick iterations, while the long prompt still
+    advances every iteration (Sarathi-Serve's stall-free batching).
 
     ``decode_horizon(seq)``, when given, says how many more tokens ``seq`` will certainly decode
     without the engine needing to look (1: it must look after every token). When every running
@@ -150,13 +151,13 @@ class BatchScheduler(Scheduler):
                  admission: Admission, *, prefixes: PrefixTree | None = None,
                  reclaim: Callable[[int], bool] | None = None,
                  decode_horizon: Callable[[Sequence], int] | None = None,
-                 prefill_with_decodes: int = 0) -> None:
+                 shared_prefill: int = 0) -> None:
         super().__init__(max_num_seqs, admission)
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        if prefill_with_decodes < 0:
-            raise ValueError(f"prefill_with_decodes must be >= 0, got {prefill_with_decodes}")
-        self.prefill_with_decodes = prefill_with_decodes
+        if shared_prefill < 0:
+            raise ValueError(f"shared_prefill must be >= 0, got {shared_prefill}")
+        self.shared_prefill = shared_prefill
         self.cache, self.prefixes = cache, prefixes
         self.max_batch_tokens = max_batch_tokens
         self.num_preemptions = 0
@@ -175,20 +176,15 @@ class BatchScheduler(Scheduler):
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             left = seq.num_tokens - seq.num_computed
-            if left == 1:
-                decoding = True
-            elif decoding:
-                budget = self._prefill_budget(budget)
-                if budget == 0:
-                    break
+            decoding = decoding or left == 1
             n = min(left, budget)
+            if left > 1 and (decoding or self.waiting):
+                n = self._shared(n)
             if not self._reserve(seq, seq.num_computed + n, batch):
                 continue
             seq.chunk = n
             budget -= n
             batch.append(seq)
-        if decoding:
-            budget = self._prefill_budget(budget)
         computing = self._computing() if self.prefixes is not None and self.waiting else set()
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -204,6 +200,8 @@ class BatchScheduler(Scheduler):
                     break
                 self._attach_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if decoding:
+                n = self._shared(n)
             if not self._grow(seq, seq.num_computed + n):
                 self._withdraw(seq)
                 break
@@ -218,10 +216,10 @@ class BatchScheduler(Scheduler):
         self.waiting.extendleft(reversed(deferred))
         return Batch(batch, self._decode_run(batch))
 
-    def _prefill_budget(self, budget: int) -> int:
-        """What is left of ``budget`` for prefill in an iteration where sequences decode."""
-        cap = self.prefill_with_decodes
-        return min(budget, cap) if cap else budget
+    def _shared(self, chunk: int) -> int:
+        """``chunk`` prompt tokens, capped in an iteration others need (``shared_prefill``)."""
+        cap = self.shared_prefill
+        return min(chunk, cap) if cap else chunk
 
     def _computing(self) -> set[int]:
         """The block chains (:meth:`~runtime.prefix_cache.PrefixTree.chain`) of the prompts

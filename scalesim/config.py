@@ -147,9 +147,10 @@ class RuntimeConfig(_Section):
     kv_cache_tokens: int = Field(default=32768, ge=1, description="KV pool size in tokens")
     max_num_seqs: int = Field(default=64, ge=1, description="sequences running at once")
     max_batch_tokens: int = Field(default=512, ge=1, description="tokens per engine iteration")
-    prefill_with_decodes: int = Field(
-        default=0, ge=0, description="prefill tokens of an iteration in which sequences decode "
-        "(0: up to max_batch_tokens); smaller keeps short replies quick beside long prompts")
+    shared_prefill: int = Field(
+        default=0, ge=0, description="prompt tokens one sequence computes in an iteration that "
+        "others need (0: up to max_batch_tokens); smaller lets short requests in and keeps "
+        "their replies quick beside long prompts")
     max_lora_rank: int = Field(default=16, ge=1, description="largest LoRA rank accepted")
     attention: Literal["auto", "torch", "cpu", "flashinfer"] = "auto"
     random_weights: bool = Field(
@@ -189,7 +190,7 @@ class RuntimeConfig(_Section):
                                                       else tuple(m.replies)),
                 "block_size": self.block_size, "prefix_cache": self.prefix_cache,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
-                "prefill_with_decodes": self.prefill_with_decodes}
+                "shared_prefill": self.shared_prefill}
             if "kv_cache_tokens" in self.model_fields_set:  # else sized from the profile
                 options["kv_cache_tokens"] = self.kv_cache_tokens
             return options
@@ -197,7 +198,7 @@ class RuntimeConfig(_Section):
             return {}
         return {"block_size": self.block_size, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_num_seqs": self.max_num_seqs, "max_batch_tokens": self.max_batch_tokens,
-                "prefill_with_decodes": self.prefill_with_decodes,
+                "shared_prefill": self.shared_prefill,
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
                 "prefix_cache": self.prefix_cache, "random_weights": self.random_weights,
                 "quantization": self.quantization,

@@ -388,12 +388,12 @@ def test_no_decode_run_when_the_pool_would_run_short_in_between():
 
 @pytest.mark.parametrize("cap", [0, 4])
 def test_prefill_beside_decodes_is_capped_and_a_short_reply_finishes_sooner(cap):
-    """A long prompt arrives first, then a short one: with ``prefill_with_decodes`` the short
+    """A long prompt arrives first, then a short one: with ``shared_prefill`` the short
     reply's decode iterations carry at most ``cap`` prefill tokens, so its tokens come in
     cheap iterations; without a cap each of them shares an iteration with a full chunk."""
     cache = tiny_pool(64)
     executor = TapeExecutor(cache)
-    scheduler = BatchScheduler(cache, 8, 16, ScriptedAdmission(), prefill_with_decodes=cap)
+    scheduler = BatchScheduler(cache, 8, 16, ScriptedAdmission(), shared_prefill=cap)
     short, long = make_seq(0, 3, max_tokens=6), make_seq(1, 120, max_tokens=2)
     for seq in (short, long):
         scheduler.add(seq)
@@ -413,8 +413,26 @@ def test_prefill_beside_decodes_is_capped_and_a_short_reply_finishes_sooner(cap)
     # decodes shares an iteration with the long prompt's chunk: 15 tokens uncapped, 4 capped.
     assert tokens_until_short_done == (16 + 5 * (1 + cap) if cap else 16 + 5 * 16)
     assert_all_correct([short, long], cache)
-    with pytest.raises(ValueError, match="prefill_with_decodes"):
-        BatchScheduler(tiny_pool(4), 4, 16, ScriptedAdmission(), prefill_with_decodes=-1)
+    with pytest.raises(ValueError, match="shared_prefill"):
+        BatchScheduler(tiny_pool(4), 4, 16, ScriptedAdmission(), shared_prefill=-1)
+
+
+@pytest.mark.parametrize("cap", [0, 4])
+def test_a_capped_long_prompt_lets_a_request_that_arrives_meanwhile_in_at_once(cap):
+    cache = tiny_pool(64)
+    executor = TapeExecutor(cache)
+    scheduler = BatchScheduler(cache, 8, 16, ScriptedAdmission(), shared_prefill=cap)
+    long, short = make_seq(0, 120, max_tokens=2), make_seq(1, 3, max_tokens=2)
+    scheduler.add(long)
+    loop = Loop(scheduler, executor)
+    loop.step()  # the long prompt is under way, alone: its whole budget
+    scheduler.add(short)
+    loop.step()
+    # Capped, the long prompt takes 4 tokens and the new request gets in; uncapped it takes
+    # the whole iteration and the new one waits until its prompt is done.
+    assert executor.batches[1][1] == ([(0, 16, 4), (1, 0, 3)] if cap else [(0, 16, 16)])
+    loop.run()
+    assert_all_correct([long, short], cache)
 
 
 @pytest.mark.parametrize("bad", [0, -1])
