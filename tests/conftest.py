@@ -104,10 +104,9 @@ def _collect() -> None:
     """Free cyclic garbage, then give the freed heap pages back to the system: the weights of a
     dropped model are megabyte-sized tensors from malloc's heap, which keeps them otherwise."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
 
 
 @pytest.fixture

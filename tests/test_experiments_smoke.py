@@ -198,13 +198,16 @@ def test_time_split_charges_samples_to_the_component_whose_code_runs():
     assert component("/x/site-packages/simpy/core.py") == "DES"
     assert component("/usr/lib/python3.11/heapq.py") is None
     heap: LazyHeap[int] = LazyHeap()
+    popped = pushed = 0
     with TimeSplit(interval=0.002) as split:
         deadline = time.perf_counter() + 0.3
         while time.perf_counter() < deadline:
             for k in range(200):
                 heap.push((k, heap.versions.stamp(k), k))
+                pushed += 1
             while heap.pop() is not None:
-                pass
+                popped += 1
+    assert popped == pushed > 0
     shares = split.shares()
     assert split.summary()["samples"] > 20
     assert max(shares, key=shares.__getitem__) == "memory manager", shares
