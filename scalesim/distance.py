@@ -138,10 +138,24 @@ class DistanceOracle(CallTrackingSource):
         self._moved(agent, before)
         return rank
 
+    def on_answered(self, agent: str, due: float) -> None:
+        """The engine answered ``agent``'s call ahead of ``due``, when the agent resumes.
+
+        Until then the call is not pending: its memory is next needed for the agent's call
+        after it, estimated as for an agent whose call returns at ``due``. (Kept pending, an
+        answered agent would rank before every call still queued, and under calls that take
+        simulated time it holds memory the queued calls need first.)"""
+        before = self._acts_at(agent)
+        self._held[agent] = self._held.get(agent, 0) + 1
+        if self._end_call(agent):
+            del self._due[agent]
+        self._active[agent] = due
+        self._moved(agent, before)
+
     def on_finish(self, agent: str) -> None:
         """``agent``'s call returned; until it blocks again it is acting now."""
         before = self._acts_at(agent)
-        if self._end_call(agent):
+        if not self._hand_over(agent) and self._end_call(agent):
             del self._due[agent]
         self._active[agent] = self.env.now
         # A returned call is a wake-up too: how soon the agent calls again is learned alike.

@@ -100,6 +100,10 @@ class SimObserver(Protocol):
         """``agent`` issued a call now, due at ``due``; returns its predicted rank, if one was
         predicted."""
 
+    def on_answered(self, agent: str, due: float) -> None:
+        """The engine answered ``agent``'s call; the answer is held until ``due``, when the
+        agent resumes (:meth:`on_finish`)."""
+
     def on_finish(self, agent: str) -> None: ...
 
     def on_wait(self, agent: str, until: float, site: str) -> None:
@@ -137,6 +141,9 @@ class NullObserver:
 
     def on_submit(self, agent: str, due: float) -> int | None:
         return None
+
+    def on_answered(self, agent: str, due: float) -> None:
+        pass
 
     def on_finish(self, agent: str) -> None:
         pass
@@ -226,6 +233,8 @@ class SimEnvironment(simpy.Environment):
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
         #: Called with the agent id of every submitted call (e.g. a recorded-future distance).
         self.submit_listeners: list[Callable[[str], None]] = []
+        #: Called with every call answered ahead of its due time, when its answer is held.
+        self.held_listeners: list[Callable[[LLMCall], None]] = []
         #: The :class:`~scalesim.turns.TurnOrder` objects created on this environment.
         self.turn_orders: list[TurnOrder] = []
         self.observer: SimObserver = observer(self) if observer is not None else NullObserver()
@@ -343,6 +352,9 @@ class SimEnvironment(simpy.Environment):
             HandOver(self, call.due).callbacks.append(lambda _: self._hand_over(call.due))
         assert call.completion is not None
         held.append(call.completion.request_id)
+        self.observer.on_answered(call.agent_id, call.due)
+        for listener in self.held_listeners:
+            listener(call)
 
     def _hand_over(self, due: float) -> None:
         """Hand every answer held for ``due`` (now) to its agent, in request order."""

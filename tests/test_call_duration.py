@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fake_engine import FakeEngine
 from runtime import Engine, build_engine
+from runtime.memory.distance import CallTrackingSource
 from scalesim import Agent, SimEnvironment, World
 from scalesim.config import ConfigError, load_config
 from scalesim.distance import DistanceOracle
@@ -198,6 +199,69 @@ def test_the_oracle_orders_pending_calls_by_due_time():
     assert source.distance("soon") == 0 and source.distance("default") == 0
     assert source.distance("late") == pytest.approx(14.5)  # after the sleeper's call
     assert source.order_key("late") > source.order_key("sleeper")
+
+
+class EarliestDueFirst(FakeEngine):
+    """A fake engine that answers one request per step, the earliest due (a full engine)."""
+
+    def step(self) -> Any:
+        if not self._queue:
+            return super().step()
+        first = min(self._queue, key=lambda r: (r.due, r.request_id))
+        rest = [r for r in self._queue if r is not first]
+        self._queue = [first]
+        try:
+            return super().step()
+        finally:
+            self._queue = rest
+
+
+def test_an_answer_held_until_its_due_time_is_no_longer_a_pending_call():
+    engine = EarliestDueFirst()
+    oracle: list[DistanceOracle] = []
+
+    def observe(env: SimEnvironment) -> DistanceOracle:
+        oracle.append(DistanceOracle(env, call_duration=10))
+        return oracle[0]
+
+    env = SimEnvironment(engine, observer=observe, call_duration=10)
+    world = World(env)
+
+    def caller(duration: float) -> Callable[[Scripted], Generator[Any, Any, None]]:
+        def script(a: Scripted) -> Generator[Any, Any, None]:
+            yield a.llm("hi", duration=duration)
+            a.log.append(a.now)
+        return script
+
+    answered = world.add(Scripted("answered", caller(10)))  # answered first, resumes at 10
+    world.add(Scripted("queued", caller(15)))  # still queued: stands at 5
+    seen: list[tuple[Any, ...]] = []
+
+    def at_hold(call: Any) -> None:
+        source = oracle[0]
+        seen.append((call.agent_id, env.now, source.pending(call.agent_id),
+                     source.nearest(2), source.order_key(call.agent_id)))
+
+    env.held_listeners.append(at_hold)
+    env.run(until=12)
+    agent, now, pending, nearest, key = seen[0]
+    assert (agent, now, pending) == ("answered", 0, 0)
+    # Its memory is next needed after it resumes at 10, so the queued call (at 5) comes first;
+    # kept pending, it would have stood at 0, before every queued call.
+    assert nearest == ["queued", "answered"] and key >= 10
+    assert answered.log == [10] and oracle[0].pending("answered") == 0
+
+
+def test_a_held_answer_handed_over_does_not_end_another_pending_call():
+    source = CallTrackingSource()
+    source.on_submit("a")
+    source.on_submit("a")
+    source.on_answered("a")  # the first call is answered ahead of its due time
+    assert source.pending("a") == 1 and source.distance("a") == 0
+    source.on_finish("a")  # ... and handed over: the second call is still pending
+    assert source.pending("a") == 1
+    source.on_finish("a")
+    assert source.pending("a") == 0
 
 
 @pytest.mark.slow

@@ -59,8 +59,9 @@ class OrderedDistanceSource(DistanceSource, Protocol):
 class CallTrackingSource:
     """An :class:`OrderedDistanceSource` that knows the pending calls; subclasses predict the rest.
 
-    A call is *pending* from :meth:`on_submit` to :meth:`on_finish` (queued or running); an agent
-    may have several. A pending agent has distance 0 and the key :attr:`PENDING_KEY`, before
+    A call is *pending* from :meth:`on_submit` to :meth:`on_finish` (queued or running), or to
+    :meth:`on_answered` when the engine answers it ahead of its due time; an agent may have
+    several. A pending agent has distance 0 and the key :attr:`PENDING_KEY`, before
     every prediction, and :meth:`nearest` lists the pending agents first, in the order they were
     submitted (the order the engine admits them), then the predicted ones. Watchers hear an agent
     whenever its key may have changed: here, when it starts or stops having a pending call; a
@@ -75,6 +76,8 @@ class CallTrackingSource:
     def __init__(self) -> None:
         #: agent -> its pending calls; the dict keeps the order of submission
         self._pending: dict[str, int] = {}
+        #: agent -> its calls answered ahead of their due time, not yet handed over
+        self._held: dict[str, int] = {}
         self._watchers: list[Callable[[str], None]] = []
 
     # -- pending calls ------------------------------------------------------------------------
@@ -89,9 +92,17 @@ class CallTrackingSource:
             self._changed(agent_id)
         return None
 
-    def on_finish(self, agent_id: str) -> None:
-        """A call of ``agent_id`` finished (or failed)."""
+    def on_answered(self, agent_id: str) -> None:
+        """A call of ``agent_id`` was answered ahead of its due time (a call that takes
+        simulated time): the engine is done with it, so it is no longer pending, though the
+        agent resumes only at :meth:`on_finish`. Its memory is next needed for the call after."""
+        self._held[agent_id] = self._held.get(agent_id, 0) + 1
         if self._end_call(agent_id):
+            self._changed(agent_id)
+
+    def on_finish(self, agent_id: str) -> None:
+        """A call of ``agent_id`` finished (or failed): the agent has its answer."""
+        if not self._hand_over(agent_id) and self._end_call(agent_id):
             self._changed(agent_id)
 
     def pending(self, agent_id: str) -> int:
@@ -104,6 +115,18 @@ class CallTrackingSource:
         calls = pending.get(agent_id, 0)
         pending[agent_id] = calls + 1
         return not calls
+
+    def _hand_over(self, agent_id: str) -> bool:
+        """Count a held answer handed over; ``True`` if ``agent_id`` had one (its call has
+        already stopped being pending)."""
+        held = self._held.get(agent_id, 0)
+        if not held:
+            return False
+        if held == 1:
+            del self._held[agent_id]
+        else:
+            self._held[agent_id] = held - 1
+        return True
 
     def _end_call(self, agent_id: str) -> bool:
         """Count a finished call; ``True`` if it was the agent's last pending one."""
