@@ -105,6 +105,7 @@ class DistanceOracle(CallTrackingSource):
         self._due: dict[str, float] = {}  # agent with a pending call -> when that call is due
         self._block: dict[str, Block] = {}
         self._active: dict[str, float] = {}  # agent -> when its call returned (acting now)
+        self._resumes: dict[str, float] = {}  # agent with an answer held -> when it resumes
         self._arrival: dict[str, float] = {}  # receive-blocked agent -> graph estimate
         self._transit: dict[str, list[float]] = {}  # agent -> arrivals of messages on the way
         self._silent: set[str] = set()  # agents that never call: tracked, never ranked
@@ -141,15 +142,15 @@ class DistanceOracle(CallTrackingSource):
     def on_answered(self, agent: str, due: float) -> None:
         """The engine answered ``agent``'s call ahead of ``due``, when the agent resumes.
 
-        Until then the call is not pending: its memory is next needed for the agent's call
-        after it, estimated as for an agent whose call returns at ``due``. (Kept pending, an
-        answered agent would rank before every call still queued, and under calls that take
-        simulated time it holds memory the queued calls need first.)"""
+        Until then the call is not pending: its memory is next needed for the agent's next
+        call, which comes no sooner than ``due`` (the ``held`` source: that bound). Kept
+        pending, an answered agent would rank before every call still queued, and under calls
+        that take simulated time it would hold memory the queued calls need first."""
         before = self._acts_at(agent)
         self._held[agent] = self._held.get(agent, 0) + 1
         if self._end_call(agent):
             del self._due[agent]
-        self._active[agent] = due
+        self._active[agent] = self._resumes[agent] = due
         self._moved(agent, before)
 
     def on_finish(self, agent: str) -> None:
@@ -157,6 +158,7 @@ class DistanceOracle(CallTrackingSource):
         before = self._acts_at(agent)
         if not self._hand_over(agent) and self._end_call(agent):
             del self._due[agent]
+        self._resumes.pop(agent, None)
         self._active[agent] = self.env.now
         # A returned call is a wake-up too: how soon the agent calls again is learned alike.
         self.rates.woke(agent, AFTER_CALL, self.env.now, wakeup=False)
@@ -198,8 +200,8 @@ class DistanceOracle(CallTrackingSource):
     def on_exit(self, agent: str) -> None:
         before = self._acts_at(agent)
         self.rates.forget(agent)
-        for table in (self._pending, self._due, self._block, self._active, self._arrival,
-                      self._hint, self._turn, self._transit):
+        for table in (self._pending, self._due, self._block, self._active, self._resumes,
+                      self._arrival, self._hint, self._turn, self._transit):
             table.pop(agent, None)
         self._moved(agent, before)
 
@@ -347,6 +349,9 @@ class DistanceOracle(CallTrackingSource):
                 arrival = self._arrival.get(agent, math.inf)
                 if now <= arrival < math.inf:
                     out["graph"] = arrival + lag(agent, block, "event")
+        elif agent in self._resumes:
+            # Its answer is held until it resumes: it calls no sooner (a bound, like a deadline).
+            out["held"] = self._resumes[agent]
         elif agent in self._active:
             # Acting now; until it blocks where the oracle can see, one learned lag after its
             # call returned (its next call, or the last resort below once that has passed).
