@@ -120,7 +120,7 @@ class Simulation:
             self.env.submit_listeners.append(future.on_submit)
             self.env.completion_listeners.append(
                 lambda call, done: future.on_finish(call.agent_id))
-            self.env.held_listeners.append(lambda call: future.on_answered(call.agent_id))
+            self.env.held_listeners.append(lambda call: future.on_answered(call.agent_id, call.due))
             source, clock = future, lambda: float(future.cursor)
         self.engine.use_distance(source, clock)
         if self.recorder is not None:

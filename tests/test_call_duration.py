@@ -256,7 +256,7 @@ def test_a_held_answer_handed_over_does_not_end_another_pending_call():
     source = CallTrackingSource()
     source.on_submit("a")
     source.on_submit("a")
-    source.on_answered("a")  # the first call is answered ahead of its due time
+    source.on_answered("a", due=5.0)  # the first call is answered ahead of its due time
     assert source.pending("a") == 1 and source.distance("a") == 0
     source.on_finish("a")  # ... and handed over: the second call is still pending
     assert source.pending("a") == 1

@@ -92,10 +92,11 @@ class CallTrackingSource:
             self._changed(agent_id)
         return None
 
-    def on_answered(self, agent_id: str) -> None:
-        """A call of ``agent_id`` was answered ahead of its due time (a call that takes
-        simulated time): the engine is done with it, so it is no longer pending, though the
-        agent resumes only at :meth:`on_finish`. Its memory is next needed for the call after."""
+    def on_answered(self, agent_id: str, due: float) -> None:
+        """A call of ``agent_id`` was answered ahead of ``due`` (a call that takes simulated
+        time): the engine is done with it, so it is no longer pending, though the agent
+        resumes only at :meth:`on_finish`, at ``due``. Its memory is next needed for the call
+        after."""
         self._held[agent_id] = self._held.get(agent_id, 0) + 1
         if self._end_call(agent_id):
             self._changed(agent_id)
