@@ -231,9 +231,9 @@ class GrammarMasks:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int,
                        stop_token_ids: Seq[int]) -> "GrammarMasks":
-        """The masker of a transformers tokenizer or a :class:`~runtime.model.tokenizer.Tokenizer`;
-        ``stop_token_ids`` are the ids the engine ends a sequence at, the only ones allowed once
-        a grammar is complete."""
+        """The masker of a transformers tokenizer or a
+        :class:`~runtime.model.tokenizer.Tokenizer`; ``stop_token_ids`` are the ids the engine
+        ends a sequence at, the only ones allowed once a grammar is complete."""
         import xgrammar as xgr
 
         from runtime.model.tokenizer import Tokenizer

@@ -239,17 +239,18 @@ done = []
 while engine.has_work():
     done += engine.step().finished
 assert done and done[0].ok, done
-print("transformers" in sys.modules, sorted(m for m in sys.modules if m.startswith("transformers"))[:3])
+print(sorted(m for m in sys.modules if m.split(".")[0] == "transformers")[:3])
 """
 
 
 def test_a_warm_engine_never_imports_transformers(directory):
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", WARM_CALL], capture_output=True, text=True,
                          env=env, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "False []"
+    assert out.stdout.strip() == "[]"
 
 
 def _copy(directory: Path, target: Path, **config_changes: object) -> Path:

@@ -58,7 +58,8 @@ class Tokenizer:
     def from_directory(cls, directory: Path) -> "Tokenizer | None":
         """The tokenizer of a Hugging Face-format ``directory``, or None where transformers
         would load it differently (see the module docstring)."""
-        config_file, backend_file = directory / "tokenizer_config.json", directory / "tokenizer.json"
+        config_file = directory / "tokenizer_config.json"
+        backend_file = directory / "tokenizer.json"
         if not (config_file.is_file() and backend_file.is_file()) or \
                 (directory / "additional_chat_templates").exists():
             return None
