@@ -266,7 +266,8 @@ def _copy(directory: Path, target: Path, **config_changes: object) -> Path:
 
 @pytest.mark.parametrize("changes", [
     {"tokenizer_class": "LlamaTokenizerFast"},  # transformers 5 rebuilds parts of it in Python
-    {"add_prefix_space": True},
+    {"add_prefix_space": False},
+    {"add_bos_token": False},
     {"clean_up_tokenization_spaces": True},
     {"bos_token": "<|not-in-the-vocabulary|>"},
     {"chat_template": [{"name": "default", "template": "x"}]},

@@ -10,9 +10,10 @@ text and renderings as transformers 5 (``tests/test_tokenizer.py`` checks them).
 
 :meth:`Tokenizer.from_directory` loads only what it can load exactly as transformers does: a
 ``tokenizer_config.json`` naming the generic class (transformers then runs ``tokenizer.json`` as
-it is; model-specific classes may rebuild parts of the pipeline in Python), whose special tokens
-are already in ``tokenizer.json``, with one chat template. It returns None for anything else,
-and the caller loads that directory with transformers.
+it is; model-specific classes may rebuild parts of the pipeline in Python) and none of the
+settings with which transformers changes it, special tokens that ``tokenizer.json`` has already,
+and one chat template. It returns None for anything else, and the caller loads that directory
+with transformers.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 #: the named special tokens a chat template sees as variables (transformers' special_tokens_map)
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
-#: tokenizer_config.json keys with which transformers changes what ``tokenizer.json`` gives
-_CHANGING_KEYS = ("add_prefix_space", "clean_up_tokenization_spaces", "split_special_tokens")
+#: tokenizer_config.json keys with which transformers changes what ``tokenizer.json`` gives:
+#: these whatever their value (it rebuilds the pre-tokenizer or the post-processor from them) ...
+_REBUILDING_KEYS = ("add_prefix_space", "add_bos_token", "add_eos_token")
+#: ... and these when true (it cleans decoded text, or encodes special tokens as text)
+_SWITCHES = ("clean_up_tokenization_spaces", "split_special_tokens")
 #: names a message's reasoning comes under; templates read the first (as in transformers)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -65,7 +69,8 @@ class Tokenizer:
             return None
         config = json.loads(config_file.read_text(encoding="utf-8"))
         if config.get("tokenizer_class") not in GENERIC_CLASSES or \
-                any(config.get(key) for key in _CHANGING_KEYS):
+                any(key in config for key in _REBUILDING_KEYS) or \
+                any(config.get(key) for key in _SWITCHES):
             return None
         template_file = directory / "chat_template.jinja"
         template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
