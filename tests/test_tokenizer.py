@@ -278,3 +278,15 @@ def test_what_transformers_would_load_differently_is_left_to_it(directory, tmp_p
     if "chat_template" in changes:
         (target / "chat_template.jinja").unlink()
     assert Tokenizer.from_directory(target) is None
+
+
+def test_a_directory_left_to_transformers_still_loads(hf, directory, tmp_path):
+    model, _ = hf
+    target = _copy(directory, tmp_path / "model", add_bos_token=False)
+    for name in ("config.json", "model.safetensors"):
+        (target / name).symlink_to(directory / name)
+    checkpoint = load_checkpoint(str(target))
+    assert not isinstance(checkpoint.tokenizer, Tokenizer)  # transformers' own
+    assert checkpoint.config == from_hf_config(model.config)
+    norm = "model.norm.weight"
+    assert torch.equal(checkpoint.tensors[norm], model.state_dict()[norm])
