@@ -231,10 +231,21 @@ class GrammarMasks:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_size: int,
                        stop_token_ids: Seq[int]) -> "GrammarMasks":
-        """The masker of a transformers tokenizer; ``stop_token_ids`` are the ids the engine
+        """The masker of a transformers tokenizer or a
+        :class:`~runtime.model.tokenizer.Tokenizer`; ``stop_token_ids`` are the ids the engine
         ends a sequence at, the only ones allowed once a grammar is complete."""
         import xgrammar as xgr
 
+        from runtime.model.tokenizer import Tokenizer
+
+        if isinstance(tokenizer, Tokenizer):
+            # xgrammar reads the vocabulary's encoding from a transformers fast tokenizer (and
+            # imports transformers itself): wrap a copy of ours, which is shared between threads.
+            import tokenizers
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=tokenizers.Tokenizer.from_str(tokenizer.backend.to_str()))
         return cls(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                       stop_token_ids=sorted(stop_token_ids)),
                    vocab_size)

@@ -11,7 +11,9 @@ reuse it can share the same full blocks.
 from __future__ import annotations
 
 from collections import deque
+from math import prod
 
+import numpy as np
 import torch
 
 
@@ -28,8 +30,8 @@ class KVCache:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV pool needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, torch.device(device))
+        self.v = _zeros(shape, dtype, torch.device(device))
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
@@ -86,3 +88,16 @@ class KVCache:
         idx = torch.tensor(blocks, device=self.k.device, dtype=torch.long)
         self.k[:, idx] = k.to(self.k.device)
         self.v[:, idx] = v.to(self.v.device)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed pool tensor. On the CPU its memory comes from calloc (numpy's zeros), whose
+    large allocations are fresh pages the kernel zeroes on first touch: a pool of a few GB
+    costs neither start-up time (torch.zeros writes every byte, about a second per GB) nor
+    memory until its blocks are used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = prod(shape) * dtype.itemsize
+    memory = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
+    start = -memory.data_ptr() % 64  # a cache-line boundary, as torch's own allocations
+    return memory[start:start + nbytes].view(dtype).view(shape)

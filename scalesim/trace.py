@@ -35,14 +35,18 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runtime import Completion, Request
 from runtime.request import SamplingParams
+
+# pandas is imported where frames are made (by pyarrow's to_pandas), at the end of a run: at the
+# start its import would delay the first call by a few tenths of a second.
+if TYPE_CHECKING:
+    import pandas as pd
 
 MEMORY_KINDS = ("adapter", "prefix_kv", "model")
 
@@ -471,6 +475,8 @@ def _read_table(run_dir: Path, name: str) -> pd.DataFrame | None:
     """A table of ``run_dir``: its final file, else its parts in order; None if neither."""
     final, parts, schema = TABLES[name]
     if (run_dir / final).is_file():
+        import pandas as pd
+
         return pd.read_parquet(run_dir / final)
     if (run_dir / parts).is_dir():
         # Only whole parts carry a .parquet name; a temporary file of a killed flush is hidden.

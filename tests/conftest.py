@@ -133,8 +133,9 @@ def hf():
 # -- the real model only in slow tests ------------------------------------------------------------
 #
 # `make test-fast` (-m "not slow") must load no model. Every load of the real weights in this
-# process goes through runtime.model.loader.load_hf_model (the hf and torch executors, the ``hf``
-# fixture), so a test not marked slow that gets there fails, saying what to do. A session
+# process goes through runtime.model.loader.load_hf_model (the hf executor, the ``hf`` fixture)
+# or load_checkpoint (the torch executor), so a test not marked slow that gets there fails,
+# saying what to do. A session
 # fixture (``smol_engine``, ``hf``) is built in the setup of the first test that asks for it:
 # that test is the one named. (A model loaded by a subprocess, a CLI run, is not seen here.)
 
@@ -157,15 +158,17 @@ def _real_model_only_in_slow_tests() -> Any:
     import runtime.executors.hf as hf_executor  # it binds load_hf_model at import: patch it too
     import runtime.model.loader as loader
 
-    real = loader.load_hf_model
+    def guard(real: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            item = _current[-1] if _current else None
+            if item is not None and item.get_closest_marker("slow") is None:
+                pytest.fail(REAL_MODEL, pytrace=False)
+            return real(*args, **kwargs)
 
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        item = _current[-1] if _current else None
-        if item is not None and item.get_closest_marker("slow") is None:
-            pytest.fail(REAL_MODEL, pytrace=False)
-        return real(*args, **kwargs)
+        return guarded
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loader, "load_hf_model", guarded)
-        patch.setattr(hf_executor, "load_hf_model", guarded)
+        patch.setattr(loader, "load_hf_model", guard(loader.load_hf_model))
+        patch.setattr(hf_executor, "load_hf_model", guard(loader.load_hf_model))
+        patch.setattr(loader, "load_checkpoint", guard(loader.load_checkpoint))
         yield

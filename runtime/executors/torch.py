@@ -66,20 +66,21 @@ class TorchExecutor:
             self.model = LlamaModel.random(self.config, dtype=torch_dtype, device=device,
                                            quantization=quantization)
         else:
-            if hf_model is None:  # else: share an already loaded transformers model (tests)
-                from runtime.model.loader import load_hf_model
+            from runtime.model.loader import Checkpoint, load_checkpoint, weights_fingerprint
 
+            if hf_model is not None:  # share an already loaded transformers model (tests)
+                checkpoint = Checkpoint(from_hf_config(hf_model.config), hf_model.state_dict(),
+                                        tokenizer)
+            else:
                 # A quantized model is quantized from the float32 weights, not rounded ones.
-                hf_model, tokenizer = load_hf_model(
+                checkpoint = load_checkpoint(
                     model, dtype="float32" if quantization != "none" else dtype, device=device)
-            self.config = from_hf_config(hf_model.config)
-            self.model = LlamaModel.from_hf(hf_model, self.config, quantization=quantization,
-                                            linear=linear, dtype=torch_dtype,
-                                            dense_from=quantized_dense_from)
+            self.config, tokenizer = checkpoint.config, checkpoint.tokenizer
+            self.model = LlamaModel.from_tensors(checkpoint.tensors, self.config,
+                                                 quantization=quantization, linear=linear,
+                                                 dtype=torch_dtype, dense_from=quantized_dense_from)
             if memory.tiers.store is not None:
-                from runtime.model.loader import weights_fingerprint
-
-                self._weights = weights_fingerprint(hf_model)
+                self._weights = weights_fingerprint(self.config, checkpoint.tensors)
         self.dtype = dtype
         self.quantization = quantization
         self.tokenizer = tokenizer

@@ -13,15 +13,16 @@ keys and values kept by the caller, chunk after chunk) and returns the final-nor
 what embeddings pool.
 
 Each projection is a :mod:`runtime.model.weights` projection: dense in the model's dtype (the
-float32 reference) or weight-only int8 / int4 (``quantization``). Weights come from a
-transformers model (:meth:`from_hf`) or are random for a profile (:meth:`random`).
+float32 reference) or weight-only int8 / int4 (``quantization``). Weights come from checkpoint
+tensors (:meth:`from_tensors`: a ``model.safetensors`` file, or a loaded transformers model's
+state through :meth:`from_hf`) or are random for a profile (:meth:`random`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -158,28 +159,38 @@ class LlamaModel:
     def from_hf(cls, hf_model: Any, config: ModelConfig, quantization: str = "none",
                 linear: str = "auto", dtype: torch.dtype | None = None,
                 dense_from: int = DENSE_FROM) -> "LlamaModel":
-        """The weights of a transformers Llama/Qwen2 causal LM (dense ones shared; q/k/v and
-        gate/up concatenated into fused copies)."""
-        inner = hf_model.model
+        """The weights of a loaded transformers Llama/Qwen2 causal LM (:meth:`from_tensors`)."""
+        return cls.from_tensors(hf_model.state_dict(), config, quantization=quantization,
+                                linear=linear, dtype=dtype, dense_from=dense_from)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: ModelConfig,
+                     quantization: str = "none", linear: str = "auto",
+                     dtype: torch.dtype | None = None,
+                     dense_from: int = DENSE_FROM) -> "LlamaModel":
+        """The weights of a Llama/Qwen2 checkpoint, named as transformers names them (a
+        ``state_dict`` or a ``model.safetensors`` file): dense ones shared, q/k/v and gate/up
+        concatenated into fused copies. A tied head is the embedding (checkpoints leave it out)."""
         layers = []
-        with torch.no_grad():
-            for block in inner.layers:
-                attn, mlp = block.self_attn, block.mlp
-                bias = None
-                if attn.q_proj.bias is not None:
-                    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-                layers.append(DenseLayer(
-                    input_norm=block.input_layernorm.weight.detach(),
-                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    qkv_bias=bias,
-                    o=attn.o_proj.weight.detach(),
-                    post_norm=block.post_attention_layernorm.weight.detach(),
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down=mlp.down_proj.weight.detach(),
-                ))
-        return cls(config, inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
-                   hf_model.lm_head.weight.detach(), linear=linear, quantization=quantization,
-                   dtype=dtype, dense_from=dense_from)
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            bias = None
+            if p + "self_attn.q_proj.bias" in tensors:
+                bias = torch.cat([tensors[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+            layers.append(DenseLayer(
+                input_norm=tensors[p + "input_layernorm.weight"],
+                qkv=torch.cat([tensors[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+                qkv_bias=bias,
+                o=tensors[p + "self_attn.o_proj.weight"],
+                post_norm=tensors[p + "post_attention_layernorm.weight"],
+                gate_up=torch.cat([tensors[p + "mlp.gate_proj.weight"],
+                                   tensors[p + "mlp.up_proj.weight"]]),
+                down=tensors[p + "mlp.down_proj.weight"],
+            ))
+        embed = tensors["model.embed_tokens.weight"]
+        lm_head = embed if config.tie_word_embeddings else tensors["lm_head.weight"]
+        return cls(config, embed, layers, tensors["model.norm.weight"], lm_head, linear=linear,
+                   quantization=quantization, dtype=dtype, dense_from=dense_from)
 
     @classmethod
     def random(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,
