@@ -284,6 +284,9 @@ class ServeConfig(_Section):
     stream_estimator: bool = Field(default=True, description="agents without a client's hint "
                                    "are ordered by next calls learned from the request stream "
                                    "(scalesim.serve.stream_estimator); false: by recency")
+    default_temperature: float = Field(
+        default=0.0, ge=0, le=2, description="when a request sets none (0: greedy; OpenAI's "
+        "own default is 1)")
     tool_choice_auto: Literal["auto", "required"] = Field(
         default="auto", description="what a chat request with tools and tool_choice 'auto' (or "
         "none) gets: 'auto' free text with calls parsed out; 'required' one call of one of its "

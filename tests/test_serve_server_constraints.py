@@ -1,9 +1,10 @@
-"""Constraints the server's settings put on requests that asked for none (issue #28, part 6).
+"""What the server's settings decide for requests that do not say (issue #28, part 6).
 
 ``serve.tool_choice_auto: required`` makes a chat request that offers tools with
 ``tool_choice`` "auto" (or none) get one call of one of them, unless its last message is a tool
 result; ``serve.choice_prompts`` holds a request whose prompt lists options after a phrase the
-operator names to exactly one of them. The rules are checked on request bodies alone (no
+operator names to exactly one of them; ``serve.default_temperature`` is the temperature of a
+request that sets none. The rules are checked on request bodies alone (no
 model); the last test runs them on the real model (slow).
 """
 
@@ -13,6 +14,7 @@ import json
 import re
 
 import httpx
+import pandas as pd
 import pytest
 
 from runtime import Constraint
@@ -114,17 +116,31 @@ def test_a_modeled_server_with_the_settings_answers_as_before():
             assert response.status_code == 200, response.text
 
 
+def test_default_temperature_applies_to_requests_that_set_none(tmp_path):
+    config = modeled_config(default_temperature=0.7, trace=str(tmp_path))
+    with running_server(config) as server:
+        for extra in ({}, {"temperature": 0}):
+            response = httpx.post(f"{base_url(server)}/chat/completions", timeout=10, json={
+                "model": "smollm2-135m", "messages": [user("hi")], **extra})
+            assert response.status_code == 200, response.text
+    sampling = pd.read_parquet(tmp_path / "trace.parquet")["sampling"].map(json.loads)
+    assert sorted(s["temperature"] for s in sampling) == [0.0, 0.7]
+    assert "constraint" in pd.read_parquet(tmp_path / "requests.parquet").columns
+    with pytest.raises(ConfigError):
+        load_serve_config(modeled_config(default_temperature=3))
+
+
 @pytest.mark.slow
 @pytest.mark.model
 def test_the_settings_on_the_real_model():
     config = {"runtime": {"executor": "torch", "model": "smollm2-135m", "kv_cache_tokens": 4096,
                           "max_batch_tokens": 256, "memory": {"policy": "scalesim"}},
-              "serve": {"port": 0, "default_max_tokens": 48, "tool_choice_auto": "required",
+              "serve": {"port": 0, "max_tokens_cap": 96, "tool_choice_auto": "required",
                         "choice_prompts": [EXACTLY]}}
     with running_server(config) as server:
         url = f"{base_url(server)}/chat/completions"
         reply = httpx.post(url, timeout=120, json={
-            "model": "smollm2-135m", "temperature": 1.0, "tools": [POST, LIKE],
+            "model": "smollm2-135m", "max_tokens": 96, "tools": [POST, LIKE],
             "messages": [{"role": "system", "content": "You are a Reddit user."},
                          user("Post 1 says: fresh rolls today! React to it.")]}).json()
         choice = reply["choices"][0]

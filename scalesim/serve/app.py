@@ -66,6 +66,8 @@ class ServeState:
     created: int = field(default_factory=lambda: int(time.time()))
     #: ``serve.tool_choice_auto``: "required" makes a call of tools offered with "auto" forced
     tool_choice_auto: str = "auto"
+    #: ``serve.default_temperature``: a request's temperature when it sets none
+    default_temperature: float = 0.0
     #: ``serve.choice_prompts``, compiled
     choice_prompts: tuple[re.Pattern[str], ...] = ()
 
@@ -251,7 +253,9 @@ def create_app(state: ServeState) -> FastAPI:
             body.prompt_cache_key, body.user, choice,
             body.messages if isinstance(body, ChatCompletionBody) else None)
         try:
-            sampling = SamplingParams(max_tokens=1, temperature=body.temperature or 0.0,
+            temperature = (state.default_temperature if body.temperature is None
+                           else body.temperature)
+            sampling = SamplingParams(max_tokens=1, temperature=temperature,
                                       top_p=body.top_p if body.top_p is not None else 1.0,
                                       top_k=max(body.top_k or 0, 0),
                                       seed=body.seed, stop=body.stops())

@@ -88,6 +88,7 @@ class Server:
         self.state = ServeState(self.loop, self.registry, api_key=serve.api_key,
                                 on_shutdown=self.shutdown, drain_timeout_s=serve.drain_timeout_s,
                                 tool_choice_auto=serve.tool_choice_auto,
+                                default_temperature=serve.default_temperature,
                                 choice_prompts=tuple(re.compile(p) for p in serve.choice_prompts))
         self.app = create_app(self.state)
         self.uvicorn: uvicorn.Server | None = None

@@ -56,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
                                   role=prefab_lib.Role.GAME_MASTER,
                                   params={"name": "conversation rules",
                                           "next_game_master_name": "conversation rules",
-                                          "acting_order": "game_master_choice"}),
+                                          "acting_order": "game_master_choice",
+                                          "can_terminate_simulation": False}),
     ]
     config = prefab_lib.Config(
         default_premise="Alice, a baker, and Bob, a blacksmith, meet at the village market.",

@@ -31,7 +31,8 @@ CONCORDIA_CHOICE = r"one of the following strings:\n(?P<options>(?s:.*))\.\s*\Z"
 #: per client: its script, its venv, the server settings the run uses
 CLIENTS: dict[str, tuple[str, str, list[str]]] = {
     "agentscope": ("agentscope_village.py", ".venv-realclient", ["serve.default_max_tokens=48"]),
-    "oasis": ("oasis_reddit.py", ".venv-oasis", []),
+    "oasis": ("oasis_reddit.py", ".venv-oasis", ["serve.tool_choice_auto=required",
+                                                 "serve.default_temperature=1"]),
     "concordia": ("concordia_village.py", ".venv-concordia", [
         f"serve.choice_prompts=['{CONCORDIA_CHOICE}']", "serve.max_tokens_cap=64"]),
 }
