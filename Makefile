@@ -50,7 +50,8 @@ realclient-oasis: setup
 	$(OASIS_VENV)/bin/python -m pip install -q camel-oasis==0.2.5 'mcp<2'
 	$(PY) tests/realclient/run.py --client oasis --client-python $(OASIS_VENV)/bin/python
 
-# Concordia (gdm-concordia 2.4.0 needs Python 3.12: CONCORDIA_PYTHON) in its own venv.
+# Concordia (gdm-concordia 2.4.0 needs Python 3.12: CONCORDIA_PYTHON; on this VM pyenv has it,
+# CONCORDIA_PYTHON=$(pyenv root)/versions/3.12.1/bin/python) in its own venv.
 CONCORDIA_VENV ?= .venv-concordia
 CONCORDIA_PYTHON ?= python3.12
 realclient-concordia: setup
