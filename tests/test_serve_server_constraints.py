@@ -69,6 +69,9 @@ def test_tool_choice_auto_required_leaves_tool_results_explicit_choices_and_no_t
     assert server_constraint(chat(user("hi"), tools=[POST], tool_choice="none"),
                              "required", ()) is None
     assert server_constraint(chat(user("hi")), "required", ()) is None
+    # Tools whose schema makes no grammar: free text, as auto (the client asked for nothing).
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}
+    assert server_constraint(chat(user("hi"), tools=[broken]), "required", ()) is None
 
 
 def test_choice_prompts_hold_the_reply_to_the_listed_options():

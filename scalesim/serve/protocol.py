@@ -284,14 +284,16 @@ def server_constraint(body: GenerationBody, tool_choice_auto: str,
     """The constraint the server's settings put on a request that asked for none, and the
     setting that put it: a tool call (``serve.tool_choice_auto: required``, for a chat request
     with tools and ``tool_choice`` "auto" or none whose last message is no tool result), or one
-    of the options its prompt lists (``serve.choice_prompts``, for a request without tools)."""
+    of the options its prompt lists (``serve.choice_prompts``, for a request without tools).
+    A request is never refused for a constraint it did not ask for: tools whose schemas make no
+    grammar leave it free text, as ``auto`` would."""
     if isinstance(body, ChatCompletionBody) and body.tools:
         if (tool_choice_auto == "required" and body.tool_choice in (None, "auto")
                 and not body.answers_tool_result()):
             try:
                 return "serve.tool_choice_auto", checked(Constraint.tool_call(body.tools, None))
-            except ConstraintError as exc:
-                raise bad_request("tools", f"tools: {exc}") from None
+            except ConstraintError:  # the client asked for no constraint: it gets free text
+                return None
         return None
     options = prompt_choices(body.question(), choice_prompts)
     return None if options is None else ("serve.choice_prompts",
