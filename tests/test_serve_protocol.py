@@ -120,7 +120,10 @@ def test_render_keeps_the_persona_and_tools_as_the_stable_prefix():
     messages = [Message(role="system", content="You are Ada."),
                 Message(role="user", content="hi")]
     prefix, history, prompt = render(messages, [CREATE_POST])
-    assert prefix.startswith("You are Ada.") and "<tools>" in prefix and "create_post" in prefix
+    assert prefix.endswith("You are Ada.") and "<tools>" in prefix and "create_post" in prefix
+    # The tools come first: agents offered the same tools share them as a token prefix.
+    bob, _, _ = render([Message(role="system", content="You are Bob."), messages[1]], [CREATE_POST])
+    assert bob.split("You are")[0] == prefix.split("You are")[0] and "</tools>" in bob.split("You are")[0]
     assert history == () and prompt == "hi"
     again, _, _ = render(messages[:1] + [Message(role="user", content="other")], [CREATE_POST])
     assert again == prefix  # the same agent keeps the same prefix (its KV is reused)
@@ -140,7 +143,7 @@ OASIS_TURNS = [
 
 def test_render_keeps_each_turn_in_its_own_role():
     prefix, history, prompt = render(OASIS_TURNS, [CREATE_POST])
-    assert prefix.startswith("You're a Twitter user.") and "<tools>" in prefix
+    assert prefix.endswith("You're a Twitter user.") and "<tools>" in prefix
     assert [t["role"] for t in history] == ["user", "assistant", "user", "assistant"]
     assert history[0]["content"] == "Pick your action."
     # The assistant's call, written as the tools preamble asks the model to write calls.

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import hmac
 import json
+import re
 import time
 import uuid
 from urllib.parse import quote
@@ -44,7 +45,8 @@ from scalesim.serve.identity import AGENT_HEADER, AdapterRegistry, resolve_ident
 from scalesim.serve.loop import EmbeddingJob, EngineLoop, Job
 from scalesim.serve.prompt import parse_tool_calls, render, tool_names
 from scalesim.serve.protocol import (ChatCompletionBody, CompletionBody, EmbeddingBody,
-                                     GenerationBody, HintsBody, ScaleSimFields, UpdateBody)
+                                     GenerationBody, HintsBody, ScaleSimFields, UpdateBody,
+                                     server_constraint)
 
 Body = TypeVar("Body", bound=BaseModel)
 #: How often a waiting handler checks whether its client is still there (seconds).
@@ -62,6 +64,12 @@ class ServeState:
     on_shutdown: Callable[[], None] | None = None
     drain_timeout_s: float = 60.0
     created: int = field(default_factory=lambda: int(time.time()))
+    #: ``serve.tool_choice_auto``: "required" makes a call of tools offered with "auto" forced
+    tool_choice_auto: str = "auto"
+    #: ``serve.default_temperature``: a request's temperature when it sets none
+    default_temperature: float = 0.0
+    #: ``serve.choice_prompts``, compiled
+    choice_prompts: tuple[re.Pattern[str], ...] = ()
 
 
 #: the metrics label of each endpoint path: the same one the served requests of it count under
@@ -245,7 +253,9 @@ def create_app(state: ServeState) -> FastAPI:
             body.prompt_cache_key, body.user, choice,
             body.messages if isinstance(body, ChatCompletionBody) else None)
         try:
-            sampling = SamplingParams(max_tokens=1, temperature=body.temperature or 0.0,
+            temperature = (state.default_temperature if body.temperature is None
+                           else body.temperature)
+            sampling = SamplingParams(max_tokens=1, temperature=temperature,
                                       top_p=body.top_p if body.top_p is not None else 1.0,
                                       top_k=max(body.top_k or 0, 0),
                                       seed=body.seed, stop=body.stops())
@@ -253,6 +263,8 @@ def create_app(state: ServeState) -> FastAPI:
             raise bad_request(None, str(exc)) from None
         constraint, constrained_by = None, None
         asked = body.constraint()
+        if asked is None and loop.engine.structured_output:  # modeled: placeholder text
+            asked = server_constraint(body, state.tool_choice_auto, state.choice_prompts)
         if asked is not None:
             constrained_by, constraint = asked
             if not loop.engine.structured_output:

@@ -8,7 +8,10 @@ sends its growing conversation starts with the tokens of its previous request (s
 :mod:`runtime.model.chat`), and the engine's prefix cache reuses them.
 
 * The leading system / developer messages, plus the tool schemas when the request has any,
-  become the prefix, so an agent that keeps its persona and tools keeps its prefix KV.
+  become the prefix, so an agent that keeps its persona and tools keeps its prefix KV. The
+  tools preamble comes first: clients that offer every agent the same tools (OASIS: about a
+  thousand tokens of schemas) then send one shared token prefix before each agent's persona,
+  which the prefix cache computes once for all of them.
 * The last message is the prompt when it is a user message or a tool result; every message
   between the two is a history turn. A trailing assistant (or system) message, a prefill this
   server cannot continue, is a history turn too, and the prompt is then an empty user turn.
@@ -102,9 +105,9 @@ def render(messages: list[Message], tools: list[dict[str, Any]] | None = None
     while head < len(messages) and messages[head].role in ("system", "developer"):
         head += 1
     system = [m.text() for m in messages[:head]]
-    if tools:
+    if tools:  # first: agents offered the same tools share it, whatever their personas
         schemas = "\n".join(json.dumps(t, sort_keys=True) for t in tools)
-        system.append(TOOLS_PREAMBLE.format(tools=schemas))
+        system.insert(0, TOOLS_PREAMBLE.format(tools=schemas))
     prefix = "\n\n".join(s for s in system if s)
     names = {call.id: call.function.name for m in messages for call in m.tool_calls or ()
              if call.id}

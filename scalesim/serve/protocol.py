@@ -19,11 +19,14 @@ the bulk hint endpoints.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime import Constraint, ConstraintError
+from runtime.constrained import checked
 from scalesim.serve.errors import bad_request
 
 #: An eta: a time on the session's clock, ``None`` (drop the hint) or ``"never"`` (done).
@@ -179,6 +182,10 @@ class GenerationBody(_Lenient):
             raise bad_request(field, f"{field}: {exc}") from None
         return field, constraint
 
+    def question(self) -> str:
+        """The text a choice prompt is looked for in (``serve.choice_prompts``)."""
+        raise NotImplementedError
+
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -221,6 +228,16 @@ class ChatCompletionBody(GenerationBody):
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def question(self) -> str:
+        """The last user message's text ("" when there is none)."""
+        users = [m for m in self.messages if m.role == "user"]
+        return users[-1].text() if users else ""
+
+    def answers_tool_result(self) -> bool:
+        """Whether the conversation ends with a tool result (the client passes results back
+        and waits for the model's answer to them)."""
+        return self.messages[-1].role in ("tool", "function")
+
 
 class CompletionBody(GenerationBody):
     prompt: str | list[str]
@@ -237,6 +254,50 @@ class CompletionBody(GenerationBody):
             raise bad_request("prompt", f"prompt: exactly one prompt per request is served, "
                               f"got {len(self.prompt)}")
         return self.prompt[0]
+
+    def question(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else "".join(self.prompt[:1])
+
+
+def prompt_choices(text: str, patterns: Sequence[re.Pattern[str]]) -> list[str] | None:
+    """The options a prompt asks the reply to be one of, by the first of ``patterns`` (each
+    with a group ``options``) found in ``text``: the group's non-empty lines, stripped, each
+    once; None when no pattern matches (or its options are empty).
+
+    This is ``serve.choice_prompts``: some clients ask for an exact option in the prompt alone
+    ("respond with exactly one of: ...") and resample until the reply is one; the operator
+    names the phrase, and the reply is constrained as ``guided_choice`` would constrain it.
+    """
+    for pattern in patterns:
+        found = pattern.search(text)
+        if found is None or found.group("options") is None:
+            continue
+        options = list(dict.fromkeys(
+            line.strip() for line in found.group("options").splitlines() if line.strip()))
+        if options:
+            return options
+    return None
+
+
+def server_constraint(body: GenerationBody, tool_choice_auto: str,
+                      choice_prompts: Sequence[re.Pattern[str]]) -> tuple[str, Constraint] | None:
+    """The constraint the server's settings put on a request that asked for none, and the
+    setting that put it: a tool call (``serve.tool_choice_auto: required``, for a chat request
+    with tools and ``tool_choice`` "auto" or none whose last message is no tool result), or one
+    of the options its prompt lists (``serve.choice_prompts``, for a request without tools).
+    A request is never refused for a constraint it did not ask for: tools whose schemas make no
+    grammar leave it free text, as ``auto`` would."""
+    if isinstance(body, ChatCompletionBody) and body.tools:
+        if (tool_choice_auto == "required" and body.tool_choice in (None, "auto")
+                and not body.answers_tool_result()):
+            try:
+                return "serve.tool_choice_auto", checked(Constraint.tool_call(body.tools, None))
+            except ConstraintError:  # the client asked for no constraint: it gets free text
+                return None
+        return None
+    options = prompt_choices(body.question(), choice_prompts)
+    return None if options is None else ("serve.choice_prompts",
+                                         checked(Constraint.choice(options)))
 
 
 #: the most inputs one embeddings request may carry (OpenAI's limit)

@@ -34,6 +34,8 @@ REQUESTS_SCHEMA = pa.schema([
     ("endpoint", pa.string()), ("model", pa.string()), ("adapter", pa.string()),
     ("session", pa.string()), ("session_clock", pa.float64()), ("outcome", pa.string()),
     ("status", pa.int64()), ("error", pa.string()), ("time", pa.float64()),
+    # the field or server setting that constrained the reply (None: free text)
+    ("constraint", pa.string()),
 ])
 
 

@@ -17,6 +17,7 @@ then the app drains the engine loop and :meth:`Server.shutdown` writes the trace
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -85,7 +86,10 @@ class Server:
                                max_tokens_cap=serve.max_tokens_cap,
                                recorder=self.recorder, pace=serve.pace)
         self.state = ServeState(self.loop, self.registry, api_key=serve.api_key,
-                                on_shutdown=self.shutdown, drain_timeout_s=serve.drain_timeout_s)
+                                on_shutdown=self.shutdown, drain_timeout_s=serve.drain_timeout_s,
+                                tool_choice_auto=serve.tool_choice_auto,
+                                default_temperature=serve.default_temperature,
+                                choice_prompts=tuple(re.compile(p) for p in serve.choice_prompts))
         self.app = create_app(self.state)
         self.uvicorn: uvicorn.Server | None = None
         self.port: int | None = None
