@@ -169,16 +169,21 @@ def test_a_run_stops_at_its_end_with_later_calls_still_in_flight(tmp_path):
     assert part.summary["occupancy"]["mean_calls_in_flight"] > 0
 
 
-def test_the_oracle_orders_pending_calls_by_due_time():
-    engine = FakeEngine()
+def world_with_oracle(engine: Any, call_duration: float
+                      ) -> tuple[SimEnvironment, World, DistanceOracle]:
+    """An environment on ``engine`` whose observer is a distance oracle, and a world on it."""
     oracle: list[DistanceOracle] = []
 
     def observe(env: SimEnvironment) -> DistanceOracle:
-        oracle.append(DistanceOracle(env, call_duration=5))
+        oracle.append(DistanceOracle(env, call_duration=call_duration))
         return oracle[0]
 
-    env = SimEnvironment(engine, observer=observe, call_duration=5)
-    world = World(env)
+    env = SimEnvironment(engine, observer=observe, call_duration=call_duration)
+    return env, World(env), oracle[0]
+
+
+def test_the_oracle_orders_pending_calls_by_due_time():
+    env, world, source = world_with_oracle(FakeEngine(), call_duration=5)
 
     def caller(duration: float | None) -> Callable[[Scripted], Generator[Any, Any, None]]:
         def script(a: Scripted) -> Generator[Any, Any, None]:
@@ -193,7 +198,6 @@ def test_the_oracle_orders_pending_calls_by_due_time():
     world.add(Scripted("soon", caller(1)))      # due 1: stands at -4
     world.add(Scripted("sleeper", sleeper))     # wakes at 2
     env.run(until=0.5)
-    source = oracle[0]
     assert source.nearest(4)[:3] == ["soon", "default", "sleeper"]
     assert source.nearest(4)[3] == "late"
     assert source.distance("soon") == 0 and source.distance("default") == 0
@@ -217,15 +221,7 @@ class EarliestDueFirst(FakeEngine):
 
 
 def test_an_answer_held_until_its_due_time_is_no_longer_a_pending_call():
-    engine = EarliestDueFirst()
-    oracle: list[DistanceOracle] = []
-
-    def observe(env: SimEnvironment) -> DistanceOracle:
-        oracle.append(DistanceOracle(env, call_duration=10))
-        return oracle[0]
-
-    env = SimEnvironment(engine, observer=observe, call_duration=10)
-    world = World(env)
+    env, world, source = world_with_oracle(EarliestDueFirst(), call_duration=10)
 
     def caller(duration: float) -> Callable[[Scripted], Generator[Any, Any, None]]:
         def script(a: Scripted) -> Generator[Any, Any, None]:
@@ -238,7 +234,6 @@ def test_an_answer_held_until_its_due_time_is_no_longer_a_pending_call():
     seen: list[tuple[Any, ...]] = []
 
     def at_hold(call: Any) -> None:
-        source = oracle[0]
         seen.append((call.agent_id, env.now, source.pending(call.agent_id),
                      source.nearest(2), source.order_key(call.agent_id)))
 
@@ -249,7 +244,7 @@ def test_an_answer_held_until_its_due_time_is_no_longer_a_pending_call():
     # Its memory is next needed after it resumes at 10, so the queued call (at 5) comes first;
     # kept pending, it would have stood at 0, before every queued call.
     assert nearest == ["queued", "answered"] and key >= 10
-    assert answered.log == [10] and oracle[0].pending("answered") == 0
+    assert answered.log == [10] and source.pending("answered") == 0
 
 
 def test_a_held_answer_handed_over_does_not_end_another_pending_call():
