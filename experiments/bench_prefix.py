@@ -23,6 +23,10 @@ guests in each round, as in the paper's setting) and ``continuous`` (exponential
 engine sees one or two sequences at a time). The JSON headline holds the ratios.
 
     python -m experiments.bench_prefix [--quick] [--real]
+
+``--settings continuous --durations 0,1,5`` runs the named settings with calls that take that
+much simulated time (``sim.call_duration``, minutes): the continuous setting starves the
+engine at duration 0, and a duration lets it batch.
 """
 
 from __future__ import annotations
@@ -114,10 +118,13 @@ def run_variant(yaml: str, out: Path, overrides: dict[str, Any],
 
 
 def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
-            host_bytes: int | None, work: Path, ideal: bool = True) -> dict[str, Any]:
-    """Every variant on one setting; the unbounded run first, since it sizes the budget."""
+            host_bytes: int | None, work: Path, ideal: bool = True,
+            duration: float = 0.0) -> dict[str, Any]:
+    """Every variant on one setting (calls of ``duration``); the unbounded run first, since it
+    sizes the budget."""
     rows: dict[str, dict[str, Any]] = {}
     base = {f"world__params__{k}": v for k, v in params.items()}
+    base["sim__call_duration"] = duration
     rows["unbounded"] = run_variant(yaml, work / name / "unbounded",
                                     {**base, **VARIANTS["unbounded"]}, ideal=ideal)
     budget = max(1, int(rows["unbounded"]["cached_kv_bytes"] * fraction))
@@ -162,22 +169,46 @@ def main() -> None:
                         help="also the small world on the real model (CPU, minutes)")
     parser.add_argument("--guests", type=int, default=200)
     parser.add_argument("--budget-fraction", type=float, default=0.25)
+    parser.add_argument("--settings", default="rounds,sparse rounds,continuous",
+                        help="comma-separated, of: rounds, sparse rounds, continuous")
+    parser.add_argument("--durations", default="0",
+                        help="comma-separated call durations in minutes (sim.call_duration)")
+    parser.add_argument("--tiers", default="dropped,host",
+                        help="where evicted segments go: dropped, host (a 64 GB host tier)")
     args = parser.parse_args()
     guests = 12 if args.quick else args.guests
+    settings = {"rounds": {"guests": guests, "synchronous": True},
+                "sparse rounds": {"guests": guests, "synchronous": True, "participation": 0.2,
+                                  "gap_minutes": 10},
+                "continuous": {"guests": guests}}
+    chosen = [name.strip() for name in args.settings.split(",")]
+    unknown = [name for name in chosen if name not in settings]
+    if unknown:
+        parser.error(f"--settings: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(settings)}")
+    tiers = {"dropped": 0, "host": None}
+    if any(t not in tiers for t in args.tiers.split(",")):
+        parser.error(f"--tiers: choose from {', '.join(tiers)}")
+    durations = [float(d) for d in args.durations.split(",")]
+    # A selection is kept apart from the whole benchmark's results, not written over them.
+    whole = (chosen == list(settings) and durations == [0.0]
+             and args.tiers.split(",") == list(tiers))
+    keep_as = "bench_prefix" if whole else "bench_prefix_selected"
     line: dict[str, Any] = {"experiment": "bench_prefix", "world": "salon",
                             "budget_fraction": args.budget_fraction}
     with tempfile.TemporaryDirectory(prefix="bench_prefix_") as tmp:
         work = Path(tmp)
         modeled = {}
-        for name, params in (("rounds", {"guests": guests, "synchronous": True}),
-                             ("sparse rounds", {"guests": guests, "synchronous": True,
-                                                "participation": 0.2, "gap_minutes": 10}),
-                             ("continuous", {"guests": guests})):
-            for tier, host in (("dropped", 0), ("host", None)):
-                label = f"{name}, evicted {tier}"
-                modeled[label] = compare(label, "worlds/salon_large.yaml",
-                                         {**params, "remarks": 4 if args.quick else 12},
-                                         args.budget_fraction, host, work)
+        for name in chosen:
+            for duration in durations:
+                for tier in args.tiers.split(","):
+                    label = f"{name}, evicted {tier}" + (f", duration {duration:g}"
+                                                         if duration else "")
+                    modeled[label] = compare(label, "worlds/salon_large.yaml",
+                                             {**settings[name],
+                                              "remarks": 4 if args.quick else 12},
+                                             args.budget_fraction, tiers[tier], work,
+                                             duration=duration)
         line["modeled"] = {k: {key: v[key] for key in v if key != "rows"}
                            for k, v in modeled.items()}
         line["modeled_label"] = "modeled: qwen2.5-7b on H100, makespans in modeled seconds"
@@ -187,9 +218,9 @@ def main() -> None:
             line["real"].pop("rows")
         out = Path("experiments/results") / ("quick" if args.quick else "")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_prefix_rows.json").write_text(json.dumps(
+        (out / f"{keep_as}_rows.json").write_text(json.dumps(
             {k: v["rows"] for k, v in modeled.items()}, indent=1) + "\n")
-    headline(line, keep_as="bench_prefix", quick=args.quick)
+    headline(line, keep_as=keep_as, quick=args.quick)
 
 
 if __name__ == "__main__":
