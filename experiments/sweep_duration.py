@@ -137,6 +137,11 @@ def sweep_world(world: str, quick: bool, in_flight: tuple[int, ...] = IN_FLIGHT,
     return rows
 
 
+def seconds_per_call(run: dict[str, Any]) -> float:
+    """A run's modeled makespan per call it made."""
+    return run["modeled_makespan_s"] / run["calls"]
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline over the rows of every world (speedups and occupancy under ``scalesim``).
 
@@ -161,9 +166,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         def gain(run: dict[str, Any]) -> dict[str, Any]:
             return {"duration": run["duration"],
                     "speedup": round(base["modeled_makespan_s"] / run["modeled_makespan_s"], 3),
-                    "speedup_per_call": round(
-                        base["modeled_makespan_s"] / base["calls"]
-                        / (run["modeled_makespan_s"] / run["calls"]), 3),
+                    "speedup_per_call": round(seconds_per_call(base) / seconds_per_call(run),
+                                              3),
                     "calls": run["calls"], "mean_calls_in_flight": run["mean_calls_in_flight"],
                     "sequences_per_step": run["sequences_per_step"]}
 
@@ -175,11 +179,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ratio[world] = {f"{d:g}": round(by[(world, d, "lru")]["modeled_makespan_s"] /
                                         by[(world, d, "scalesim")]["modeled_makespan_s"], 4)
                         for d in durations}
-        per_call[world] = {
-            f"{d:g}": round(by[(world, d, "lru")]["modeled_makespan_s"] / by[(world, d, "lru")]
-                            ["calls"] / (by[(world, d, "scalesim")]["modeled_makespan_s"]
-                                         / by[(world, d, "scalesim")]["calls"]), 4)
-            for d in durations}
+        per_call[world] = {f"{d:g}": round(seconds_per_call(by[(world, d, "lru")])
+                                           / seconds_per_call(by[(world, d, "scalesim")]), 4)
+                           for d in durations}
         steps = [r["sequences_per_step"] for r in runs]
         rises[world] = all(a < b for a, b in zip(steps, steps[1:]))
     return {"max_speedup_over_duration_0": speedup, "at_64_calls_in_flight": at_64,

@@ -9,6 +9,8 @@ serves the memory manager's :class:`runtime.memory.DistanceSource` questions (``
   0, before every predicted call); a call due sooner or later than that is placed where a
   predicted call due then would be, so the memory manager fetches for calls in the order the
   scheduler serves them (earliest due first);
+* a **held** answer (a call the engine answered ahead of its due time): the agent calls again
+  no sooner than it resumes, at that due time — a bound; the call is no longer pending;
 * **timers** (``Agent.wait``): the wake-up time already in the simpy event queue — exact;
 * **deadlines**: the timeout of a ``receive`` or ``wait_for``, a bound on the wake-up;
 * **messages in transit** (``Agent.send(..., delay=d)``): an agent blocked on ``receive`` wakes
@@ -147,8 +149,7 @@ class DistanceOracle(CallTrackingSource):
         pending, an answered agent would rank before every call still queued, and under calls
         that take simulated time it would hold memory the queued calls need first."""
         before = self._acts_at(agent)
-        self._held[agent] = self._held.get(agent, 0) + 1
-        if self._end_call(agent):
+        if self._answer_early(agent):
             del self._due[agent]
         self._active[agent] = self._resumes[agent] = due
         self._moved(agent, before)

@@ -97,8 +97,7 @@ class CallTrackingSource:
         time): the engine is done with it, so it is no longer pending, though the agent
         resumes only at :meth:`on_finish`, at ``due``. Its memory is next needed for the call
         after."""
-        self._held[agent_id] = self._held.get(agent_id, 0) + 1
-        if self._end_call(agent_id):
+        if self._answer_early(agent_id):
             self._changed(agent_id)
 
     def on_finish(self, agent_id: str) -> None:
@@ -116,6 +115,12 @@ class CallTrackingSource:
         calls = pending.get(agent_id, 0)
         pending[agent_id] = calls + 1
         return not calls
+
+    def _answer_early(self, agent_id: str) -> bool:
+        """Count a call answered ahead of its due time as held, and end it; ``True`` if it was
+        the agent's last pending one."""
+        self._held[agent_id] = self._held.get(agent_id, 0) + 1
+        return self._end_call(agent_id)
 
     def _hand_over(self, agent_id: str) -> bool:
         """Count a held answer handed over; ``True`` if ``agent_id`` had one (its call has
