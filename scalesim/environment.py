@@ -7,20 +7,22 @@ duration=d)``, or the world's default :attr:`SimEnvironment.call_duration`): the
 thinking until its *due time*, submit time plus duration, and resumes with the completion
 exactly then.
 
-The engine runs only when it must: when the clock would otherwise pass the due time of a call it
-has not answered (the next event, or the next answer to hand over, lies beyond it). Until then the
-clock moves on over the world's events, other agents call too, and the calls of many instants
-share the engine's batches; the scheduler serves them earliest-due first. A call the engine
-answers before its due time is *held*: an event at the due time (a simpy event like any other,
-after those already scheduled for then) hands over every answer due then, in request order; the
-engine has answered every call due then before the clock gets there. So a seeded run is the
-same run every time. With duration 0 (the default) a
-call is due at once: the engine runs when the current instant has nothing left to run, answers
-succeed their events at the same instant, and every call of one instant is batched together.
+The engine runs only when it must: when the clock is about to reach a call it has not answered.
+Until then the clock moves on over the world's events, other agents call too, and the calls of
+many instants share the engine's batches; the scheduler serves them earliest-due first.
+
+A call's event is scheduled when the call is made, at its due time, after every other event of
+that time (:data:`ANSWER` priority) and after the calls due then that were made before it. An
+answer the engine gives earlier is *held* until the event fires. So the order in which agents
+resume is fixed by the simulation alone: neither the engine's speed nor which calls it happened
+to finish in one iteration (which memory decides, through hits and misses) changes it, and a
+seeded run makes the same calls under every memory policy, budget and executor. With duration 0
+(the default) a call is due at once: every event of the instant runs first, so every call of
+the instant is batched together; then the agents resume one at a time in request order, each
+after the previous one's consequences at that instant.
 
 With a :attr:`SimEnvironment.replay` (:mod:`scalesim.replay`), a call that matches an earlier
-run's record is answered from it instead: it waits, without the engine, for the iteration that
-finished it in the recorded run, so the agents resume in the order they did then.
+run's record is answered from it at once, and its agent resumes exactly where it would live.
 
 The environment always has an *observer* (:class:`SimObserver`): agents report what they block
 on and the environment reports calls to it. A run's observer is the
@@ -40,6 +42,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import simpy
+from simpy.events import PENDING
 
 from runtime import Completion, Request, RequestError
 from runtime.interface import EngineInterface
@@ -47,16 +50,23 @@ from runtime.replicas import ReplicaFailure
 from scalesim.occupancy import EngineOccupancy
 
 if TYPE_CHECKING:
-    from scalesim.replay import RecordedCall, Replay
+    from scalesim.replay import Replay
     from scalesim.turns import TurnOrder
+
+
+#: The priority of an answer in simpy's event queue: after every other event of its due time.
+ANSWER = simpy.core.NORMAL + 1
 
 
 class LLMCall(simpy.Event):
     """The event an agent yields on to wait for its LLM reply.
 
-    Its value is the :class:`~runtime.Completion`, delivered at :attr:`due`. If the request
-    fails, the event fails with a :class:`~runtime.RequestError`, raised inside the waiting
-    agent's process.
+    It is scheduled when made, at its :attr:`due` time with priority :data:`ANSWER`: after every
+    other event of that time, and after the calls due then that were made before it. Its value
+    is the :class:`~runtime.Completion`, set when the engine (or a record) answers it, which the
+    environment makes sure happens before the clock reaches the event. If the request fails,
+    the event fails with a :class:`~runtime.RequestError`, raised inside the waiting agent's
+    process.
     """
 
     def __init__(self, env: "SimEnvironment", agent_id: str, request: Request,
@@ -74,23 +84,24 @@ class LLMCall(simpy.Event):
         self.iteration = 0
         #: answered from an earlier run's record (:mod:`scalesim.replay`), not by the engine
         self.replayed = False
-        #: the engine's answer once it has one (held until :attr:`due`)
+        #: the engine's answer once it has one (held until the event fires at :attr:`due`)
         self.completion: Completion | None = None
+        # The environment's bookkeeping comes first, before the waiting process resumes. The
+        # time is pushed as it is, not as a delay from now, so the agent resumes at exactly
+        # ``due`` (``now + (due - now)`` need not be ``due`` in floating point).
+        self.callbacks.append(env._finish)
+        heapq.heappush(env._queue, (due, ANSWER, next(env._eid), self))
 
+    @property
+    def answered(self) -> bool:
+        """Whether the call has its answer (it may still be held until :attr:`due`)."""
+        return self.completion is not None
 
-class HandOver(simpy.Event):
-    """The event at a due time that hands over the answers held for it.
-
-    Like a :class:`simpy.Timeout`, it is triggered when made and fires at its time; unlike one,
-    that time is given as it is (``due``), not as a delay from now, so the agents resume at
-    exactly the time their calls were due (``now + (due - now)`` need not be ``due`` in floating
-    point).
-    """
-
-    def __init__(self, env: "SimEnvironment", due: float) -> None:
-        super().__init__(env)
-        self._ok, self._value = True, None
-        heapq.heappush(env._queue, (due, simpy.core.NORMAL, next(env._eid), self))
+    def answer(self, completion: Completion) -> None:
+        """Give the call its answer, which its agent gets when the event fires."""
+        self.completion = completion
+        self._ok = completion.ok
+        self._value = completion if completion.ok else RequestError(completion.error)
 
 
 class SimObserver(Protocol):
@@ -223,13 +234,9 @@ class SimEnvironment(simpy.Environment):
         self.call_duration = check_duration(call_duration, "call_duration")
         #: every call whose agent has not resumed yet, by request id (unanswered or held)
         self.in_flight: dict[int, LLMCall] = {}
-        #: ``(due, request id)`` of the calls the engine has not answered (lazily pruned)
-        self._unanswered: list[tuple[float, int]] = []
-        #: the request ids of the answered calls held until their due time, by due time
-        self._held: dict[float, list[int]] = {}
         #: what the engine's iterations did, and the calls in flight over simulated time
         self.occupancy = EngineOccupancy()
-        #: Called with ``(call, completion)`` for every finished call, before the agent resumes.
+        #: Called with ``(call, completion)`` for every finished call, as its agent resumes.
         self.completion_listeners: list[Callable[[LLMCall, Completion], None]] = []
         #: Called with the agent id of every submitted call (e.g. a recorded-future distance).
         self.submit_listeners: list[Callable[[str], None]] = []
@@ -243,10 +250,6 @@ class SimEnvironment(simpy.Environment):
         #: engine iterations run so far (replayed ones counted where the record ran them)
         self.iterations = 0
         self._positions: dict[str, int] = {}
-        #: recorded answers due now, waiting for their iteration (by their recorded request id)
-        self._answered: dict[int, RecordedCall] = {}
-        #: calls submitted to the engine that it has not answered yet
-        self._engine_calls = 0
 
     @property
     def engine(self) -> EngineInterface:
@@ -285,20 +288,14 @@ class SimEnvironment(simpy.Environment):
                     if self.replay is not None else None)
         if recorded is not None:
             call.replayed, call.iteration = True, recorded.iteration
+            # live iterations, should the run go live, are counted after the recorded ones
+            self.iterations = max(self.iterations, recorded.iteration)
             self.in_flight[recorded.request_id] = call
-            if due > self._now:  # held until due, handed over with the live answers due then
-                call.completion = recorded.completion(recorded.request_id, time.perf_counter())
-                self._hold(call)
-            else:  # handed over in the group its recorded engine iteration finished
-                self._answered[recorded.request_id] = recorded
-                heapq.heappush(self._unanswered, (due, recorded.request_id))
+            self._answer(call, recorded.completion(recorded.request_id, time.perf_counter()))
             return call
         if self.replay is not None and request.request_id < 0:
             request.request_id = self.replay.next_request_id()  # unique beside replayed ones
-        request_id = self.engine.submit(request)
-        self.in_flight[request_id] = call
-        heapq.heappush(self._unanswered, (due, request_id))
-        self._engine_calls += 1
+        self.in_flight[self.engine.submit(request)] = call
         return call
 
     def open_turn_orders(self) -> list[TurnOrder]:
@@ -312,19 +309,19 @@ class SimEnvironment(simpy.Environment):
             return super().run(until)
 
     def next_time(self) -> float:
-        """When the next :meth:`step` acts, at the latest: the next event (a hand-over of held
-        answers among them) or the due time of the earliest unanswered call (``inf``: nothing
-        is left)."""
-        due = self._earliest_unanswered()
-        return min(self.peek(), math.inf if due is None else due)
+        """When the next :meth:`step` acts, at the latest: the next event, an answer among them
+        (``inf``: nothing is left)."""
+        return self.peek()
 
     def step(self) -> None:
-        upcoming = self.peek()
-        due = self._earliest_unanswered()
-        if due is not None and due <= upcoming and upcoming > self._now:
-            self._run_engine_iteration()
-            return
+        queue = self._queue
+        if queue:
+            head = queue[0][3]
+            if head.__class__ is LLMCall and head._value is PENDING:
+                self._run_engine_iteration()  # the clock is about to reach an unanswered call
+                return
         before = self._now
+        upcoming = self.peek()
         if before < upcoming < math.inf:
             self.occupancy.record_clock(len(self.in_flight), upcoming - before)
         try:
@@ -333,84 +330,41 @@ class SimEnvironment(simpy.Environment):
             if self._now != before:
                 self.observer.on_advance()
 
-    def _earliest_unanswered(self) -> float | None:
-        """The due time of the earliest call the engine has not answered (``None``: none)."""
-        heap, in_flight = self._unanswered, self.in_flight
-        while heap:
-            call = in_flight.get(heap[0][1])
-            if call is not None and call.completion is None:
-                return heap[0][0]
-            heapq.heappop(heap)
-        return None
-
-    def _hold(self, call: LLMCall) -> None:
-        """Keep ``call``'s answer until its due time: the first answer held for a due time
-        schedules the event that hands over every answer due then."""
-        held = self._held.get(call.due)
-        if held is None:
-            held = self._held[call.due] = []
-            HandOver(self, call.due).callbacks.append(lambda _: self._hand_over(call.due))
-        assert call.completion is not None
-        held.append(call.completion.request_id)
-        self.observer.on_answered(call.agent_id, call.due)
-        for listener in self.held_listeners:
-            listener(call)
-
-    def _hand_over(self, due: float) -> None:
-        """Hand every answer held for ``due`` (now) to its agent, in request order."""
-        for request_id in sorted(self._held.pop(due)):
-            self._deliver(self.in_flight[request_id])
-
     def _run_engine_iteration(self) -> None:
         self.observer.checkpoint()
         self.iterations += 1
-        if self._answered:
-            self._deliver_answered(live=self._engine_calls > 0)
-            if not self._engine_calls:  # no call is the engine's: no engine step
-                return
         try:
             step = self.engine.step()
         except ReplicaFailure as failure:  # the requests of a dead replica fail, then the run
             for completion in failure.completions:
-                self._engine_calls -= 1
                 call = self.in_flight[completion.request_id]
-                call.completion = completion
-                self._deliver(call)  # at once: the run stops after this iteration
+                self._answer(call, completion)
+                self._finish(call)  # recorded at once: the run stops after this iteration
             raise
         self.occupancy.record_step(step)
         for completion in step.finished:
-            self._engine_calls -= 1
             call = self.in_flight[completion.request_id]
-            call.completion, call.iteration = completion, self.iterations
-            if call.due <= self._now:
-                self._deliver(call)
-            else:
-                self._hold(call)
+            call.iteration = self.iterations
+            self._answer(call, completion)
 
-    def _deliver_answered(self, live: bool) -> None:
-        """Hand over recorded answers due now: the group of the earliest recorded iteration, in
-        recorded order, as that iteration finished them (so agents resume as they did live); all
-        of them when live calls run beside them (the trajectory has left the record by then)."""
-        first = min(r.iteration for r in self._answered.values())
-        if not live:
-            self.iterations = max(self.iterations, first)
-        wall = time.perf_counter()
-        for _, request_id in sorted((r.row, rid) for rid, r in self._answered.items()
-                                    if live or r.iteration == first):
-            recorded = self._answered.pop(request_id)
-            call = self.in_flight[request_id]
-            call.completion = recorded.completion(request_id, wall)
-            self._deliver(call)
+    def _answer(self, call: LLMCall, completion: Completion) -> None:
+        """Give ``call`` its answer; one due later than now is *held* until then, and the
+        observer and :attr:`held_listeners` hear of it (the agent is no longer waiting on the
+        engine, only on the clock)."""
+        call.answer(completion)
+        if call.due > self._now:
+            self.observer.on_answered(call.agent_id, call.due)
+            for listener in self.held_listeners:
+                listener(call)
 
-    def _deliver(self, call: LLMCall) -> None:
-        """The agent of ``call`` resumes now with its answer (or its error)."""
-        completion = call.completion
-        assert completion is not None
-        del self.in_flight[completion.request_id]
+    def _finish(self, event: simpy.Event) -> None:
+        """The environment's part when a call's event fires (its agent resumes just after):
+        the call leaves :attr:`in_flight`, and the observer and :attr:`completion_listeners`
+        hear of it. A call already finished (its replica failed) is not finished twice."""
+        call = event
+        assert isinstance(call, LLMCall) and call.completion is not None
+        if self.in_flight.pop(call.completion.request_id, None) is None:
+            return
         self.observer.on_finish(call.agent_id)
         for listener in self.completion_listeners:
-            listener(call, completion)
-        if completion.ok:
-            call.succeed(completion)
-        else:
-            call.fail(RequestError(completion.error))
+            listener(call, call.completion)

@@ -9,9 +9,11 @@ record must say enough to match a call and to deliver its reply at the same poin
 * a call is identified by its agent, its position in that agent's sequence of calls
   (``agent_call``), a digest of everything the model reads (persona, history, prompt:
   ``request_hash``), its sampling parameters (``sampling``) and its adapter;
-* a reply is delivered with the same engine iteration's other replies (``iteration``: the
-  environment's count of engine iterations when it finished), in the recorded order, so the
-  world's processes resume in the order they did live and the trajectory is the same.
+* a reply is given when the call is made, and the agent resumes at the call's due time in the
+  place the event queue gives every answer (:mod:`scalesim.environment`), which does not depend
+  on when the engine finished it: so the world's processes resume in the order they did live and
+  the trajectory is the same. (``iteration``, the engine iteration that finished the call, only
+  keeps the live iterations of a resumed run numbered after the recorded ones.)
 
 Two modes (the ``replay`` section of a run's configuration):
 

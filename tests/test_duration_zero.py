@@ -1,10 +1,13 @@
-"""Calls of duration 0 are today's calls: the same traces, bit for bit.
+"""Calls of duration 0 keep their traces: the same traces, bit for bit.
 
-The golden traces under ``tests/golden/duration_zero/`` were recorded by this file's ``__main__``
-on the commit before calls could take simulated time (b1596cd), with the fake engine and with
-the torch engine on the real SmolLM2-135M. Every column that does not measure wall time is
-compared exactly; the world's metrics too. To record them again (only when a change is meant to
-change traces), run from the repository root::
+The golden traces under ``tests/golden/duration_zero/`` were first recorded by this file's
+``__main__`` on the commit before calls could take simulated time (b1596cd), with the fake engine
+and with the torch engine on the real SmolLM2-135M, and recorded again when answers got their
+own place in the event queue (agents of one instant resume in request order, whatever iteration
+the engine finished their calls in): town and round_table kept theirs; social_feed's agents share
+one random generator and now draw from it in another order. Every column that does not measure
+wall time is compared exactly; the world's metrics too. To record them again (only when a change
+is meant to change traces), run from the repository root::
 
     python tests/test_duration_zero.py tests/golden/duration_zero [--torch]
 """
