@@ -83,11 +83,10 @@ def run_suite_world(world: str, quick: bool) -> tuple[list[dict[str, Any]], dict
 
 
 def summarise(world: str, rows: list[dict[str, Any]], quality: dict[str, Any]) -> dict[str, Any]:
-    """One world's row. Ratios come as makespans and per call: a world need not make the same
-    calls under every policy (agents that resume at one instant resume in the order the
-    engine finished their calls, which memory decides; the world's shared random numbers are
-    then drawn in another order), and a policy under which it makes more calls is not slower
-    for that."""
+    """One world's row. Ratios come as makespans and per call, and ``calls_by_policy`` says
+    whether they differ: since answers take their place in the event queue when a call is made,
+    a seeded world makes the same calls under every policy and the two agree (before, agents of
+    one instant resumed in the order memory let the engine finish their calls)."""
     makespan = {r["policy"]: r["modeled_makespan_s"] for r in rows}
     calls = {r["policy"]: r["calls"] for r in rows}
     per_call = {p: m / calls[p] for p, m in makespan.items() if calls[p]}

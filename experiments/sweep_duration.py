@@ -20,7 +20,7 @@ hit rate and stall. ``results/sweep_duration.csv`` + ``.png`` and one JSON headl
 under ``scalesim``, also per call), ``at_64_calls_in_flight`` (the same at the shortest
 duration with at least 64 calls in flight on average), ``max_occupancy`` (sequences per step),
 ``min_scalesim_vs_lru`` (over worlds and durations) and ``scalesim_vs_lru`` per world and
-duration, each also per call (a world need not make the same calls under every policy). Every
+duration, each also per call (equal while a world makes the same calls under every policy). Every
 time is modeled.
 
     python -m experiments.sweep_duration [--quick] [--worlds traffic,town]
@@ -154,8 +154,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     at_64: dict[str, Any] = {}
     occupancy: dict[str, float] = {}
     ratio: dict[str, dict[str, float]] = {}
-    # A world need not make the same calls under every policy (agents of one instant resume in
-    # the order memory let the engine finish them): the ratio per call is the fair one then.
+    # Per call as well as per makespan: the two agree while a world makes the same calls under
+    # every policy, which the event queue now guarantees; a difference would show a regression.
     per_call: dict[str, dict[str, float]] = {}
     rises: dict[str, bool] = {}
     for world in worlds:
