@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import simpy
-from simpy.events import PENDING
+from simpy.events import NORMAL, PENDING, EventPriority
 
 from runtime import Completion, Request, RequestError
 from runtime.interface import EngineInterface
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 
 #: The priority of an answer in simpy's event queue: after every other event of its due time.
-ANSWER = simpy.core.NORMAL + 1
+ANSWER = EventPriority(NORMAL + 1)
 
 
 class LLMCall(simpy.Event):
