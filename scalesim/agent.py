@@ -35,6 +35,7 @@ import simpy
 from runtime import Constraint, Request, RequestError, SamplingParams
 from runtime.constrained import checked
 from scalesim.environment import LLMCall, SimEnvironment
+from scalesim.timed_receive import TimedReceive
 
 if TYPE_CHECKING:
     from scalesim.world import World
@@ -299,15 +300,7 @@ class Agent(Generic[W]):
                                          label or _site("receive"))
         if timeout is None:
             return inbox.get()
-        return self.env.process(self._receive_within(timeout))
-
-    def _receive_within(self, timeout: float) -> Generator[simpy.Event, Any, Message | None]:
-        get = self.mailbox.get()
-        fired = yield get | self.env.timeout(timeout)
-        if get in fired:
-            return fired[get]
-        get.cancel()
-        return None
+        return TimedReceive(self.env, inbox, timeout)
 
 
 def _site(kind: str) -> str:
