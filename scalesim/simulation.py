@@ -210,10 +210,14 @@ class Simulation:
                     self._run_until(limit)
                     return
                 # env.step() runs engine iterations too; stop at the limit or when all is done.
-                while len(self.calls) < max_calls and env.next_time() <= limit:
+                calls = self.calls
+                while len(calls) < max_calls:
+                    upcoming = env.next_time()
+                    if upcoming > limit:
+                        break
                     if self.stop_reason is not None:
                         raise self.stop_reason
-                    if env.next_time() == math.inf:
+                    if upcoming == math.inf:
                         break
                     env.step()
         finally:
