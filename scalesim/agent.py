@@ -293,14 +293,14 @@ class Agent(Generic[W]):
 
         ``label`` names the kind of wait for the distance oracle, as for :meth:`wait`.
         """
-        inbox = self.mailbox
+        inbox, env = self.mailbox, self.env
         if not inbox.items:
-            self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                                else timeout),
-                                         label or _site("receive"))
+            env.observer.on_receive(self.name, env.now + (math.inf if timeout is None
+                                                          else timeout),
+                                    label or _site("receive"))
         if timeout is None:
             return inbox.get()
-        return TimedReceive(self.env, inbox, timeout)
+        return TimedReceive(env, inbox, timeout)
 
 
 def _site(kind: str) -> str:
