@@ -1,4 +1,4 @@
-"""LazyHeap: re-ranked and withdrawn entries, and the k smallest read without popping."""
+"""LazyHeap: re-ranked and withdrawn entries, and the k smallest live ones in order."""
 
 from __future__ import annotations
 

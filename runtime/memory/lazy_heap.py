@@ -94,41 +94,13 @@ class LazyHeap(Generic[K]):
             heappush(heap, entry)
 
     def smallest(self, k: int) -> list[Entry]:
-        """The ``k`` smallest live entries in order, left in the heap.
+        """The ``k`` smallest live entries in order, left in the heap: O(k log n).
 
-        Read off the heap's array without changing it: the entries are visited smallest first
-        from the root, a node's children becoming candidates once it is visited, so taking
-        ``k`` live entries past ``d`` dead ones costs O((k + d) log (k + d)) on a small
-        frontier rather than popping and pushing back ``k`` entries on the whole heap. Dead
-        entries stay, so where more than ``k`` of them lie on the way they are popped for good
-        instead (:meth:`_pop_smallest`), as :meth:`pop` would.
+        Popped and pushed back: the dead entries on the way are dropped for good. (Reading them
+        off the heap's array best-first, without popping, was measured slower: 1.6 s against
+        1.0 s in a 15,000-call run of 150,000 users, comparing frontier pairs and revisiting
+        dead entries near the top.)
         """
-        heap, current = self._heap, self.versions._current
-        taken: list[Entry] = []
-        if not heap or k <= 0:
-            return taken
-        n, dead = len(heap), 0
-        # Entries are unique (each has its own version), so the index never decides an order.
-        frontier: list[tuple[Entry, int]] = [(heap[0], 0)]
-        while frontier:
-            entry, i = heappop(frontier)
-            if current.get(entry[-1]) == entry[-2]:
-                taken.append(entry)
-                if len(taken) == k:
-                    break
-            else:
-                dead += 1
-                if dead > k:
-                    return self._pop_smallest(k)
-            child = 2 * i + 1
-            if child < n:
-                heappush(frontier, (heap[child], child))
-                if child + 1 < n:
-                    heappush(frontier, (heap[child + 1], child + 1))
-        return taken
-
-    def _pop_smallest(self, k: int) -> list[Entry]:
-        """:meth:`smallest` by popping: the dead entries on the way are dropped for good."""
         heap, current = self._heap, self.versions._current
         taken: list[Entry] = []
         while heap and len(taken) < k:
