@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import simpy
 from simpy.core import URGENT
+from simpy.resources.store import StoreGet
 
 
 class TimedReceive(simpy.Event):
@@ -34,12 +35,12 @@ class TimedReceive(simpy.Event):
         super().__init__(env)
         self._inbox = inbox
         self._timeout = timeout
-        self._get: simpy.Event | None = None
+        self._get: StoreGet | None = None
         self._deadline: simpy.Event | None = None
         self._first: simpy.Event | None = None
         start = simpy.Event(env)
         start._ok, start._value = True, None
-        start.callbacks.append(self._start)  # type: ignore[union-attr]
+        start.callbacks.append(self._start)
         env.schedule(start, URGENT)
 
     def _start(self, _: simpy.Event) -> None:
@@ -47,22 +48,22 @@ class TimedReceive(simpy.Event):
         try:
             self._get = get = self._inbox.get()
             self._deadline = deadline = self.env.timeout(self._timeout)
-        except BaseException as exc:  # a bad timeout: the wait fails, as the process did
+        except Exception as exc:  # a bad timeout: the wait fails, as the process did
             self.fail(exc)
             return
-        get.callbacks.append(self._either)  # type: ignore[union-attr]
-        deadline.callbacks.append(self._either)  # type: ignore[union-attr]
+        get.callbacks.append(self._either)
+        deadline.callbacks.append(self._either)
 
     def _either(self, event: simpy.Event) -> None:
         """Step 2: the get request or the timeout fired; the first one schedules the next step."""
         if self._first is not None:
             return
         self._first = first = simpy.Event(self.env)
-        first.callbacks.append(self._end)  # type: ignore[union-attr]
+        first.callbacks.append(self._end)
         if event._ok:
             first.succeed()
         else:
-            event._defused = True  # type: ignore[attr-defined]
+            event._defused = True
             first.fail(event._value)
 
     def _end(self, first: simpy.Event) -> None:
@@ -73,11 +74,11 @@ class TimedReceive(simpy.Event):
             if event.callbacks and self._either in event.callbacks:
                 event.callbacks.remove(self._either)
         if not first._ok:
-            first._defused = True  # type: ignore[attr-defined]
+            first._defused = True
             self.fail(first._value)
             return
         if get.callbacks is None:  # fired (processed) before this step
             self.succeed(get._value)
             return
-        get.cancel()  # type: ignore[attr-defined]
+        get.cancel()
         self.succeed(None)
