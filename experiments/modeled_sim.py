@@ -14,7 +14,7 @@ distance source the policy needs:
 It also sizes the agent-memory budget: :func:`working_set` is the bytes of every agent's
 adapter and prefix KV, and experiments give the budget as a fraction of it. Every number in the
 returned dict is modeled except ``wall_s`` and ``setup_s``, the real seconds the run and the
-world's setup took here.
+world's setup took here, and ``cpu_s``, the CPU seconds of the run.
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ def run_modeled(world_class: str, params: dict[str, Any], policy: str, *,
         oracle.update(sim.oracle.quality())
     out.update({"world": world_class, "policy": policy, "calls": len(sim.calls),
                 "sim_time": sim.env.now, "wall_s": sim.run_seconds,
+                "cpu_s": sim.run_cpu_seconds,
                 "setup_s": sim.setup_seconds, "rss_setup_bytes": rss_setup,
                 "memory_bytes": memory_bytes, "noise": noise,
                 "setting": setting.label()})

@@ -3,7 +3,9 @@
 
 social_feed with ``--agents`` users runs under the scalesim policy (oracle and prefetch on) until
 ``--calls`` calls were submitted. The JSON line has ``calls``, ``seconds`` (wall, real, the run
-itself), ``setup_seconds`` (building the world's agents and graph), the rate, ``peak_rss_gib``
+itself), ``cpu_seconds`` (the process's CPU time over the run: on a machine shared with other
+jobs a steadier measure than wall time, ``calls_per_cpu_s`` the rate by it), ``setup_seconds``
+(building the world's agents and graph), the rate, ``peak_rss_gib``
 (the process's peak resident memory), ``bytes_per_agent`` (what building the world added to the
 resident memory, per agent) and ``split``: each component's share of the run's wall time (the
 oracle, the memory manager, the prefix cache, the modeled engine, the DES, the world), sampled
@@ -38,10 +40,12 @@ def main() -> None:
     r = run_world("social_feed", agents, args.policy, setting=setting, budget_fraction=0.25,
                   until=None, max_calls=calls, replicas=args.replicas, split=split)
     rate = r["calls"] / r["wall_s"]
+    cpu_rate = r["calls"] / r["cpu_s"] if r["cpu_s"] > 0 else float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     per_agent = r["rss_setup_bytes"] / agents
     shares = split.shares()
-    print(f"{r['calls']} calls in {r['wall_s']:.1f} s wall ({rate:.0f} calls/s), after "
+    print(f"{r['calls']} calls in {r['wall_s']:.1f} s wall ({rate:.0f} calls/s; "
+          f"{r['cpu_s']:.1f} CPU s, {cpu_rate:.0f} calls per CPU s), after "
           f"{r['setup_s']:.1f} s building the world of {agents} agents "
           f"({per_agent:,.0f} bytes each); peak RSS {peak / 2**30:.2f} GiB; modeled makespan "
           f"{r['modeled_makespan_s']:.1f} s; sim time {r['sim_time']:.0f} min")
@@ -49,6 +53,7 @@ def main() -> None:
     r["calls_per_s"] = rate
     write_results("scale", [r], "calls", title="scale run", quick=args.quick)
     headline("scale", calls=r["calls"], seconds=round(r["wall_s"], 1),
+             cpu_seconds=round(r["cpu_s"], 1), calls_per_cpu_s=round(cpu_rate, 1),
              setup_seconds=round(r["setup_s"], 1),
              calls_per_s=round(rate, 1), agents=agents, policy=args.policy,
              replicas=args.replicas, peak_rss_gib=round(peak / 2**30, 2),

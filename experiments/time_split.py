@@ -36,6 +36,7 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("runtime/", "modeled engine"),
     ("scalesim/environment.py", "DES"),
     ("scalesim/agent.py", "DES"),
+    ("scalesim/timed_receive.py", "DES"),
     ("simpy/", "DES"),
     ("scalesim/trace.py", "trace"),
     ("scalesim/", "other scalesim"),

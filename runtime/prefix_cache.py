@@ -269,10 +269,10 @@ class PrefixTree:
         """One hash per full block of ``seq``'s prompt a request could reuse, each of the block
         and every one before it under the adapter (made once per sequence)."""
         if seq.block_chain is None:
-            bs, ids = self.cache.block_size, seq.input_ids
+            bs, ids = self.cache.block_size, tuple(seq.input_ids)  # a tuple slices to tuples
             chain, h = [], hash(seq.request.adapter)
-            for k in range((len(ids) - 1) // bs):
-                h = hash((h, tuple(ids[k * bs:(k + 1) * bs])))
+            for k in range(0, (len(ids) - 1) // bs * bs, bs):
+                h = hash((h, ids[k:k + bs]))
                 chain.append(h)
             seq.block_chain = chain
         return seq.block_chain

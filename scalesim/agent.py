@@ -35,6 +35,7 @@ import simpy
 from runtime import Constraint, Request, RequestError, SamplingParams
 from runtime.constrained import checked
 from scalesim.environment import LLMCall, SimEnvironment
+from scalesim.timed_receive import TimedReceive
 
 if TYPE_CHECKING:
     from scalesim.world import World
@@ -292,22 +293,14 @@ class Agent(Generic[W]):
 
         ``label`` names the kind of wait for the distance oracle, as for :meth:`wait`.
         """
-        inbox = self.mailbox
+        inbox, env = self.mailbox, self.env
         if not inbox.items:
-            self.env.observer.on_receive(self.name, self.now + (math.inf if timeout is None
-                                                                else timeout),
-                                         label or _site("receive"))
+            env.observer.on_receive(self.name, env.now + (math.inf if timeout is None
+                                                          else timeout),
+                                    label or _site("receive"))
         if timeout is None:
             return inbox.get()
-        return self.env.process(self._receive_within(timeout))
-
-    def _receive_within(self, timeout: float) -> Generator[simpy.Event, Any, Message | None]:
-        get = self.mailbox.get()
-        fired = yield get | self.env.timeout(timeout)
-        if get in fired:
-            return fired[get]
-        get.cancel()
-        return None
+        return TimedReceive(env, inbox, timeout)
 
 
 def _site(kind: str) -> str:

@@ -216,6 +216,20 @@ class DistanceOracle(CallTrackingSource):
         """Estimate receive-blocked agents from their in-neighbours on ``graph``."""
         self.graph = graph
 
+    @property
+    def graph(self) -> Any:
+        """The interaction graph (a networkx ``DiGraph``; ``None``: none)."""
+        return self._graph
+
+    @graph.setter
+    def graph(self, graph: Any) -> None:
+        self._graph = graph
+        # A networkx DiGraph's own adjacency dicts (``pred[v][u]`` is the edge u -> v), read
+        # directly: its ``pred``/``succ`` views make two objects per lookup, and the graph
+        # source looks up neighbours at every wake-up. Any graph with those views works too.
+        self._pred: Any = None if graph is None else getattr(graph, "_pred", graph.pred)
+        self._succ: Any = None if graph is None else getattr(graph, "_succ", graph.succ)
+
     def on_advance(self) -> None:
         """The clock moved forward: re-estimate every estimate it overtook."""
         now = self.env.now
@@ -393,10 +407,15 @@ class DistanceOracle(CallTrackingSource):
         candidates = self.estimates(agent, with_turn)
         if not candidates:
             return math.inf, math.inf, None
-        raw = min(candidates.values())
+        # The earliest estimate and its source (the first of equals), in one pass.
+        items = iter(candidates.items())
+        first, raw = next(items)
+        for name, value in items:
+            if value < raw:
+                first, raw = name, value
         distrusted = self.prediction.distrusted
         if not distrusted:  # the common case: the estimate is the earliest of them all
-            return raw, raw, min(candidates, key=candidates.__getitem__)
+            return raw, raw, first
         if "learned" in distrusted:
             candidates = self.estimates(agent, with_turn, lagged=False)
         best, source = math.inf, None
@@ -457,11 +476,11 @@ class DistanceOracle(CallTrackingSource):
 
     def _graph_arrival(self, agent: str) -> float:
         """The earliest expected message to ``agent`` from its in-neighbours (``inf``: none)."""
-        graph = self.graph
-        if graph is None or agent not in graph:
+        pred = self._pred
+        if pred is None or agent not in pred:
             return math.inf
         now, best = self.env.now, math.inf
-        for u, edge in graph.pred[agent].items():
+        for u, edge in pred[agent].items():
             if u == agent:
                 continue
             acts = self._acts_at(u)
@@ -483,10 +502,10 @@ class DistanceOracle(CallTrackingSource):
 
     def _tell_receivers(self, agent: str) -> None:
         """``agent``'s own next action moved: re-estimate its receive-blocked out-neighbours."""
-        graph = self.graph
-        if graph is None or agent not in graph:
+        succ = self._succ
+        if succ is None or agent not in succ:
             return
-        for v in graph.succ[agent]:
+        for v in succ[agent]:
             block = self._block.get(v)
             if block is None or block.kind != "receive" or v == agent:
                 continue

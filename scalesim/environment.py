@@ -315,15 +315,14 @@ class SimEnvironment(simpy.Environment):
 
     def step(self) -> None:
         queue = self._queue
+        before = self._now
         if queue:
-            head = queue[0][3]
+            upcoming, _, _, head = queue[0]
             if head.__class__ is LLMCall and head._value is PENDING:
                 self._run_engine_iteration()  # the clock is about to reach an unanswered call
                 return
-        before = self._now
-        upcoming = self.peek()
-        if before < upcoming < math.inf:
-            self.occupancy.record_clock(len(self.in_flight), upcoming - before)
+            if before < upcoming < math.inf:
+                self.occupancy.record_clock(len(self.in_flight), upcoming - before)
         try:
             super().step()
         finally:  # also when the step ends the run (simpy raises StopSimulation)

@@ -96,6 +96,9 @@ class Simulation:
         self.world: World | None = None
         self.setup_seconds: float = 0.0
         self.run_seconds: float = 0.0
+        #: CPU seconds of this process while :meth:`run` ran (steadier than wall seconds on a
+        #: machine shared with other jobs)
+        self.run_cpu_seconds: float = 0.0
         # The world is set up before the model loads, so that a bad world.params (or any error
         # of the world's setup) is a configuration error within seconds.
         self._set_up_world()
@@ -200,7 +203,7 @@ class Simulation:
         A stop requested meanwhile (:meth:`request_stop`) raises its reason between two steps.
         """
         until = self.config.sim.until if until is None else until
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         env = self.env
         self._stoppable = True
         try:
@@ -210,15 +213,20 @@ class Simulation:
                     self._run_until(limit)
                     return
                 # env.step() runs engine iterations too; stop at the limit or when all is done.
-                while len(self.calls) < max_calls and env.next_time() <= limit:
+                calls = self.calls
+                while len(calls) < max_calls:
+                    upcoming = env.next_time()
+                    if upcoming > limit:
+                        break
                     if self.stop_reason is not None:
                         raise self.stop_reason
-                    if env.next_time() == math.inf:
+                    if upcoming == math.inf:
                         break
                     env.step()
         finally:
             self._stoppable = False
             self.run_seconds = time.perf_counter() - start
+            self.run_cpu_seconds = time.process_time() - cpu
 
     def _run_until(self, limit: float) -> None:
         """``env.run(until=limit)`` step by step, with a safe point between steps.

@@ -146,12 +146,12 @@ class SocialFeed(World):
 
     def next_active(self, now: float) -> float | None:
         """The start of the user's next active step after ``now`` (drawn here), or ``None``."""
-        step = int(now // self.step_minutes) + 1
+        minutes, hourly, draw = self.step_minutes, self.hourly, self.random.random
+        step = int(now // minutes) + 1
         # Draw step by step; the cap keeps a near-zero rate from looping for long.
         for s in range(step, step + 24 * 60):
-            hour = int(s * self.step_minutes // 60) % 24
-            if self.random.random() < self.hourly[hour]:
-                return s * self.step_minutes
+            if draw() < hourly[int(s * minutes // 60) % 24]:
+                return s * minutes
         return None
 
     def publish(self, author: User, text: str, kind: str, parent: Post | None = None) -> Post:

@@ -14,8 +14,8 @@ is the key's current one.
 
 from __future__ import annotations
 
-import heapq
 import itertools
+from heapq import heapify, heappop, heappush
 from typing import Any, Generic, Hashable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -45,7 +45,7 @@ class Versions(Generic[K]):
         return self._current.get(key)
 
     def is_live(self, entry: Entry) -> bool:
-        return self._current.get(entry[-1]) == entry[-2]
+        return self._current.get(entry[-1]) == entry[-2]  # inlined in LazyHeap's hot methods
 
     def __contains__(self, key: object) -> bool:
         return key in self._current
@@ -68,34 +68,47 @@ class LazyHeap(Generic[K]):
         """Entries held, dead ones included."""
         return len(self._heap)
 
+    # push, pop and smallest run hundreds of thousands of times a run (the oracle's estimates,
+    # the eviction index): they read the version table's dict directly rather than through
+    # Versions' methods, which cost a call each.
+
     def push(self, entry: Entry) -> None:
-        heapq.heappush(self._heap, entry)
-        if len(self._heap) > 2 * len(self.versions) + 1024:
+        heap = self._heap
+        heappush(heap, entry)
+        if len(heap) > 2 * len(self.versions._current) + 1024:
             self.compact()
 
     def pop(self) -> Entry | None:
         """Remove and return the smallest live entry (``None`` when there is none)."""
-        heap, versions = self._heap, self.versions
+        heap, current = self._heap, self.versions._current
         while heap:
-            entry = heapq.heappop(heap)
-            if versions.is_live(entry):
+            entry = heappop(heap)
+            if current.get(entry[-1]) == entry[-2]:
                 return entry
         return None
 
     def restore(self, entries: list[Entry]) -> None:
         """Put back entries taken with :meth:`pop` that were not used."""
+        heap = self._heap
         for entry in entries:
-            heapq.heappush(self._heap, entry)
+            heappush(heap, entry)
 
     def smallest(self, k: int) -> list[Entry]:
-        """The ``k`` smallest live entries in order, left in the heap: O(k log n)."""
+        """The ``k`` smallest live entries in order, left in the heap: O(k log n).
+
+        Popped and pushed back: the dead entries on the way are dropped for good. (Reading them
+        off the heap's array best-first, without popping, was measured slower: 1.6 s against
+        1.0 s in a 15,000-call run of 150,000 users, comparing frontier pairs and revisiting
+        dead entries near the top.)
+        """
+        heap, current = self._heap, self.versions._current
         taken: list[Entry] = []
-        while len(taken) < k:
-            entry = self.pop()
-            if entry is None:
-                break
-            taken.append(entry)
-        self.restore(taken)
+        while heap and len(taken) < k:
+            entry = heappop(heap)
+            if current.get(entry[-1]) == entry[-2]:
+                taken.append(entry)
+        for entry in taken:
+            heappush(heap, entry)
         return taken
 
     def live(self) -> list[Entry]:
@@ -104,9 +117,9 @@ class LazyHeap(Generic[K]):
 
     def compact(self) -> None:
         self._heap = self.live()
-        heapq.heapify(self._heap)
+        heapify(self._heap)
 
     def reset(self, entries: list[Entry]) -> None:
         """Replace the contents by ``entries`` (which must be live)."""
         self._heap = list(entries)
-        heapq.heapify(self._heap)
+        heapify(self._heap)

@@ -177,7 +177,8 @@ class LengthChat:
             ids = hashed.view(np.int64).tolist()
             ids += self._shared[seeded:body]
             ids += self._marker_ids("system")
-            ids = ids[-length:] if length else []
+            if len(ids) > length:  # fewer ids than markers: the last ``length`` markers
+                ids = ids[-length:] if length else []
             self._keep(self._fixed, prefix, ids)
         return ids
 
