@@ -44,6 +44,7 @@ from experiments.results_dir import results_dir
 from runtime import Engine, Request, SamplingParams, build_engine
 from runtime.executors.torch import TorchExecutor
 from runtime.interface import EngineEvent, StepTimed
+from runtime.model.weights import QUANTIZATIONS
 
 CALL_PROMPTS = [
     "It is 7:00. What do you do first this morning, and why? Answer in two sentences.",
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=3, help="alternating passes per count")
     parser.add_argument("--threads", type=int, default=0, help="threads of both (0: all cores)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--quantization", default="int4", choices=("none", "int8", "int4"))
+    parser.add_argument("--quantization", default="int4", choices=QUANTIZATIONS)
     parser.add_argument("--quick", action="store_true",
                         help="1 and 2 agents, 2 calls of 8 tokens, one pass")
     args = parser.parse_args(argv)

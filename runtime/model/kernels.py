@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_attention.cpp", "rms_norm.cpp")
+SOURCES = ("paged_attention.cpp", "quant_gemm.cpp", "rms_norm.cpp")
 
 # -ffast-math lets the compiler vectorize the dot products, the softmax sums and expf (glibc's
 # vector math). It is passed when compiling only: linked with it, gcc would add crtfastmath,

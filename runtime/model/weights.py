@@ -42,8 +42,10 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "int8x8", "int4x8")
 INT4_GROUP = 32
+#: inputs per block of the activation-quantized formats (one int8 scale per block and row)
+QBLOCK = 32
 
 Gemm = Callable[..., torch.Tensor]
 
@@ -179,6 +181,108 @@ class Int4Projection(_PackedProjection):
         return _nbytes(self.packed, self.scale_zero, self.bias)
 
 
+class ActQuantProjection:
+    """Unsigned ``bits``-bit codes (4 or 8) per block of :data:`QBLOCK` inputs with a float32
+    scale and min each, ``weight ~= code * scale + min``, times activations quantized to int8 per
+    block on the fly (:func:`quantize_activations`), in the compiled ``scalesim::q8_linear``
+    (VNNI integer dot products where the CPU has them); the formats ``int4x8`` and ``int8x8``.
+
+    4-bit codes span each block's min to max (GGUF's ``Q4_1``, the layout of the built-in file,
+    whose codes this finds again); 8-bit codes are symmetric, ``code - 128`` times the block's
+    scale (GGUF's ``Q8_0``), their min ``-128 * scale`` left to the kernel. The input size is
+    padded to a multiple of 64 (two blocks, one vpdpbusd); 4-bit codes of such a chunk share
+    its 32 bytes, the first block in the low nibbles. Steps of ``dense_from`` tokens or more
+    use a dense bfloat16 copy as the weight-only formats do. Without the compiled kernels the
+    product is :func:`q8_linear_reference` (the same arithmetic in torch, slowly).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 dense_from: int = 0) -> None:
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        n, k = weight.shape
+        self.out_features, self.in_features, self.bits = n, k, bits
+        self.dense_from = dense_from
+        self.dense = weight.to(torch.bfloat16) if dense_from > 0 else None
+        self.dense_bias = None if bias is None else bias.to(torch.bfloat16)
+        self.bias = None if bias is None else bias.float().contiguous()
+        padded = -(-k // 64) * 64
+        groups = F.pad(weight.float(), (0, padded - k)).view(n, padded // QBLOCK, QBLOCK)
+        self.low: torch.Tensor | None
+        if bits == 4:
+            low, high = groups.amin(dim=2), groups.amax(dim=2)
+            scale = (high - low) / 15
+            codes = torch.round((groups - low[..., None]) / scale.clamp(min=1e-30)[..., None])
+            pairs = codes.clamp(0, 15).to(torch.uint8).view(n, padded // 64, 2, QBLOCK)
+            self.codes = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, padded // 2)
+            self.low = low.contiguous()
+        else:
+            scale = groups.abs().amax(dim=2) / 127
+            codes = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
+            self.codes = (codes + 128).to(torch.uint8).reshape(n, padded)
+            self.low = None
+        self.codes = self.codes.contiguous()
+        self.scale = scale.contiguous()
+        from runtime.model.kernels import cpu_op
+
+        self.kernel = cpu_op("q8_linear")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] >= self.dense_from:
+            return F.linear(x.to(torch.bfloat16), self.dense, self.dense_bias).to(x.dtype)
+        if self.kernel is None:
+            return q8_linear_reference(x, self.codes, self.scale, self.low, self.bias, self.bits)
+        return self.kernel(x, self.codes, self.scale, self.low, self.bias, self.bits,
+                           self.in_features)
+
+    def packed_bytes(self) -> int:
+        return _nbytes(self.codes, self.scale, self.low, self.bias)
+
+    def step_bytes(self, tokens: int) -> int:
+        if self.dense is not None and tokens >= self.dense_from:
+            return _nbytes(self.dense, self.dense_bias)
+        return self.packed_bytes()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``x [rows, in]`` as int8 codes per block of :data:`QBLOCK` (``in`` padded to a
+    multiple of 64 with zeros): ``(q [rows, blocks, 32]`` float holding integers in [-127, 127],
+    ``d [rows, blocks])``, ``x ~= q * d``. The same float operations as the compiled kernel, so
+    both find the same codes."""
+    rows, k = x.shape
+    padded = -(-k // 64) * 64
+    blocks = F.pad(x.float(), (0, padded - k)).view(rows, padded // QBLOCK, QBLOCK)
+    d = blocks.abs().amax(dim=2) / 127
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return torch.round(blocks * inverse[..., None]).clamp(-127, 127), d
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The unsigned codes ``[out, blocks, 32]`` of packed ``codes`` (see :class:`ActQuantProjection`)."""
+    n = codes.shape[0]
+    if bits == 8:
+        return codes.view(n, -1, QBLOCK)
+    chunks = codes.view(n, -1, 1, 32)  # per chunk of 64 inputs: 32 bytes, two blocks
+    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).view(n, -1, QBLOCK)
+
+
+def q8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                        low: torch.Tensor | None, bias: torch.Tensor | None,
+                        bits: int) -> torch.Tensor:
+    """What ``scalesim::q8_linear`` computes, in torch: the test reference and the path where the
+    compiled kernels are unavailable. Per block the integer dot products are exact in float32
+    (at most 32 * 255 * 127 < 2**24); only the order of the float sums differs from the kernel."""
+    q, d = quantize_activations(x)
+    u = unpack_codes(codes, bits).float()
+    low = -128 * scale if low is None else low
+    dots = torch.einsum("mbk,nbk->mnb", q, u)
+    y = (dots * (scale[None] * d[:, None, :])).sum(-1)
+    y = y + (d * q.sum(-1)) @ low.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -206,6 +310,8 @@ def make_projection(weight: torch.Tensor, bias: torch.Tensor | None, quantizatio
                     dtype: torch.dtype, gemm: Gemm, dense_from: int = DENSE_FROM) -> Projection:
     """``weight [out, in]`` (any float dtype) stored as ``quantization`` for activations of
     ``dtype``. An int4 weight whose input size is not a multiple of the group falls back to int8."""
+    if quantization in ("int4x8", "int8x8"):
+        return ActQuantProjection(weight, bias, 4 if quantization == "int4x8" else 8, dense_from)
     if quantization == "int4" and weight.shape[1] % INT4_GROUP == 0:
         return Int4Projection(weight, bias, dense_from)
     if quantization in ("int4", "int8"):
