@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from runtime.model.kernels import cpu_op
-from runtime.model.weights import (ActQuantProjection, make_projection, q8_linear_reference,
-                                   quantize_activations, select_gemm, unpack_codes)
+from runtime.model.weights import (ActQuantProjection, make_projection, pack_codes,
+                                   q8_linear_reference, quantize_activations, select_gemm,
+                                   unpack_codes)
 
 KERNEL = cpu_op("q8_linear")
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the compiled kernels did not build")
@@ -41,15 +42,16 @@ def magnitude(x: torch.Tensor, p: ActQuantProjection) -> torch.Tensor:
     """Per output, the sum of the absolute terms the kernel adds: the scale of its rounding."""
     q, d = quantize_activations(x)
     u = unpack_codes(p.codes, p.bits).float()
-    low = -128 * p.scale if p.low is None else p.low
-    terms = torch.einsum("mbk,nbk->mnb", q, u).abs() * (p.scale[None] * d[:, None, :])
+    scale = p.scale.float()
+    low = -128 * scale if p.low is None else p.low.float()
+    terms = torch.einsum("mbk,nbk->mnb", q, u).abs() * (scale[None] * d[:, None, :])
     total = terms.sum(-1) + (d * q.sum(-1)).abs() @ low.abs().T
     return total if p.bias is None else total + p.bias.abs()
 
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n,k", [(37, 96), (64, 576), (30, 1536)])
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 576), (30, 1536), (9, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_the_torch_reference(isa, bits, n, k, dtype):
     gen = torch.Generator().manual_seed(n + k + bits)
@@ -104,12 +106,24 @@ def test_four_bit_codes_that_are_exactly_representable_are_found_again():
     n, k = 16, 128
     codes = torch.randint(0, 16, (n, k), generator=gen)
     codes[:, ::32], codes[:, 1::32] = 0, 15  # every block spans the full range (as Q4_1 makes it)
-    scale = torch.rand(n, k // 32, generator=gen) * 0.05 + 0.01
-    low = torch.randn(n, k // 32, generator=gen) * 0.1
+    # Scales and mins that float16 holds, as a GGUF file stores them.
+    scale = (torch.rand(n, k // 32, generator=gen) * 0.05 + 0.01).half().float()
+    low = (torch.randn(n, k // 32, generator=gen) * 0.1).half().float()
     weight = (codes.float().view(n, -1, 32) * scale[..., None] + low[..., None]).view(n, k)
     p = ActQuantProjection(weight, None, 4)
     assert torch.equal(unpack_codes(p.codes, 4).reshape(n, k).long(), codes)
-    assert torch.allclose(p.scale, scale, rtol=1e-5) and torch.equal(p.low, low)
+    assert torch.equal(p.scale.float(), scale) and torch.equal(p.low.float(), low)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("blocks", [2, 16, 18, 48, 54])
+def test_the_kernel_layout_round_trips(bits, blocks):
+    """Whole groups of 16 blocks interleaved, the rest by pairs: packing then unpacking is exact."""
+    codes = torch.randint(0, 2 ** bits, (3, blocks, 32), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(blocks))
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, blocks * 32 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
 
 
 def test_without_the_kernels_the_projection_computes_the_reference():

@@ -182,18 +182,18 @@ class Int4Projection(_PackedProjection):
 
 
 class ActQuantProjection:
-    """Unsigned ``bits``-bit codes (4 or 8) per block of :data:`QBLOCK` inputs with a float32
+    """Unsigned ``bits``-bit codes (4 or 8) per block of :data:`QBLOCK` inputs with a float16
     scale and min each, ``weight ~= code * scale + min``, times activations quantized to int8 per
     block on the fly (:func:`quantize_activations`), in the compiled ``scalesim::q8_linear``
     (VNNI integer dot products where the CPU has them); the formats ``int4x8`` and ``int8x8``.
 
     4-bit codes span each block's min to max (GGUF's ``Q4_1``, the layout of the built-in file,
-    whose codes this finds again); 8-bit codes are symmetric, ``code - 128`` times the block's
-    scale (GGUF's ``Q8_0``), their min ``-128 * scale`` left to the kernel. The input size is
-    padded to a multiple of 64 (two blocks, one vpdpbusd); 4-bit codes of such a chunk share
-    its 32 bytes, the first block in the low nibbles. Steps of ``dense_from`` tokens or more
-    use a dense bfloat16 copy as the weight-only formats do. Without the compiled kernels the
-    product is :func:`q8_linear_reference` (the same arithmetic in torch, slowly).
+    whose codes and float16 scales this finds again); 8-bit codes are symmetric, ``code - 128``
+    times the block's scale (GGUF's ``Q8_0``), their min ``-128 * scale`` left to the kernel. The
+    input size is padded to a multiple of 64; the codes are stored in the kernel's layout
+    (:func:`pack_codes`). Steps of ``dense_from`` tokens or more use a dense bfloat16 copy as the
+    weight-only formats do. Without the compiled kernels the product is
+    :func:`q8_linear_reference` (the same arithmetic in torch, slowly).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
@@ -209,19 +209,19 @@ class ActQuantProjection:
         padded = -(-k // 64) * 64
         groups = F.pad(weight.float(), (0, padded - k)).view(n, padded // QBLOCK, QBLOCK)
         self.low: torch.Tensor | None
+        # Codes are chosen for the float16 scale (and min) as stored, not the exact one.
         if bits == 4:
-            low, high = groups.amin(dim=2), groups.amax(dim=2)
-            scale = (high - low) / 15
-            codes = torch.round((groups - low[..., None]) / scale.clamp(min=1e-30)[..., None])
-            pairs = codes.clamp(0, 15).to(torch.uint8).view(n, padded // 64, 2, QBLOCK)
-            self.codes = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, padded // 2)
+            low = groups.amin(dim=2).half()
+            scale = ((groups.amax(dim=2) - low.float()) / 15).half()
+            codes = torch.round((groups - low.float()[..., None])
+                                / scale.float().clamp(min=1e-30)[..., None]).clamp(0, 15)
             self.low = low.contiguous()
         else:
-            scale = groups.abs().amax(dim=2) / 127
-            codes = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
-            self.codes = (codes + 128).to(torch.uint8).reshape(n, padded)
+            scale = (groups.abs().amax(dim=2) / 127).half()
+            codes = torch.round(groups / scale.float().clamp(min=1e-30)[..., None])
+            codes = codes.clamp(-127, 127) + 128
             self.low = None
-        self.codes = self.codes.contiguous()
+        self.codes = pack_codes(codes.to(torch.uint8), bits)
         self.scale = scale.contiguous()
         from runtime.model.kernels import cpu_op
 
@@ -244,6 +244,44 @@ class ActQuantProjection:
         return self.packed_bytes()
 
 
+#: blocks per interleaved group of the kernel's layout (one int32 lane of a vpdpbusd each)
+KGROUP = 16
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[out, blocks, 32]`` (an even number of blocks) in the layout of
+    ``csrc/quant_gemm.cpp``: groups of 16 blocks interleaved four inputs at a time (step ``s``
+    of a group: inputs ``4s .. 4s+3`` of each of its blocks), 4-bit steps 0-3 in the low
+    nibbles and 4-7 in the high ones; the blocks after the last group by pairs, 4-bit pairs as
+    32 bytes with the first block in the low nibbles. Returns ``uint8 [out, blocks * bits * 4]``."""
+    n, blocks, _ = codes.shape
+    groups = blocks // KGROUP
+    head = codes[:, :groups * KGROUP].reshape(n, groups, KGROUP, 8, 4).permute(0, 1, 3, 2, 4)
+    head = head.reshape(n, groups, 8, 64)
+    tail = codes[:, groups * KGROUP:].reshape(n, -1, 2, QBLOCK)
+    if bits == 4:
+        head = head[:, :, :4] | (head[:, :, 4:] << 4)
+        tail = tail[:, :, 0] | (tail[:, :, 1] << 4)
+    return torch.cat([head.reshape(n, -1), tail.reshape(n, -1)], dim=1).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The unsigned codes ``[out, blocks, 32]`` of :func:`pack_codes`' layout."""
+    n = packed.shape[0]
+    blocks = packed.shape[1] * 8 // bits // QBLOCK
+    groups = blocks // KGROUP
+    head_bytes = groups * KGROUP * QBLOCK * bits // 8
+    head, tail = packed[:, :head_bytes], packed[:, head_bytes:]
+    if bits == 4:
+        h = head.reshape(n, groups, 4, 64)
+        head = torch.cat([h & 0x0F, h >> 4], dim=2)
+        t = tail.reshape(n, -1, 1, QBLOCK)
+        tail = torch.cat([t & 0x0F, t >> 4], dim=2)
+    head = head.reshape(n, groups, 8, KGROUP, 4).permute(0, 1, 3, 2, 4)
+    return torch.cat([head.reshape(n, groups * KGROUP, QBLOCK), tail.reshape(n, -1, QBLOCK)],
+                     dim=1)
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations ``x [rows, in]`` as int8 codes per block of :data:`QBLOCK` (``in`` padded to a
     multiple of 64 with zeros): ``(q [rows, blocks, 32]`` float holding integers in [-127, 127],
@@ -257,15 +295,6 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(blocks * inverse[..., None]).clamp(-127, 127), d
 
 
-def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """The unsigned codes ``[out, blocks, 32]`` of packed ``codes`` (see :class:`ActQuantProjection`)."""
-    n = codes.shape[0]
-    if bits == 8:
-        return codes.view(n, -1, QBLOCK)
-    chunks = codes.view(n, -1, 1, 32)  # per chunk of 64 inputs: 32 bytes, two blocks
-    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).view(n, -1, QBLOCK)
-
-
 def q8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                         low: torch.Tensor | None, bias: torch.Tensor | None,
                         bits: int) -> torch.Tensor:
@@ -274,7 +303,8 @@ def q8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     (at most 32 * 255 * 127 < 2**24); only the order of the float sums differs from the kernel."""
     q, d = quantize_activations(x)
     u = unpack_codes(codes, bits).float()
-    low = -128 * scale if low is None else low
+    scale = scale.float()
+    low = -128 * scale if low is None else low.float()
     dots = torch.einsum("mbk,nbk->mnb", q, u)
     y = (dots * (scale[None] * d[:, None, :])).sum(-1)
     y = y + (d * q.sum(-1)) @ low.T
