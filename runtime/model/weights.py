@@ -2,7 +2,7 @@
 
 A decode step of a small model on a CPU is bound by the bytes of weight it streams from memory:
 SmolLM2-135M holds 540 MB in float32, and a single-sequence step reads every byte once. Each
-projection of :class:`~runtime.model.llama.LlamaModel` is therefore one of three kinds, chosen by
+projection of :class:`~runtime.model.llama.LlamaModel` is therefore one of these kinds, chosen by
 ``runtime.quantization``:
 
 ``none``
@@ -20,19 +20,38 @@ projection of :class:`~runtime.model.llama.LlamaModel` is therefore one of three
     (up to the bfloat16 rounding of the group scales). Multiplied by
     ``_weight_int4pack_mm_for_cpu``. An eighth of float32's bytes.
 
-Both kernels take bfloat16 activations (their float32 paths are not vectorized); a float32 model
-converts around them. Under int8 and int4 the vocabulary projection is int8: it decides the token
-(GGUF files keep it at ``Q8_0`` or better for the same reason). The float32 model without
-quantization is the reference every format is checked against (``tests/test_model_quantized.py``:
-logit error and teacher-forced next-token agreement; on SmolLM2, int8 98%, int4 94%).
+``int8x8`` and ``int4x8``
+    :class:`ActQuantProjection`: the weights as GGUF's ``Q8_0`` / ``Q4_1`` (8- or 4-bit codes per
+    block of 32 inputs with a float16 scale, and a float16 min for 4 bits), times activations
+    quantized to int8 on the fly per row and block of 32 (GGUF's ``Q8_1``, as llama.cpp
+    multiplies them), in the compiled ``scalesim::q8_linear`` (``csrc/quant_gemm.cpp``: AVX-512
+    VNNI integer dot products where the CPU has them, a portable path elsewhere). The names keep
+    ``int8`` / ``int4`` meaning weight-only; the ``x8`` says the activations are int8 too.
+
+The weight-only kernels take bfloat16 activations (their float32 paths are not vectorized); a
+float32 model converts around them. The vocabulary projection decides the token, so it never goes
+below 8 bits (GGUF files keep it at ``Q8_0`` or better for the same reason): int8 under int8 and
+int4, int8x8 under int8x8 and int4x8. The float32 model without quantization is the reference
+every format is checked against (``tests/test_model_quantized.py`` prints the logit error and
+teacher-forced next-token agreement per format; ``experiments/quant_agreement.py`` counts it over
+about a thousand positions). Measured 2026-12-06 on SmolLM2 over 988 positions with every step
+through the packed kernels: bfloat16 96.4%, int4 96.1%, int8 93.7%, int4x8 94.3% (94.9% in a
+float32 model), int8x8 92.5%; every format 100% where float32's top two logits are more than 1.0
+apart. The int4 codes are the file's own, so int4's error is bfloat16's; int4x8 adds the int8
+activations' (spread over every projection: keeping any one kind in bfloat16 moved it < 0.6
+points).
 
 Weight-only kernels unpack codes inside the product: that pays while a step is bound by weight
 bytes (decodes of a few sequences) and costs once it is bound by arithmetic (prefills, large decode
 batches). A quantized projection therefore also keeps the dense bfloat16 weight and uses it for
 steps of ``dense_from`` tokens or more; ``dense_from=0`` keeps only the packed weight (a quarter
-or an eighth of the memory, every step through the packed kernel). Quantizing activations too
-(torch's dynamic int8 linear, one scale per step) was measured faster for large steps and dropped:
-activation outliers took SmolLM2's next-token agreement with float32 to 59%.
+or an eighth of the memory, every step through the packed kernel). The activation-quantized kernel
+multiplies with integers and so stays ahead of the weight-only one at 8-12 rows, but at 16+ rows
+the dense bfloat16 copy (oneDNN) is as fast or faster on the development machine (measured with
+``experiments/bench_decode_step.py``), so the same threshold serves both. Quantizing activations
+per *tensor* (torch's dynamic int8 linear, one scale per step) was measured faster for large steps
+and dropped: activation outliers took SmolLM2's next-token agreement with float32 to 59%; one
+scale per block of 32 confines an outlier to its own block.
 """
 
 from __future__ import annotations
