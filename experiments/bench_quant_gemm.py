@@ -32,23 +32,25 @@ SHAPES = [("qkv", 960, 576, 30), ("o", 576, 576, 30), ("gate_up", 3072, 576, 30)
           ("down", 576, 1536, 30), ("lm_head", 49152, 576, 1)]
 
 
-def kinds(isas: list[str]) -> dict[str, Callable[[torch.Tensor, torch.Tensor], Callable]]:
-    """Per kind: a builder from a float32 weight to a callable of float32 activations."""
+def kinds(isas: list[str]) -> dict[str, Callable[[torch.Tensor], Callable]]:
+    """Per kind: a builder from a float32 weight to the projection (a callable of activations)."""
     gemm = select_gemm(torch.device("cpu"), torch.float32)
-    built: dict[str, Callable[[torch.Tensor, torch.Tensor], Callable]] = {
-        "float32": lambda w, x: make_projection(w, None, "none", torch.float32, gemm),
-        "bf16": lambda w, x: make_projection(w, None, "none", torch.bfloat16, F.linear),
-        "int8 (w-only)": lambda w, x: Int8Projection(w, None, dense_from=0),
-        "int4 (w-only)": lambda w, x: Int4Projection(w, None, dense_from=0),
+    built: dict[str, Callable[[torch.Tensor], Callable]] = {
+        "float32": lambda w: make_projection(w, None, "none", torch.float32, gemm),
+        "bf16": lambda w: make_projection(w, None, "none", torch.bfloat16, F.linear),
+        "int8 (w-only)": lambda w: Int8Projection(w, None, dense_from=0),
+        "int4 (w-only)": lambda w: Int4Projection(w, None, dense_from=0),
     }
     for isa in isas:
         for bits in (8, 4):
-            built[f"int{bits}x8 {isa}"] = (lambda b, i: lambda w, x: _with_isa(
+            built[f"int{bits}x8 {isa}"] = (lambda b, i: lambda w: _with_isa(
                 ActQuantProjection(w, None, b), i))(bits, isa)
     return built
 
 
 def _with_isa(projection: ActQuantProjection, isa: str) -> Callable:
+    """The projection, run on kernel path ``isa`` (selected before every call)."""
+
     def call(x: torch.Tensor) -> torch.Tensor:
         torch.ops.scalesim.quant_isa(isa)
         return projection(x)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         table = {k: v for k, v in table.items() if k in args.kinds.split(",")}
     gen = torch.Generator().manual_seed(0)
     weights = {name: torch.randn(n, k, generator=gen) * 0.02 for name, n, k, _ in SHAPES}
-    projections = {kind: {name: build(w, None) for name, w in weights.items()}
+    projections = {kind: {name: build(w) for name, w in weights.items()}
                    for kind, build in table.items()}
     print(f"{threads} threads; load average {os.getloadavg()[0]:.2f}; per decode step (30 layers "
           f"+ vocabulary), median of {args.rounds} alternating rounds", flush=True)

@@ -245,6 +245,8 @@ class ActQuantProjection:
         from runtime.model.kernels import cpu_op
 
         self.kernel = cpu_op("q8_linear")
+        if self.kernel is not None and not _warned_portable:
+            _warn_if_portable()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] >= self.dense_from:
@@ -261,6 +263,22 @@ class ActQuantProjection:
         if self.dense is not None and tokens >= self.dense_from:
             return _nbytes(self.dense, self.dense_bias)
         return self.packed_bytes()
+
+
+_warned_portable = False
+
+
+def _warn_if_portable() -> None:
+    """Say once when this CPU runs the kernel's portable path: on the development machine it
+    was 4-8x slower than the weight-only int4 format (``experiments/bench_quant_gemm.py``)."""
+    global _warned_portable
+    _warned_portable = True
+    if torch.ops.scalesim.quant_isa("best") == "portable":
+        import warnings
+
+        warnings.warn("scalesim: this CPU has no AVX-512 VNNI; the int4x8 / int8x8 formats run a "
+                      "portable kernel, slower than int4 / int8 (weight-only)", RuntimeWarning,
+                      stacklevel=3)
 
 
 #: blocks per interleaved group of the kernel's layout (one int32 lane of a vpdpbusd each)

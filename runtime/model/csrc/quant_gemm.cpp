@@ -42,7 +42,6 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -57,25 +56,6 @@ using scalesim::to_float;
 constexpr int64_t kBlock = 32;   // inputs per activation / weight block
 constexpr int64_t kChunk = 64;   // inputs per vpdpbusd in the tail (two blocks)
 constexpr int64_t kGroup = 16;   // blocks per interleaved group (one int32 lane each)
-
-// Where input i of a row sits in the int8 layout of `blocks` blocks (activations, 8-bit codes).
-inline int64_t byte_offset(int64_t i, int64_t blocks) {
-  const int64_t b = i / kBlock, groups = blocks / kGroup;
-  if (b >= groups * kGroup) return i;  // the tail keeps block order
-  const int64_t g = b / kGroup, l = b % kGroup, e = i % kBlock;
-  return g * kGroup * kBlock + (e / 4) * 64 + l * 4 + e % 4;
-}
-
-// Where 4-bit code i of a row sits: (byte, shift).
-inline std::pair<int64_t, int> nibble_offset(int64_t i, int64_t blocks) {
-  const int64_t b = i / kBlock, groups = blocks / kGroup;
-  if (b >= groups * kGroup) {
-    const int64_t t = i - groups * kGroup * kBlock;  // within the tail
-    return {groups * kGroup * kBlock / 2 + (t / kChunk) * 32 + t % 32, (t % kChunk) < 32 ? 0 : 4};
-  }
-  const int64_t g = b / kGroup, l = b % kGroup, e = i % kBlock, step = e / 4;
-  return {g * kGroup * kBlock / 2 + (step % 4) * 64 + l * 4 + e % 4, step < 4 ? 0 : 4};
-}
 
 inline float half_to_float(uint16_t bits) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
@@ -219,14 +199,33 @@ template <typename T>
 void rows_portable(const Quantized& a, int64_t m, const Weights& w, const float* bias, T* y,
                    int64_t n_begin, int64_t n_end) {
   std::vector<int16_t> codes(w.padded_k);
+  const int64_t groups = w.blocks / kGroup, head = groups * kGroup * kBlock;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes();
-    for (int64_t i = 0; i < w.padded_k; ++i) {  // the row's codes in input order, once
+    // The row's codes in input order, once per row, walking the layout with constant strides.
+    int16_t* out = codes.data();
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t step = 0; step < 8; ++step) {
+        for (int64_t l = 0; l < kGroup; ++l) {
+          for (int64_t e = 0; e < 4; ++e) {
+            const int64_t i = (g * kGroup + l) * kBlock + step * 4 + e;
+            if (w.bits == 8) {
+              out[i] = row[g * kGroup * kBlock + step * 64 + l * 4 + e];
+            } else {
+              const uint8_t byte = row[g * kGroup * kBlock / 2 + (step % 4) * 64 + l * 4 + e];
+              out[i] = step < 4 ? (byte & 0x0F) : (byte >> 4);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t i = head; i < w.padded_k; ++i) {
+      const int64_t t = i - head;
       if (w.bits == 8) {
-        codes[i] = row[byte_offset(i, w.blocks)];
+        out[i] = row[i];
       } else {
-        const auto [byte, shift] = nibble_offset(i, w.blocks);
-        codes[i] = (row[byte] >> shift) & 0x0F;
+        const uint8_t byte = row[head / 2 + (t / kChunk) * 32 + t % 32];
+        out[i] = (t % kChunk) < 32 ? (byte & 0x0F) : (byte >> 4);
       }
     }
     const uint16_t* ws = w.scale + n * w.blocks;
@@ -472,8 +471,10 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }
 
 // Select the path ("auto": the best the CPU has, "portable", "avx512_vnni"; "": keep); returns
-// the one that will run. For tests and benchmarks that compare the paths.
+// the one that will run. "best" changes nothing and returns the best the CPU has. For tests and
+// benchmarks that compare the paths.
 std::string quant_isa(const std::string& which) {
+  if (which == "best") return cpu_has_vnni() ? "avx512_vnni" : "portable";
   if (which == "portable") {
     g_isa.store(0);
   } else if (which == "avx512_vnni") {
