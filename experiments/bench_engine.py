@@ -30,6 +30,7 @@ from experiments.harness import headline, serve_in_turn
 from experiments.make_adapters import make_adapters
 from runtime import Engine, Request, SamplingParams, build_engine
 from runtime.model.profiles import PROFILES
+from runtime.model.weights import QUANTIZATIONS
 
 
 def prompt(call: int) -> str:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "'torch' is F.linear (MKL), as transformers uses on the hf side")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the torch engine's dtype (the hf baseline stays float32)")
-    parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                         help="the torch engine's weights (runtime/model/weights.py)")
     parser.add_argument("--hf-agents", type=int, default=0,
                         help="hf serves only the first K agents' calls (0: all)")

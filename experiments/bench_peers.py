@@ -12,12 +12,14 @@ single-stream prefill and decode speed the same way, and a batch-32 decode step 
 timed to report its achieved GFLOP/s and GB/s against the machine's measured peaks.
 
     make bench-peers                                  # builds llama-server once, then runs this
-    python -m experiments.bench_peers --llama-server PATH [--passes 3] [--quantization int4]
+    python -m experiments.bench_peers --llama-server PATH [--passes 3] [--quantization int4x8]
     python -m experiments.bench_peers --quick --no-llama    # smoke run of the ScaleSim side
 
 The built-in model file is SmolLM2-135M-Instruct in GGUF ``Q4_1`` (token embedding ``Q8_0``);
-llama-server reads it as it is. ScaleSim's default here is ``--quantization int4`` (the same 4-bit
-codes, bfloat16 activations); ``--dtype float32 --quantization none`` measures the reference.
+llama-server reads it as it is. ScaleSim's default here is ``--quantization int4x8`` (the same
+4-bit codes and the embedding's 8-bit ones, times activations quantized to int8 per block of 32:
+llama.cpp's own arithmetic); ``--quantization int4`` is the weight-only format with bfloat16
+activations that it used before, ``--dtype float32 --quantization none`` the reference.
 Prints a table and ends with one JSON line (also written to ``results/bench_peers.json``).
 """
 
@@ -44,6 +46,7 @@ from experiments.results_dir import results_dir
 from runtime import Engine, Request, SamplingParams, build_engine
 from runtime.executors.torch import TorchExecutor
 from runtime.interface import EngineEvent, StepTimed
+from runtime.model.weights import QUANTIZATIONS
 
 CALL_PROMPTS = [
     "It is 7:00. What do you do first this morning, and why? Answer in two sentences.",
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=3, help="alternating passes per count")
     parser.add_argument("--threads", type=int, default=0, help="threads of both (0: all cores)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--quantization", default="int4", choices=("none", "int8", "int4"))
+    parser.add_argument("--quantization", default="int4x8", choices=QUANTIZATIONS)
     parser.add_argument("--quick", action="store_true",
                         help="1 and 2 agents, 2 calls of 8 tokens, one pass")
     args = parser.parse_args(argv)

@@ -156,8 +156,9 @@ class RuntimeConfig(_Section):
     random_weights: bool = Field(
         default=False, description="the built-in profile runtime.model with random weights: no "
         "model files, text served as bytes (shape runs, e.g. a 7B profile on a GPU)")
-    quantization: Literal["none", "int8", "int4"] = Field(
-        default="none", description="int8 or int4 weights (CPU), see runtime/model/weights.py")
+    quantization: Literal["none", "int8", "int4", "int8x8", "int4x8"] = Field(
+        default="none", description="int8 or int4 weights (CPU); int8x8 / int4x8 also quantize "
+        "activations to int8 per block of 32 (compiled kernels), see runtime/model/weights.py")
     threads: int = Field(default=0, ge=0, description="CPU threads of the torch engine "
                          "(0: the cores this process may use)")
     quantized_dense_from: int = Field(

@@ -143,7 +143,7 @@ def test_bench_peers_quick_runs_the_scalesim_side(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                          check=True).stdout
     headline = json.loads(out.strip().splitlines()[-1])
-    assert headline["experiment"] == "bench_peers" and headline["quantization"] == "int4"
+    assert headline["experiment"] == "bench_peers" and headline["quantization"] == "int4x8"
     assert headline["scalesim_calls_per_s_1"] > 0 and headline["scalesim_calls_per_s_2"] > 0
     assert headline["scalesim_decode_tok_s"] > 0 and headline["step2_gflops"] > 0
     assert "vs_llamacpp_1" not in headline  # no llama-server was asked for

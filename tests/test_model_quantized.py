@@ -53,7 +53,9 @@ def test_quantized_projections_use_their_dense_copy_for_large_steps_only():
 
 @pytest.mark.parametrize("quantization,dtype,bound", [
     ("int8", torch.float32, 0.05), ("int8", torch.bfloat16, 0.05),
-    ("int4", torch.float32, 0.15), ("int4", torch.bfloat16, 0.15)])
+    ("int4", torch.float32, 0.15), ("int4", torch.bfloat16, 0.15),
+    ("int8x8", torch.float32, 0.05), ("int8x8", torch.bfloat16, 0.05),
+    ("int4x8", torch.float32, 0.15), ("int4x8", torch.bfloat16, 0.15)])
 def test_quantized_logits_stay_close_to_float32(quantization, dtype, bound):
     hf = tiny_hf("qwen2")
     config = from_hf_config(hf.config)
@@ -65,6 +67,41 @@ def test_quantized_logits_stay_close_to_float32(quantization, dtype, bound):
     got = paged_logits(quantized, ids, chunks, backend="cpu")
     error = (got - ref).abs().max() / ref.abs().max()
     assert error < bound, f"{quantization}/{dtype}: relative logit error {error:.3f}"
+
+
+@pytest.mark.parametrize("quantization", ["int4x8", "int8x8"])
+def test_activation_quantized_decodes_do_not_depend_on_the_batch(quantization):
+    """Three sequences decoded together give the logits each gives decoded alone, bit for bit
+    (activations are quantized per row and block, never per batch)."""
+    from runtime.kv_cache import KVCache
+    from runtime.model.attention import BatchLayout
+    from tests.model_fixtures import make_attention
+
+    hf = tiny_hf("llama3")
+    model = LlamaModel.from_hf(hf, from_hf_config(hf.config), quantization=quantization,
+                               dtype=torch.bfloat16)
+    c = model.config
+    cache = KVCache(c.num_layers, 64, 4, c.num_kv_heads, c.head_dim, dtype=torch.bfloat16)
+    attention = make_attention("cpu", cache, c)
+    seqs = [list(range(5, 5 + n)) for n in (3, 10, 7)]
+    tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+
+    def step(which: list[int], lens: list[int], starts: list[int]) -> torch.Tensor:
+        ids, pos, slots, rows = [], [], [], []
+        for i, n, st in zip(which, lens, starts):
+            ids += seqs[i][st:st + n]
+            pos += range(st, st + n)
+            slots += [tables[i][p // 4] * 4 + p % 4 for p in range(st, st + n)]
+            rows.append(len(ids) - 1)
+        attention.plan(BatchLayout(lens, starts, [tables[i] for i in which]))
+        return model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache,
+                             attention, None, torch.tensor(rows))
+
+    step([0, 1, 2], [len(s) - 1 for s in seqs], [0, 0, 0])
+    last = [len(s) - 1 for s in seqs]
+    together = step([0, 1, 2], [1, 1, 1], last)
+    for i in range(3):  # the same slots are rewritten with the same keys and values
+        assert torch.equal(step([i], [1], [last[i]])[0], together[i]), i
 
 
 def test_bad_quantization_settings_fail_with_the_setting_named():
@@ -102,17 +139,32 @@ def test_real_model_quantized_next_token_agreement_and_logit_error(capsys):
     reference = paged_logits(LlamaModel.from_hf(hf, config), ids, chunks, block_size=16,
                              backend="cpu")
     results = {}
-    for quantization, dtype in (("int8", torch.float32), ("int4", torch.bfloat16),
-                                ("none", torch.bfloat16)):
-        model = LlamaModel.from_hf(hf, config, quantization=quantization, dtype=dtype)
+    # dense_from 16 (the default): the prompt's chunk goes through the dense bfloat16 copy and
+    # only the 8 decodes through the packed kernels; dense_from 0: every position through them,
+    # which is what measures a kernel's own accuracy.
+    for quantization, dtype, dense_from in (
+            ("int8", torch.float32, 16), ("int4", torch.bfloat16, 16), ("none", torch.bfloat16, 16),
+            ("int8x8", torch.bfloat16, 16), ("int4x8", torch.bfloat16, 16),
+            ("int4", torch.bfloat16, 0), ("int8x8", torch.bfloat16, 0),
+            ("int4x8", torch.bfloat16, 0), ("int4x8", torch.float32, 0)):
+        model = LlamaModel.from_hf(hf, config, quantization=quantization, dtype=dtype,
+                                   dense_from=dense_from)
         got = paged_logits(model, ids, chunks, block_size=16, backend="cpu")
         agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
         error = ((got - reference).abs().max(-1).values / reference.abs().max(-1).values).mean()
-        results[f"{quantization}/{str(dtype)[6:]}"] = (agree, float(error))
+        key = f"{quantization}/{str(dtype)[6:]}" + ("/all-packed" if dense_from == 0 else "")
+        results[key] = (agree, float(error))
     with capsys.disabled():
-        print("\nnext-token agreement with float32, mean relative logit error: " + "; ".join(
-            f"{k} {a:.1%}, {e:.3f}" for k, (a, e) in results.items()))
+        print(f"\nnext-token agreement with float32 over {len(ids)} positions, mean relative "
+              "logit error: " + "; ".join(f"{k} {a:.1%}, {e:.3f}" for k, (a, e) in results.items()))
     # Measured 2026-12-02: bfloat16 96%, int8 98%, int4 94% (chunks of 16+ tokens use bf16).
     assert results["none/bfloat16"][0] >= 0.9
     assert results["int8/float32"][0] >= 0.85
     assert results["int4/bfloat16"][0] >= 0.9
+    # Activations quantized per block of 32 must keep the issue's bar of 94% (what weight-only
+    # int4 measured on 2026-12-02). Measured 2026-12-06 on this text: int4x8 96.3% with the
+    # dense copy, 94.4% all packed, against int4's 98.1% / 100% (the file's own codes: int4's
+    # only error is bfloat16's; int4x8 adds the int8 activations', 1 position of 54 here).
+    assert results["int4x8/bfloat16"][0] >= 0.94
+    assert results["int4x8/bfloat16/all-packed"][0] >= 0.94
+    assert results["int8x8/bfloat16/all-packed"][0] >= 0.9

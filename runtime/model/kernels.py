@@ -1,8 +1,11 @@
 """The engine's own compiled CPU kernels, built on first use and cached.
 
 ``csrc/`` holds them: ``paged_attention.cpp`` registers ``torch.ops.scalesim.paged_attention``
-(attention of ragged query rows over the paged KV pool read in place, no gather) and
-``rms_norm.cpp`` ``rms_norm`` / ``add_rms_norm`` (RMSNorm fused with the residual add). They are
+(attention of ragged query rows over the paged KV pool read in place, no gather),
+``rms_norm.cpp`` ``rms_norm`` / ``add_rms_norm`` (RMSNorm fused with the residual add) and
+``silu_mul``, and ``quant_gemm.cpp`` ``q8_linear`` (4- or 8-bit weights times activations
+quantized to int8 per block of 32, the formats ``int4x8`` / ``int8x8``) with ``quant_isa`` (which
+of its paths runs, for tests). They are
 compiled together with the machine's C++ compiler through ``torch.utils.cpp_extension`` the first
 time an engine asks (about half a minute) into ``$SCALESIM_CACHE/kernels``, under a name that
 carries a digest of the sources and flags, so later processes load them in milliseconds and an
@@ -28,7 +31,7 @@ from typing import Callable
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_attention.cpp", "rms_norm.cpp")
+SOURCES = ("paged_attention.cpp", "quant_gemm.cpp", "rms_norm.cpp")
 
 # -ffast-math lets the compiler vectorize the dot products, the softmax sums and expf (glibc's
 # vector math). It is passed when compiling only: linked with it, gcc would add crtfastmath,

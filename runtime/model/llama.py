@@ -129,8 +129,8 @@ class LlamaModel:
                        for layer in layers]
         self.embed, self.norm = embed.to(dtype), norm.to(dtype)
         # The vocabulary projection decides the token: never below int8.
-        self.lm_head = make_projection(lm_head, None, "int8" if quantization == "int4" else
-                                       quantization, dtype, gemm, dense_from)
+        head = {"int4": "int8", "int4x8": "int8x8"}.get(quantization, quantization)
+        self.lm_head = make_projection(lm_head, None, head, dtype, gemm, dense_from)
         self.inv_freq = rope_inv_freq(config).to(embed.device)
         # The compiled kernels where they exist (CPU, float32/bfloat16): one op instead of several.
         self.rms_norm, self.add_rms_norm, self.silu_mul = rms_norm, add_rms_norm, silu_mul

@@ -12,6 +12,11 @@
 // per query head, its running max, the sum of exponentials and the weighted sum of values
 // (online softmax); the items of a row are merged at the end. Each key's K and V rows of all
 // kv heads are contiguous in the pool and read once per item, for all query heads of the group.
+//
+// bfloat16 pools on a CPU with AVX512-BF16 score 16 keys at a time: vdpbf16ps multiplies q and k
+// pairs exactly and sums them in float32, and the 16 keys' partial sums are reduced together
+// (one transpose-and-add tree instead of a horizontal sum per key and head). float32 pools, the
+// reference, keep the plain loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,11 +27,81 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SCALESIM_X86 1
+#endif
 
 namespace {
 
 using scalesim::to_float;
+
+#ifdef SCALESIM_X86
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+// Sixteen vectors into one: lane o of the result is the sum of the lanes of v[o]. Four rounds of
+// pairwise unpack-and-add instead of sixteen horizontal sums.
+BF16_TARGET inline __m512 sum_lanes16(__m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the 4 sums of v[4i .. 4i+3]
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i) {  // across 128-bit lanes: [0+1, 2+3] of b[2i], then of b[2i+1]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  }
+  // 128-bit lane L of the result: the sums of v[4L .. 4L+3].
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// Scores of up to 16 keys (rows `token_stride` apart, bfloat16) for `group` query heads
+// (bfloat16, contiguous, D each): vdpbf16ps multiplies pairs exactly and sums them in float32;
+// out[j * out_stride + o] = scale * q_j . k_o.
+template <int64_t D>
+BF16_TARGET void scores_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t token_stride,
+                             int64_t keys, int64_t group, float scale, float* out,
+                             int64_t out_stride) {
+  static_assert(D % 32 == 0, "whole vectors of 32 bfloat16");
+  for (int64_t j = 0; j < group; ++j) {
+    __m512bh qv[D / 32];
+    for (int64_t x = 0; x < D / 32; ++x) qv[x] = (__m512bh)_mm512_loadu_si512(q + j * D + x * 32);
+    __m512 parts[16];
+    for (int64_t o = 0; o < 16; ++o) {
+      __m512 acc = _mm512_setzero_ps();
+      if (o < keys) {
+        const at::BFloat16* kr = k + o * token_stride;
+        for (int64_t x = 0; x < D / 32; ++x)
+          acc = _mm512_dpbf16_ps(acc, qv[x], (__m512bh)_mm512_loadu_si512(kr + x * 32));
+      }
+      parts[o] = acc;
+    }
+    const __m512 sums = _mm512_mul_ps(sum_lanes16(parts), _mm512_set1_ps(scale));
+    _mm512_mask_storeu_ps(out + j * out_stride, static_cast<__mmask16>((1u << keys) - 1u), sums);
+  }
+}
+
+bool cpu_has_bf16_dot() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+#else
+bool cpu_has_bf16_dot() { return false; }
+#endif
+
+// Whether bfloat16 scores take vdpbf16ps (cpuid, once).
+const bool kBf16Dot = cpu_has_bf16_dot();
 
 // Dot products of `group` query heads (float, contiguous, d each) with one key row of type T.
 template <typename T, int64_t D>
@@ -102,7 +177,23 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         const int64_t count = std::min(block_size, n - b * block_size);
         const int64_t base = static_cast<int64_t>(table[b]) * block_size * token_stride;
         // Scores of the block's keys for every head: sc[j * block_size + o].
-        for (int64_t o = 0; o < count; ++o) {
+        bool scored = false;
+#ifdef SCALESIM_X86
+        if constexpr (std::is_same_v<T, at::BFloat16> && D > 0 && D % 32 == 0) {
+          if (kBf16Dot) {  // 16 keys at a time, bfloat16 dot products (q unscaled, then scaled)
+            for (int64_t kh = 0; kh < kv_heads; ++kh) {
+              for (int64_t o0 = 0; o0 < count; o0 += 16) {
+                scores_bf16<D>(qp + (r * heads + kh * group) * d,
+                               kp + base + o0 * token_stride + kh * d, token_stride,
+                               std::min<int64_t>(16, count - o0), group, s,
+                               sc.data() + kh * group * block_size + o0, block_size);
+              }
+            }
+            scored = true;
+          }
+        }
+#endif
+        for (int64_t o = 0; o < count && !scored; ++o) {
           const T* krow = kp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float dot[64];
