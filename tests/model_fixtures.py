@@ -71,3 +71,23 @@ def paged_logits(model: LlamaModel, ids: list[int], chunks: list[int], block_siz
                                   torch.arange(n, device=device)))
         start += n
     return torch.cat(outs)
+
+
+def paged_step(model: LlamaModel, cache: KVCache, attention: Any, seqs: list[list[int]],
+               tables: list[list[int]], which: list[int], lens: list[int], starts: list[int],
+               block_size: int = 4) -> torch.Tensor:
+    """One batched step over sequences ``which`` (``lens[i]`` tokens of each from ``starts[i]``)
+    through the paged cache; the logits of each one's last token."""
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    rows: list[int] = []
+    for i, n, st in zip(which, lens, starts):
+        ids += seqs[i][st:st + n]
+        pos += range(st, st + n)
+        slots += [tables[i][p // block_size] * block_size + p % block_size
+                  for p in range(st, st + n)]
+        rows.append(len(ids) - 1)
+    attention.plan(BatchLayout(lens, starts, [tables[i] for i in which]))
+    return model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache,
+                         attention, None, torch.tensor(rows))

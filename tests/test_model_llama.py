@@ -12,7 +12,7 @@ from runtime.model.weights import select_gemm
 from runtime.model.profiles import PROFILES, from_hf_config, profile
 from runtime.model.sampling import filter_logits, sample
 from runtime.request import SamplingParams
-from tests.model_fixtures import make_attention, paged_logits, tiny_hf
+from tests.model_fixtures import make_attention, paged_logits, paged_step, tiny_hf
 
 
 BACKENDS = ["torch", "cpu"]
@@ -49,15 +49,7 @@ def test_kernel_rows_and_long_chunks_mix_in_one_batch():
 
     def run(which: list[int], lens: list[int], starts: list[int]) -> torch.Tensor:
         """One step over sequences ``which``; logits of each one's last token."""
-        ids, pos, slots, rows = [], [], [], []
-        for i, n, st in zip(which, lens, starts):
-            ids += seqs[i][st:st + n]
-            pos += range(st, st + n)
-            slots += [tables[i][p // 4] * 4 + p % 4 for p in range(st, st + n)]
-            rows.append(len(ids) - 1)
-        attention.plan(BatchLayout(lens, starts, [tables[i] for i in which]))
-        return model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache,
-                             attention, None, torch.tensor(rows))
+        return paged_step(model, cache, attention, seqs, tables, which, lens, starts)
 
     run([0, 2, 3], [done[i] for i in (0, 2, 3)], [0, 0, 0])  # the cached context
     got = run([0, 1, 2, 3], [len(s) - d for s, d in zip(seqs, done)], done)

@@ -14,7 +14,7 @@ from runtime.model.llama import LlamaModel
 from runtime.model.profiles import from_hf_config
 from runtime.model.weights import (INT4_GROUP, Int4Projection, Int8Projection, check_quantization,
                                    make_projection, select_gemm)
-from tests.test_model_llama import paged_logits, tiny_hf
+from tests.model_fixtures import make_attention, paged_logits, paged_step, tiny_hf
 
 
 def test_int4_recovers_codes_that_are_exactly_representable():
@@ -74,8 +74,6 @@ def test_activation_quantized_decodes_do_not_depend_on_the_batch(quantization):
     """Three sequences decoded together give the logits each gives decoded alone, bit for bit
     (activations are quantized per row and block, never per batch)."""
     from runtime.kv_cache import KVCache
-    from runtime.model.attention import BatchLayout
-    from tests.model_fixtures import make_attention
 
     hf = tiny_hf("llama3")
     model = LlamaModel.from_hf(hf, from_hf_config(hf.config), quantization=quantization,
@@ -87,15 +85,7 @@ def test_activation_quantized_decodes_do_not_depend_on_the_batch(quantization):
     tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
 
     def step(which: list[int], lens: list[int], starts: list[int]) -> torch.Tensor:
-        ids, pos, slots, rows = [], [], [], []
-        for i, n, st in zip(which, lens, starts):
-            ids += seqs[i][st:st + n]
-            pos += range(st, st + n)
-            slots += [tables[i][p // 4] * 4 + p % 4 for p in range(st, st + n)]
-            rows.append(len(ids) - 1)
-        attention.plan(BatchLayout(lens, starts, [tables[i] for i in which]))
-        return model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache,
-                             attention, None, torch.tensor(rows))
+        return paged_step(model, cache, attention, seqs, tables, which, lens, starts)
 
     step([0, 1, 2], [len(s) - 1 for s in seqs], [0, 0, 0])
     last = [len(s) - 1 for s in seqs]
