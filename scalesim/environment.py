@@ -92,11 +92,6 @@ class LLMCall(simpy.Event):
         self.callbacks.append(env._finish)
         heapq.heappush(env._queue, (due, ANSWER, next(env._eid), self))
 
-    @property
-    def answered(self) -> bool:
-        """Whether the call has its answer (it may still be held until :attr:`due`)."""
-        return self.completion is not None
-
     def answer(self, completion: Completion) -> None:
         """Give the call its answer, which its agent gets when the event fires."""
         self.completion = completion
