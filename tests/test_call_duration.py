@@ -207,6 +207,33 @@ def test_the_oracle_orders_pending_calls_by_due_time():
     assert source.order_key("late") > source.order_key("sleeper")
 
 
+def test_queued_calls_rank_as_now_for_eviction_and_keep_their_due_order_for_prefetch():
+    # Which queued call the scheduler reaches first depends on its budget and on what is
+    # resident, not only on due times: the eviction order ties them (recency decides).
+    env, world, source = world_with_oracle(FakeEngine(), call_duration=5)
+
+    def caller(at: float, duration: float | None) -> Callable[[Scripted], Generator]:
+        def script(a: Scripted) -> Generator[Any, Any, None]:
+            yield a.wait(at)
+            yield a.llm("hi", duration=duration)
+            yield a.wait(100)
+        return script
+
+    world.add(Scripted("early", caller(0, None)))   # due 5
+    world.add(Scripted("later", caller(1, None)))   # due 6
+    world.add(Scripted("soon", caller(1, 2)))       # due 3: sooner than the default
+    world.add(Scripted("long", caller(0, 30)))      # due 30: stands at 25
+    world.add(Scripted("sleeper", caller(10, None)))
+    env.run(until=1.5)
+    keys = {a: source.order_key(a) for a in ("early", "later", "soon", "long", "sleeper")}
+    assert keys["early"] == keys["later"] == keys["soon"] == CallTrackingSource.PENDING_KEY
+    assert keys["sleeper"] == 10 and keys["long"] == 25
+    assert source.nearest(5) == ["soon", "early", "later", "sleeper", "long"]
+    env.run(until=7)  # the default calls returned: their keys are estimates again
+    assert all(source.order_key(a) > 7 for a in ("early", "later", "soon"))
+    assert source.order_key("long") == 30  # answered ahead: held until it resumes at 30
+
+
 class EarliestDueFirst(FakeEngine):
     """A fake engine that answers one request per step, the earliest due (a full engine)."""
 
