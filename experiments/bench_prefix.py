@@ -1,7 +1,7 @@
 """What the token-level prefix cache saves on a world of growing conversations, side by side.
 
 The salon world (``worlds/salon.py``): guests share long house rules, keep their own persona and
-send their whole conversation with every call. Five variants run the same world and seed:
+send their whole conversation with every call. Six variants run the same world and seed:
 
 =============== ===============================================================================
 no reuse        policy ``none``: nothing is kept between calls, every prompt is computed in full
@@ -9,6 +9,8 @@ persona only    ``runtime.prefix_cache: persona``: only each call's persona is c
                 the engine had before the token-level cache), ``lru``
 tokens + lru    the token-level cache, evicting least recently used segments (what SGLang does)
 tokens+scalesim the token-level cache under the distance policy (evict farthest, prefetch nearest)
+tokens+belady   the same with exact distances: the call order of the ``tokens + lru`` run (every
+                policy makes the same calls), the offline bound on what any eviction order buys
 unbounded       the token-level cache with no budget: the ideal
 =============== ===============================================================================
 
@@ -46,9 +48,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "persona only": {"runtime__prefix_cache": "persona", "runtime__memory__policy": "lru"},
     "tokens + lru": {"runtime__memory__policy": "lru"},
     "tokens + scalesim": {"runtime__memory__policy": "scalesim"},
+    "tokens + belady": {"runtime__memory__policy": "belady"},
     "unbounded": {"runtime__memory__policy": "unlimited"},
 }
-BUDGETED = ("persona only", "tokens + lru", "tokens + scalesim")
+BUDGETED = ("persona only", "tokens + lru", "tokens + scalesim", "tokens + belady")
 
 
 class IdealReuse:
@@ -117,6 +120,11 @@ def run_variant(yaml: str, out: Path, overrides: dict[str, Any],
             **({"ideal_computed_tokens": prompt - probe.reusable} if probe else {})}
 
 
+def run_dir(work: Path, setting: str, variant: str) -> Path:
+    """Where one variant of one setting writes its run (``belady`` reads ``lru``'s trace)."""
+    return work / setting / variant.replace(" ", "_")
+
+
 def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
             host_bytes: int | None, work: Path, ideal: bool = True,
             duration: float = 0.0) -> dict[str, Any]:
@@ -125,7 +133,7 @@ def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
     rows: dict[str, dict[str, Any]] = {}
     base = {f"world__params__{k}": v for k, v in params.items()}
     base["sim__call_duration"] = duration
-    rows["unbounded"] = run_variant(yaml, work / name / "unbounded",
+    rows["unbounded"] = run_variant(yaml, run_dir(work, name, "unbounded"),
                                     {**base, **VARIANTS["unbounded"]}, ideal=ideal)
     budget = max(1, int(rows["unbounded"]["cached_kv_bytes"] * fraction))
     for variant, overrides in VARIANTS.items():
@@ -135,8 +143,9 @@ def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
         if variant in BUDGETED:
             extra.update(runtime__memory__device_bytes=budget,
                          runtime__memory__host_bytes=host_bytes)
-        rows[variant] = run_variant(yaml, work / name / variant.replace(" ", "_"),
-                                    {**base, **extra})
+        if variant == "tokens + belady":
+            extra["runtime__memory__belady_trace"] = str(run_dir(work, name, "tokens + lru"))
+        rows[variant] = run_variant(yaml, run_dir(work, name, variant), {**base, **extra})
     for variant, row in rows.items():
         print(f"{name:22s} {variant:18s} calls {row['calls']:6d} prompt {row['prompt_tokens']:9d}"
               f" computed {row['computed_tokens']:9d} reused {row['reused_share']:6.1%} "
@@ -153,6 +162,8 @@ def compare(name: str, yaml: str, params: dict[str, Any], fraction: float,
                 unbounded["computed_tokens"] / max(1, unbounded["ideal_computed_tokens"]), 4)}
                if "ideal_computed_tokens" in unbounded else {}),
             "scalesim_vs_lru": round(span["tokens + lru"] / span["tokens + scalesim"], 3),
+            "belady_vs_lru": round(span["tokens + lru"] / span["tokens + belady"], 3),
+            "unbounded_vs_lru": round(span["tokens + lru"] / span["unbounded"], 3),
             "scalesim_vs_persona_only": round(span["persona only"] / span["tokens + scalesim"],
                                               3),
             "scalesim_vs_no_reuse": round(span["no reuse"] / span["tokens + scalesim"], 3),
