@@ -15,6 +15,12 @@ and each token is multiplied by its own adapter only (multiplying every token by
 adapter and masking, as an earlier version did, cost more arithmetic than the base model).
 Prefill chunks are few and long; each runs against its own adapter's slice (a view, no copy).
 :class:`LoraBatch` holds that per-iteration plan.
+
+Projections that read the same input (q/k/v, gate/up: a :data:`GROUPS` entry) keep their ``A``
+matrices side by side in one ``[slots, in, modules * max_rank]`` tensor, of which each module's
+``A`` is a view. :meth:`LoraBatch.apply_group` then scatters the input once and multiplies it by
+all of the group's ``A`` in one product, leaving one small ``B`` product per module: four input
+scatters and shrink products per layer instead of seven.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from runtime.model.profiles import ModelConfig
 from runtime.request import RequestError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: the targets that read the same input, in the model's order; their A matrices share a tensor
+GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                                      "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
 def lora_tensor_target(name: str) -> tuple[int, str, str] | None:
@@ -160,6 +169,9 @@ class LoraPool:
         self.adapters: dict[str, LoraAdapter] = {}
         self.num_slots = 0
         self._owners: list[LoraAdapter | None] = []
+        #: ``[slots, in, len(modules) * max_rank]`` per ``(layer, group)`` (see :data:`GROUPS`)
+        self.a_group: dict[tuple[int, str], torch.Tensor] = {}
+        #: per ``(layer, module)``: A a view into its group's tensor, B a tensor of its own
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.b: dict[tuple[int, str], torch.Tensor] = {}
         self._grow(slots)
@@ -167,13 +179,20 @@ class LoraPool:
     def _grow(self, slots: int) -> None:
         r = self.max_rank
         for layer in range(self.config.num_layers):
-            for module, (fan_in, fan_out) in self.shapes.items():
-                a = torch.zeros(slots, fan_in, r, dtype=self.dtype, device=self.device)
-                b = torch.zeros(slots, r, fan_out, dtype=self.dtype, device=self.device)
+            for group, modules in GROUPS.items():
+                fan_in = self.shapes[modules[0]][0]
+                a = torch.zeros(slots, fan_in, len(modules) * r, dtype=self.dtype,
+                                device=self.device)
                 if self.num_slots:
-                    a[: self.num_slots] = self.a[layer, module]
-                    b[: self.num_slots] = self.b[layer, module]
-                self.a[layer, module], self.b[layer, module] = a, b
+                    a[: self.num_slots] = self.a_group[layer, group]
+                self.a_group[layer, group] = a
+                for i, module in enumerate(modules):
+                    self.a[layer, module] = a[:, :, i * r:(i + 1) * r]
+                    b = torch.zeros(slots, r, self.shapes[module][1], dtype=self.dtype,
+                                    device=self.device)
+                    if self.num_slots:
+                        b[: self.num_slots] = self.b[layer, module]
+                    self.b[layer, module] = b
         self._owners += [None] * (slots - self.num_slots)
         self.num_slots = slots
 
@@ -203,8 +222,11 @@ class LoraPool:
             slot = self.num_slots
             self._grow(self.num_slots * 2)
         for key in self.a:
-            self.a[key][slot].zero_()
-            self.b[key][slot].zero_()
+            # A slot the adapter fills whole needs no clearing (a full-rank adapter of every
+            # target: the common case); else the previous owner's weights must not leak through.
+            if adapter.rank < self.max_rank or key not in adapter.weights:
+                self.a[key][slot].zero_()
+                self.b[key][slot].zero_()
         for key, (a, b) in adapter.weights.items():
             self.a[key][slot, :, : adapter.rank] = a.to(self.device, self.dtype)
             self.b[key][slot, : adapter.rank] = b.to(self.device, self.dtype)
@@ -278,19 +300,41 @@ class LoraBatch:
 
     def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the LoRA delta of ``module`` for input ``x`` into ``out`` in place."""
-        a_pool, b_pool = self.pool.a[layer, module], self.pool.b[layer, module]
+        self._apply(self.pool.a[layer, module], [(self.pool.b[layer, module], out)], x)
+
+    def apply_group(self, layer: int, group: str, x: torch.Tensor,
+                    outs: list[torch.Tensor]) -> None:
+        """Add the deltas of every module of ``group`` (:data:`GROUPS`), all reading ``x``, into
+        ``outs`` (one per module, in the group's order), with one shrink product for all."""
+        modules = GROUPS[group]
+        self._apply(self.pool.a_group[layer, group],
+                    [(self.pool.b[layer, m], out) for m, out in zip(modules, outs)], x)
+
+    def _apply(self, a_pool: torch.Tensor, expands: list[tuple[torch.Tensor, torch.Tensor]],
+               x: torch.Tensor) -> None:
+        """``out += (x @ A) @ B`` per token's slot, for ``A`` the side-by-side ``A`` matrices
+        of ``expands``' modules and each ``(B, out)`` of ``expands``."""
+        r = self.pool.max_rank
         if self.bmm_rows is not None:
             if self.bmm_gather is not None:
-                a, b = a_pool.index_select(0, self.bmm_gather), b_pool.index_select(0, self.bmm_gather)
+                a = a_pool.index_select(0, self.bmm_gather)
             else:
-                a, b = a_pool[: self.bmm_slots], b_pool[: self.bmm_slots]
+                a = a_pool[: self.bmm_slots]
             xs = x if self.bmm_all else x.index_select(0, self.bmm_rows)
             grid = x.new_zeros(self.bmm_slots, self.bmm_depth, x.shape[1])
             grid[self.bmm_slot, self.bmm_pos] = xs
-            delta = torch.bmm(torch.bmm(grid, a), b)[self.bmm_slot, self.bmm_pos]
-            if self.bmm_all:
-                out += delta
-            else:
-                out.index_add_(0, self.bmm_rows, delta)
+            shrunk = torch.bmm(grid, a)
+            for i, (b_pool, out) in enumerate(expands):
+                if self.bmm_gather is not None:
+                    b = b_pool.index_select(0, self.bmm_gather)
+                else:
+                    b = b_pool[: self.bmm_slots]
+                delta = torch.bmm(shrunk[:, :, i * r:(i + 1) * r], b)[self.bmm_slot, self.bmm_pos]
+                if self.bmm_all:
+                    out += delta
+                else:
+                    out.index_add_(0, self.bmm_rows, delta)
         for s, e, slot in self.segments:
-            out[s:e] += (x[s:e] @ a_pool[slot]) @ b_pool[slot]
+            shrunk = x[s:e] @ a_pool[slot]
+            for i, (b_pool, out) in enumerate(expands):
+                out[s:e] += shrunk[:, i * r:(i + 1) * r] @ b_pool[slot]

@@ -66,6 +66,48 @@ def test_decodes_sharing_an_adapter_in_a_sparse_pool(paths):
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_group_applies_each_modules_own_adapter_from_one_shrink(paths, sparse):
+    # q/k/v share one A tensor per layer; each module's delta must still be its own x @ A @ B,
+    # for decodes read from the pool in place and from slots copied out of a sparse pool, and
+    # for prefill segments.
+    pool = LoraPool(TINY, max_rank=4, dtype=torch.float32, device="cpu", slots=2)
+    adapters = [pool.get(p)[0] for p in paths]
+    if sparse:  # two used slots of eight: the plan copies them out
+        q_lens, owners = [1, 3, 1], [adapters[5], adapters[5], adapters[0]]
+    else:
+        q_lens, owners = [1, 1, 5, 1], [adapters[2], adapters[5], adapters[1], adapters[0]]
+    batch = LoraBatch.plan(pool, q_lens, [a.slot for a in owners])
+    assert (batch.bmm_gather is not None) == sparse
+    x = torch.randn(sum(q_lens), TINY.hidden_size, generator=torch.Generator().manual_seed(2))
+    q, kv = TINY.q_size, TINY.kv_size
+    qkv = torch.zeros(x.shape[0], q + 2 * kv)
+    batch.apply_group(1, "qkv", x, [qkv[:, :q], qkv[:, q:q + kv], qkv[:, q + kv:]])
+    start = 0
+    for n, owner in zip(q_lens, owners):
+        rows = slice(start, start + n)
+        expected = torch.cat([reference(owner, 1, m, x[rows])
+                              for m in ("q_proj", "k_proj", "v_proj")], dim=1)
+        assert torch.allclose(qkv[rows], expected, atol=1e-5)
+        start += n
+
+
+def test_a_reused_slot_keeps_nothing_of_its_previous_owner(paths):
+    # The rank-2 adapter takes the slot a rank-4 one left: ranks 3-4 must read as zeros.
+    pool = LoraPool(TINY, max_rank=4, dtype=torch.float32, device="cpu", slots=1)
+    full, _ = pool.get(paths[0])
+    pool.offload(full)
+    small, _ = pool.get(paths[5])
+    assert small.rank == 2 and small.slot == 0
+    for key in pool.a:
+        assert not pool.a[key][0, :, 2:].any() and not pool.b[key][0, 2:].any()
+    batch = LoraBatch.plan(pool, [1], [0])
+    x = torch.randn(1, TINY.hidden_size, generator=torch.Generator().manual_seed(3))
+    out = torch.zeros(1, pool.shapes["up_proj"][1])
+    batch.apply(0, "up_proj", x, out)
+    assert torch.allclose(out, reference(small, 0, "up_proj", x), atol=1e-5)
+
+
 def test_offload_and_reload_restore_the_same_slot_contents(paths):
     pool = LoraPool(TINY, max_rank=4, dtype=torch.float32, device="cpu")
     first, _ = pool.get(paths[0])

@@ -292,9 +292,8 @@ class LlamaModel:
             h = norm(x, w.input_norm, eps) if down is None else add_norm(x, down, w.input_norm, eps)
             qkv = w.qkv(h)
             if lora is not None:
-                lora.apply(li, "q_proj", h, qkv[:, :q_size])
-                lora.apply(li, "k_proj", h, qkv[:, q_size:q_size + kv_size])
-                lora.apply(li, "v_proj", h, qkv[:, q_size + kv_size:])
+                lora.apply_group(li, "qkv", h, [qkv[:, :q_size], qkv[:, q_size:q_size + kv_size],
+                                                qkv[:, q_size + kv_size:]])
             # Queries and keys are rotated in one pass: [tokens, heads + kv_heads, d].
             qk = apply_rope(qkv[:, :q_size + kv_size].view(t, heads + kv_heads, d), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
@@ -306,8 +305,7 @@ class LlamaModel:
             h = add_norm(x, o, w.post_norm, eps)
             gu = w.gate_up(h)
             if lora is not None:
-                lora.apply(li, "gate_proj", h, gu[:, :inter])
-                lora.apply(li, "up_proj", h, gu[:, inter:])
+                lora.apply_group(li, "gate_up", h, [gu[:, :inter], gu[:, inter:]])
             m = self.silu_mul(gu)
             down = w.down(m)
             if lora is not None:

@@ -223,7 +223,24 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
           }
           sum[j] += total;
         }
+        // The blocks of a sequence lie anywhere in the pool, so the hardware prefetcher, which
+        // follows one address stream, stalls at each block's start; ask for the next block's
+        // keys and values now, a row per key of this one, while this block is summed.
+        const T* next_k = nullptr;
+        const T* next_v = nullptr;
+        if (b + 1 < last_block) {
+          const int64_t next = static_cast<int64_t>(table[b + 1]) * block_size * token_stride;
+          next_k = kp + next;
+          next_v = vp + next;
+        }
+        constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
         for (int64_t o = 0; o < count; ++o) {
+          if (next_k != nullptr) {
+            for (int64_t x = 0; x < token_stride; x += kLine) {
+              __builtin_prefetch(next_k + o * token_stride + x);
+              __builtin_prefetch(next_v + o * token_stride + x);
+            }
+          }
           const T* vrow = vp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float vf[256];
