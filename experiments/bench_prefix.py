@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.harness import headline
+from experiments.results_dir import results_dir
 from scalesim import simulate
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -227,9 +228,7 @@ def main() -> None:
             line["real"] = compare("real (smollm2, cpu)", "worlds/salon.yaml", {},
                                    args.budget_fraction, 0, work, ideal=False)
             line["real"].pop("rows")
-        out = Path("experiments/results") / ("quick" if args.quick else "")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{keep_as}_rows.json").write_text(json.dumps(
+        (results_dir(args.quick) / f"{keep_as}_rows.json").write_text(json.dumps(
             {k: v["rows"] for k, v in modeled.items()}, indent=1) + "\n")
     headline(line, keep_as=keep_as, quick=args.quick)
 

@@ -150,6 +150,25 @@ def test_bench_peers_quick_runs_the_scalesim_side(tmp_path):
     assert (tmp_path / "quick" / "bench_peers.json").is_file()
 
 
+def test_bench_prefix_quick_bounds_every_budgeted_variant(tmp_path):
+    env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_prefix", "--quick",
+                          "--settings", "sparse rounds", "--tiers", "dropped"],
+                         env=env, capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    setting = line["modeled"]["sparse rounds, evicted dropped"]
+    assert setting["unbounded_computed_over_ideal"] == 1.0
+    # The unbounded cache bounds every budgeted variant, belady's exact future included.
+    assert setting["unbounded_vs_lru"] >= max(setting["belady_vs_lru"], 1.0)
+    rows = json.loads((tmp_path / "quick" / "bench_prefix_selected_rows.json").read_text())
+    variants = rows["sparse rounds, evicted dropped"]
+    assert {"tokens + belady", "tokens + lru", "unbounded"} <= set(variants)
+    # belady replays lru's call order: the same calls, so the same prompt tokens.
+    assert variants["tokens + belady"]["calls"] == variants["tokens + lru"]["calls"]
+    assert variants["tokens + belady"]["prompt_tokens"] == variants["tokens + lru"]["prompt_tokens"]
+
+
 def test_bench_prefix_stream_quick_replays_every_stream_through_the_server(tmp_path):
     env = dict(os.environ, SCALESIM_RESULTS=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "experiments.bench_prefix_stream", "--quick"],
