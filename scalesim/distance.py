@@ -574,8 +574,7 @@ class DistanceOracle(CallTrackingSource):
         prediction.open(combined, estimates, scored=len(scored))
 
     def _nearest_not_pending(self, heap: LazyHeap[str]) -> list[str]:
-        taken = heap.smallest(self.window + len(self._pending))
-        return [e[-1] for e in taken if e[-1] not in self._pending][:self.window]
+        return [e[-1] for e in heap.smallest(self.window, skip=self._pending)]
 
     def _retrust(self, changed: set[str]) -> None:
         """Some sources' trust changed: re-estimate every agent once."""
