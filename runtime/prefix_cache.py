@@ -75,6 +75,8 @@ class Segment(AgentMemory):
         self.adapter = adapter
         self.start = start
         self.tokens = tokens
+        #: how many blocks ``tokens`` fill (asked at every step of every walk of the tree)
+        self.num_blocks = len(tokens) // tree.cache.block_size
         self.children: Children = {}
         #: a hash of the input from the start through this segment (recomputation counts)
         self.path_hash = hash((parent.path_hash if parent is not None else adapter, tokens))
@@ -82,10 +84,6 @@ class Segment(AgentMemory):
         #: the agent whose request computed it first (names its parts when it is split)
         self.creator = ""
         self._recomputing = False
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.tokens) // self.tree.cache.block_size
 
     @property
     def filled(self) -> bool:

@@ -429,7 +429,8 @@ class DistanceOracle(CallTrackingSource):
         return self._due[agent] - self.call_duration
 
     def _lag(self, agent: str, block: Block, cause: str) -> float:
-        return self.rates.lag(agent, self._site(block, cause))
+        # The key _site makes, without a call of its own: asked for in every estimate.
+        return self.rates.lag(agent, (block.site, cause))
 
     def _update(self, agent: str) -> None:
         if agent in self._silent:

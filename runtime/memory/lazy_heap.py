@@ -60,9 +60,9 @@ class LazyHeap(Generic[K]):
         """Entries held, dead ones included."""
         return len(self._heap)
 
-    # push, pop and smallest run hundreds of thousands of times a run (the oracle's estimates,
-    # the eviction index): they test liveness inline rather than through Versions.is_live,
-    # which costs a call each.
+    # push, pop, smallest and live run hundreds of thousands of times a run (the oracle's
+    # estimates, the eviction index; live at every compaction): they test liveness inline
+    # rather than through Versions.is_live, which costs a call each.
 
     def push(self, entry: Entry) -> None:
         heap = self._heap
@@ -111,7 +111,8 @@ class LazyHeap(Generic[K]):
 
     def live(self) -> list[Entry]:
         """Every live entry, in no particular order."""
-        return [e for e in self._heap if self.versions.is_live(e)]
+        current = self.versions
+        return [e for e in self._heap if current.get(e[-1]) == e[-2]]
 
     def compact(self) -> None:
         self._heap = self.live()
