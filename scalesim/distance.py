@@ -358,7 +358,8 @@ class DistanceOracle(CallTrackingSource):
             else:
                 if now <= block.until < math.inf:
                     out["deadline"] = block.until + lag(agent, block, "deadline")
-                transit = self._next_transit(agent)
+                # (Most agents have no message on its way: no call to find that out.)
+                transit = self._next_transit(agent) if agent in self._transit else math.inf
                 if transit < math.inf and transit <= block.until:  # it ends the receive
                     out["message"] = transit + lag(agent, block, "message")
                 arrival = self._arrival.get(agent, math.inf)
