@@ -85,7 +85,11 @@ class Sequence:
         """``input_ids`` as a tuple, made once: the prefix cache cuts the input into blocks that
         key its tree, and a tuple's slices are tuples, with no list copied on the way."""
         if self._input_tokens is None:
-            self._input_tokens = tuple(self.input_ids)
+            # Made straight from the parts unless the list exists: a sequence that waits in a
+            # long queue should not hold its input twice.
+            ids = self._input_ids
+            self._input_tokens = (*self.prefix_ids, *self.prompt_ids) if ids is None \
+                else tuple(ids)
         return self._input_tokens
 
     @property
