@@ -52,8 +52,8 @@ class KVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free")
-        # share and release run for every block of every call (the pool and the prefix cache
-        # hand blocks around): they read the tables once, not once per block.
+        # allocate, share and release run for every block of every call (the pool and the
+        # prefix cache hand blocks around): they read the tables once, not once per block.
         take, refs = self._free.popleft, self._refs
         blocks = [take() for _ in range(n)]
         for b in blocks:
