@@ -52,23 +52,29 @@ class KVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        # allocate, share and release run for every block of every call (the pool and the
+        # prefix cache hand blocks around): they read the tables once, not once per block.
+        take, refs = self._free.popleft, self._refs
+        blocks = [take() for _ in range(n)]
         for b in blocks:
-            self._refs[b] = 1
+            refs[b] = 1
         return blocks
 
     def share(self, blocks: list[int]) -> list[int]:
         """Take one more reference on ``blocks`` (they are now also someone else's)."""
+        refs = self._refs
         for b in blocks:
-            self._refs[b] += 1
+            refs[b] += 1
         return list(blocks)
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference on each block; blocks nobody references return to the pool."""
+        refs, free = self._refs, self._free
         for b in blocks:
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
+            left = refs[b] - 1
+            refs[b] = left
+            if not left:
+                free.append(b)
 
     def refs(self, block: int) -> int:
         """How many holders ``block`` has (0: free)."""

@@ -75,6 +75,8 @@ class Segment(AgentMemory):
         self.adapter = adapter
         self.start = start
         self.tokens = tokens
+        #: how many blocks ``tokens`` fill (asked at every step of every walk of the tree)
+        self.num_blocks = len(tokens) // tree.cache.block_size
         self.children: Children = {}
         #: a hash of the input from the start through this segment (recomputation counts)
         self.path_hash = hash((parent.path_hash if parent is not None else adapter, tokens))
@@ -82,10 +84,6 @@ class Segment(AgentMemory):
         #: the agent whose request computed it first (names its parts when it is split)
         self.creator = ""
         self._recomputing = False
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.tokens) // self.tree.cache.block_size
 
     @property
     def filled(self) -> bool:
@@ -195,23 +193,24 @@ class PrefixTree:
             stack.extend(seg.children.values())
         return out
 
-    def match(self, adapter: str | None, token_ids: list[int],
+    def match(self, adapter: str | None, token_ids: tuple[int, ...],
               max_blocks: int) -> list[tuple[Segment, int]]:
         """The segments along ``token_ids`` (at most ``max_blocks`` blocks of it), each with how
-        many of its blocks match: all of them but perhaps the last segment's."""
+        many of its blocks match: all of them but perhaps the last segment's. A tuple (a
+        sequence's :attr:`~runtime.sequence.Sequence.input_tokens`): its slices are the keys."""
         bs = self.cache.block_size
         out: list[tuple[Segment, int]] = []
         children = self._roots.get(adapter)
         pos = 0
         while children and pos < max_blocks:
-            seg = children.get(tuple(token_ids[pos * bs:(pos + 1) * bs]))
+            seg = children.get(token_ids[pos * bs:(pos + 1) * bs])
             if seg is None:
                 break
             n = min(seg.num_blocks, max_blocks - pos)
-            if seg.tokens[:n * bs] != tuple(token_ids[pos * bs:(pos + n) * bs]):
+            if seg.tokens[:n * bs] != token_ids[pos * bs:(pos + n) * bs]:
                 n = next(i for i in range(1, n)
                          if seg.tokens[i * bs:(i + 1) * bs]
-                         != tuple(token_ids[(pos + i) * bs:(pos + i + 1) * bs]))
+                         != token_ids[(pos + i) * bs:(pos + i + 1) * bs])
             out.append((seg, n))
             if n < seg.num_blocks:
                 break
@@ -227,7 +226,7 @@ class PrefixTree:
             return []
         self.sweep()
         out = []
-        matched = self.match(seq.request.adapter, seq.input_ids, self._max_blocks(seq))
+        matched = self.match(seq.request.adapter, seq.input_tokens, self._max_blocks(seq))
         for seg, _ in matched:
             out.append(seg)
             if seg.device is None and not Tiers.copyable(seg):
@@ -254,9 +253,9 @@ class PrefixTree:
         free = self.manager.policy.resident_from_start and self._segment.preload_free
         if not free and (self._identity is None or store is None):
             return None
-        ids = seq.input_ids
-        seg = self._new(parent, seq.request.adapter, start, tuple(ids[start * bs:persona * bs]),
-                        seq.request.agent_id, ids[:persona * bs])
+        ids = seq.input_tokens
+        seg = self._new(parent, seq.request.adapter, start, ids[start * bs:persona * bs],
+                        seq.request.agent_id, ids, persona * bs)
         if not free and (seg.identity is None or store is None or not store.has(seg.identity)):
             return None
         siblings = parent.children if parent is not None else \
@@ -269,7 +268,7 @@ class PrefixTree:
         """One hash per full block of ``seq``'s prompt a request could reuse, each of the block
         and every one before it under the adapter (made once per sequence)."""
         if seq.block_chain is None:
-            bs, ids = self.cache.block_size, tuple(seq.input_ids)  # a tuple slices to tuples
+            bs, ids = self.cache.block_size, seq.input_tokens
             chain, h = [], hash(seq.request.adapter)
             for k in range(0, (len(ids) - 1) // bs * bs, bs):
                 h = hash((h, ids[k:k + bs]))
@@ -280,7 +279,8 @@ class PrefixTree:
     def cached_blocks(self, seq: Sequence) -> int:
         """How many of ``seq``'s leading blocks the tree holds filled now."""
         n = 0
-        for seg, blocks in self.match(seq.request.adapter, seq.input_ids, self._max_blocks(seq)):
+        for seg, blocks in self.match(seq.request.adapter, seq.input_tokens,
+                                      self._max_blocks(seq)):
             if not seg.filled:
                 break
             n += blocks
@@ -296,7 +296,7 @@ class PrefixTree:
         """Give ``seq`` (no blocks yet) the filled blocks of its longest match (the tokens it
         reuses are ``len(seq.block_table) * block_size``)."""
         table: list[int] = []
-        for seg, n in self.match(seq.request.adapter, seq.all_token_ids, self._max_blocks(seq)):
+        for seg, n in self.match(seq.request.adapter, seq.all_tokens, self._max_blocks(seq)):
             if not seg.filled:
                 break
             table += seg.blocks[:n]
@@ -308,7 +308,7 @@ class PrefixTree:
             return
         self.sweep()
         bs = self.cache.block_size
-        ids = seq.all_token_ids
+        ids = seq.all_tokens
         end = min(seq.num_computed, len(ids)) // bs
         if self.scope == "persona":
             end = min(end, len(seq.prefix_ids) // bs)
@@ -320,15 +320,15 @@ class PrefixTree:
         pos = 0
         protect: set[str] = set()
         while pos < end:
-            seg = children.get(tuple(ids[pos * bs:(pos + 1) * bs]))
+            seg = children.get(ids[pos * bs:(pos + 1) * bs])
             if seg is None:
-                self._grow(parent, children, seq, pos, end, protect)
+                self._grow(parent, children, seq, ids, pos, end, protect)
                 return
             n = min(seg.num_blocks, end - pos)
-            if seg.tokens[:n * bs] != tuple(ids[pos * bs:(pos + n) * bs]):  # else all n match
+            if seg.tokens[:n * bs] != ids[pos * bs:(pos + n) * bs]:  # else all n match
                 n = next(i for i in range(1, n)
-                         if seg.tokens[i * bs:(i + 1) * bs] != tuple(ids[(pos + i) * bs:
-                                                                          (pos + i + 1) * bs]))
+                         if seg.tokens[i * bs:(i + 1) * bs] != ids[(pos + i) * bs:
+                                                                   (pos + i + 1) * bs])
             if n < seg.num_blocks:
                 head = self._split(seg, n)
                 if head is None:
@@ -348,17 +348,18 @@ class PrefixTree:
             protect.add(seg.key)
             parent, children, pos = seg, seg.children, pos + n
 
-    def _grow(self, parent: Segment | None, children: Children, seq: Sequence, pos: int,
-              end: int, protect: set[str]) -> None:
-        """New segments for blocks ``pos:end`` of ``seq`` below ``parent`` (a boundary at the
-        persona's end), each installed as computed while the budget allows."""
+    def _grow(self, parent: Segment | None, children: Children, seq: Sequence,
+              ids: tuple[int, ...], pos: int, end: int, protect: set[str]) -> None:
+        """New segments for blocks ``pos:end`` of ``seq`` (whose tokens are ``ids``) below
+        ``parent`` (a boundary at the persona's end), each installed as computed while the
+        budget allows."""
         bs = self.cache.block_size
         persona = len(seq.prefix_ids) // bs
         cuts = [pos, persona, end] if pos < persona < end else [pos, end]
-        ids, agent = seq.all_token_ids, seq.request.agent_id
+        agent = seq.request.agent_id
         for a, b in zip(cuts, cuts[1:]):
-            seg = self._new(parent, seq.request.adapter, a, tuple(ids[a * bs:b * bs]), agent,
-                            ids[:b * bs])
+            seg = self._new(parent, seq.request.adapter, a, ids[a * bs:b * bs], agent, ids,
+                            b * bs)
             seg.blocks = self.cache.share(seq.block_table[a:b])
             if seg.path_hash in self._seen:
                 self.recomputed_tokens += len(seg.tokens)
@@ -377,13 +378,16 @@ class PrefixTree:
             parent, children = seg, seg.children
 
     def _new(self, parent: Segment | None, adapter: str | None, start: int,
-             tokens: tuple[int, ...], agent: str, upto: list[int]) -> Segment:
+             tokens: tuple[int, ...], agent: str, source: tuple[int, ...] | list[int],
+             end: int) -> Segment:
+        """A segment of ``tokens``; its input from the start through it is ``source[:end]``
+        (copied only for an identity)."""
         bs = self.cache.block_size
         key = f"prefix_kv:{agent}:{start * bs}-{start * bs + len(tokens)}#{next(self._keys)}"
         seg = self._segment(self, key, parent, adapter, start, tokens)
         seg.creator = agent
         if self._identity is not None:
-            seg.identity = self._identity(seg, upto)
+            seg.identity = self._identity(seg, list(source[:end]))
         return seg
 
     def _split(self, seg: Segment, at: int) -> Segment | None:
@@ -395,8 +399,9 @@ class PrefixTree:
         agent = seg.creator
         full = _input_of(seg)
         head = self._new(seg.parent, seg.adapter, seg.start, seg.tokens[:at * bs], agent,
-                         full[:(seg.start + at) * bs])
-        tail = self._new(head, seg.adapter, seg.start + at, seg.tokens[at * bs:], agent, full)
+                         full, (seg.start + at) * bs)
+        tail = self._new(head, seg.adapter, seg.start + at, seg.tokens[at * bs:], agent, full,
+                         len(full))
         tail.children = seg.children
         for child in tail.children.values():
             child.parent = tail

@@ -96,6 +96,4 @@ class ReplicaDistances(CallTrackingSource):
 
     def _nearest_predicted(self, k: int) -> list[str]:
         # The heap holds agents in flight too (their keys keep arriving): look past them.
-        pending = self._pending
-        taken = self._heap.smallest(k + len(pending))
-        return [e[-1] for e in taken if e[-1] not in pending][:k]
+        return [e[-1] for e in self._heap.smallest(k, skip=self._pending)]

@@ -66,6 +66,8 @@ class Sequence:
     #: ``input_ids``, made once: prefix and prompt never change once the sequence exists, and the
     #: prefix cache reads the input several times per call (a 1,000-token persona is a copy each).
     _input_ids: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _input_tokens: tuple[int, ...] | None = field(default=None, init=False, repr=False,
+                                                  compare=False)
 
     @property
     def request_id(self) -> int:
@@ -79,9 +81,27 @@ class Sequence:
         return self._input_ids
 
     @property
+    def input_tokens(self) -> tuple[int, ...]:
+        """``input_ids`` as a tuple, made once: the prefix cache cuts the input into blocks that
+        key its tree, and a tuple's slices are tuples, with no list copied on the way."""
+        if self._input_tokens is None:
+            # Made straight from the parts unless the list exists: a sequence that waits in a
+            # long queue should not hold its input twice.
+            ids = self._input_ids
+            self._input_tokens = (*self.prefix_ids, *self.prompt_ids) if ids is None \
+                else tuple(ids)
+        return self._input_tokens
+
+    @property
     def all_token_ids(self) -> list[int]:
         """Everything whose KV the sequence needs: prefix, prompt and output so far."""
         return self.input_ids + self.output_ids
+
+    @property
+    def all_tokens(self) -> tuple[int, ...]:
+        """``all_token_ids`` as a tuple (:attr:`input_tokens` itself while there is no output)."""
+        tokens = self.input_tokens
+        return tokens + tuple(self.output_ids) if self.output_ids else tokens
 
     @property
     def num_tokens(self) -> int:

@@ -115,14 +115,17 @@ class CallRates:
 
     def lag(self, agent: str, site: Site) -> float:
         """Expected time from a wake-up of ``agent`` at ``site`` to its next call."""
+        # Asked for in nearly every estimate of the oracle: the pooled mean is read off its
+        # count and sum here rather than through _Mean.value, a call each time.
         pooled = self._site.get(site)
         if pooled is None or not pooled.n:
             return 0.0
+        pooled_mean = pooled.total / pooled.n
         own = self._agent_site.get((agent, site))
-        k = self.prior_weight
         if own is None or not own.n:
-            return pooled.value
-        return (own.total + k * pooled.value) / (own.n + k)
+            return pooled_mean
+        k = self.prior_weight
+        return (own.total + k * pooled_mean) / (own.n + k)
 
     def wake_interval(self, agent: str) -> float | None:
         """Mean time between ``agent``'s wake-ups (``None`` before its second one)."""

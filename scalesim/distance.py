@@ -382,7 +382,8 @@ class DistanceOracle(CallTrackingSource):
             else:
                 if now <= block.until < math.inf:
                     out["deadline"] = block.until + lag(agent, block, "deadline")
-                transit = self._next_transit(agent)
+                # (Most agents have no message on its way: no call to find that out.)
+                transit = self._next_transit(agent) if agent in self._transit else math.inf
                 if transit < math.inf and transit <= block.until:  # it ends the receive
                     out["message"] = transit + lag(agent, block, "message")
                 arrival = self._arrival.get(agent, math.inf)
@@ -453,7 +454,8 @@ class DistanceOracle(CallTrackingSource):
         return self._due[agent] - self.call_duration
 
     def _lag(self, agent: str, block: Block, cause: str) -> float:
-        return self.rates.lag(agent, self._site(block, cause))
+        # The key _site makes, without a call of its own: asked for in every estimate.
+        return self.rates.lag(agent, (block.site, cause))
 
     def _update(self, agent: str) -> None:
         if agent in self._silent:
@@ -598,8 +600,7 @@ class DistanceOracle(CallTrackingSource):
         prediction.open(combined, estimates, scored=len(scored))
 
     def _nearest_not_pending(self, heap: LazyHeap[str]) -> list[str]:
-        taken = heap.smallest(self.window + len(self._pending))
-        return [e[-1] for e in taken if e[-1] not in self._pending][:self.window]
+        return [e[-1] for e in heap.smallest(self.window, skip=self._pending)]
 
     def _retrust(self, changed: set[str]) -> None:
         """Some sources' trust changed: re-estimate every agent once."""

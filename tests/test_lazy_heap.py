@@ -24,6 +24,9 @@ def test_smallest_is_the_k_smallest_live_entries_in_order_whatever_was_pushed_an
             else:
                 k = rng.randint(0, 60)
                 assert heap.smallest(k) == sorted(heap.live())[:k]
+                skip = set(rng.sample(keys, rng.randint(0, len(keys))))
+                assert heap.smallest(k, skip) == [e for e in sorted(heap.live())
+                                                  if e[-1] not in skip][:k]
 
 
 def test_smallest_leaves_the_heap_as_it_pops():

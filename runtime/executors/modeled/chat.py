@@ -153,33 +153,42 @@ class LengthChat:
                 self._seen.add(key)
         return ids
 
-    def _keep(self, cache: dict[str, list[int]], text: str, ids: list[int]) -> None:
-        if self._cached_ids + len(ids) > _CACHED_IDS:
+    def _keep(self, cache: dict[str, list[int]], text: str, ids: list[int],
+              counts_for: int | None = None) -> None:
+        """Cache ``ids`` for ``text``, counted as ``counts_for`` ids (default: their number)."""
+        count = len(ids) if counts_for is None else counts_for
+        if self._cached_ids + count > _CACHED_IDS:
             self._cache.clear()
             self._fixed.clear()
             self._cached_ids = 0
         cache[text] = ids
-        self._cached_ids += len(ids)
+        self._cached_ids += count
 
     def _fixed_prefix_ids(self, prefix: str, length: int) -> list[int]:
-        """``length`` ids for a system turn (see the class doc), then its markers (cached)."""
-        ids = self._fixed.get(prefix)
-        if ids is None:
-            body = max(0, length - self.template_tokens)
-            if body > len(self._positions):
-                self._positions = np.arange(max(body, 2 * len(self._positions)),
-                                            dtype=np.uint64) * np.uint64(_MULTIPLIER)
-                self._shared = (self._positions * np.uint64(_MULTIPLIER)).view(np.int64).tolist()
-            seeded = min(body, SEEDED_IDS)
+        """``length`` ids for a system turn (see the class doc), then its markers: a new list.
+
+        Only the ids hashed from the text are cached: a world of 150,000 personas fills the
+        cache with whole lists of 1,000 ids a thousand at a time and misses nearly every call,
+        while the rest of the list is a slice of the shared ids, as quick to make as a copy."""
+        body = max(0, length - self.template_tokens)
+        if body > len(self._positions):
+            self._positions = np.arange(max(body, 2 * len(self._positions)),
+                                        dtype=np.uint64) * np.uint64(_MULTIPLIER)
+            self._shared = (self._positions * np.uint64(_MULTIPLIER)).view(np.int64).tolist()
+        seeded = min(body, SEEDED_IDS)
+        hashed_ids = self._fixed.get(prefix)
+        if hashed_ids is None:
             seed = _digest_id(prefix.encode("utf-8", "surrogatepass"), b"persona") % (1 << 64)
             hashed = self._positions[:seeded] ^ np.uint64(seed)
             hashed *= np.uint64(_MULTIPLIER)  # wraps modulo 2**64
-            ids = hashed.view(np.int64).tolist()
-            ids += self._shared[seeded:body]
-            ids += self._marker_ids("system")
-            if len(ids) > length:  # fewer ids than markers: the last ``length`` markers
-                ids = ids[-length:] if length else []
-            self._keep(self._fixed, prefix, ids)
+            hashed_ids = hashed.view(np.int64).tolist()
+            # Counted as the whole list: as many personas are kept as when whole lists were,
+            # and a world's declared personas do not fill the memory with their hashed ids.
+            self._keep(self._fixed, prefix, hashed_ids, counts_for=max(length, 1))
+        ids = hashed_ids + self._shared[seeded:body]
+        ids += self._marker_ids("system")
+        if len(ids) > length:  # fewer ids than markers: the last ``length`` markers
+            ids = ids[-length:] if length else []
         return ids
 
     def _marker_ids(self, role: str) -> list[int]:
@@ -210,7 +219,7 @@ class LengthChat:
             return [], prompt_ids
         if self.prefix_tokens is None:
             return self._turn("system", prefix), prompt_ids
-        return list(self._fixed_prefix_ids(prefix, self.prefix_tokens)), prompt_ids
+        return self._fixed_prefix_ids(prefix, self.prefix_tokens), prompt_ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.replies[(token_ids[0] - FILLER) % len(self.replies)] if token_ids else ""
