@@ -226,9 +226,12 @@ def plot(rows: list[dict[str, Any]], path: Path, label: str) -> None:
     plt.close(fig)
 
 
-def run_real(worlds: list[str], durations: list[float], quick: bool) -> None:
+def run_real(worlds: list[str], durations: list[float], quick: bool,
+             params: dict[str, Any] | None = None) -> None:
     """The small worlds on the real engine of their ``runtime`` section: calls per wall second
-    at each duration (a measurement: run it on a quiet machine)."""
+    at each duration (a measurement: run it on a quiet machine). ``params`` override the
+    worlds' parameters (more agents, more calls in flight); such a run is kept under its own
+    name, ``sweep_duration_real_<key><value>...``."""
     import tempfile
 
     import pandas as pd
@@ -239,8 +242,9 @@ def run_real(worlds: list[str], durations: list[float], quick: bool) -> None:
     for world in worlds:
         doc = yaml.safe_load((WORLDS_DIR / f"{world}.yaml").read_text())
         if quick:
-            params, doc["sim"]["until"] = REAL_QUICK[world]
-            doc["world"]["params"].update(params)
+            tiny, doc["sim"]["until"] = REAL_QUICK[world]
+            doc["world"]["params"].update(tiny)
+        doc["world"]["params"].update(params or {})
         for duration in durations:
             doc["sim"]["call_duration"] = duration
             with tempfile.TemporaryDirectory() as out:
@@ -254,12 +258,13 @@ def run_real(worlds: list[str], durations: list[float], quick: bool) -> None:
                              summary["occupancy"]["mean_calls_in_flight"],
                          "executor": doc["runtime"]["executor"]})
             print(json.dumps(rows[-1]), flush=True)
-    pd.DataFrame(rows).to_csv(results_dir(quick) / "sweep_duration_real.csv", index=False)
+    name = "sweep_duration_real" + "".join(f"_{k}{v}" for k, v in (params or {}).items())
+    pd.DataFrame(rows).to_csv(results_dir(quick) / f"{name}.csv", index=False)
     by = {(r["world"], r["duration"]): r["calls_per_s"] for r in rows}
-    keep_headline({"experiment": "sweep_duration_real", "modeled": False,
+    keep_headline({"experiment": "sweep_duration_real", "modeled": False, "params": params or {},
                    "calls_per_s_gain": {w: round(by[(w, durations[-1])] / by[(w, durations[0])],
                                                  3) for w in worlds}},
-                  keep_as="sweep_duration_real", quick=quick)
+                  keep_as=name, quick=quick)
 
 
 def main() -> None:
@@ -271,6 +276,8 @@ def main() -> None:
     parser.add_argument("--in-flight", default=",".join(map(str, IN_FLIGHT)),
                         help="the calls in flight the durations are chosen for")
     parser.add_argument("--durations", default="0,1", help="--real: the durations to run")
+    parser.add_argument("--params", default="",
+                        help="--real: world parameters to override, e.g. villagers=48")
     parser.add_argument("--combine", action="store_true",
                         help="write the table, plot and headline of every world's "
                              "sweep_duration_<world>.csv (runs of --worlds)")
@@ -283,7 +290,13 @@ def main() -> None:
     if unknown:
         parser.error(f"--worlds: unknown world {unknown[0]!r}; choose from {', '.join(known)}")
     if args.real:
-        run_real(worlds, [float(d) for d in args.durations.split(",")], args.quick)
+        params = {}
+        for item in filter(None, args.params.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"--params: {item!r} is not key=value")
+            params[key.strip()] = yaml.safe_load(value)
+        run_real(worlds, [float(d) for d in args.durations.split(",")], args.quick, params)
         return
     out = results_dir(args.quick)
     rows: list[dict[str, Any]] = []
