@@ -325,3 +325,12 @@ def test_future_sequence_lists_waiting_agents_in_submission_order() -> None:
     assert future.nearest(2) == ["b", "a"]
     assert future.nearest(3) == ["b", "a", "c"]
     assert future.distance("a") == future.distance("b") == 0.0
+
+
+def test_a_memory_event_row_is_every_field_in_declaration_order():
+    from dataclasses import asdict
+
+    event = MemoryEvent(wall=1.5, object="adapter:a", kind="adapter", op="load", bytes=7,
+                        tier_from="host", tier_to="device", cause="demand", distance=2.0)
+    row = event.row()
+    assert row == asdict(event) and list(row) == list(asdict(event))

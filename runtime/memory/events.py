@@ -8,7 +8,7 @@ clock, or the server's): :meth:`MemoryEvent.row` gives them as the recorder's ro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -33,4 +33,9 @@ class MemoryEvent:
 
     def row(self) -> dict[str, Any]:
         """The record as a ``memory.parquet`` row (without ``sim_time``)."""
-        return asdict(self)
+        # Every field is a plain number or string: no deep copy (``dataclasses.asdict``),
+        # which cost a run with a prefix cache ~4% of its CPU (one row per memory event).
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS = tuple(f.name for f in fields(MemoryEvent))
