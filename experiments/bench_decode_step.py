@@ -6,8 +6,9 @@ depend on their values) so that every sequence has ``--context`` tokens behind i
 ``LlamaModel.forward`` of one decode token per sequence for each batch size. Formats are timed in
 alternating rounds; the medians and each format's speed-up over the first one (measured in the
 same rounds) are printed. ``--profile`` adds torch's operator profile of one format's step.
+A format ending in ``+kv8`` keeps its KV pool as int8 rows (``runtime.kv_cache_dtype: int8``).
 
-    python -m experiments.bench_decode_step [--formats int4,int4x8,bf16] [--batches 1,8,32]
+    python -m experiments.bench_decode_step [--formats int4,int4x8,bf16,int4x8+kv8] [--batches 1,8,32]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import KVCache, quantize_rows
 from runtime.model.attention import BatchLayout, select_attention
 from runtime.model.llama import LlamaModel
 from runtime.model.loader import load_checkpoint
@@ -48,28 +49,38 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     checkpoint = load_checkpoint("smollm2-135m", dtype="float32")
     c = checkpoint.config
+    weights = {n: n.removesuffix("+kv8") for n in names}
+    unknown = sorted(set(weights.values()) - set(FORMATS))
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(unknown)} (of {', '.join(FORMATS)}, each "
+                     "optionally with +kv8)")
     models = {n: LlamaModel.from_tensors(checkpoint.tensors, c, quantization=FORMATS[n][0],
                                          dtype=FORMATS[n][1], dense_from=args.dense_from)
-              for n in names}
+              for n in set(weights.values())}
     block = 16
     per_seq = -(-(args.context + args.steps * (args.rounds + 2)) // block)
     seqs = max(batches)
+
+    def pool_of(name: str) -> tuple[torch.dtype, bool]:
+        return FORMATS[weights[name]][1], name.endswith("+kv8")
+
     caches = {}
-    for dtype in {FORMATS[n][1] for n in names}:
+    for dtype, quantized in {pool_of(n) for n in names}:
         cache = KVCache(c.num_layers, per_seq * seqs, block, c.num_kv_heads, c.head_dim,
-                        dtype=dtype)
+                        dtype=dtype, quantized=quantized)
         gen = torch.Generator().manual_seed(0)
         for pool in (cache.k, cache.v):
-            pool.copy_(torch.randn(pool.shape, generator=gen).to(dtype))
-        caches[dtype] = cache
+            values = torch.randn(*pool.shape[:-1], c.head_dim, generator=gen)
+            pool.copy_(quantize_rows(values) if quantized else values.to(dtype))
+        caches[dtype, quantized] = cache
     tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
     print(f"{threads} threads; context {args.context}; load average {os.getloadavg()[0]:.2f}; "
           f"median ms per decode step over {args.rounds} alternating rounds of {args.steps} steps",
           flush=True)
 
     def run(name: str, batch: int, position: int) -> None:
-        model = models[name]
-        cache = caches[FORMATS[name][1]]
+        model = models[weights[name]]
+        cache = caches[pool_of(name)]
         attention = select_attention(cache, c.num_heads, c.num_kv_heads, c.head_dim, "auto")
         attention.plan(BatchLayout([1] * batch, [position] * batch, tables[:batch]))
         slots = torch.tensor([t[position // block] * block + position % block

@@ -164,6 +164,10 @@ class RuntimeConfig(_Section):
     quantized_dense_from: int = Field(
         default=16, ge=0, description="steps of this many tokens or more use a dense bfloat16 "
         "copy of quantized weights (0: keep no copy)")
+    kv_cache_dtype: Literal["auto", "int8"] = Field(
+        default="auto", description="how the KV pool stores keys and values: the model's dtype "
+        "(auto) or int8 rows with a scale each (about half of bfloat16's bytes, CPU; see "
+        "runtime/kv_cache.py)")
     prefix_cache: Literal["tokens", "persona"] = Field(
         default="tokens", description="what the prefix cache keeps: every computed prefix "
         "(tokens) or only each agent's persona (persona: the reuse before token-level caching)")
@@ -176,6 +180,12 @@ class RuntimeConfig(_Section):
             raise ValueError(f"quantization {self.quantization} needs dtype float32 or bfloat16")
         if self.random_weights and self.executor != "torch":
             raise ValueError(f"random_weights needs executor torch, not {self.executor}")
+        if self.kv_cache_dtype != "auto" and self.executor != "torch":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs executor torch, "
+                             f"not {self.executor}")
+        if self.kv_cache_dtype != "auto" and (self.device != "cpu" or self.dtype == "float16"):
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs device cpu and dtype "
+                             f"float32 or bfloat16, not {self.device} / {self.dtype}")
         return self
 
     def engine_options(self) -> dict[str, Any]:
@@ -203,7 +213,8 @@ class RuntimeConfig(_Section):
                 "max_lora_rank": self.max_lora_rank, "attention": self.attention,
                 "prefix_cache": self.prefix_cache, "random_weights": self.random_weights,
                 "quantization": self.quantization,
-                "quantized_dense_from": self.quantized_dense_from, "threads": self.threads or None}
+                "quantized_dense_from": self.quantized_dense_from, "threads": self.threads or None,
+                "kv_cache_dtype": self.kv_cache_dtype}
 
 
 class SimConfig(_Section):

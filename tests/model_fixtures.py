@@ -52,12 +52,14 @@ def make_attention(backend: str, cache: KVCache, c: ModelConfig) -> Any:
 
 
 def paged_logits(model: LlamaModel, ids: list[int], chunks: list[int], block_size: int = 4,
-                 table: list[int] | None = None, backend: str = "torch") -> torch.Tensor:
+                 table: list[int] | None = None, backend: str = "torch",
+                 quantized_kv: bool = False) -> torch.Tensor:
     """All-position logits of ``ids`` computed chunk by chunk through a scrambled block table, on
-    the model's device, with the attention ``backend`` (see :func:`make_attention`)."""
+    the model's device, with the attention ``backend`` (see :func:`make_attention`), over an
+    int8 pool if ``quantized_kv``."""
     c, device = model.config, model.device
     cache = KVCache(c.num_layers, 64, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype,
-                    device=device)
+                    device=device, quantized=quantized_kv)
     attention = make_attention(backend, cache, c)
     table = table or [(7 * i + 3) % 64 for i in range(-(-len(ids) // block_size))]
     outs, start = [], 0

@@ -191,3 +191,29 @@ def test_sampling_seed_stop_and_eos(hf):
     assert stopped.text == greedy.text[:greedy.text.find(stop_at)]
     short = serve(eng, call("e", "Reply with one word: yes or no?", max_tokens=40))[0]
     assert short.finish_reason == "stop" and short.output_tokens < 40
+
+
+def test_int8_kv_pool_serves_with_reuse_close_to_transformers(hf, monkeypatch):
+    """runtime.kv_cache_dtype int8: a quarter of float32's KV bytes per block, prefix reuse over
+    the quantized rows, and logits of every step close to transformers' (greedy choices the same
+    wherever transformers' top two are apart)."""
+    model, _ = hf
+    eng = engine(hf, kv_cache_dtype="int8")
+    plain = engine(hf)
+    assert eng.executor.cache.block_nbytes * 256 == plain.executor.cache.block_nbytes * 68
+    seen = capture_logits(monkeypatch)
+    prompts = ["Good morning!", "What do you bake today?"]
+    got = [serve(eng, call("ada", p, max_tokens=8))[0] for p in prompts]
+    assert got[1].cached_tokens > 0 and got[1].memory.hits == {"prefix_kv": 1}
+    steps = iter(seen)
+    for completion, prompt in zip(got, prompts):
+        p, q = eng.executor.chat.encode(ADA, prompt)
+        step_logits = [next(steps)[0] for _ in range(completion.output_tokens)]
+        ids = p + q + [int(logits.argmax()) for logits in step_logits]  # greedy: what it chose
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, len(p + q) - 1:-1]
+        for i, (row, logits) in enumerate(zip(ref, step_logits)):
+            top2 = row.topk(2).values
+            assert (logits - row).abs().max() < 0.05 * row.abs().max(), i
+            if top2[0] - top2[1] > 0.5:
+                assert logits.argmax() == row.argmax()

@@ -132,17 +132,22 @@ def test_real_model_quantized_next_token_agreement_and_logit_error(capsys):
     # dense_from 16 (the default): the prompt's chunk goes through the dense bfloat16 copy and
     # only the 8 decodes through the packed kernels; dense_from 0: every position through them,
     # which is what measures a kernel's own accuracy.
-    for quantization, dtype, dense_from in (
-            ("int8", torch.float32, 16), ("int4", torch.bfloat16, 16), ("none", torch.bfloat16, 16),
-            ("int8x8", torch.bfloat16, 16), ("int4x8", torch.bfloat16, 16),
-            ("int4", torch.bfloat16, 0), ("int8x8", torch.bfloat16, 0),
-            ("int4x8", torch.bfloat16, 0), ("int4x8", torch.float32, 0)):
+    # kv "int8": the KV pool keeps int8 rows (runtime.kv_cache_dtype), the decodes read them.
+    for quantization, dtype, dense_from, kv in (
+            ("int8", torch.float32, 16, "auto"), ("int4", torch.bfloat16, 16, "auto"),
+            ("none", torch.bfloat16, 16, "auto"), ("int8x8", torch.bfloat16, 16, "auto"),
+            ("int4x8", torch.bfloat16, 16, "auto"), ("int4", torch.bfloat16, 0, "auto"),
+            ("int8x8", torch.bfloat16, 0, "auto"), ("int4x8", torch.bfloat16, 0, "auto"),
+            ("int4x8", torch.float32, 0, "auto"), ("none", torch.float32, 16, "int8"),
+            ("none", torch.bfloat16, 16, "int8"), ("int4x8", torch.bfloat16, 16, "int8")):
         model = LlamaModel.from_hf(hf, config, quantization=quantization, dtype=dtype,
                                    dense_from=dense_from)
-        got = paged_logits(model, ids, chunks, block_size=16, backend="cpu")
+        got = paged_logits(model, ids, chunks, block_size=16, backend="cpu",
+                           quantized_kv=kv == "int8")
         agree = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
         error = ((got - reference).abs().max(-1).values / reference.abs().max(-1).values).mean()
-        key = f"{quantization}/{str(dtype)[6:]}" + ("/all-packed" if dense_from == 0 else "")
+        key = (f"{quantization}/{str(dtype)[6:]}" + ("/all-packed" if dense_from == 0 else "")
+               + ("/kv-int8" if kv == "int8" else ""))
         results[key] = (agree, float(error))
     with capsys.disabled():
         print(f"\nnext-token agreement with float32 over {len(ids)} positions, mean relative "
@@ -158,3 +163,7 @@ def test_real_model_quantized_next_token_agreement_and_logit_error(capsys):
     assert results["int4x8/bfloat16"][0] >= 0.94
     assert results["int4x8/bfloat16/all-packed"][0] >= 0.94
     assert results["int8x8/bfloat16/all-packed"][0] >= 0.9
+    # int8 KV rows: the decodes attend to quantized keys and values.
+    assert results["none/float32/kv-int8"][0] >= 0.94
+    assert results["none/bfloat16/kv-int8"][0] >= 0.9
+    assert results["int4x8/bfloat16/kv-int8"][0] >= 0.9

@@ -23,7 +23,7 @@ import torch
 
 from runtime.constrained import GrammarMasks
 from runtime.embedding import EmbeddingPass, check_ids
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import KVCache, check_kv_cache_dtype
 from runtime.lora import LoraBatch, LoraPool, adapter_fingerprint, load_adapter
 from runtime.memory import AgentMemory, MemoryManager
 from runtime.executors.base import ChatCodec
@@ -51,8 +51,9 @@ class TorchExecutor:
                  attention: str = "auto", random_weights: bool = False, tokenizer: Any = None,
                  hf_model: Any = None, quantization: str = "none", linear: str = "auto",
                  quantized_dense_from: int = DENSE_FROM, threads: int | None = None,
-                 prefix_cache: str = "tokens") -> None:
+                 prefix_cache: str = "tokens", kv_cache_dtype: str = "auto") -> None:
         torch_dtype = getattr(torch, dtype)
+        check_kv_cache_dtype(kv_cache_dtype, torch.device(device), torch_dtype)
         #: torch's CPU threads (None on an accelerator)
         self.threads: int | None = None
         if torch.device(device).type == "cpu":
@@ -95,8 +96,10 @@ class TorchExecutor:
         self.max_batch_tokens = max_batch_tokens
         self.device = torch.device(device)
         c = self.config
+        self.kv_cache_dtype = kv_cache_dtype
         self.cache = KVCache(c.num_layers, -(-kv_cache_tokens // block_size), block_size,
-                             c.num_kv_heads, c.head_dim, dtype=torch_dtype, device=device)
+                             c.num_kv_heads, c.head_dim, dtype=torch_dtype, device=device,
+                             quantized=kv_cache_dtype == "int8")
         self.prefixes = PrefixTree(self.cache, memory, identity=self._segment_identity,
                                    scope=prefix_cache)
         self.loras = LoraPool(c, max_lora_rank, torch_dtype, device)
@@ -167,7 +170,8 @@ class TorchExecutor:
         adapter = None if segment.adapter is None else self._adapter_prints[segment.adapter]
         return {"kind": "prefix_kv", "layout": "paged-kv-2", "weights": self._weights,
                 "adapter": adapter, "dtype": self.dtype, "quantization": self.quantization,
-                "block_size": self.cache.block_size, "start": segment.start * self.cache.block_size,
+                "kv_cache_dtype": self.kv_cache_dtype, "block_size": self.cache.block_size,
+                "start": segment.start * self.cache.block_size,
                 "num_tokens": len(token_ids), "tokens": token_digest(token_ids)}
 
     def execute(self, batch: Batch) -> None:

@@ -114,16 +114,18 @@ class TorchPagedAttention:
                 vs = v[s:e].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = self._gather(k_pool, blocks).view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
-                vs = self._gather(v_pool, blocks).view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                ks = self._gather(k_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
+                vs = self._gather(v_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1).reshape(e - s, h * d)
 
-    @staticmethod
-    def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The keys (or values) of ``blocks`` in order, ``[tokens, kv_heads, head_dim]`` of the
+        model's dtype (an int8 pool's rows dequantized)."""
         # index_select over whole blocks is a row memcpy; advanced indexing is several times
         # slower on CPU for the same gather.
-        return pool.view(pool.shape[0], -1).index_select(0, blocks)
+        rows = pool.view(pool.shape[0], -1).index_select(0, blocks)
+        return self.cache.dequantize(rows.view(-1, pool.shape[-2], pool.shape[-1]))
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -241,6 +243,8 @@ FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 def flashinfer_unsupported(dtype: torch.dtype, head_dim: int) -> str | None:
     """Why flashinfer's kernels cannot serve KV of ``dtype`` and ``head_dim``, or None."""
+    if dtype == torch.int8:
+        return "its kernels do not read int8 KV rows (runtime.kv_cache_dtype int8 is CPU-only)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"its kernels take float16 or bfloat16 KV, not {dtype}"
     if head_dim not in FLASHINFER_HEAD_DIMS:
@@ -261,13 +265,13 @@ def select_attention(cache: KVCache, num_heads: int, num_kv_heads: int, head_dim
 
         if cache.k.device.type != "cpu":
             raise ValueError("attention backend cpu needs a CPU device")
-        kernel = cpu_op("paged_attention") if cache.k.dtype in (torch.float32, torch.bfloat16) \
+        kernel = cpu_op("paged_attention") if cache.dtype in (torch.float32, torch.bfloat16) \
             else None
         if kernel is not None:
             return CpuPagedAttention(cache, num_heads, num_kv_heads, head_dim, kernel)
         if backend == "cpu":
             raise ValueError("attention backend cpu: the compiled kernel is unavailable for "
-                             f"{cache.k.dtype} (see the warning above)")
+                             f"{cache.dtype} (see the warning above)")
     if backend == "flashinfer" or (backend == "auto" and on_cuda):
         if not on_cuda:
             raise ValueError("attention backend flashinfer needs a CUDA device")

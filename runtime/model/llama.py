@@ -231,11 +231,9 @@ class LlamaModel:
         :class:`~runtime.lora.LoraBatch` or ``None``.
         """
         c = self.config
-        kv_heads, d = c.num_kv_heads, c.head_dim
 
         def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.k[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, k)
-            cache.v[li].view(-1, kv_heads, d).index_copy_(0, slot_mapping, v)
+            cache.write_tokens(li, slot_mapping, k, v)
             out: torch.Tensor = attention.forward(li, q, k, v)
             return out
 

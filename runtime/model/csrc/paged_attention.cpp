@@ -17,6 +17,12 @@
 // pairs exactly and sums them in float32, and the 16 keys' partial sums are reduced together
 // (one transpose-and-add tree instead of a horizontal sum per key and head). float32 pools, the
 // reference, keep the plain loops.
+//
+// int8 pools (runtime/kv_cache.py, `quantized`) hold each key and value row as head_dim codes and
+// a float32 scale: half the bytes a decode step streams. Their scores take AVX-512 16 keys at a
+// time too (codes widened to float, the same reduction, one multiply by the 16 keys' scales);
+// values are widened and scaled as they are summed. `kv_quantize_write` stores a step's new keys
+// and values into such a pool: per row, scale = max|x| / 127 and codes round(x / scale).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -40,11 +46,12 @@ namespace {
 using scalesim::to_float;
 
 #ifdef SCALESIM_X86
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 // Sixteen vectors into one: lane o of the result is the sum of the lanes of v[o]. Four rounds of
 // pairwise unpack-and-add instead of sixteen horizontal sums.
-BF16_TARGET inline __m512 sum_lanes16(__m512* v) {
+AVX512_TARGET inline __m512 sum_lanes16(__m512* v) {
   __m512 a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3]
     a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
@@ -90,18 +97,68 @@ BF16_TARGET void scores_bf16(const at::BFloat16* q, const at::BFloat16* k, int64
   }
 }
 
-bool cpu_has_bf16_dot() {
+// The most query heads per KV head the int8 scores keep in flight (larger groups take the loops).
+constexpr int64_t kInt8MaxGroup = 8;
+
+// Scores of up to 16 keys of an int8 pool (rows `token_stride` apart: D codes, then the row's
+// float32 scale) for `group` query heads (float, contiguous, D each, the softmax scale already
+// applied): out[j * out_stride + o] = scale_o * q_j . codes_o.
+template <int64_t D>
+AVX512_TARGET void scores_int8(const float* q, const int8_t* k, int64_t token_stride,
+                               int64_t keys, int64_t group, float* out, int64_t out_stride) {
+  static_assert(D % 16 == 0, "whole vectors of 16 codes");
+  alignas(64) float scales[16] = {0.f};
+  __m512 parts[kInt8MaxGroup][16];
+  for (int64_t o = 0; o < 16; ++o) {
+    if (o >= keys) {
+      for (int64_t j = 0; j < group; ++j) parts[j][o] = _mm512_setzero_ps();
+      continue;
+    }
+    const int8_t* kr = k + o * token_stride;
+    std::memcpy(&scales[o], kr + D, sizeof(float));
+    __m512 kv[D / 16];
+    for (int64_t x = 0; x < D / 16; ++x)
+      kv[x] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + x * 16))));
+    for (int64_t j = 0; j < group; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t x = 0; x < D / 16; ++x)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + x * 16), kv[x], acc);
+      parts[j][o] = acc;
+    }
+  }
+  const __m512 sv = _mm512_load_ps(scales);
+  for (int64_t j = 0; j < group; ++j) {
+    const __m512 sums = _mm512_mul_ps(sum_lanes16(parts[j]), sv);
+    _mm512_mask_storeu_ps(out + j * out_stride, static_cast<__mmask16>((1u << keys) - 1u), sums);
+  }
+}
+
+bool cpu_has(bool bf16) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
+         (!bf16 || __builtin_cpu_supports("avx512bf16"));
 }
 #else
-bool cpu_has_bf16_dot() { return false; }
+bool cpu_has(bool) { return false; }
 #endif
 
-// Whether bfloat16 scores take vdpbf16ps (cpuid, once).
-const bool kBf16Dot = cpu_has_bf16_dot();
+// Whether bfloat16 scores take vdpbf16ps, and int8 scores the AVX-512 path (cpuid, once).
+const bool kBf16Dot = cpu_has(true);
+const bool kAvx512 = cpu_has(false);
+
+// The float32 scale stored after the `d` codes of an int8 row (1 for a plain row).
+template <typename KT>
+inline float row_scale(const KT* row, int64_t d) {
+  if constexpr (std::is_same_v<KT, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + d, sizeof scale);
+    return scale;
+  } else {
+    return 1.f;
+  }
+}
 
 // Dot products of `group` query heads (float, contiguous, d each) with one key row of type T.
 template <typename T, int64_t D>
@@ -119,23 +176,26 @@ inline void dots(const float* q, const T* k, int64_t group, int64_t runtime_d, f
 }
 
 // D > 0: the head dimension as a compile-time constant (64 and 128, the common ones), so loops
-// unroll into registers; D == 0: any head dimension, read at run time.
-template <typename T, int64_t D>
+// unroll into registers; D == 0: any head dimension, read at run time. T is the queries' and the
+// output's type, KT the pool's (T itself, or int8_t for quantized rows of d + 4 bytes).
+template <typename T, typename KT, int64_t D>
 void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
             const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
             at::Tensor& out, double scale) {
   const int64_t rows = q.size(0), heads = q.size(1), d = D > 0 ? D : q.size(2);
   const int64_t block_size = k_pool.size(1), kv_heads = k_pool.size(2);
   const int64_t group = heads / kv_heads, width = tables.size(1);
+  constexpr bool kQuantized = std::is_same_v<KT, int8_t>;
+  const int64_t row = k_pool.size(3);  // d, or d + 4 for quantized rows
   const T* qp = q.data_ptr<T>();
-  const T* kp = k_pool.data_ptr<T>();
-  const T* vp = v_pool.data_ptr<T>();
+  const KT* kp = k_pool.data_ptr<KT>();
+  const KT* vp = v_pool.data_ptr<KT>();
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* seq = row_seq.data_ptr<int32_t>();
   const int32_t* keys = row_keys.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
   const float s = static_cast<float>(scale);
-  const int64_t token_stride = kv_heads * d;
+  const int64_t token_stride = kv_heads * row;
 
   // Spans: enough items for every thread, none shorter than a few blocks.
   const int64_t threads = at::get_num_threads();
@@ -179,7 +239,20 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         // Scores of the block's keys for every head: sc[j * block_size + o].
         bool scored = false;
 #ifdef SCALESIM_X86
-        if constexpr (std::is_same_v<T, at::BFloat16> && D > 0 && D % 32 == 0) {
+        if constexpr (kQuantized && D > 0 && D % 16 == 0) {
+          if (kAvx512 && group <= kInt8MaxGroup) {  // 16 keys at a time, q scaled already
+            for (int64_t kh = 0; kh < kv_heads; ++kh) {
+              for (int64_t o0 = 0; o0 < count; o0 += 16) {
+                scores_int8<D>(qf.data() + kh * group * d, kp + base + o0 * token_stride + kh * row,
+                               token_stride, std::min<int64_t>(16, count - o0), group,
+                               sc.data() + kh * group * block_size + o0, block_size);
+              }
+            }
+            scored = true;
+          }
+        }
+        if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<KT, T> && D > 0 &&
+                      D % 32 == 0) {
           if (kBf16Dot) {  // 16 keys at a time, bfloat16 dot products (q unscaled, then scaled)
             for (int64_t kh = 0; kh < kv_heads; ++kh) {
               for (int64_t o0 = 0; o0 < count; o0 += 16) {
@@ -194,11 +267,12 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         }
 #endif
         for (int64_t o = 0; o < count && !scored; ++o) {
-          const T* krow = kp + base + o * token_stride;
+          const KT* krow = kp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float dot[64];
-            dots<T, D>(qf.data() + kh * group * d, krow + kh * d, group, d, dot);
-            for (int64_t g = 0; g < group; ++g) sc[(kh * group + g) * block_size + o] = dot[g];
+            dots<KT, D>(qf.data() + kh * group * d, krow + kh * row, group, d, dot);
+            const float ks = row_scale(krow + kh * row, d);
+            for (int64_t g = 0; g < group; ++g) sc[(kh * group + g) * block_size + o] = dot[g] * ks;
           }
         }
         // Online softmax, once per block and head: rescale what was accumulated if the max
@@ -226,14 +300,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         // The blocks of a sequence lie anywhere in the pool, so the hardware prefetcher, which
         // follows one address stream, stalls at each block's start; ask for the next block's
         // keys and values now, a row per key of this one, while this block is summed.
-        const T* next_k = nullptr;
-        const T* next_v = nullptr;
+        const KT* next_k = nullptr;
+        const KT* next_v = nullptr;
         if (b + 1 < last_block) {
           const int64_t next = static_cast<int64_t>(table[b + 1]) * block_size * token_stride;
           next_k = kp + next;
           next_v = vp + next;
         }
-        constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+        constexpr int64_t kLine = 64 / sizeof(KT);  // elements per cache line
         for (int64_t o = 0; o < count; ++o) {
           if (next_k != nullptr) {
             for (int64_t x = 0; x < token_stride; x += kLine) {
@@ -241,10 +315,16 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
               __builtin_prefetch(next_v + o * token_stride + x);
             }
           }
-          const T* vrow = vp + base + o * token_stride;
+          const KT* vrow = vp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float vf[256];
-            for (int64_t x = 0; x < d; ++x) vf[x] = to_float(vrow[kh * d + x]);
+            const KT* vh = vrow + kh * row;
+            if constexpr (kQuantized) {
+              const float vs = row_scale(vh, d);
+              for (int64_t x = 0; x < d; ++x) vf[x] = to_float(vh[x]) * vs;
+            } else {
+              for (int64_t x = 0; x < d; ++x) vf[x] = to_float(vh[x]);
+            }
             for (int64_t g = 0; g < group; ++g) {
               const int64_t j = kh * group + g;
               const float w = sc[j * block_size + o];
@@ -285,17 +365,39 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   }
 }
 
+template <typename T>
+void attend_pool(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                 const at::Tensor& tables, const at::Tensor& row_seq, const at::Tensor& row_keys,
+                 at::Tensor& out, double scale) {
+  const bool quantized = k_pool.scalar_type() == at::kChar;
+  const int64_t d = q.size(2);
+#define SCALESIM_ATTEND(D)                                                                \
+  (quantized ? attend<T, int8_t, D>(q, k_pool, v_pool, tables, row_seq, row_keys, out, scale) \
+             : attend<T, T, D>(q, k_pool, v_pool, tables, row_seq, row_keys, out, scale))
+  if (d == 64) {
+    SCALESIM_ATTEND(64);
+  } else if (d == 128) {
+    SCALESIM_ATTEND(128);
+  } else {
+    SCALESIM_ATTEND(0);
+  }
+#undef SCALESIM_ATTEND
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                            const at::Tensor& tables, const at::Tensor& row_seq,
                            const at::Tensor& row_keys, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
               "paged_attention: q [rows, heads, d], pools [blocks, block_size, kv_heads, d]");
-  TORCH_CHECK(q.size(1) % k_pool.size(2) == 0 && q.size(2) == k_pool.size(3) && q.size(2) <= 256 &&
+  const bool quantized = k_pool.scalar_type() == at::kChar;
+  const int64_t row = q.size(2) + (quantized ? static_cast<int64_t>(sizeof(float)) : 0);
+  TORCH_CHECK(q.size(1) % k_pool.size(2) == 0 && k_pool.size(3) == row && q.size(2) <= 256 &&
                   q.size(1) / k_pool.size(2) <= 64,
-              "paged_attention: heads a multiple of kv_heads (at most 64 per group), equal head "
-              "dims of at most 256");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.is_contiguous() &&
-                  v_pool.is_contiguous(), "paged_attention: contiguous pools of q's dtype");
+              "paged_attention: heads a multiple of kv_heads (at most 64 per group), head dims "
+              "of at most 256, pool rows of d (d + 4 for int8 pools)");
+  TORCH_CHECK((quantized || q.scalar_type() == k_pool.scalar_type()) &&
+                  v_pool.scalar_type() == k_pool.scalar_type() && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous(), "paged_attention: contiguous pools of q's dtype or int8");
   TORCH_CHECK(tables.scalar_type() == at::kInt && row_seq.scalar_type() == at::kInt &&
                   row_keys.scalar_type() == at::kInt, "paged_attention: int32 tables and rows");
   at::Tensor qc = q.contiguous(), tc = tables.contiguous();
@@ -303,19 +405,60 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const 
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "paged_attention: float32 or bfloat16, got ", q.scalar_type());
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const int64_t d = q.size(2);
-  if (d == 64) {
-    bf16 ? attend<at::BFloat16, 64>(qc, k_pool, v_pool, tc, rs, rk, out, scale)
-         : attend<float, 64>(qc, k_pool, v_pool, tc, rs, rk, out, scale);
-  } else if (d == 128) {
-    bf16 ? attend<at::BFloat16, 128>(qc, k_pool, v_pool, tc, rs, rk, out, scale)
-         : attend<float, 128>(qc, k_pool, v_pool, tc, rs, rk, out, scale);
+  if (q.scalar_type() == at::kBFloat16) {
+    attend_pool<at::BFloat16>(qc, k_pool, v_pool, tc, rs, rk, out, scale);
   } else {
-    bf16 ? attend<at::BFloat16, 0>(qc, k_pool, v_pool, tc, rs, rk, out, scale)
-         : attend<float, 0>(qc, k_pool, v_pool, tc, rs, rk, out, scale);
+    attend_pool<float>(qc, k_pool, v_pool, tc, rs, rk, out, scale);
   }
   return out.view({q.size(0), q.size(1) * q.size(2)});
+}
+
+// Rows `x [tokens, kv_heads, d]` quantized into the int8 rows (d codes, float32 scale) of the
+// flat pool slots `slots[t]`.
+template <typename T>
+void quantize_into(const at::Tensor& x, const at::Tensor& slots, at::Tensor& pool) {
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), row = pool.size(3);
+  const T* xp = x.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  int8_t* pp = pool.data_ptr<int8_t>();
+  at::parallel_for(0, tokens * heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      const T* src = xp + i * d;
+      int8_t* dst = pp + (sp[t] * heads + h) * row;
+      float amax = 0.f;
+      for (int64_t c = 0; c < d; ++c) amax = std::max(amax, std::fabs(to_float(src[c])));
+      const float scale = amax / 127.f;
+      for (int64_t c = 0; c < d; ++c) {
+        const float code = scale > 0.f ? std::nearbyint(to_float(src[c]) / scale) : 0.f;
+        dst[c] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, code)));
+      }
+      std::memcpy(dst + d, &scale, sizeof scale);
+    }
+  });
+}
+
+void kv_quantize_write(at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots,
+                       const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k_pool.scalar_type() == at::kChar && v_pool.scalar_type() == at::kChar &&
+                  k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 4 &&
+                  v_pool.sizes() == k_pool.sizes(),
+              "kv_quantize_write: contiguous int8 pools [blocks, block_size, kv_heads, d + 4]");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_pool.size(2) &&
+                  k.size(2) + static_cast<int64_t>(sizeof(float)) == k_pool.size(3) &&
+                  slots.scalar_type() == at::kLong && slots.numel() == k.size(0),
+              "kv_quantize_write: k, v [tokens, kv_heads, d] and one int64 slot per token");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "kv_quantize_write: float32 or bfloat16 keys and values, got ", k.scalar_type());
+  const at::Tensor sc = slots.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  if (k.scalar_type() == at::kBFloat16) {
+    quantize_into<at::BFloat16>(kc, sc, k_pool);
+    quantize_into<at::BFloat16>(vc, sc, v_pool);
+  } else {
+    quantize_into<float>(kc, sc, k_pool);
+    quantize_into<float>(vc, sc, v_pool);
+  }
 }
 
 }  // namespace
@@ -324,4 +467,7 @@ TORCH_LIBRARY_FRAGMENT(scalesim, m) {
   m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor row_seq, "
         "Tensor row_keys, float scale) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
+  m.def("kv_quantize_write(Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, Tensor k, "
+        "Tensor v) -> ()");
+  m.impl("kv_quantize_write", c10::DispatchKey::CPU, TORCH_FN(kv_quantize_write));
 }

@@ -1,4 +1,4 @@
-// Reading float32 and bfloat16 elements as float32, for the kernels in this folder.
+// Reading float32, bfloat16 and int8 (codes of a quantized KV row) elements as float32, for the kernels in this folder.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 namespace scalesim {
 
 inline float to_float(float x) { return x; }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 inline float to_float(at::BFloat16 x) {
   // bfloat16 is the top half of a float32: a shift, which the compiler vectorizes.
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
