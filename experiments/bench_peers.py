@@ -46,6 +46,7 @@ from experiments.results_dir import results_dir
 from runtime import Engine, Request, SamplingParams, build_engine
 from runtime.executors.torch import TorchExecutor
 from runtime.interface import EngineEvent, StepTimed
+from runtime.kv_cache import KV_CACHE_DTYPES
 from runtime.model.weights import QUANTIZATIONS
 
 CALL_PROMPTS = [
@@ -126,7 +127,7 @@ def scalesim_single(engine: Engine, prefix: str, prompt: str, max_tokens: int) -
             completion.prompt_tokens)
 
 
-def decode_step_rates(engine: Engine, batch: int, kv_dtype_bytes: int,
+def decode_step_rates(engine: Engine, batch: int, kv_token_bytes: int,
                       weight_bytes: Callable[[int, int], int],
                       max_tokens: int = 48) -> dict[str, float]:
     """Time forward passes while ``batch`` sequences decode together; achieved GFLOP/s and GB/s.
@@ -178,7 +179,7 @@ def decode_step_rates(engine: Engine, batch: int, kv_dtype_bytes: int,
         2 * c.hidden_size * c.intermediate_size, c.intermediate_size * c.hidden_size)
     ) + c.vocab_size * c.hidden_size
     attention_flops = 4 * context * c.num_heads * c.head_dim * c.num_layers
-    kv_bytes = context * c.kv_bytes_per_token(kv_dtype_bytes)
+    kv_bytes = context * kv_token_bytes
     weights = weight_bytes(batch, batch)
     return {"step_ms": step_s * 1e3, "batch": batch, "context_tokens": context,
             "gflops": (2 * params * batch + attention_flops) / step_s / 1e9,
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="threads of both (0: all cores)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--quantization", default="int4x8", choices=QUANTIZATIONS)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="ScaleSim's KV pool: the model's dtype (auto) or int8 rows")
     parser.add_argument("--quick", action="store_true",
                         help="1 and 2 agents, 2 calls of 8 tokens, one pass")
     args = parser.parse_args(argv)
@@ -325,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     gguf = builtin_gguf(next(iter(BUILTIN_GGUF)))
     engine = build_engine("torch", dtype=args.dtype, quantization=args.quantization,
-                          max_num_seqs=max(counts), max_batch_tokens=512)
+                          kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(counts),
+                          max_batch_tokens=512)
     # What this benchmark needs of the torch engine beyond its interface, taken in this one
     # place: its chat codec, because llama-server must get the very token ids ScaleSim computes
     # on, and its model's count of the weight bytes a step reads (quantized codes, or the dense
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert isinstance(executor, TorchExecutor)
     chat, model = executor.chat, executor.model
     print(f"model {gguf.name}; ScaleSim torch engine {args.dtype}, quantization "
-          f"{args.quantization}; {threads} threads each; {args.calls} calls x {args.max_tokens} "
+          f"{args.quantization}, KV {args.kv_cache_dtype}; {threads} threads each; {args.calls} calls x {args.max_tokens} "
           f"tokens per agent, EOS ignored; {args.passes} alternating passes", flush=True)
     # Warm both: the first steps of an engine pay one-time costs (kernel build, allocations).
     scalesim_pass(engine, workload(2, 90_000, 1), 4, "warm")
@@ -388,8 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         if server is not None:
             server.close()
 
-    kv_dtype_bytes = {"float32": 4, "bfloat16": 2}[args.dtype]
-    step = decode_step_rates(engine, min(32, max(counts)), kv_dtype_bytes, model.step_weight_bytes)
+    kv_token_bytes = executor.cache.block_nbytes // executor.cache.block_size
+    step = decode_step_rates(engine, min(32, max(counts)), kv_token_bytes, model.step_weight_bytes)
     peaks = machine_peaks()
     engine.close()
 
@@ -412,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"weights {step['weight_mb']:.0f} MB + KV {step['kv_mb']:.0f} MB per step")
 
     line: dict = {"experiment": "bench_peers", "dtype": args.dtype,
-                  "quantization": args.quantization, "threads": threads,
+                  "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                  "threads": threads,
                   "passes": args.passes, "calls_per_agent": args.calls,
                   "max_tokens": args.max_tokens}
     for n, by in rows.items():

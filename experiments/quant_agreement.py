@@ -6,9 +6,10 @@ prompts (the benchmark's own texts, about 300 tokens each) and counts, per forma
 whose greedy next token equals float32's, the mean relative logit error, and the agreement at
 positions where float32's top two logits are more than 1.0 apart (where a flip is a real error,
 not a near tie). Every position goes through the format's packed kernels (``dense_from=0``)
-unless ``--dense-from`` says otherwise.
+unless ``--dense-from`` says otherwise. A format ending in ``+kv8`` keeps its KV as int8 rows
+(``runtime.kv_cache_dtype: int8``): every position then attends to quantized keys and values.
 
-    python -m experiments.quant_agreement [--formats int4,int4x8,...] [--texts 6]
+    python -m experiments.quant_agreement [--formats int4,int4x8,bf16+kv8,...] [--texts 6]
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
            for t in texts]
     ids = [i[:480] for i in ids]
 
-    def logits(model: LlamaModel) -> list[torch.Tensor]:
+    def logits(model: LlamaModel, quantized_kv: bool = False) -> list[torch.Tensor]:
         # Chunks of 32: the paged kernel's rows (longer chunks take SDPA), like a decode batch.
         return [paged_logits(model, seq, [32] * (len(seq) // 32) + [len(seq) % 32] * bool(len(seq) % 32),
-                             block_size=16, table=list(range(-(-len(seq) // 16))), backend="cpu")
+                             block_size=16, table=list(range(-(-len(seq) // 16))), backend="cpu",
+                             quantized_kv=quantized_kv)
                 for seq in ids]
 
     reference = logits(LlamaModel.from_tensors(checkpoint.tensors, c))
@@ -52,10 +54,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float, float]]
           f"top two logits are > 1.0 apart); dense_from {args.dense_from}")
     results = {}
     for name in args.formats.split(","):
-        quantization, dtype = FORMATS[name]
+        quantization, dtype = FORMATS[name.removesuffix("+kv8")]
         model = LlamaModel.from_tensors(checkpoint.tensors, c, quantization=quantization,
                                         dtype=dtype, dense_from=args.dense_from)
-        got = torch.cat(logits(model))
+        got = torch.cat(logits(model, quantized_kv=name.endswith("+kv8")))
         same = got.argmax(-1) == ref.argmax(-1)
         error = ((got - ref).abs().max(-1).values / ref.abs().max(-1).values).mean().item()
         results[name] = (same.float().mean().item(), same[confident].float().mean().item(), error)

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -44,6 +45,31 @@
 namespace {
 
 using scalesim::to_float;
+
+// Ask for one key's K and V rows (`elements` each) of the next block: a sequence's blocks lie
+// anywhere in the pool, so the hardware prefetcher, which follows one address stream, stalls at
+// each block's start. One key's rows per key of the current block spreads the requests over its
+// work (all at once, they queue behind each other).
+template <typename KT>
+inline void prefetch_row(const KT* k, const KT* v, int64_t elements) {
+  constexpr int64_t kLine = 64 / sizeof(KT);  // elements per cache line
+  for (int64_t x = 0; x < elements; x += kLine) {
+    __builtin_prefetch(k + x);
+    __builtin_prefetch(v + x);
+  }
+}
+
+// The float32 scale stored after the `d` codes of an int8 row (1 for a plain row).
+template <typename KT>
+inline float row_scale(const KT* row, int64_t d) {
+  if constexpr (std::is_same_v<KT, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + d, sizeof scale);
+    return scale;
+  } else {
+    return 1.f;
+  }
+}
 
 #ifdef SCALESIM_X86
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -134,6 +160,64 @@ AVX512_TARGET void scores_int8(const float* q, const int8_t* k, int64_t token_st
   }
 }
 
+// Sixteen elements of a key or value row as float32.
+AVX512_TARGET inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+AVX512_TARGET inline __m512 widen16(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+AVX512_TARGET inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The block's weighted values, added to each query head's accumulator:
+// acc[j * D + x] += sum_o sc[j * block_size + o] * scale_o * v_o[x] for the G query heads j of
+// each KV head. The G heads' accumulators stay in registers over the block's keys, 64 columns at
+// a time, and each value row is widened once for all G of them (the plain loop kept them in
+// memory: a load and a store per multiply-add).
+template <int64_t D, int64_t G, typename KT>
+AVX512_TARGET void accumulate_values(const KT* v, int64_t token_stride, int64_t row,
+                                     int64_t count, int64_t kv_heads, const float* sc,
+                                     int64_t block_size, float* acc, const KT* next_k,
+                                     const KT* next_v) {
+  static_assert(D % 64 == 0, "64 columns at a time");
+  constexpr int64_t W = 4;  // vectors of 16 per 64 columns
+  for (int64_t kh = 0; kh < kv_heads; ++kh) {
+    for (int64_t x0 = 0; x0 < D; x0 += 16 * W) {
+      __m512 a[G][W];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t w = 0; w < W; ++w) a[g][w] = _mm512_loadu_ps(acc + (kh * G + g) * D + x0 + 16 * w);
+      for (int64_t o = 0; o < count; ++o) {
+        if (next_k != nullptr && kh == 0 && x0 == 0)
+          prefetch_row(next_k + o * token_stride, next_v + o * token_stride, token_stride);
+        const KT* vr = v + o * token_stride + kh * row;
+        const float vs = row_scale(vr, D);
+        __m512 vv[W];
+        for (int64_t w = 0; w < W; ++w) vv[w] = widen16(vr + x0 + 16 * w);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 weight = _mm512_set1_ps(sc[(kh * G + g) * block_size + o] * vs);
+          for (int64_t w = 0; w < W; ++w) a[g][w] = _mm512_fmadd_ps(weight, vv[w], a[g][w]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t w = 0; w < W; ++w) _mm512_storeu_ps(acc + (kh * G + g) * D + x0 + 16 * w, a[g][w]);
+    }
+  }
+}
+
+template <int64_t D, typename KT>
+using Accumulate = void (*)(const KT*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                            float*, const KT*, const KT*);
+
+// accumulate_values for `group` query heads per KV head, or nullptr beyond 8.
+template <int64_t D, typename KT, int64_t... Gs>
+Accumulate<D, KT> accumulate_for(int64_t group, std::integer_sequence<int64_t, Gs...>) {
+  Accumulate<D, KT> fn = nullptr;
+  ((group == Gs ? (fn = &accumulate_values<D, Gs, KT>, 0) : 0), ...);
+  return fn;
+}
+
 bool cpu_has(bool bf16) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -147,18 +231,6 @@ bool cpu_has(bool) { return false; }
 // Whether bfloat16 scores take vdpbf16ps, and int8 scores the AVX-512 path (cpuid, once).
 const bool kBf16Dot = cpu_has(true);
 const bool kAvx512 = cpu_has(false);
-
-// The float32 scale stored after the `d` codes of an int8 row (1 for a plain row).
-template <typename KT>
-inline float row_scale(const KT* row, int64_t d) {
-  if constexpr (std::is_same_v<KT, int8_t>) {
-    float scale;
-    std::memcpy(&scale, row + d, sizeof scale);
-    return scale;
-  } else {
-    return 1.f;
-  }
-}
 
 // Dot products of `group` query heads (float, contiguous, d each) with one key row of type T.
 template <typename T, int64_t D>
@@ -197,6 +269,15 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   const float s = static_cast<float>(scale);
   const int64_t token_stride = kv_heads * row;
 
+  // The values' weighted sums through accumulate_values where it applies (x86 with AVX-512, head
+  // dims of 64k, groups of up to 8), else the plain loops.
+#ifdef SCALESIM_X86
+  Accumulate<(D > 0 && D % 64 == 0 ? D : 64), KT> accumulate = nullptr;
+  if constexpr (D > 0 && D % 64 == 0) {
+    if (kAvx512)
+      accumulate = accumulate_for<D, KT>(group, std::integer_sequence<int64_t, 1, 2, 3, 4, 5, 6, 7, 8>{});
+  }
+#endif
   // Spans: enough items for every thread, none shorter than a few blocks.
   const int64_t threads = at::get_num_threads();
   int64_t spans = 1;
@@ -297,9 +378,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
           }
           sum[j] += total;
         }
-        // The blocks of a sequence lie anywhere in the pool, so the hardware prefetcher, which
-        // follows one address stream, stalls at each block's start; ask for the next block's
-        // keys and values now, a row per key of this one, while this block is summed.
+        // The next block's keys and values are asked for while this block's values are summed.
         const KT* next_k = nullptr;
         const KT* next_v = nullptr;
         if (b + 1 < last_block) {
@@ -307,14 +386,15 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
           next_k = kp + next;
           next_v = vp + next;
         }
-        constexpr int64_t kLine = 64 / sizeof(KT);  // elements per cache line
+#ifdef SCALESIM_X86
+        if (accumulate != nullptr) {
+          accumulate(vp + base, token_stride, row, count, kv_heads, sc.data(), block_size,
+                     acc.data(), next_k, next_v);
+          continue;
+        }
+#endif
         for (int64_t o = 0; o < count; ++o) {
-          if (next_k != nullptr) {
-            for (int64_t x = 0; x < token_stride; x += kLine) {
-              __builtin_prefetch(next_k + o * token_stride + x);
-              __builtin_prefetch(next_v + o * token_stride + x);
-            }
-          }
+          if (next_k != nullptr) prefetch_row(next_k + o * token_stride, next_v + o * token_stride, token_stride);
           const KT* vrow = vp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float vf[256];
