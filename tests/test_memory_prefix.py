@@ -27,10 +27,12 @@ def adapters(tmp_path_factory):
     return make_adapters(out, PROFILES["smollm2-135m"], n=4, rank=4, seed=3, b_std=0.05)
 
 
-def make_engine(hf, policy: str = "lru", max_num_seqs: int = 2, **memory) -> Engine:
+def make_engine(hf, policy: str = "lru", max_num_seqs: int = 2, kv_cache_dtype: str = "auto",
+                **memory) -> Engine:
     model, tokenizer = hf
     return build_engine("torch", hf_model=model, tokenizer=tokenizer, kv_cache_tokens=2048,
-                        max_num_seqs=max_num_seqs, max_batch_tokens=256, policy=policy, **memory)
+                        max_num_seqs=max_num_seqs, max_batch_tokens=256, policy=policy,
+                        kv_cache_dtype=kv_cache_dtype, **memory)
 
 
 def calls(adapters: list[str] | None, rounds: int = 2) -> list[Request]:
@@ -67,8 +69,9 @@ def prefix_object(eng: Engine, agent: str):
                 if o.kind == "prefix_kv" and o.parent is None and agent in o.users)
 
 
-def test_offloaded_prefix_reloads_bit_identical(hf) -> None:
-    eng = make_engine(hf, "lru", device_bytes=10**9)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_offloaded_prefix_reloads_bit_identical(hf, kv_cache_dtype) -> None:
+    eng = make_engine(hf, "lru", device_bytes=10**9, kv_cache_dtype=kv_cache_dtype)
     manager = eng.memory
     serve(eng, calls(None, rounds=1)[:1])
     obj = prefix_object(eng, "agent0")
@@ -140,6 +143,24 @@ def test_policies_keep_outputs_and_the_budget_with_prefixes_and_adapters(hf, ada
         manager.close()
     assert texts["lru"] == texts["infinite"] == texts["scalesim"] == texts["none"]
     assert len(set(texts["infinite"])) > 1
+
+
+def test_the_store_keeps_int8_and_float_kv_apart(hf, tmp_path) -> None:
+    """A persona's KV stored by a float32 pool is not what an int8 pool reads (other bytes,
+    another row size): the store's identity names the KV format, so the int8 engine computes
+    its own and stores it beside."""
+    store = tmp_path / "store"
+    found = {}
+    for kv in ("auto", "int8", "int8"):
+        eng = make_engine(hf, "lru", device_bytes=10**9, host_bytes=0, kv_store=store,
+                          kv_cache_dtype=kv)
+        rows: list[MemoryEvent] = []
+        eng.memory.listeners.append(rows.append)
+        serve(eng, calls(None, rounds=1)[:1])
+        found.setdefault(kv, []).append(sum(r.op == "found" for r in rows))
+        eng.memory.reclaim(10 ** 12, kind="prefix_kv")
+        eng.close()
+    assert found == {"auto": [0], "int8": [0, found["int8"][1]]} and found["int8"][1] > 0
 
 
 def test_persona_kv_outlives_the_engine_in_the_persistent_store(hf, adapters, tmp_path) -> None:
