@@ -5,9 +5,11 @@ benchmark used before, and the activation-quantized one) and serves ``bench_peer
 each in alternating passes (fresh personas every pass, the order reversed every other pass), then
 times single-stream decode of the same long prompt on each, alternating too. It prints each
 format's medians and the ratio of the second to the first, pass by pass, so a machine shared
-with other jobs weighs on both alike (compare ratios, not absolute rates, across runs).
+with other jobs weighs on both alike (compare ratios, not absolute rates, across runs). A format
+ending in ``+kv8`` also keeps its KV pool as int8 rows (``runtime.kv_cache_dtype: int8``).
 
     python -m experiments.bench_formats [--formats int4,int4x8] [--agents 1,8,32] [--passes 3]
+    python -m experiments.bench_formats --formats int4x8,int4x8+kv8
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from runtime import Engine, build_engine
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="int4,int4x8", help="two runtime.quantization values")
+    parser.add_argument("--formats", default="int4,int4x8",
+                        help="two runtime.quantization values, each optionally with +kv8")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--agents", default="1,8,32")
     parser.add_argument("--calls", type=int, default=4)
@@ -40,8 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     assert len(formats) == 2, "--formats takes two formats"
     counts = [int(n) for n in args.agents.split(",")]
     engines: dict[str, Engine] = {
-        f: build_engine("torch", dtype=args.dtype, quantization=f, max_num_seqs=max(counts),
-                        max_batch_tokens=512) for f in formats}
+        f: build_engine("torch", dtype=args.dtype, quantization=f.removesuffix("+kv8"),
+                        kv_cache_dtype="int8" if f.endswith("+kv8") else "auto",
+                        max_num_seqs=max(counts), max_batch_tokens=512) for f in formats}
     for f, engine in engines.items():  # one-time costs (kernel build, allocations)
         scalesim_pass(engine, workload(2, 90_000, 1), 4, f"warm-{f}")
     print(f"{threads} threads, {args.dtype}; formats {formats[0]} vs {formats[1]}; load average "

@@ -67,12 +67,15 @@ class KVCache:
         store = torch.int8 if quantized else dtype
         self.k = _zeros(shape, store, torch.device(device))
         self.v = _zeros(shape, store, torch.device(device))
-        #: the compiled quantizing write (None: the torch one), see :meth:`write_tokens`
+        #: the compiled quantizing write and dequantizing gather (None: torch's), see
+        #: :meth:`write_tokens` and :meth:`gather`
         self._quantize_write: Callable[..., None] | None = None
+        self._dequantize: Callable[..., torch.Tensor] | None = None
         if quantized and self.k.device.type == "cpu":
             from runtime.model.kernels import cpu_op
 
             self._quantize_write = cpu_op("kv_quantize_write")
+            self._dequantize = cpu_op("kv_dequantize")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
@@ -136,12 +139,17 @@ class KVCache:
             kp.view(-1, heads, row).index_copy_(0, slots, quantize_rows(k))
             vp.view(-1, heads, row).index_copy_(0, slots, quantize_rows(v))
 
-    def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows read from the pool ``[..., row]`` as ``[..., head_dim]`` of :attr:`dtype`
-        (unchanged for a pool that is not quantized)."""
-        if not self.quantized:
-            return rows
-        return dequantize_rows(rows, self.head_dim).to(self.dtype)
+    def gather(self, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The keys (or values) of one layer's ``pool`` (``self.k[layer]`` or ``self.v[layer]``)
+        in ``blocks``, in order: ``[len(blocks) * block_size, kv_heads, head_dim]`` of
+        :attr:`dtype`, an int8 pool's rows dequantized."""
+        if self._dequantize is not None:
+            return self._dequantize(pool, blocks, self.dtype)
+        # index_select over whole blocks is a row memcpy; advanced indexing is several times
+        # slower on CPU for the same gather.
+        rows = pool.view(pool.shape[0], -1).index_select(0, blocks)
+        rows = rows.view(-1, pool.shape[-2], pool.shape[-1])
+        return dequantize_rows(rows, self.head_dim).to(self.dtype) if self.quantized else rows
 
     def copy_block(self, src: int, dst: int) -> None:
         self.k[:, dst].copy_(self.k[:, src])

@@ -147,3 +147,18 @@ def test_bad_kv_cache_dtype_settings_fail_with_the_setting_named():
         RuntimeConfig(executor="torch", kv_cache_dtype="int8", device="cuda")
     assert RuntimeConfig(executor="torch", kv_cache_dtype="int8").engine_options()[
         "kv_cache_dtype"] == "int8"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_gather_dequantizes_as_torch_does(dtype):
+    cache, gen = _pools(dtype, 64, 4)
+    blocks = torch.tensor([7, 0, 47, 3])
+    compiled = cache.gather(cache.v[0], blocks)
+    cache._dequantize = None  # the torch path
+    plain = cache.gather(cache.v[0], blocks)
+    assert compiled.shape == plain.shape == (16, 3, 64) and compiled.dtype == plain.dtype == dtype
+    torch.testing.assert_close(compiled, plain, rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-6,
+                               atol=0)
+    rows = cache.v[0].view(-1, 3, 68)[torch.cat([torch.arange(b * 4, b * 4 + 4) for b in blocks])]
+    torch.testing.assert_close(plain, dequantize_rows(rows, 64).to(dtype))

@@ -114,25 +114,17 @@ class TorchPagedAttention:
                 vs = v[s:e].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = self._gather(k_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
-                vs = self._gather(v_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
+                ks = self.cache.gather(k_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
+                vs = self.cache.gather(v_pool, blocks)[:ctx].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1).reshape(e - s, h * d)
-
-    def _gather(self, pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The keys (or values) of ``blocks`` in order, ``[tokens, kv_heads, head_dim]`` of the
-        model's dtype (an int8 pool's rows dequantized)."""
-        # index_select over whole blocks is a row memcpy; advanced indexing is several times
-        # slower on CPU for the same gather.
-        rows = pool.view(pool.shape[0], -1).index_select(0, blocks)
-        return self.cache.dequantize(rows.view(-1, pool.shape[-2], pool.shape[-1]))
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         b, width = q.shape[0], self.decode_width
         # [b, L, kvh, d] viewed as [b, kvh, L, d]: SDPA reads the strides, nothing is copied again.
-        keys = self._gather(k_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
-        values = self._gather(v_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
+        keys = self.cache.gather(k_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
+        values = self.cache.gather(v_pool, self.decode_blocks).view(b, width, kvh, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.reshape(b, h, 1, d), keys, values,
                                            attn_mask=self.decode_mask, enable_gqa=True)
         return o.reshape(b, h * d)
