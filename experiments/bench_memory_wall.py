@@ -52,6 +52,7 @@ from experiments.agent_memory import WORLDS, AgentOutfit  # noqa: E402
 from experiments.harness import headline, measured_run  # noqa: E402
 from runtime import build_engine  # noqa: E402
 from runtime.interface import EngineEvent, StepTimed  # noqa: E402
+from runtime.kv_cache import KV_CACHE_DTYPES  # noqa: E402
 from runtime.memory.events import MemoryEvent  # noqa: E402
 from runtime.model.loader import load_hf_model  # noqa: E402
 
@@ -100,7 +101,8 @@ def run_one(name: str, policy: str, memory: dict[str, Any], args: argparse.Names
     runtime = {"executor": "torch", "memory": {"policy": policy, **memory},
                "max_num_seqs": 64, "kv_cache_tokens": args.kv_cache_tokens,
                "model": args.model, "device": args.device, "dtype": args.dtype,
-               "random_weights": args.random_weights, "attention": args.attention}
+               "random_weights": args.random_weights, "attention": args.attention,
+               "kv_cache_dtype": args.kv_cache_dtype}
     config = {"world": {"class": world_class, "params": params}, "runtime": runtime,
               "sim": {"until": args.until, "seed": 0}}
     persona = PersonaBuild(kv_bytes_per_token)
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--attention", default="auto", choices=("auto", "torch", "cpu", "flashinfer"))
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="the KV pool's rows: the model's dtype (auto) or int8")
+    parser.add_argument("--device-mib", type=float, default=None,
+                        help="the device budget in MiB (instead of --budget's share of the "
+                             "working set): the same bytes for runs whose KV formats differ")
     parser.add_argument("--random-weights", action="store_true",
                         help="the profile --model with random weights (text as bytes): any "
                              "shape on any device, no model files")
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key, value in QUICK.items():
             setattr(args, key, value)
 
-    engine_kw = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    engine_kw = {"model": args.model, "device": args.device, "dtype": args.dtype,
+                 "kv_cache_dtype": args.kv_cache_dtype}
     if args.random_weights:
         hf: tuple[Any, Any] = (None, None)
         probe = build_engine("torch", random_weights=True, **engine_kw)
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         probe = build_engine("torch", hf_model=hf[0], tokenizer=hf[1], **engine_kw)
     architecture = probe.architecture()
     assert architecture is not None  # the torch engine knows its model's shapes
+    # What a token of KV weighs in this run's pool (its dtype, or int8 rows with their scales).
+    kv_token_bytes = probe.executor.cache.block_nbytes // probe.executor.cache.block_size
     work = Path(tempfile.mkdtemp(prefix="bench-memory-wall-"))
     store = Path(args.store) if args.store else work / "store"
     shutil.rmtree(store, ignore_errors=True)
@@ -174,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe.close()
     prefix_tokens = sizes.persona_tokens
     working_set = sizes.working_set(args.agents)
-    device_bytes = int(working_set * args.budget)
+    device_bytes = (int(args.device_mib * 2**20) if args.device_mib is not None
+                    else int(working_set * args.budget))
+    args.budget = device_bytes / working_set
     args.kv_cache_tokens = args.agents * (prefix_tokens + 256) + 8192
     print(f"{args.world}: {args.agents} agents, adapter {sizes.adapter_bytes / 2**20:.1f} MiB, "
           f"persona ~{prefix_tokens} tokens = {sizes.persona_bytes / 2**20:.1f} MiB of KV, "
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     disk = {"device_bytes": device_bytes, "host_bytes": 0, "kv_store": str(store),
             "disk_dir": str(work / "scratch")}
-    kv_bytes_per_token = architecture.kv_bytes_per_token(getattr(torch, args.dtype).itemsize)
+    kv_bytes_per_token = kv_token_bytes
 
     def run(name: str, policy: str, memory: dict[str, Any]) -> dict[str, Any]:
         return run_one(name, policy, memory, args, outfit, work, hf, kv_bytes_per_token)
