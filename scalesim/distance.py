@@ -68,10 +68,28 @@ if TYPE_CHECKING:
 WAKE_SOURCES = ("timer", "deadline", "message", "graph", "active")
 #: The call-rate site of an agent whose call just returned.
 AFTER_CALL = ("call", "returned")
+_INF = math.inf
 
 
 def _no_lag(agent: str, block: Block, cause: str) -> float:
     return 0.0
+
+
+def _place(heap: LazyHeap[str], etas: dict[str, float], agent: str, eta: float) -> bool:
+    """Put ``agent`` at ``eta`` in ``heap`` (``etas`` the estimates it holds); ``True`` if that
+    changed anything."""
+    versions = heap.versions
+    if etas.get(agent) == eta and agent in versions:
+        return False
+    if eta == _INF or eta == -_INF:
+        if agent not in etas and agent not in versions:
+            return False
+        etas.pop(agent, None)
+        versions.pop(agent, None)
+    else:
+        etas[agent] = eta
+        heap.push((eta, versions.stamp(agent), agent))
+    return True
 
 
 class Block:
@@ -467,25 +485,12 @@ class DistanceOracle(CallTrackingSource):
             self._raw.pop(agent, None)
         eta, raw, source = self._estimate(agent)
         self._source[agent] = source or ""
-        self._place(self._raw_heap, self._raw, agent, raw)
-        if self._place(self._heap, self._eta, agent, eta):
-            self._changed(agent)
-
-    @staticmethod
-    def _place(heap: LazyHeap[str], etas: dict[str, float], agent: str, eta: float) -> bool:
-        """Put ``agent`` at ``eta`` in ``heap``; ``True`` if that changed anything."""
-        versions = heap.versions
-        if etas.get(agent) == eta and agent in versions:
-            return False
-        if math.isinf(eta):
-            if agent not in etas and agent not in versions:
-                return False
-            etas.pop(agent, None)
-            versions.drop(agent)
-        else:
-            etas[agent] = eta
-            heap.push((eta, versions.stamp(agent), agent))
-        return True
+        # _place, then the watchers, called directly: ~700,000 re-estimates in a 30,000-call
+        # run of 150,000 users (each agent's first block, a change of trust, ~13 per call).
+        _place(self._raw_heap, self._raw, agent, raw)
+        if _place(self._heap, self._eta, agent, eta):
+            for callback in self._watchers:
+                callback(agent)
 
     # -- the interaction graph ----------------------------------------------------------------
 

@@ -521,10 +521,9 @@ class MemoryManager:
         for a fraction of the heap pushes."""
         if not self._stale:
             return
-        objects, rerank = self._objects, self._device.rerank
-        for agent in self._stale:
-            for key in self._by_agent.get(agent, ()):
-                rerank(objects[key])
+        objects, by_agent = self._objects, self._by_agent
+        self._device.rerank_all([objects[key] for agent in self._stale
+                                 for key in by_agent.get(agent, ())])
         self._stale.clear()
 
     # -- prefetching --------------------------------------------------------------------------

@@ -180,6 +180,13 @@ class Residency:
         if obj.device is not None and self.evictable(obj):
             self.index.add(obj)
 
+    def rerank_all(self, objs: Iterable[AgentMemory]) -> None:
+        """:meth:`rerank` each of ``objs`` (most are not resident: tested here, no call each)."""
+        add, held_up = self.index.add, self.held_up
+        for obj in objs:
+            if obj.device is not None and obj.pins == 0 and obj.key not in held_up:
+                add(obj)
+
     def rebuild_index(self) -> None:
         self.index.rebuild(o for o in self.resident.values() if self.evictable(o))
 
@@ -225,6 +232,7 @@ class Residency:
                     # Its host copy went since it was indexed. A prefetch saves one copy's
                     # latency; evicting what only a recompute can rebuild (a dropped prefix KV)
                     # costs a whole prefill if the prediction is wrong: only a demand load may.
+                    self.index.left_copy_heap(key)
                     continue
             victims.append(entry)
             freed += obj.nbytes
