@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     single: dict[str, list[float]] = {f: [] for f in formats}
     for p, order in enumerate(alternating(args.passes, formats)):
         for f in order:
-            single[f].append(scalesim_single(engines[f], f"{prefix} (take {p})", prompt,
+            single[f].append(scalesim_single(engines[f], f"(Take {p}.) {prefix}", prompt,
                                              4 * args.max_tokens)[1])
     ratio = statistics.median(b / a for a, b in zip(single[formats[0]], single[formats[1]]))
     print(f"single-stream decode (load {os.getloadavg()[0]:.2f}): " + "  ".join(

@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     server = None if args.no_llama else LlamaServer(args.llama_server, gguf, 1, 1024, threads)
     try:
         for p, order in enumerate(alternating(args.passes, ["scalesim", "llama-server"])):
-            prefix = f"{single_prefix} (take {p})"
+            # The take's mark goes first: the prompts then share no whole KV block, and the
+            # prefix cache cannot turn the prefill of a later take into a lookup.
+            prefix = f"(Take {p}.) {single_prefix}"
             for name in order:
                 if name == "scalesim":
                     prefill, decode, _ = scalesim_single(engine, prefix, single_prompt,
