@@ -69,7 +69,7 @@ class KVCache:
         self.v = _zeros(shape, store, torch.device(device))
         #: the compiled quantizing write and dequantizing gather (None: torch's), see
         #: :meth:`write_tokens` and :meth:`gather`
-        self._quantize_write: Callable[..., None] | None = None
+        self._quantize_write: Callable[..., object] | None = None
         self._dequantize: Callable[..., torch.Tensor] | None = None
         if quantized and self.k.device.type == "cpu":
             from runtime.model.kernels import cpu_op
