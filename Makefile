@@ -22,7 +22,7 @@ setup: $(STAMP)
 run: setup
 	$(PY) -m scalesim.run worlds/town.yaml
 
-# The whole suite, slow tests included (about 12 minutes on 2 quiet cores). Both targets type-check
+# The whole suite, slow tests included (about 12-15 minutes on 2 quiet cores). Both targets type-check
 # first: mypy reads its settings and file list from setup.cfg and must report no errors.
 test: setup
 	$(PY) -m mypy
