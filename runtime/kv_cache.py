@@ -58,7 +58,7 @@ class KVCache:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV pool needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
         #: int8 rows with their scale (see the module docstring); ``dtype`` is then what
-        #: :meth:`dequantize` returns
+        #: :meth:`gather` returns
         self.quantized = quantized
         self.head_dim = head_dim
         self.dtype = dtype
@@ -170,7 +170,8 @@ class KVCache:
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
     """``x [..., d]`` as int8 rows ``[..., d + 4]``: the codes ``round(x / scale)`` with
     ``scale = max|x| / 127`` per row, then the scale's float32 bytes (the torch form of the
-    compiled ``kv_quantize_write``; the two give the same bytes)."""
+    compiled ``kv_quantize_write``, which may divide by way of a reciprocal: its scales agree
+    to the last bit of a division, its codes within one)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
     codes = torch.where(scale > 0, xf / scale, torch.zeros_like(xf)).round_().clamp_(-127, 127)

@@ -183,7 +183,8 @@ class RuntimeConfig(_Section):
         if self.kv_cache_dtype != "auto" and self.executor != "torch":
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs executor torch, "
                              f"not {self.executor}")
-        if self.kv_cache_dtype != "auto" and (self.device != "cpu" or self.dtype == "float16"):
+        on_cpu = self.device.split(":")[0] == "cpu"
+        if self.kv_cache_dtype != "auto" and (not on_cpu or self.dtype == "float16"):
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs device cpu and dtype "
                              f"float32 or bfloat16, not {self.device} / {self.dtype}")
         return self

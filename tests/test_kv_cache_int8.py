@@ -147,6 +147,7 @@ def test_bad_kv_cache_dtype_settings_fail_with_the_setting_named():
         RuntimeConfig(executor="torch", kv_cache_dtype="int8", device="cuda")
     assert RuntimeConfig(executor="torch", kv_cache_dtype="int8").engine_options()[
         "kv_cache_dtype"] == "int8"
+    RuntimeConfig(executor="torch", kv_cache_dtype="int8", device="cpu:0")  # a CPU by index
 
 
 @needs_kernels

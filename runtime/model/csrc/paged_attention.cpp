@@ -394,7 +394,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         }
 #endif
         for (int64_t o = 0; o < count; ++o) {
-          if (next_k != nullptr) prefetch_row(next_k + o * token_stride, next_v + o * token_stride, token_stride);
+          if (next_k != nullptr)
+            prefetch_row(next_k + o * token_stride, next_v + o * token_stride, token_stride);
           const KT* vrow = vp + base + o * token_stride;
           for (int64_t kh = 0; kh < kv_heads; ++kh) {
             float vf[256];
